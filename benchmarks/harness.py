@@ -1,0 +1,156 @@
+"""Benchmark harness shared by every fastdiff benchmark entry.
+
+An entry (``benchmarks/bench_<op>.py``) yields `Case`s: one op at one shape and
+dtype, the bytes it must move and/or the FLOPs it must do (written out as a
+formula in the entry), and the implementations to time — ours first, then the
+baselines (eager PyTorch chain, torch.compile of it, SDPA, xformers, ...).
+
+Timing: device events around the call, median of many runs after warm-up
+(``triton.testing.do_bench``).  Roofline: memory-bound ops against the copy
+bandwidth measured once on this device (bytes read + written by a large
+device-to-device copy); compute-bound ops in TFLOP/s.
+
+Without a CUDA GPU the harness says so and times only the CPU reference path:
+those numbers describe PyTorch on this CPU, not the kernels.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclass
+class Case:
+    op: str  # e.g. "q_sample"
+    shape: str  # human-readable shape, e.g. "(8,4,64,64)"
+    dtype: str  # "bf16", "fp16", "fp32"
+    impls: dict[str, Callable[[], object]]  # name -> zero-arg callable; the first is ours
+    bytes: float = 0.0  # minimum bytes moved through device memory by one call
+    flops: float = 0.0  # floating-point operations of one call
+    note: str = ""
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    impl: str
+    ms: float
+    gbps: float | None
+    tflops: float | None
+    pct_roofline: float | None  # of measured copy bandwidth (memory-bound) or of peak given
+    speedup: dict[str, float] = field(default_factory=dict)  # ours vs each baseline (>1: ours faster)
+    note: str = ""
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if has_gpu() else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def device_slug() -> str:
+    return "".join(c if c.isalnum() else "-" for c in device_name().lower()).strip("-")[:40]
+
+
+def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of one call in milliseconds."""
+    if has_gpu():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth: (read + write bytes) / time of a large copy."""
+    if not has_gpu():
+        nbytes = 1 << 26
+        src = torch.empty(nbytes, dtype=torch.uint8).random_()
+    else:
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def run_cases(cases: Iterable[Case], bandwidth_gbps: float, peak_tflops: float | None = None) -> list[Row]:
+    rows = []
+    for case in cases:
+        names = list(case.impls)
+        if not has_gpu():
+            names = names[:1]  # CPU: the reference path only
+        times = {name: time_ms(case.impls[name]) for name in names}
+        for name in names:
+            ms = times[name]
+            gbps = case.bytes / (ms * 1e-3) / 1e9 if case.bytes else None
+            tflops = case.flops / (ms * 1e-3) / 1e12 if case.flops else None
+            if gbps is not None:
+                pct = 100 * gbps / bandwidth_gbps
+            elif tflops is not None and peak_tflops:
+                pct = 100 * tflops / peak_tflops
+            else:
+                pct = None
+            speedup = {b: times[b] / ms for b in names if b != name} if name == names[0] else {}
+            rows.append(Row(case.op, case.shape, case.dtype, name, ms, gbps, tflops, pct, speedup, case.note))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'op':22} {'shape':26} {'dtype':5} {'impl':18} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'%roof':>6}  speed-up"
+    lines = [head, "-" * (len(head) + 20)]
+    for r in rows:
+        gb = f"{r.gbps:8.2f}" if r.gbps is not None else f"{'-':>8}"
+        tf = f"{r.tflops:8.2f}" if r.tflops is not None else f"{'-':>8}"
+        pct = f"{r.pct_roofline:6.1f}" if r.pct_roofline is not None else f"{'-':>6}"
+        sp = " ".join(f"{v:.2f}x vs {k}" for k, v in r.speedup.items())
+        lines.append(f"{r.op:22} {r.shape:26} {r.dtype:5} {r.impl:18} {r.ms:9.4f} {gb} {tf} {pct}  {sp}")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(),
+        "gpu": has_gpu(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
+    for mod in ("triton", "xformers", "diffusers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+def save(name: str, rows: list[Row], extra: dict, out_dir: str | None = None) -> str:
+    """Write rows + environment as JSON under results/<date>-<device>/<name>.json."""
+    day = _dt.date.today().isoformat()
+    out_dir = out_dir or os.path.join(RESULTS_DIR, f"{day}-{device_slug()}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"benchmark": name, "environment": environment(), **extra, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return path

@@ -1,0 +1,83 @@
+"""Which implementation runs an op: the Triton kernel or the PyTorch reference.
+
+The rule (per call, from the op's tensors):
+
+* CUDA tensors and Triton importable      -> the Triton kernel;
+* CPU tensors                             -> the PyTorch reference;
+* ``FASTDIFF_BACKEND=interpret``          -> the Triton kernels run on CPU tensors
+  through Triton's interpreter (this sets ``TRITON_INTERPRET=1`` before triton is
+  imported, which is why it must be an environment variable);
+* ``FASTDIFF_BACKEND=reference`` or ``with use_backend("reference"):`` forces the
+  reference everywhere, CUDA included (A/B checks, benchmark baselines);
+* ``FASTDIFF_BACKEND=triton`` / ``use_backend("triton")`` demands the kernels and
+  raises where they cannot run.
+
+The environment variable is read once, when fastdiff is imported; this is the
+only behaviour fastdiff takes from the environment.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference", "interpret")
+
+_env_backend = os.environ.get("FASTDIFF_BACKEND", "auto").strip().lower() or "auto"
+if _env_backend not in BACKENDS:
+    raise ValueError(f"FASTDIFF_BACKEND must be one of {BACKENDS}, got {_env_backend!r}")
+if _env_backend == "interpret":
+    # Must happen before the first `import triton` anywhere in the process.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS / Windows: the reference path still works
+    HAS_TRITON = False
+
+INTERPRET = _env_backend == "interpret"
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdiff_backend", default=None)
+
+
+def current_backend() -> str:
+    """The backend setting in force: an override from `use_backend`, else the environment's."""
+    return _override.get() or _env_backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block: "auto", "triton" or "reference".
+
+    "interpret" cannot be switched on here: it must be set through
+    FASTDIFF_BACKEND before triton is imported.
+    """
+    name = name.lower()
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "interpret" and not INTERPRET:
+        raise ValueError("backend 'interpret' must be chosen with FASTDIFF_BACKEND=interpret before import")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """True when this call should run the Triton kernel for these tensors."""
+    mode = current_backend()
+    if mode == "reference":
+        return False
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if INTERPRET and mode in ("auto", "interpret", "triton"):
+        return HAS_TRITON
+    if mode == "triton" and not (on_cuda and HAS_TRITON):
+        raise RuntimeError(
+            "backend 'triton' needs CUDA tensors and an importable triton "
+            "(or FASTDIFF_BACKEND=interpret to run the kernels on the CPU)"
+        )
+    return on_cuda and HAS_TRITON

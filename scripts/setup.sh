@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Creates .venv and installs fastdiff into it (editable), with the extras named
+# in $1 (default: test). Idempotent: a stamp skips work when nothing changed.
+#
+# torch: a GPU user keeps the CUDA torch they have, or gets PyPI's CUDA build;
+# a machine without a GPU gets the CPU build (TORCH_SPEC overrides, e.g.
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-test}"
+venv=.venv
+stamp="$venv/.fastdiff-$extras"
+want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip="$venv/bin/python -m pip --disable-pip-version-check -q"
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  if [ -n "${TORCH_SPEC:-}" ]; then
+    $pip install $TORCH_SPEC
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $pip install torch                 # CUDA build
+  else
+    $pip install "torch==2.13.0"       # CPU build where the index offers one
+  fi
+fi
+$pip install -e ".[$extras]"
+echo "$want" > "$stamp"

@@ -1,0 +1,67 @@
+"""Test set-up: the Triton kernels run through the interpreter on CPU tensors.
+
+FASTDIFF_BACKEND must be set before fastdiff (and so triton) is imported.  On a
+GPU machine run ``FASTDIFF_BACKEND=auto pytest`` to test the kernels on CUDA.
+"""
+import os
+
+os.environ.setdefault("FASTDIFF_BACKEND", "interpret")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton's notice; keeps its default
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastdiff.ops import _backend  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def kernel_device() -> str:
+    """Where kernel tests run: CUDA when present (real kernels), else CPU (interpreter)."""
+    return "cuda" if torch.cuda.is_available() and not _backend.INTERPRET else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    return kernel_device()
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so that an element the kernel forgot to write fails the test."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-(2**31))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random inputs every run, but printed so a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"torch seed {seed}")
+    torch.manual_seed(seed)
+    yield seed
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """Every torch.empty / torch.empty_like during the test returns NaN-filled memory.
+
+    Kernels allocate their outputs with these, so an output element that a kernel
+    fails to write stays NaN and the comparison fails.
+    """
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        return poison(real_empty(*args, **kwargs))
+
+    def empty_like(*args, **kwargs):
+        return poison(real_empty_like(*args, **kwargs))
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)

@@ -1,0 +1,88 @@
+"""The kernel audit: every Triton kernel compiles for sm_80/sm_90 without spills.
+
+The audit compiles for real GPUs, so it runs in a subprocess without the
+interpreter that the rest of the suite uses.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compile_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDIFF_BACKEND")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
+    script = tmp_path / "probe.py"  # @triton.jit needs its source in a file
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_compile_env(), cwd=ROOT)
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdiff.audit"], capture_output=True, text=True, env=_compile_env(), cwd=ROOT
+    )
+    print(proc.stdout[-20000:])
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    table = proc.stdout
+    for kernel in ("_q_sample_kernel", "_sq_err_partial_kernel", "_sq_err_backward_kernel"):
+        assert f"{kernel}" in table
+    assert "sm_80" in table and "sm_90" in table
+
+
+def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
+    """The audit must be able to fail: a kernel that cannot fit in registers, and one with no case."""
+    proc = _run(
+        """
+        import triton, triton.language as tl, types
+        from fastdiff.audit import KernelCase, compile_case, uncovered_kernels
+
+        @triton.jit
+        def hog(X, BLOCK: tl.constexpr):
+            # a BLOCK x BLOCK fp32 tile held by one warp: far beyond 255 registers/thread
+            offs = tl.arange(0, BLOCK)
+            tile = tl.load(X + offs[:, None] * BLOCK + offs[None, :])
+            tile = tl.exp(tile) * tl.sum(tile, axis=0)[None, :]
+            acc = tl.sum(tile, axis=1)
+            tl.store(X + offs, acc)
+
+        case = KernelCase("hog", hog, {"X": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128}, num_warps=1)
+        row = compile_case(case, 90)
+        print("SPILL", row.spill_bytes, row.ok, row.error)
+        mod = types.ModuleType("fake_ops")
+        hog.fn.__module__ = "fake_ops"
+        mod.hog = hog
+        print("UNCOVERED", uncovered_kernels(mod, []))
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spill_line = next(line for line in proc.stdout.splitlines() if line.startswith("SPILL"))
+    _, spill, ok, *_ = spill_line.split()
+    assert int(spill) > 0 and ok == "False", spill_line
+    assert "UNCOVERED ['hog']" in proc.stdout
+
+
+def test_audit_refuses_to_run_under_the_interpreter():
+    env = _compile_env()
+    env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "fastdiff.audit"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 2 and "without" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("Function k:\n  REG:52 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:576", (52, 0, 0)),
+     ("Function k:\n  REG:255 STACK:64 SHARED:1024 LOCAL:32 CONSTANT[0]:576", (255, 96, 1024))],
+)  # fmt: skip
+def test_parse_cuobjdump_resource_usage(text, expected):
+    from fastdiff.audit import _parse_resources
+
+    assert _parse_resources(text) == expected
