@@ -14,7 +14,7 @@ want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-pip="$venv/bin/python -m pip --disable-pip-version-check -q"
+pip="$venv/bin/python -m pip --disable-pip-version-check -qq"
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   if [ -n "${TORCH_SPEC:-}" ]; then
     $pip install $TORCH_SPEC

@@ -1,10 +1,16 @@
-"""Counter-based Gaussian noise, bit-compatible with Triton's ``tl.randn``.
+"""Counter-based Gaussian noise, the same in the kernels and in the PyTorch reference.
 
-The kernels draw noise in-register with ``tl.randn(key, offset)`` (Philox-4x32-10,
-Salmon et al. 2011, then Box-Muller).  This module is the same generator written
-in PyTorch, so the reference path produces the *same* noise as the kernels for the
-same keys: an image drawn on the CPU matches the one drawn on a GPU, and tests can
-compare kernel and reference exactly.
+The kernels draw noise in-register with `philox_normal(key, offset)`: Triton's
+Philox-4x32-10 (``tl.randint4x``; Salmon et al. 2011) and a Box-Muller transform.
+`randn_like_philox` is the same generator written in PyTorch, so the reference path
+produces the same noise as the kernels for the same keys (to fp32 rounding of log
+and sqrt): an image drawn on the CPU matches the one drawn on a GPU, and tests can
+compare kernel and reference element by element.
+
+Box-Muller needs cos(2πu) for u in [0, 1) only.  Instead of ``tl.cos`` (whose
+libdevice version carries a Payne-Hanek range reduction for huge arguments, with a
+local-memory stack frame) both sides evaluate a short polynomial after folding the
+argument into [0, π/2]: no stack frame, error within fp32 rounding (~2e-7).
 
 Noise is addressed by ``(key, offset)``: ``key`` is one int64 per sample (its seed),
 ``offset`` the element's logical (row-major, NCHW) index inside the sample.  It is
@@ -16,6 +22,8 @@ uint32 arithmetic is emulated in int64; the 32x32->64 bit products are split int
 from __future__ import annotations
 
 import torch
+
+from fastdiff.ops._backend import HAS_TRITON
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -65,11 +73,30 @@ def _uniform(word: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * _UNIFORM_SCALE
 
 
+# Taylor coefficients of cos(y) = Σ (−1)^k y^{2k}/(2k)!, k = 1..6; on [0, π/2] the
+# first omitted term is below 7e-9.
+_COS_COEFFS = (-1 / 2, 1 / 24, -1 / 720, 1 / 40320, -1 / 3628800, 1 / 479001600)
+_PI = 3.141592653589793
+
+
+def _cos_2pi_ref(u: torch.Tensor) -> torch.Tensor:
+    """cos(2πu) for u in [0, 1), fp32, in the same steps as the kernel's `_cos_2pi`."""
+    y = (2 * _PI) * (u - 0.5).abs()  # cos(2πu) = −cos(2π(u − ½)), and cos is even
+    flip = y > _PI / 2
+    y = torch.where(flip, _PI - y, y)  # cos(π − y) = −cos(y)
+    y2 = y * y
+    c = torch.full_like(y2, _COS_COEFFS[-1])
+    for coeff in reversed(_COS_COEFFS[:-1]):
+        c = coeff + y2 * c
+    c = 1 + y2 * c
+    return torch.where(flip, c, -c)
+
+
 def randn_like_philox(keys: torch.Tensor, shape: tuple[int, ...], device=None) -> torch.Tensor:
     """N(0, 1) noise of ``shape`` = (B, *sample) in fp32; sample b uses ``keys[b]``.
 
-    Element (b, i) (i the row-major index inside the sample) is
-    ``tl.randn(keys[b], i)``.
+    Element (b, i) (i the row-major index inside the sample) is the kernels'
+    ``philox_normal(keys[b], i)``.
     """
     device = keys.device if device is None else device
     batch = shape[0]
@@ -80,9 +107,8 @@ def randn_like_philox(keys: torch.Tensor, shape: tuple[int, ...], device=None) -
     offsets = torch.arange(numel, device=device, dtype=torch.int64).view(1, numel)
     w0, w1, _, _ = philox4x32(keys, offsets)
     u1 = torch.clamp(_uniform(w0), min=1.0e-7)
-    theta = 6.283185307179586 * _uniform(w1)
     r = torch.sqrt(-2.0 * torch.log(u1))
-    return (r * torch.cos(theta)).view(shape)
+    return (r * _cos_2pi_ref(_uniform(w1))).view(shape)
 
 
 def step_keys(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
@@ -91,3 +117,33 @@ def step_keys(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
     The same formula is used inside the kernels (int64 arithmetic wraps).
     """
     return seeds.to(torch.int64) + step * KEY_STRIDE
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _uniform_01(word):
+        """uint32 word -> float in [0, 1): fold the int32 bit pattern to >= 0, scale by 2^-31."""
+        x = word.to(tl.int32, bitcast=True)
+        x = tl.where(x < 0, -x - 1, x)
+        return x.to(tl.float32) * 4.6566127342e-10
+
+    @triton.jit
+    def _cos_2pi(u):
+        """cos(2πu) for u in [0, 1); see `_cos_2pi_ref` for the steps."""
+        y = 6.283185307179586 * tl.abs(u - 0.5)
+        flip = y > 1.5707963267948966
+        y = tl.where(flip, 3.141592653589793 - y, y)
+        y2 = y * y
+        c = 1.0 + y2 * (-0.5 + y2 * (1.0 / 24 + y2 * (-1.0 / 720 + y2 * (1.0 / 40320 + y2 * (
+            -1.0 / 3628800 + y2 * (1.0 / 479001600))))))  # fmt: skip
+        return tl.where(flip, c, -c)
+
+    @triton.jit
+    def philox_normal(key, offset):
+        """N(0, 1) fp32 for each int32 ``offset`` under the int64 Philox ``key``."""
+        w0, w1, _, _ = tl.randint4x(key, offset)
+        u1 = tl.maximum(_uniform_01(w0), 1.0e-7)
+        return tl.sqrt(-2.0 * tl.log(u1)) * _cos_2pi(_uniform_01(w1))

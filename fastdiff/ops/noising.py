@@ -73,6 +73,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from fastdiff.ops._philox import philox_normal
+
     @triton.jit
     def _q_sample_kernel(
         X0,  # (B, N) x_0, one sample per row of memory
@@ -104,7 +106,7 @@ if HAS_TRITON:
                 logical = (offs % C) * S + offs // C
             else:
                 logical = offs
-            eps = tl.randn(tl.load(KEYS + b), logical)
+            eps = philox_normal(tl.load(KEYS + b), logical)
             eps = eps.to(NOISE.dtype.element_ty)
             tl.store(NOISE + row + offs, eps, mask=mask)
             eps = eps.to(tl.float32)
