@@ -66,12 +66,14 @@ def _tool(name: str) -> str:
     return path
 
 
-def op_modules() -> list:
+def op_modules(only: tuple[str, ...] = ()) -> list:
     """Every module of fastdiff.ops that has Triton kernels (those defining audit_cases)."""
     import fastdiff.ops
 
     mods = []
     for info in pkgutil.iter_modules(fastdiff.ops.__path__):
+        if only and info.name not in only:
+            continue
         mod = importlib.import_module(f"fastdiff.ops.{info.name}")
         if hasattr(mod, "audit_cases"):
             mods.append(mod)
@@ -130,15 +132,33 @@ def compile_case(case: KernelCase, arch: int) -> AuditRow:
     return row
 
 
-def run_audit(archs=ARCHS, match: str = "") -> tuple[list[AuditRow], list[str]]:
-    rows, problems = [], []
-    for mod in op_modules():
+_JOBS: list[tuple[KernelCase, int]] = []  # filled before the worker processes fork
+
+
+def _compile_job(index: int) -> AuditRow:
+    case, arch = _JOBS[index]
+    return compile_case(case, arch)
+
+
+def run_audit(
+    archs=ARCHS, match: str = "", jobs: int = 1, modules: tuple[str, ...] = ()
+) -> tuple[list[AuditRow], list[str]]:
+    problems = []
+    _JOBS.clear()
+    for mod in op_modules(modules):
         cases = [c for c in mod.audit_cases() if match in c.name]
         if not match:
             problems += [f"{mod.__name__}.{k} has no audit case" for k in uncovered_kernels(mod, cases)]
-        for case in cases:
-            for arch in archs:
-                rows.append(compile_case(case, arch))
+        _JOBS.extend((case, arch) for case in cases for arch in archs)
+    if jobs > 1 and len(_JOBS) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the workers inherit the imported kernels and index into _JOBS
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            rows = list(pool.map(_compile_job, range(len(_JOBS))))
+    else:
+        rows = [_compile_job(i) for i in range(len(_JOBS))]
     problems += [f"{r.case} sm_{r.arch}: {r.error}" for r in rows if not r.ok]
     return rows, problems
 
@@ -160,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastdiff audit", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
     parser.add_argument("--match", default="", help="only cases whose name contains this text")
+    parser.add_argument("--module", action="append", help="only this fastdiff.ops module, e.g. noising (repeatable)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("fastdiff audit compiles for real GPUs: run it without FASTDIFF_BACKEND=interpret / TRITON_INTERPRET=1")
         return 2
-    rows, problems = run_audit(tuple(args.arch or ARCHS), args.match)
+    rows, problems = run_audit(tuple(args.arch or ARCHS), args.match, args.jobs, tuple(args.module or ()))
     print(format_table(rows))
     if problems:
         print("\nFAILED:\n  " + "\n  ".join(problems))
