@@ -1,0 +1,910 @@
+r"""Fused GroupNorm (+ FiLM scale/shift) + SiLU, forward and backward.
+
+Math (Wu & He 2018 for GroupNorm; Dhariwal & Nichol 2021, §3, for the scale-shift
+norm of ADM ResBlocks; Elfwing et al. 2018 / Hendrycks & Gimpel 2016 for SiLU).
+x is (B, C, *spatial), S spatial positions, G groups of C_g = C/G channels, so a
+group holds N = C_g·S elements:
+
+    μ_bg  = (1/N) Σ_{c∈g, s} x_bcs            σ²_bg = (1/N) Σ_{c∈g, s} (x_bcs − μ_bg)²
+    r_bg  = 1 / sqrt(σ²_bg + eps)              x̂_bcs = (x_bcs − μ_bg)·r_bg
+    h     = γ_c·x̂ + β_c                       (GroupNorm)
+    z     = h·(1 + scale_bc) + shift_bc        (FiLM from the time embedding)
+    y     = SiLU(z) = z·σ(z)                   (or y = z when silu=False)
+
+Per channel this is one multiply-add on the centred input:
+    z = (x − μ_bg)·A_bc + d_bc,   a_bc = γ_c(1 + scale_bc),  A_bc = r_bg·a_bc,
+                                  d_bc = β_c(1 + scale_bc) + shift_bc.
+Keeping x − μ (instead of x·A + (d − μA)) avoids cancellation when |μ| ≫ σ.
+
+Backward, with dz = dy·σ(z)·(1 + z(1 − σ(z))) (dz = dy without SiLU) and the two
+per-channel sums P_bc = Σ_s dz_bcs, Q_bc = Σ_s dz_bcs·x̂_bcs:
+
+    dshift_bc = P_bc                   dscale_bc = γ_c·Q_bc + β_c·P_bc
+    dβ_c      = Σ_b (1 + scale_bc)·P_bc    dγ_c  = Σ_b (1 + scale_bc)·Q_bc
+    dx_bcs    = r·(a·dz − m1/N − x̂·m2/N),  m1_bg = Σ_{c∈g} a_bc P_bc,  m2_bg = Σ_{c∈g} a_bc Q_bc
+              = dz·A_bc + (x − μ_bg)·E_bg + F_bg,   E = −r²·m2/N,  F = −r·m1/N.
+
+Statistics: each program reduces a (channel block × spatial chunk) tile by tile;
+each tile's mean and centred sum of squares M2 are exact two-pass values in
+registers, merged into the running ones with Chan et al.'s (1979) parallel
+update δ = m_t − m, m += δ·n_t/n', M2 += M2_t + δ²·n·n_t/n'.  A per-group
+finalize merges the per-channel, per-chunk partials the same way.  Nothing is
+computed as E[x²] − E[x]², which loses every digit in fp32 when |μ| ≫ σ.
+
+Filling the GPU: at batch 1–2 a Stable Diffusion block has only B·G = 32–64
+groups; the reductions are split over (spatial chunk, channel block, sample)
+programs, the number of chunks picked from the shape so that there are a few
+programs per SM, and a small per-group kernel combines the partials.  Forward is
+three launches (partial stats, per-group finalize, normalise); backward four
+(partial sums, per-group finalize, dγ/dβ column sums, dx).
+
+Precision: inputs are read and all arithmetic done in fp32; y and dx are stored
+in x's dtype; weight/bias/scale/shift are read as fp32 (the public function casts
+them once if they are stored in another dtype, and autograd casts the gradients
+back).  Layouts: contiguous (NC…) and channels-last (N…C) inputs are read in
+place, the output has the input's strides; any other stride pattern is made
+contiguous first (a copy).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from fastdiff.ops import _checks
+from fastdiff.ops._backend import HAS_TRITON, use_triton
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16; fp64 stays fp64 (so gradcheck can run on the reference)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _per_channel(t: Optional[torch.Tensor], x: torch.Tensor, default: float, acc: torch.dtype) -> torch.Tensor:
+    """(C,) or (B, C) → broadcastable against x (B, C, *spatial), in ``acc``; None → ``default``."""
+    if t is None:
+        return torch.tensor(default, dtype=acc, device=x.device)
+    shape = (1, -1) if t.ndim == 1 else tuple(t.shape)
+    return t.to(acc).reshape(*shape, *([1] * (x.ndim - 2)))
+
+
+def _stats_ref(x: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ and r = 1/sqrt(σ² + eps) per (B, G), biased variance, in the accumulation dtype."""
+    xg = x.to(_acc_dtype(x)).reshape(x.shape[0], num_groups, -1)
+    mean = xg.mean(-1)
+    var = (xg - mean[..., None]).square().mean(-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _expand_groups(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, G) per-group values → broadcastable against x (B, C, *spatial)."""
+    B, G = t.shape
+    return t.repeat_interleave(x.shape[1] // G, dim=1).reshape(B, -1, *([1] * (x.ndim - 2)))
+
+
+def group_norm_silu_ref(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """Reference y = SiLU(GN(x)·(1 + scale) + shift) in fp32 (fp64 for fp64 x), returned in x's dtype.
+
+    Plain differentiable PyTorch: the ground truth of the kernels and of their gradients.
+    """
+    acc = _acc_dtype(x)
+    mean, rstd = _stats_ref(x, num_groups, eps)
+    xhat = (x.to(acc) - _expand_groups(mean, x)) * _expand_groups(rstd, x)
+    h = xhat * _per_channel(weight, x, 1.0, acc) + _per_channel(bias, x, 0.0, acc)
+    z = h * (1 + _per_channel(scale, x, 0.0, acc)) + _per_channel(shift, x, 0.0, acc)
+    y = torch.nn.functional.silu(z) if silu else z
+    return y.to(x.dtype)
+
+
+def group_norm_silu_backward_ref(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    silu: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(dx, dweight, dbias, dscale, dshift) from the closed form in the module docstring.
+
+    fp32 math (fp64 for fp64 x); dx in x's dtype, the rest fp32 (None for absent inputs).
+    """
+    acc = _acc_dtype(x)
+    B, C = x.shape[:2]
+    N = x[0, : C // num_groups].numel()
+    mean, rstd = _stats_ref(x, num_groups, eps)
+    xc = x.to(acc) - _expand_groups(mean, x)
+    r = _expand_groups(rstd, x)
+    xhat = xc * r
+    one_plus_s = 1 + _per_channel(scale, x, 0.0, acc)
+    gamma, beta = _per_channel(weight, x, 1.0, acc), _per_channel(bias, x, 0.0, acc)
+    a = gamma * one_plus_s
+    z = xhat * a + beta * one_plus_s + _per_channel(shift, x, 0.0, acc)
+    dz = dy.to(acc)
+    if silu:
+        sig = torch.sigmoid(z)
+        dz = dz * sig * (1 + z * (1 - sig))
+    spatial = tuple(range(2, x.ndim))
+    P = dz.sum(spatial) if spatial else dz  # (B, C)
+    Q = (dz * xhat).sum(spatial) if spatial else dz * xhat
+
+    def bc(t):  # broadcastable per-channel value → (B, C)
+        return t.reshape(t.shape[0] if t.ndim else 1, -1).expand(B, C)
+
+    a_bc, s_bc = bc(a), bc(one_plus_s)
+    m1 = (a_bc * P).reshape(B, num_groups, -1).sum(-1) / N
+    m2 = (a_bc * Q).reshape(B, num_groups, -1).sum(-1) / N
+    dx = r * (a * dz - _expand_groups(m1, x) - xhat * _expand_groups(m2, x))
+    dweight = (s_bc * Q).sum(0) if weight is not None else None
+    dbias = (s_bc * P).sum(0) if bias is not None else None
+    dscale = bc(gamma) * Q + bc(beta) * P if scale is not None else None
+    dshift = P if shift is not None else None
+    return dx.to(x.dtype), dweight, dbias, dscale, dshift
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tile_offsets(
+        c,  # (BLOCK_C,) channel indices
+        s,  # (BLOCK_S,) spatial indices
+        C,
+        S,
+        CHANNELS_LAST: tl.constexpr,
+    ):
+        """In-sample offsets of a (BLOCK_C, BLOCK_S) tile and its bounds mask."""
+        if CHANNELS_LAST:
+            offs = s[None, :] * C + c[:, None]
+        else:
+            offs = c[:, None] * S + s[None, :]
+        return offs, (c[:, None] < C) & (s[None, :] < S)
+
+    @triton.jit
+    def _sigmoid(z):
+        # e^{−z} overflows fp32 below z ≈ −88, where σ(z) < 1e-38 anyway: clamp instead of producing inf
+        return 1.0 / (1.0 + tl.exp2(tl.minimum(-z * 1.4426950408889634, 126.0)))
+
+    @triton.jit
+    def _silu_grad(
+        dy,  # fp32 tile
+        z,  # fp32 tile
+    ):
+        """dy · d SiLU(z)/dz = dy · σ(z)·(1 + z·(1 − σ(z)))."""
+        return dy * _sigmoid(z) * (1.0 + z * (1.0 - _sigmoid(z)))
+
+    @triton.jit
+    def _gn_stats_kernel(
+        X,  # (B, C, S) or (B, S, C) input
+        PMEAN,  # (B, C, SPLIT) fp32 out: per-channel mean of one spatial chunk
+        PM2,  # (B, C, SPLIT) fp32 out: per-channel Σ (x − mean)² of that chunk
+        C,
+        S,
+        CHUNK_S,  # spatial positions per chunk (TILES·BLOCK_S)
+        TILES,  # tiles per chunk
+        SPLIT,  # chunks per channel
+        CHANNELS_LAST: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        k = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        b = tl.program_id(2)
+        base = X + b.to(tl.int64) * C * S
+        s_start = k * CHUNK_S
+        n_tiles = tl.minimum(TILES, tl.cdiv(S - s_start, BLOCK_S))
+        n = 0.0
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t in range(0, n_tiles):
+            s0 = s_start + t * BLOCK_S
+            offs, mask = _tile_offsets(c, s0 + tl.arange(0, BLOCK_S), C, S, CHANNELS_LAST)
+            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            n_t = tl.minimum(S - s0, BLOCK_S).to(tl.float32)
+            mean_t = tl.sum(x, axis=1) / n_t
+            dev = tl.where(mask, x - mean_t[:, None], 0.0)
+            m2_t = tl.sum(dev * dev, axis=1)
+            # Chan et al. merge of (n, mean, m2) with the tile's (n_t, mean_t, m2_t)
+            n_new = n + n_t
+            delta = mean_t - mean
+            mean += delta * (n_t / n_new)
+            m2 += m2_t + delta * delta * (n * n_t / n_new)
+            n = n_new
+        out = (b * C + c) * SPLIT + k
+        tl.store(PMEAN + out, mean, mask=c < C)
+        tl.store(PM2 + out, m2, mask=c < C)
+
+    @triton.jit
+    def _gn_finalize_kernel(
+        PMEAN,  # (B, C, SPLIT) fp32 partial means
+        PM2,  # (B, C, SPLIT) fp32 partial M2
+        WEIGHT,  # (C,) fp32 γ (HAS_WEIGHT)
+        BIAS,  # (C,) fp32 β (HAS_BIAS)
+        SCALE,  # (B, C) fp32, row stride stride_scale_b (HAS_SCALE)
+        SHIFT,  # (B, C) fp32, row stride stride_shift_b (HAS_SHIFT)
+        MEAN,  # (B, G) fp32 out: μ
+        RSTD,  # (B, G) fp32 out: 1/sqrt(σ² + eps)
+        COEF_A,  # (B, C) fp32 out: A = r·γ(1 + scale)
+        COEF_D,  # (B, C) fp32 out: d = β(1 + scale) + shift
+        C,
+        S,
+        G,
+        CG,  # channels per group
+        SPLIT,
+        CHUNK_S,
+        stride_scale_b,
+        stride_shift_b,
+        eps,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_CG: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # = b·G + g
+        b = pid // G
+        g = pid % G
+        # A group's partials are one contiguous run: channels g·CG … g·CG + CG − 1, all chunks.
+        first = (b * C + g * CG) * SPLIT
+        count = CG * SPLIT
+        n_total = (CG * S).to(tl.float32)
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for i0 in range(0, count, BLOCK_P):
+            i = i0 + tl.arange(0, BLOCK_P)
+            chunk = i % SPLIT
+            n_k = tl.minimum(S - chunk * CHUNK_S, CHUNK_S).to(tl.float32)
+            acc += tl.where(i < count, n_k * tl.load(PMEAN + first + i, mask=i < count, other=0.0), 0.0)
+        mean = tl.sum(acc, axis=0) / n_total
+        # second pass over the partials: Σ M2_k + Σ n_k (μ_k − μ)², exact parallel variance
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for i0 in range(0, count, BLOCK_P):
+            i = i0 + tl.arange(0, BLOCK_P)
+            chunk = i % SPLIT
+            n_k = tl.minimum(S - chunk * CHUNK_S, CHUNK_S).to(tl.float32)
+            pm = tl.load(PMEAN + first + i, mask=i < count, other=0.0)
+            pm2 = tl.load(PM2 + first + i, mask=i < count, other=0.0)
+            acc += tl.where(i < count, pm2 + n_k * (pm - mean) * (pm - mean), 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n_total + eps)
+        tl.store(MEAN + pid, mean)
+        tl.store(RSTD + pid, rstd)
+        for j0 in range(0, CG, BLOCK_CG):
+            j = j0 + tl.arange(0, BLOCK_CG)
+            m = j < CG
+            c = g * CG + j
+            one_plus_s = tl.full([BLOCK_CG], 1.0, dtype=tl.float32)
+            if HAS_SCALE:
+                one_plus_s += tl.load(SCALE + b * stride_scale_b + c, mask=m, other=0.0)
+            a = one_plus_s
+            if HAS_WEIGHT:
+                a = a * tl.load(WEIGHT + c, mask=m, other=0.0)
+            d = tl.zeros([BLOCK_CG], dtype=tl.float32)
+            if HAS_BIAS:
+                d += tl.load(BIAS + c, mask=m, other=0.0) * one_plus_s
+            if HAS_SHIFT:
+                d += tl.load(SHIFT + b * stride_shift_b + c, mask=m, other=0.0)
+            tl.store(COEF_A + b * C + c, rstd * a, mask=m)
+            tl.store(COEF_D + b * C + c, d, mask=m)
+
+    @triton.jit
+    def _gn_apply_kernel(
+        X,  # (B, C, S) or (B, S, C) input
+        Y,  # same layout, out
+        MEAN,  # (B, G) fp32
+        COEF_A,  # (B, C) fp32
+        COEF_D,  # (B, C) fp32
+        C,
+        S,
+        G,
+        CG,
+        CHANNELS_LAST: tl.constexpr,
+        SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        b = tl.program_id(2)
+        cm = c < C
+        mu = tl.load(MEAN + b * G + c // CG, mask=cm, other=0.0)
+        A = tl.load(COEF_A + b * C + c, mask=cm, other=0.0)
+        d = tl.load(COEF_D + b * C + c, mask=cm, other=0.0)
+        offs, mask = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+        sample = b.to(tl.int64) * C * S
+        x = tl.load(X + sample + offs, mask=mask, other=0.0).to(tl.float32)
+        z = (x - mu[:, None]) * A[:, None] + d[:, None]
+        if SILU:
+            z = z * _sigmoid(z)
+        tl.store(Y + sample + offs, z.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gn_bwd_reduce_kernel(
+        X,  # (B, C, S) or (B, S, C) input of the forward
+        DY,  # same layout: upstream gradient
+        MEAN,  # (B, G) fp32
+        RSTD,  # (B, G) fp32
+        COEF_A,  # (B, C) fp32
+        COEF_D,  # (B, C) fp32
+        PP,  # (B, C, SPLIT) fp32 out: Σ_s dz over one chunk
+        PQ,  # (B, C, SPLIT) fp32 out: Σ_s dz·x̂ over one chunk
+        C,
+        S,
+        G,
+        CG,
+        CHUNK_S,
+        TILES,
+        SPLIT,
+        CHANNELS_LAST: tl.constexpr,
+        SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        k = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        b = tl.program_id(2)
+        cm = c < C
+        grp = b * G + c // CG
+        mu = tl.load(MEAN + grp, mask=cm, other=0.0)[:, None]
+        r = tl.load(RSTD + grp, mask=cm, other=0.0)[:, None]
+        A = tl.load(COEF_A + b * C + c, mask=cm, other=0.0)[:, None]
+        d = tl.load(COEF_D + b * C + c, mask=cm, other=0.0)[:, None]
+        sample = b.to(tl.int64) * C * S
+        s_start = k * CHUNK_S
+        n_tiles = tl.minimum(TILES, tl.cdiv(S - s_start, BLOCK_S))
+        p = tl.zeros([BLOCK_C], dtype=tl.float32)
+        q = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for t in range(0, n_tiles):
+            offs, mask = _tile_offsets(c, s_start + t * BLOCK_S + tl.arange(0, BLOCK_S), C, S, CHANNELS_LAST)
+            xc = tl.load(X + sample + offs, mask=mask, other=0.0).to(tl.float32) - mu
+            # masked dy = 0 makes dz = 0 there, so padding adds nothing to P or Q
+            dz = tl.load(DY + sample + offs, mask=mask, other=0.0).to(tl.float32)
+            if SILU:
+                dz = _silu_grad(dz, xc * A + d)
+            p += tl.sum(dz, axis=1)
+            q += tl.sum(dz * (xc * r), axis=1)
+        out = (b * C + c) * SPLIT + k
+        tl.store(PP + out, p, mask=cm)
+        tl.store(PQ + out, q, mask=cm)
+
+    @triton.jit
+    def _gn_bwd_finalize_kernel(
+        PP,  # (B, C, SPLIT) fp32 partial Σ dz
+        PQ,  # (B, C, SPLIT) fp32 partial Σ dz·x̂
+        WEIGHT,  # (C,) fp32 γ (HAS_WEIGHT)
+        BIAS,  # (C,) fp32 β (HAS_BIAS)
+        SCALE,  # (B, C) fp32, row stride stride_scale_b (HAS_SCALE)
+        RSTD,  # (B, G) fp32
+        DX_E,  # (B, G) fp32 out: E = −r²·m2/N
+        DX_F,  # (B, G) fp32 out: F = −r·m1/N
+        DSCALE,  # (B, C) fp32 out (HAS_SCALE)
+        DSHIFT,  # (B, C) fp32 out (HAS_SHIFT)
+        TERM_W,  # (B, C) fp32 out: (1 + scale)·Q, summed over B for dγ (HAS_WEIGHT)
+        TERM_B,  # (B, C) fp32 out: (1 + scale)·P, summed over B for dβ (HAS_BIAS)
+        C,
+        S,
+        G,
+        CG,
+        SPLIT,
+        stride_scale_b,
+        HAS_WEIGHT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        BLOCK_CG: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # = b·G + g
+        b = pid // G
+        g = pid % G
+        kk = tl.arange(0, BLOCK_K)
+        m1 = tl.zeros([BLOCK_CG], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_CG], dtype=tl.float32)
+        for j0 in range(0, CG, BLOCK_CG):
+            j = j0 + tl.arange(0, BLOCK_CG)
+            m = j < CG
+            c = g * CG + j
+            idx = (b * C + c)[:, None] * SPLIT + kk[None, :]
+            pm = m[:, None] & (kk[None, :] < SPLIT)
+            P = tl.sum(tl.load(PP + idx, mask=pm, other=0.0), axis=1)
+            Q = tl.sum(tl.load(PQ + idx, mask=pm, other=0.0), axis=1)
+            one_plus_s = 1.0
+            if HAS_SCALE:
+                one_plus_s += tl.load(SCALE + b * stride_scale_b + c, mask=m, other=0.0)
+            gamma = 1.0
+            if HAS_WEIGHT:
+                gamma = tl.load(WEIGHT + c, mask=m, other=0.0)
+                tl.store(TERM_W + b * C + c, one_plus_s * Q, mask=m)
+            if HAS_BIAS:
+                tl.store(TERM_B + b * C + c, one_plus_s * P, mask=m)
+            if HAS_SCALE:
+                dscale = gamma * Q
+                if HAS_BIAS:
+                    dscale += tl.load(BIAS + c, mask=m, other=0.0) * P
+                tl.store(DSCALE + b * C + c, dscale, mask=m)
+            if HAS_SHIFT:
+                tl.store(DSHIFT + b * C + c, P, mask=m)
+            a = gamma * one_plus_s
+            m1 += tl.where(m, a * P, 0.0)
+            m2 += tl.where(m, a * Q, 0.0)
+        r = tl.load(RSTD + pid)
+        n_total = (CG * S).to(tl.float32)
+        tl.store(DX_E + pid, -r * r * tl.sum(m2, axis=0) / n_total)
+        tl.store(DX_F + pid, -r * tl.sum(m1, axis=0) / n_total)
+
+    @triton.jit
+    def _gn_dx_kernel(
+        X,  # (B, C, S) or (B, S, C) input of the forward
+        DY,  # same layout
+        DX,  # same layout, out
+        MEAN,  # (B, G) fp32
+        COEF_A,  # (B, C) fp32
+        COEF_D,  # (B, C) fp32
+        DX_E,  # (B, G) fp32
+        DX_F,  # (B, G) fp32
+        C,
+        S,
+        G,
+        CG,
+        CHANNELS_LAST: tl.constexpr,
+        SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+    ):
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        b = tl.program_id(2)
+        cm = c < C
+        grp = b * G + c // CG
+        mu = tl.load(MEAN + grp, mask=cm, other=0.0)[:, None]
+        E = tl.load(DX_E + grp, mask=cm, other=0.0)[:, None]
+        F = tl.load(DX_F + grp, mask=cm, other=0.0)[:, None]
+        A = tl.load(COEF_A + b * C + c, mask=cm, other=0.0)[:, None]
+        offs, mask = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+        sample = b.to(tl.int64) * C * S
+        xc = tl.load(X + sample + offs, mask=mask, other=0.0).to(tl.float32) - mu
+        dz = tl.load(DY + sample + offs, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            d = tl.load(COEF_D + b * C + c, mask=cm, other=0.0)[:, None]
+            dz = _silu_grad(dz, xc * A + d)
+        dx = dz * A + xc * E + F
+        tl.store(DX + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _col_sum_kernel(
+        TW,  # (B, C) fp32 per-sample dγ terms
+        TB,  # (B, C) fp32 per-sample dβ terms
+        DW,  # (C,) fp32 out: Σ_b TW
+        DB,  # (C,) fp32 out: Σ_b TB
+        B,
+        C,
+        BLOCK: tl.constexpr,
+    ):
+        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = c < C
+        acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+        for b in range(0, B):
+            acc_w += tl.load(TW + b * C + c, mask=m, other=0.0)
+            acc_b += tl.load(TB + b * C + c, mask=m, other=0.0)
+        tl.store(DW + c, acc_w, mask=m)
+        tl.store(DB + c, acc_b, mask=m)
+
+
+# ----------------------------------------------------------------------------- launch configuration
+
+TILE = 4096  # elements per (BLOCK_C, BLOCK_S) tile (2048 for small NC… maps, see _tile_shape)
+NUM_WARPS = 8
+MAX_SPLIT = 64  # spatial chunks per channel; BLOCK_K of the backward finalize covers them in one load
+FINAL_BLOCK_P = 1024  # partials merged per step by the forward finalize
+FINAL_BLOCK_CG = 16  # channels per step in both finalize kernels
+FINAL_WARPS = 4
+COLSUM_BLOCK = 1024
+PROGRAMS_PER_SM = 4  # enough resident programs to hide memory latency
+
+
+def _tile_shape(layout: str, C: int, S: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S): the memory-contiguous dimension gets the wide side of the tile.
+
+    NC…: rows of 1024 positions for large maps, 64 (128 bytes at bf16, one cache
+    line) for the 8²–16² maps of the inner UNet blocks; those get 32 rows, not 64,
+    because 64 per-row statistics in a 4096 tile cost the backward reduction ~230
+    registers (one program per SM) against ~125 at 32.  N…C: 64 channels, which
+    divides every Stable Diffusion width, or 16 for narrow tensors.
+    """
+    if layout == "channels_last":
+        block_c = 16 if C <= 16 else 64
+        return block_c, TILE // block_c
+    return (32, 64) if S < 1024 else (TILE // 1024, 1024)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    """Streaming multiprocessors of the GPU (an H100's 132 where there is none, e.g. the interpreter)."""
+    if device_index is None or not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split(x: torch.Tensor, B: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
+    """(SPLIT, TILES): spatial chunks per channel block and tiles per chunk.
+
+    Just enough chunks that B·c_blocks·SPLIT programs give every SM a few; a
+    large batch keeps one chunk (the whole group in one program per channel
+    block, no merge overhead).
+    """
+    n_tiles = triton.cdiv(S, block_s)
+    sms = _num_sms(x.device.index if x.is_cuda else None)
+    want = triton.cdiv(PROGRAMS_PER_SM * sms, B * c_blocks)
+    split = max(1, min(want, n_tiles, MAX_SPLIT))
+    tiles = triton.cdiv(n_tiles, split)
+    return triton.cdiv(n_tiles, tiles), tiles
+
+
+def _layout(x: torch.Tensor) -> str | None:
+    """'contiguous' for (B, C, *spatial) dense, 'channels_last' for (B, *spatial, C) dense, else None."""
+    if x.is_contiguous():
+        return "contiguous"
+    if x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
+        return "channels_last"
+    return None
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
+    layout = _layout(x)
+    B, C = x.shape[:2]
+    S = x[0, 0].numel()
+    G, CG = num_groups, C // num_groups
+    block_c, block_s = _tile_shape(layout, C, S)
+    c_blocks = triton.cdiv(C, block_c)
+    split, tiles = _split(x, B, c_blocks, S, block_s)
+    cl = layout == "channels_last"
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pmean = torch.empty(B, C, split, **f32)
+    pm2 = torch.empty(B, C, split, **f32)
+    _gn_stats_kernel[(split, c_blocks, B)](
+        x, pmean, pm2, C, S, tiles * block_s, tiles, split,
+        CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    mean = torch.empty(B, G, **f32)
+    rstd = torch.empty(B, G, **f32)
+    coef = torch.empty(2, B, C, **f32)
+    _gn_finalize_kernel[(B * G,)](
+        pmean, pm2, _ptr(weight, x), _ptr(bias, x), _ptr(scale, x), _ptr(shift, x), mean, rstd, coef[0], coef[1],
+        C, S, G, CG, split, tiles * block_s, _row_stride(scale), _row_stride(shift), eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, BLOCK_P=FINAL_BLOCK_P, BLOCK_CG=FINAL_BLOCK_CG, num_warps=FINAL_WARPS,
+    )  # fmt: skip
+    y = torch.empty_like(x)
+    _gn_apply_kernel[(triton.cdiv(S, block_s), c_blocks, B)](
+        x, y, mean, coef[0], coef[1], C, S, G, CG,
+        CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return y, mean, rstd, coef
+
+
+def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu):
+    layout = _layout(x)
+    B, C = x.shape[:2]
+    S = x[0, 0].numel()
+    G = mean.shape[1]
+    CG = C // G
+    block_c, block_s = _tile_shape(layout, C, S)
+    c_blocks = triton.cdiv(C, block_c)
+    split, tiles = _split(x, B, c_blocks, S, block_s)
+    cl = layout == "channels_last"
+    f32 = dict(device=x.device, dtype=torch.float32)
+    pp = torch.empty(B, C, split, **f32)
+    pq = torch.empty(B, C, split, **f32)
+    _gn_bwd_reduce_kernel[(split, c_blocks, B)](
+        x, dy, mean, rstd, coef[0], coef[1], pp, pq, C, S, G, CG, tiles * block_s, tiles, split,
+        CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    dx_ef = torch.empty(2, B, G, **f32)
+    dscale = torch.empty(B, C, **f32) if scale is not None else None
+    dshift = torch.empty(B, C, **f32) if shift is not None else None
+    affine = weight is not None or bias is not None
+    terms = torch.empty(2, B, C, **f32) if affine else None
+    _gn_bwd_finalize_kernel[(B * G,)](
+        pp, pq, _ptr(weight, x), _ptr(bias, x), _ptr(scale, x), rstd, dx_ef[0], dx_ef[1],
+        _ptr(dscale, x), _ptr(dshift, x), _ptr(terms, x, 0), _ptr(terms, x, 1),
+        C, S, G, CG, split, _row_stride(scale),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, BLOCK_CG=FINAL_BLOCK_CG, BLOCK_K=MAX_SPLIT, num_warps=FINAL_WARPS,
+    )  # fmt: skip
+    dweight = dbias = None
+    if affine:
+        # both sums in one pass; a row of terms that was not written only feeds an output dropped here
+        dweight, dbias = torch.empty(C, **f32), torch.empty(C, **f32)
+        _col_sum_kernel[(triton.cdiv(C, COLSUM_BLOCK),)](
+            terms[0], terms[1], dweight, dbias, B, C, BLOCK=COLSUM_BLOCK, num_warps=FINAL_WARPS
+        )
+        dweight = dweight if weight is not None else None
+        dbias = dbias if bias is not None else None
+    dx = torch.empty_like(x)
+    _gn_dx_kernel[(triton.cdiv(S, block_s), c_blocks, B)](
+        x, dy, dx, mean, coef[0], coef[1], dx_ef[0], dx_ef[1], C, S, G, CG,
+        CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return dx, dweight, dbias, dscale, dshift
+
+
+def _ptr(t: torch.Tensor | None, x: torch.Tensor, row: int | None = None) -> torch.Tensor:
+    """The tensor (or one row of it) to hand the kernel; an absent one is replaced by x, never read."""
+    if t is None:
+        return x
+    return t if row is None else t[row]
+
+
+def _row_stride(t: torch.Tensor | None) -> int:
+    return t.stride(0) if t is not None else 0
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+def _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu):
+    """The reference with the kernel path's extra outputs: (y, μ, r, coefficients A and d)."""
+    y = group_norm_silu_ref(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
+    mean, rstd = _stats_ref(x, num_groups, eps)
+    B, C = x.shape[:2]
+    one_plus_s = 1 + (scale if scale is not None else x.new_zeros(B, C, dtype=torch.float32))
+    a = one_plus_s * (weight if weight is not None else 1.0)
+    d = one_plus_s * (bias if bias is not None else 0.0) + (shift if shift is not None else 0.0)
+    A = a * rstd.repeat_interleave(C // num_groups, dim=1)
+    # y keeps x's strides (channels_last stays channels_last), as the fake below says
+    return torch.empty_like(x).copy_(y), mean, rstd, torch.stack([A, d.expand(B, C)])
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    num_groups: int,
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, μ (B, G), r (B, G), coefficients (2, B, C)); the last three are saved for the backward."""
+    if use_triton(x):
+        return _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu)
+    return _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu)
+
+
+@_group_norm_silu_op.register_fake
+def _(x, weight, bias, scale, shift, num_groups, eps, silu):
+    B, C = x.shape[:2]
+    stats = x.new_empty((B, num_groups), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats), x.new_empty((2, B, C), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    coef: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, dscale, dshift); an empty tensor stands for an absent input's gradient."""
+    if dy.stride() != x.stride():
+        dy = torch.empty_like(x).copy_(dy)  # the kernels read dy with x's strides
+    if use_triton(x):
+        grads = _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu)
+    else:
+        grads = group_norm_silu_backward_ref(dy, x, mean.shape[1], weight, bias, eps, scale, shift, silu)
+        grads = (torch.empty_like(x).copy_(grads[0]), *grads[1:])
+    return tuple(x.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _(dy, x, mean, rstd, coef, weight, bias, scale, shift, eps, silu):
+    B, C = x.shape[:2]
+    f32 = dict(dtype=torch.float32)
+    return (
+        torch.empty_like(x),
+        x.new_empty((C,) if weight is not None else (0,), **f32),
+        x.new_empty((C,) if bias is not None else (0,), **f32),
+        x.new_empty((B, C) if scale is not None else (0,), **f32),
+        x.new_empty((B, C) if shift is not None else (0,), **f32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, scale, shift, num_groups, eps, silu = inputs
+    _, mean, rstd, coef = output
+    ctx.save_for_backward(x, mean, rstd, coef, weight, bias, scale, shift)
+    ctx.eps, ctx.silu = eps, silu
+    ctx.mark_non_differentiable(mean, rstd, coef)
+
+
+def _backward(ctx, dy, _dmean, _drstd, _dcoef):
+    x, mean, rstd, coef, weight, bias, scale, shift = ctx.saved_tensors
+    dx, dw, db, ds, dsh = _group_norm_silu_backward_op(
+        dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu
+    )
+    grads = [dx if ctx.needs_input_grad[0] else None]
+    for t, g, i in ((weight, dw, 1), (bias, db, 2), (scale, ds, 3), (shift, dsh, 4)):
+        grads.append(g if t is not None and ctx.needs_input_grad[i] else None)
+    return (*grads, None, None, None)
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _validate(x, num_groups, weight, bias, eps, scale, shift, silu) -> None:
+    _checks.check_float("x", x)
+    _checks.check_min_ndim("x", x, 2, " (B, C, *spatial)")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    B, C = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise TypeError(f"num_groups must be a positive int, got {num_groups!r}")
+    if C % num_groups:
+        raise ValueError(f"num_groups must divide the {C} channels of x (dim 1), got num_groups={num_groups}")
+    if x.numel() // B >= 2**31:
+        raise ValueError(f"x must have fewer than 2**31 elements per sample, got shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(silu, bool):
+        raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
+    for name, t, shape, what in (
+        ("weight", weight, (C,), " (one per channel of x)"),
+        ("bias", bias, (C,), " (one per channel of x)"),
+        ("scale", scale, (B, C), " (batch, channels of x)"),
+        ("shift", shift, (B, C), " (batch, channels of x)"),
+    ):
+        if t is not None:
+            _checks.check_float(name, t)
+            _checks.check_shape(name, t, shape, what)
+            _checks.check_device(name, t, x.device, "x")
+
+
+def _as_fp32_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """fp32 with unit stride along channels (the kernels take any row stride, e.g. a chunk of a Linear's output)."""
+    if t is None:
+        return None
+    t = t.to(torch.float32)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def group_norm_silu(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """y = SiLU(GroupNorm(x)·(1 + scale) + shift); ``silu=False`` gives plain GroupNorm (+ FiLM).
+
+    x: (B, C, *spatial), fp32/fp16/bf16, contiguous or channels-last (read in place;
+    other strides are copied first). ``weight``/``bias``: (C,) affine γ, β as in
+    ``torch.nn.GroupNorm``; ``scale``/``shift``: (B, C) per-sample FiLM terms.  Same
+    numbers as ``F.silu(F.group_norm(x, num_groups, weight, bias, eps) * (1 + scale) +
+    shift)`` in fp32, returned in x's dtype with x's memory layout.  Differentiable
+    in x, weight, bias, scale and shift.
+    """
+    _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
+    if _layout(x) is None:
+        x = x.contiguous()
+    y, _, _, _ = _group_norm_silu_op(
+        x, _as_fp32_rows(weight), _as_fp32_rows(bias), _as_fp32_rows(scale), _as_fp32_rows(shift),
+        num_groups, float(eps), silu,
+    )  # fmt: skip
+    return y
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+def audit_cases():
+    from fastdiff.audit import KernelCase
+
+    tiles = {(cl, shape) for cl in (False, True) for shape in _audit_tile_shapes(cl)}
+    cases = []
+    for dt in ("fp32", "fp16", "bf16"):
+        for cl, (bc, bs) in sorted(tiles):
+            tag = f"{dt},{'cl' if cl else 'nc'},{bc}x{bs}"
+            tile = {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}
+            cases.append(KernelCase(
+                f"gn_stats[{tag}]", _gn_stats_kernel,
+                {"X": f"*{dt}", "PMEAN": "*fp32", "PM2": "*fp32", "C": "i32", "S": "i32", "CHUNK_S": "i32",
+                 "TILES": "i32", "SPLIT": "i32", "CHANNELS_LAST": "constexpr", "BLOCK_C": "constexpr",
+                 "BLOCK_S": "constexpr"},
+                tile, NUM_WARPS,
+            ))  # fmt: skip
+            for silu in (False, True):
+                stag = f"{tag}{',silu' if silu else ''}"
+                cx = {**tile, "SILU": silu}
+                cases.append(KernelCase(
+                    f"gn_apply[{stag}]", _gn_apply_kernel,
+                    {"X": f"*{dt}", "Y": f"*{dt}", "MEAN": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
+                     "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "CHANNELS_LAST": "constexpr",
+                     "SILU": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"},
+                    cx, NUM_WARPS,
+                ))  # fmt: skip
+                cases.append(KernelCase(
+                    f"gn_bwd_reduce[{stag}]", _gn_bwd_reduce_kernel,
+                    {"X": f"*{dt}", "DY": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32",
+                     "COEF_D": "*fp32", "PP": "*fp32", "PQ": "*fp32", "C": "i32", "S": "i32", "G": "i32",
+                     "CG": "i32", "CHUNK_S": "i32", "TILES": "i32", "SPLIT": "i32", "CHANNELS_LAST": "constexpr",
+                     "SILU": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"},
+                    cx, NUM_WARPS,
+                ))  # fmt: skip
+                cases.append(KernelCase(
+                    f"gn_dx[{stag}]", _gn_dx_kernel,
+                    {"X": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "MEAN": "*fp32", "COEF_A": "*fp32",
+                     "COEF_D": "*fp32", "DX_E": "*fp32", "DX_F": "*fp32", "C": "i32", "S": "i32", "G": "i32",
+                     "CG": "i32", "CHANNELS_LAST": "constexpr", "SILU": "constexpr", "BLOCK_C": "constexpr",
+                     "BLOCK_S": "constexpr"},
+                    cx, NUM_WARPS,
+                ))  # fmt: skip
+    for flags in range(16):
+        w, bi, sc, sh = (bool(flags & (1 << i)) for i in range(4))
+        has = {"HAS_WEIGHT": w, "HAS_BIAS": bi, "HAS_SCALE": sc, "HAS_SHIFT": sh}
+        ftag = ",".join(k[4:].lower() for k, v in has.items() if v) or "plain"
+        cases.append(KernelCase(
+            f"gn_finalize[{ftag}]", _gn_finalize_kernel,
+            {"PMEAN": "*fp32", "PM2": "*fp32", "WEIGHT": "*fp32", "BIAS": "*fp32", "SCALE": "*fp32",
+             "SHIFT": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
+             "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32", "CHUNK_S": "i32",
+             "stride_scale_b": "i32", "stride_shift_b": "i32", "eps": "fp32", **dict.fromkeys(has, "constexpr"),
+             "BLOCK_P": "constexpr", "BLOCK_CG": "constexpr"},
+            {**has, "BLOCK_P": FINAL_BLOCK_P, "BLOCK_CG": FINAL_BLOCK_CG}, FINAL_WARPS,
+        ))  # fmt: skip
+        cases.append(KernelCase(
+            f"gn_bwd_finalize[{ftag}]", _gn_bwd_finalize_kernel,
+            {"PP": "*fp32", "PQ": "*fp32", "WEIGHT": "*fp32", "BIAS": "*fp32", "SCALE": "*fp32", "RSTD": "*fp32",
+             "DX_E": "*fp32", "DX_F": "*fp32", "DSCALE": "*fp32", "DSHIFT": "*fp32", "TERM_W": "*fp32",
+             "TERM_B": "*fp32", "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
+             "stride_scale_b": "i32", **dict.fromkeys(has, "constexpr"), "BLOCK_CG": "constexpr",
+             "BLOCK_K": "constexpr"},
+            {**has, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
+        ))  # fmt: skip
+    cases.append(KernelCase(
+        "gn_col_sum", _col_sum_kernel,
+        {"TW": "*fp32", "TB": "*fp32", "DW": "*fp32", "DB": "*fp32", "B": "i32", "C": "i32", "BLOCK": "constexpr"},
+        {"BLOCK": COLSUM_BLOCK}, FINAL_WARPS,
+    ))  # fmt: skip
+    return cases
+
+
+def _audit_tile_shapes(channels_last: bool) -> set[tuple[int, int]]:
+    """Every (BLOCK_C, BLOCK_S) `_tile_shape` can return for a layout."""
+    layout = "channels_last" if channels_last else "contiguous"
+    return {_tile_shape(layout, C, S) for C in (1, 16, 17, 1280) for S in (1, 1023, 1024, 4096)}
