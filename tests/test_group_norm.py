@@ -2,13 +2,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, rel_err
+from tests.conftest import DTYPES, rel_err
 
 import fastdiff
 from fastdiff.nn.norm import GroupNormSiLU
 from fastdiff.ops import _backend
 from fastdiff.ops import group_norm as gn
 from fastdiff.ops._backend import use_triton
+from fastdiff.ops._layout import sample_layout
 
 # (shape, num_groups, which of weight/bias/scale/shift are given): C=4 in 2 groups as in
 # diffusers' tests, C=63 (odd, 9 per group) at 1×1, a spatial size that is no multiple of
@@ -204,7 +205,7 @@ def test_split_and_multi_tile_chunks(shape, sms, device, kernel_path, monkeypatc
     x, w, b, sc, sh = make_inputs(shape, "wbss", torch.float32, device)
     if shape[1] == 64:
         x = channels_last(x)
-    layout = gn._layout(x)
+    layout = sample_layout(x)
     block_c, block_s = gn._tile_shape(layout, shape[1], shape[2] * shape[3])
     split, tiles = gn._split(x, shape[0], -(-shape[1] // block_c), shape[2] * shape[3], block_s)
     leaves = [t.requires_grad_() for t in (x, w, b, sc, sh)]

@@ -31,6 +31,7 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops._backend import HAS_TRITON, use_triton
+from fastdiff.ops._layout import match_layout, sample_layout
 from fastdiff.ops._philox import randn_like_philox
 
 PREDICTIONS = ("epsilon", "v", "sample")
@@ -162,28 +163,12 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 
-def _layout(x: torch.Tensor) -> str | None:
-    """'contiguous' or 'channels_last' when each sample is one dense run of memory, else None."""
-    if x.is_contiguous():
-        return "contiguous"
-    if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    if x.ndim == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return "channels_last"
-    return None
-
-
-def _match_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``x`` with the same strides as ``like`` (a copy only when they differ)."""
-    return x if x.stride() == like.stride() else torch.empty_like(like, dtype=x.dtype).copy_(x)
-
-
 # ----------------------------------------------------------------------------- launchers
 
 
 def _noising_triton(x0, t, acp, noise, keys, want_v):
     t = t.to(torch.int64)  # one kernel specialisation for int32 and int64 timesteps
-    layout = _layout(x0)
+    layout = sample_layout(x0)
     if layout is None:
         x0, layout = x0.contiguous(), "contiguous"
     B = x0.shape[0]
@@ -192,7 +177,7 @@ def _noising_triton(x0, t, acp, noise, keys, want_v):
     S = N // C if C else 0
     x_t = torch.empty_like(x0)
     draw = noise is None
-    noise_buf = torch.empty_like(x0) if draw else _match_layout(noise, x0)
+    noise_buf = torch.empty_like(x0) if draw else match_layout(noise, x0)
     v = torch.empty_like(x0) if want_v else x_t  # unused pointer when not want_v
     if x0.numel():
         grid = (triton.cdiv(N, BLOCK), B)
@@ -422,9 +407,9 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     _checks.check_device("weight", weight, pred.device, "pred")
     if B == 0 or pred.numel() == 0:
         raise ValueError(f"pred must not be empty, got shape {tuple(pred.shape)}")
-    if _layout(pred) is None:
+    if sample_layout(pred) is None:
         pred = pred.contiguous()
-    target = _match_layout(target.to(pred.dtype) if target.dtype != pred.dtype else target, pred)
+    target = match_layout(target.to(pred.dtype) if target.dtype != pred.dtype else target, pred)
     return _weighted_mse_op(pred, target, weight.detach().to(torch.float32))
 
 
