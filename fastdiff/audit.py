@@ -38,6 +38,7 @@ class KernelCase:
     num_warps: int = 4
     num_stages: int = 3
     expect_mma: bool = False  # sm_90 SASS must contain HGMMA
+    archs: tuple[int, ...] = ARCHS  # the architectures whose launcher can pick this config
 
 
 @dataclass
@@ -81,14 +82,21 @@ def op_modules(only: tuple[str, ...] = ()) -> list:
 
 
 def uncovered_kernels(mod, cases: list[KernelCase]) -> list[str]:
-    """Names of @triton.jit kernels defined in ``mod`` that no case compiles."""
+    """Names of kernels defined in ``mod`` that no case compiles.
+
+    Kernels are the @triton.jit functions whose name ends in ``_kernel``; other jit
+    functions are device helpers, compiled as part of the kernels that call them.
+    """
     from triton.runtime.jit import JITFunction
 
     covered = {id(c.fn) for c in cases}
     return [
         name
         for name, obj in vars(mod).items()
-        if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__ and id(obj) not in covered
+        if isinstance(obj, JITFunction)
+        and name.endswith("_kernel")
+        and obj.fn.__module__ == mod.__name__
+        and id(obj) not in covered
     ]
 
 
@@ -149,7 +157,7 @@ def run_audit(
         cases = [c for c in mod.audit_cases() if match in c.name]
         if not match:
             problems += [f"{mod.__name__}.{k} has no audit case" for k in uncovered_kernels(mod, cases)]
-        _JOBS.extend((case, arch) for case in cases for arch in archs)
+        _JOBS.extend((case, arch) for case in cases for arch in archs if arch in case.archs)
     if jobs > 1 and len(_JOBS) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor

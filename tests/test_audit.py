@@ -64,7 +64,7 @@ def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
         from fastdiff.audit import KernelCase, compile_case, uncovered_kernels
 
         @triton.jit
-        def hog(X, BLOCK: tl.constexpr):
+        def hog_kernel(X, BLOCK: tl.constexpr):
             # a BLOCK x BLOCK fp32 tile held by one warp: far beyond 255 registers/thread
             offs = tl.arange(0, BLOCK)
             tile = tl.load(X + offs[:, None] * BLOCK + offs[None, :])
@@ -72,12 +72,12 @@ def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
             acc = tl.sum(tile, axis=1)
             tl.store(X + offs, acc)
 
-        case = KernelCase("hog", hog, {"X": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128}, num_warps=1)
+        case = KernelCase("hog", hog_kernel, {"X": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128}, num_warps=1)
         row = compile_case(case, 90)
         print("SPILL", row.spill_bytes, row.ok, row.error)
         mod = types.ModuleType("fake_ops")
-        hog.fn.__module__ = "fake_ops"
-        mod.hog = hog
+        hog_kernel.fn.__module__ = "fake_ops"
+        mod.hog_kernel = hog_kernel
         print("UNCOVERED", uncovered_kernels(mod, []))
         """,
         tmp_path,
@@ -86,7 +86,7 @@ def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
     spill_line = next(line for line in proc.stdout.splitlines() if line.startswith("SPILL"))
     _, spill, ok, *_ = spill_line.split()
     assert int(spill) > 0 and ok == "False", spill_line
-    assert "UNCOVERED ['hog']" in proc.stdout
+    assert "UNCOVERED ['hog_kernel']" in proc.stdout
 
 
 def test_audit_refuses_to_run_under_the_interpreter():
