@@ -13,6 +13,10 @@ import torch  # noqa: E402
 
 from fastdiff.ops import _backend  # noqa: E402
 
+# One thread per test process: the suite runs in parallel workers, and a second
+# OpenMP thread on small tensors costs more than it gains.
+torch.set_num_threads(1)
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

@@ -7,25 +7,14 @@ forces the reference anywhere.
 
 One module per hot path: noising, group_norm, attention, sampler_step.
 """
-import importlib
-
 from fastdiff.ops._backend import current_backend, use_backend
+from fastdiff.ops.group_norm import group_norm_silu
 from fastdiff.ops.noising import diffusion_loss, min_snr_weight, q_sample, training_target
+from fastdiff.ops.sampler_step import sampler_step
 
-# Public names of the other hot-path modules, imported on first use so that
-# `import fastdiff` stays cheap.
-_LAZY = {
-    "group_norm_silu": "group_norm",
-    "attention": "attention",
-    "sampler_step": "sampler_step",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"fastdiff.ops.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'fastdiff.ops' has no attribute {name!r}")
-
+# Imported last: binding the name `attention` to the function, after any import of
+# the submodule fastdiff.ops.attention, keeps `ops.attention(...)` callable.
+from fastdiff.ops.attention import attention  # noqa: E402  (isort: skip)
 
 __all__ = [
     "current_backend",
@@ -34,5 +23,7 @@ __all__ = [
     "training_target",
     "min_snr_weight",
     "diffusion_loss",
-    *_LAZY,
+    "group_norm_silu",
+    "attention",
+    "sampler_step",
 ]

@@ -116,7 +116,8 @@ def step_keys(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
 
     The same formula is used inside the kernels (int64 arithmetic wraps).
     """
-    return seeds.to(torch.int64) + step * KEY_STRIDE
+    # as an int64 tensor product, so that it wraps around exactly as in the kernels
+    return seeds.to(torch.int64) + torch.as_tensor(step, dtype=torch.int64, device=seeds.device) * KEY_STRIDE
 
 
 if HAS_TRITON:

@@ -1,0 +1,537 @@
+"""Samplers: trajectories against diffusers' schedulers, the exact Gaussian posterior, inpainting, seeds.
+
+Sampler-level tests run on the PyTorch reference of the fused step (fast, many samples);
+`test_loop_runs_the_kernel` runs one short loop through the Triton kernel (interpreter on CPU).
+"""
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import samplers
+from fastdiff.ops import use_backend
+from fastdiff.ops.sampler_step import step_noise_ref
+
+step_mod = importlib.import_module("fastdiff.ops.sampler_step")  # the module: ops.sampler_step is the function
+from fastdiff.schedule import make_schedule
+
+diffusers = pytest.importorskip("diffusers")
+
+T = 1000
+SHAPE = (2, 3, 5, 4)  # (B, C, H, W): small and odd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small CPU tensors: torch's thread pool only adds contention (each pytest worker has a core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def reference():
+    with use_backend("reference"):
+        yield
+
+
+def toy_model(x, t):
+    """A deterministic, smooth, t-dependent stand-in for a network; t is () or (B,)."""
+    tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+    # the roll couples neighbouring pixels, so that a known region steers the repainted one
+    return 0.7 * torch.tanh(1.1 * x + 0.002 * tt) + 0.3 * torch.sin(0.5 * x.roll(1, -1) - 0.004 * tt)
+
+
+class Recorder:
+    """Wraps a model and records every input it sees (the sampler's trajectory)."""
+
+    def __init__(self, fn=toy_model):
+        self.fn, self.inputs = fn, []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.detach().clone())
+        return self.fn(x, t)
+
+
+def seeds_for(batch: int) -> torch.Tensor:
+    return torch.randint(-(2**62), 2**62, (batch,), dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- vs diffusers
+
+BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+PRED_NAMES = {"epsilon": "epsilon", "v": "v_prediction", "sample": "sample"}
+
+
+def _ours_and_theirs(name, prediction, steps, opts):
+    """(our plan, diffusers scheduler, scheduler works in σ-space, clip) for one configuration."""
+    sched = make_schedule("scaled_linear", T)
+    S = diffusers
+    common = dict(num_train_timesteps=T, prediction_type=PRED_NAMES[prediction], **BETAS)
+    clip = opts.get("clip")
+    if name == "ddpm":
+        theirs = S.DDPMScheduler(variance_type=opts["variance"], clip_sample=clip is not None,
+                                 clip_sample_range=clip or 1.0, **common)  # fmt: skip
+    elif name == "ddim":
+        theirs = S.DDIMScheduler(clip_sample=clip is not None, clip_sample_range=clip or 1.0,
+                                 set_alpha_to_one=opts.get("final_alpha_one", True), **common)  # fmt: skip
+    elif name == "euler":
+        theirs = S.EulerDiscreteScheduler(**common)
+    elif name == "euler_ancestral":
+        theirs = S.EulerAncestralDiscreteScheduler(**common)
+    elif name == "dpmpp_2m":
+        theirs = S.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+    elif name == "heun":
+        theirs = S.HeunDiscreteScheduler(clip_sample=clip is not None, clip_sample_range=clip or 1.0, **common)
+    theirs.set_timesteps(steps)
+    ts = theirs.timesteps
+    if name == "heun":  # diffusers lists the timesteps of every evaluation; the plan takes the N distinct ones
+        ts = torch.cat([ts[:1], ts[1::2]])
+    plan_fn = {
+        "ddpm": lambda: samplers.ddpm_plan(sched, ts, variance=opts["variance"], prediction=prediction),
+        "ddim": lambda: samplers.ddim_plan(sched, ts, eta=opts.get("eta", 0.0), prediction=prediction,
+                                           final_alpha_one=opts.get("final_alpha_one", True)),
+        "euler": lambda: samplers.euler_plan(sched, ts, prediction=prediction),
+        "euler_ancestral": lambda: samplers.euler_ancestral_plan(sched, ts, prediction=prediction),
+        "dpmpp_2m": lambda: samplers.dpmpp_2m_plan(sched, ts, prediction=prediction),
+        "heun": lambda: samplers.heun_plan(sched, ts, prediction=prediction),
+    }  # fmt: skip
+    sigma_space = name in ("euler", "euler_ancestral", "heun")
+    return plan_fn[name](), theirs, sigma_space, clip
+
+
+CONFIGS = [
+    ("ddpm", "epsilon", dict(variance="fixed_small")),
+    ("ddpm", "v", dict(variance="fixed_large")),
+    ("ddpm", "epsilon", dict(variance="fixed_small", clip=1.0)),
+    ("ddpm", "sample", dict(variance="fixed_large")),
+    ("ddim", "epsilon", dict(eta=0.0)),
+    ("ddim", "v", dict(eta=0.0, final_alpha_one=False)),
+    ("ddim", "epsilon", dict(eta=0.6, clip=1.5)),
+    ("ddim", "sample", dict(eta=1.0)),
+    ("euler", "epsilon", {}),
+    ("euler", "v", {}),
+    ("euler_ancestral", "epsilon", {}),
+    ("euler_ancestral", "v", {}),
+    ("dpmpp_2m", "epsilon", {}),
+    ("dpmpp_2m", "v", {}),
+    ("dpmpp_2m", "sample", {}),
+    ("heun", "epsilon", {}),
+    ("heun", "v", {}),
+]
+
+
+@pytest.mark.parametrize("name,prediction,opts", CONFIGS, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CONFIGS])
+def test_matches_diffusers(name, prediction, opts, reference, monkeypatch):
+    steps = 10
+    plan, theirs, sigma_space, clip = _ours_and_theirs(name, prediction, steps, opts)
+    seeds = seeds_for(SHAPE[0])
+    x_T = samplers.initial_noise(seeds, SHAPE)
+    ours = Recorder()
+    x_ours = samplers.sample(ours, x_T, seeds, plan, clip_x0=clip)
+
+    # diffusers, fed the noise our sampler drew at each evaluation (same Philox keys)
+    noises = [step_noise_ref(seeds, i, SHAPE, 1)[0] for i in range(len(plan))]
+    calls = iter(range(len(plan)))
+    module = type(theirs).__module__
+    monkeypatch.setattr(f"{module}.randn_tensor", lambda *a, **k: noises[next(calls)], raising=False)
+    sample = x_T.clone()
+    if sigma_space:  # x̃ = x/α: diffusers' Euler-type schedulers keep the σ-space state
+        sample = sample * math.sqrt(1 + float(theirs.sigmas[0]) ** 2)
+    rec = Recorder()
+    for i, t in enumerate(theirs.timesteps):
+        out = rec(theirs.scale_model_input(sample, t), t)
+        kwargs = {}
+        if name == "ddim" and opts.get("eta", 0.0) > 0:
+            kwargs = dict(eta=opts["eta"], variance_noise=noises[i])
+        sample = theirs.step(out, t, sample, **kwargs).prev_sample
+
+    assert len(ours.inputs) == len(rec.inputs)
+    for i, (a, b) in enumerate(zip(ours.inputs, rec.inputs)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"model input {i}: max diff {(a - b).abs().max():.2e}"
+    err = (x_ours - sample).abs().max().item()
+    assert err < 2e-5 * max(1.0, sample.abs().max().item()), f"final sample differs by {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- exact Gaussian
+#
+# Data x0 ~ N(μ, Σ).  x_t = a·x0 + s·ε (a = sqrt(ᾱ), s = sqrt(1 − ᾱ)) is N(aμ, ᾱΣ + (1 − ᾱ)I), and
+#     ε*(x_t) = E[ε | x_t] = Cov(ε, x_t)·Cov(x_t)⁻¹·(x_t − aμ) = s·(ᾱΣ + (1 − ᾱ)I)⁻¹·(x_t − aμ),
+# the exact ε-predictor; x0* = (x_t − s·ε*)/a and v* = a·ε* − s·x0*.  Each is affine in x_t, so
+# a sampler driven by it is an affine-Gaussian chain whose output law can also be computed
+# exactly.  Two tests together prove the end-to-end claim:
+#   1. the samples the loop draws follow the chain's exact law, within sampling error;
+#   2. the chain's law converges to N(μ, Σ) as the steps get finer.
+
+D = 3
+
+
+def gaussian_problem():
+    """Data x0 ~ N(μ, Σ) in D dimensions, Σ well conditioned with eigenvalues in [0.1, 2]."""
+    mu = torch.randn(D, dtype=torch.float64) * 0.7
+    q, _ = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64))
+    evals = torch.empty(D, dtype=torch.float64).uniform_(0.1, 2.0)
+    return mu, q @ torch.diag(evals) @ q.T
+
+
+def abar_at(t: float, schedule) -> float:
+    """ᾱ at a (fractional) timestep: 1/(1 + σ(t)²) with σ interpolated linearly, as the samplers do."""
+    sig = schedule.sigmas.numpy()
+    s_t = float(np.interp(t, np.arange(len(sig)), sig))
+    return 1.0 / (1.0 + s_t * s_t)
+
+
+def exact_affine(mu, cov, abar, prediction):
+    """(G, g) with the exact prediction = G·x_t + g, float64."""
+    a, s = math.sqrt(abar), math.sqrt(1 - abar)
+    eye = torch.eye(D, dtype=torch.float64)
+    A = torch.linalg.inv(abar * cov + (1 - abar) * eye)
+    G_eps, g_eps = s * A, -s * a * (A @ mu)
+    if prediction == "epsilon":
+        return G_eps, g_eps
+    G_x0, g_x0 = (eye - s * G_eps) / a, -s * g_eps / a
+    if prediction == "sample":
+        return G_x0, g_x0
+    return a * G_eps - s * G_x0, a * g_eps - s * g_x0
+
+
+def exact_model(mu, cov, schedule, prediction):
+    """model(x, t) for samples laid out along dim 2 of x = (B, D, M)."""
+
+    def model(x, t):
+        G, g = exact_affine(mu, cov, abar_at(float(t.reshape(-1)[0]), schedule), prediction)
+        out = torch.einsum("ij,bjm->bim", G, x.double()) + g.view(1, D, 1)
+        return out.to(x.dtype)
+
+    return model
+
+
+def chain_law(plan, mu, cov, schedule, prediction, exact_prior=False):
+    """Exact mean and covariance of the plan's output under the exact model.
+
+    From x_T ~ N(0, I) (what the loop is given), or with ``exact_prior`` from the true marginal
+    N(aμ, ᾱΣ + (1 − ᾱ)I) at the first timestep — without the prior's mismatch (ᾱ_T > 0), which
+    is the schedule's bias, not the sampler's.  The loop's state is (x, k), k the kept x̂0;
+    each evaluation maps it affinely and adds e·z.
+    """
+    eye, zero = torch.eye(D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
+    m = torch.zeros(2 * D, dtype=torch.float64)
+    P = torch.block_diag(eye, zero)
+    if exact_prior:
+        abar = abar_at(float(plan.timesteps[0]), schedule)
+        m[:D] = math.sqrt(abar) * mu
+        P[:D, :D] = abar * cov + (1 - abar) * eye
+    idx = {n: i for i, n in enumerate(step_mod.COEFFICIENTS)}
+    for i in range(len(plan)):
+        c = {n: float(plan.coeffs[i, j]) for n, j in idx.items()}
+        G, g = exact_affine(mu, cov, abar_at(float(plan.timesteps[i]), schedule), prediction)
+        H, h = c["x0_from_x"] * eye + c["x0_from_out"] * G, c["x0_from_out"] * g  # x̂0 = H·x + h
+        E, e = c["eps_from_x"] * eye + c["eps_from_out"] * G, c["eps_from_out"] * g  # ε̂ = E·x + e
+        Mx = c["x"] * eye + c["x0"] * H + c["eps"] * E
+        Mk = c["x0_prev"] * eye if plan.reads_x0[i] else zero
+        top = torch.cat([Mx, Mk], 1)
+        bottom = torch.cat([H, zero], 1) if plan.keeps_x0[i] else torch.cat([zero, eye], 1)
+        M = torch.cat([top, bottom], 0)
+        const = torch.cat([c["x0"] * h + c["eps"] * e, h if plan.keeps_x0[i] else torch.zeros(D, dtype=torch.float64)])
+        m = M @ m + const
+        P = M @ P @ M.T + torch.block_diag(c["noise"] ** 2 * eye, zero)
+    return m[:D], P[:D, :D]
+
+
+def check_moments(x, mean, cov):
+    """Sample mean and covariance of x (B, D, M) within 5 standard errors of the law N(mean, cov)."""
+    pts = x.double().permute(0, 2, 1).reshape(-1, D)
+    n = pts.shape[0]
+    var = torch.diagonal(cov)
+    mean_tol = 5 * (var / n).sqrt()
+    got = pts.mean(0)
+    assert ((got - mean).abs() <= mean_tol).all(), f"mean {got.tolist()} vs {mean.tolist()} (tol {mean_tol.tolist()})"
+    cov_tol = 5 * ((var[:, None] * var[None, :] + cov**2) / n).sqrt()
+    emp = torch.cov(pts.T)
+    assert ((emp - cov).abs() <= cov_tol).all(), f"covariance\n{emp}\nvs\n{cov}\n(tol {cov_tol})"
+
+
+GAUSS = [
+    ("ddpm", "epsilon", lambda s, ts: samplers.ddpm_plan(s, ts)),
+    ("ddpm-large", "v", lambda s, ts: samplers.ddpm_plan(s, ts, variance="fixed_large", prediction="v")),
+    ("ddim", "epsilon", lambda s, ts: samplers.ddim_plan(s, ts)),
+    ("ddim-eta", "sample", lambda s, ts: samplers.ddim_plan(s, ts, eta=0.7, prediction="sample")),
+    ("euler", "v", lambda s, ts: samplers.euler_plan(s, ts, prediction="v")),
+    ("euler_ancestral", "epsilon", lambda s, ts: samplers.euler_ancestral_plan(s, ts)),
+    ("dpmpp_2m", "epsilon", lambda s, ts: samplers.dpmpp_2m_plan(s, ts)),
+    ("dpmpp_2m", "sample", lambda s, ts: samplers.dpmpp_2m_plan(s, ts, prediction="sample")),
+    ("heun", "v", lambda s, ts: samplers.heun_plan(s, ts, prediction="v")),
+]
+GAUSS_IDS = [f"{g[0]}-{g[1]}" for g in GAUSS]
+
+
+@pytest.mark.parametrize("name,prediction,make_plan", GAUSS, ids=GAUSS_IDS)
+def test_gaussian_samples_follow_the_chain(name, prediction, make_plan, reference):
+    """20000 samples drawn by the loop have the chain's exact mean and covariance."""
+    from fastdiff.schedule import timesteps
+
+    sched = make_schedule("linear", T)
+    mu, cov = gaussian_problem()
+    plan = make_plan(sched, timesteps(25, T, "trailing"))
+    seeds = seeds_for(4)
+    x = samplers.sample(exact_model(mu, cov, sched, prediction), samplers.initial_noise(seeds, (4, D, 5000)),
+                        seeds, plan)  # fmt: skip
+    check_moments(x, *chain_law(plan, mu, cov, sched, prediction))
+
+
+@pytest.mark.parametrize("name,prediction,make_plan", GAUSS, ids=GAUSS_IDS)
+def test_gaussian_chain_converges_to_the_data(name, prediction, make_plan):
+    """The sampler's exact output law approaches N(μ, Σ) as the steps get finer (from the exact
+    prior): with all 1000 timesteps it is within 2% of Σ and 1e-3 of μ, and finer is closer."""
+    from fastdiff.schedule import timesteps
+
+    sched = make_schedule("linear", T)
+    mu, cov = gaussian_problem()
+    errs = []
+    for steps in (50, 200, 1000):
+        plan = make_plan(sched, timesteps(steps, T, "trailing"))
+        mean, c = chain_law(plan, mu, cov, sched, prediction, exact_prior=True)
+        errs.append((((c - cov).abs().max() / cov.abs().max()).item(), (mean - mu).abs().max().item()))
+    assert errs[-1][0] < 0.02 and errs[-1][1] < 1e-3, errs
+    for (coarse, _), (fine, _) in zip(errs, errs[1:]):
+        assert fine < coarse or fine < 1e-4, errs
+
+
+def test_gaussian_check_has_power(reference):
+    """The moment check rejects samples from a slightly different chain (schedule β × 1.3)."""
+    from fastdiff.schedule import Schedule, timesteps
+
+    sched = make_schedule("linear", T)
+    mu, cov = gaussian_problem()
+    plan = samplers.ddim_plan(sched, timesteps(25, T, "trailing"))
+    wrong = samplers.ddim_plan(Schedule(sched.betas * 1.3), timesteps(25, T, "trailing"))
+    seeds = seeds_for(4)
+    model = exact_model(mu, cov, sched, "epsilon")
+    x = samplers.sample(model, samplers.initial_noise(seeds, (4, D, 5000)), seeds, wrong)
+    with pytest.raises(AssertionError):
+        check_moments(x, *chain_law(plan, mu, cov, sched, "epsilon"))
+
+
+def test_loop_runs_the_kernel(monkeypatch):
+    """One short loop through the Triton kernel: it runs at every step, agrees with the reference
+    loop, and its samples follow the chain's law within this smaller sample's error."""
+    from fastdiff.schedule import timesteps
+
+    calls = []
+    real = step_mod._sampler_step_triton
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    sched = make_schedule("linear", T)
+    mu, cov = gaussian_problem()
+    plan = samplers.ddpm_plan(sched, timesteps(20, T, "trailing"))
+    seeds = seeds_for(2)
+    x_T = samplers.initial_noise(seeds, (2, D, 300))
+    model = exact_model(mu, cov, sched, "epsilon")
+    monkeypatch.setattr(step_mod, "_sampler_step_triton", spy)
+    x_kernel = samplers.sample(model, x_T, seeds, plan)
+    assert len(calls) == len(plan)
+    with use_backend("reference"):
+        x_ref = samplers.sample(model, x_T, seeds, plan)
+    assert torch.allclose(x_kernel, x_ref, rtol=1e-4, atol=1e-4)
+    check_moments(x_kernel, *chain_law(plan, mu, cov, sched, "epsilon"))
+
+
+# ----------------------------------------------------------------------------- guidance, inpainting, seeds
+
+
+def guided_pair(x, t):
+    """(2B, ...) output of a toy conditional model: unconditional half first."""
+    B = x.shape[0] // 2
+    return torch.cat([toy_model(x[:B], t[:B]), 1.5 * toy_model(x[B:], t[B:] + 10) + 0.2])
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_guidance_in_the_loop(rescale, reference):
+    """sample(guidance_scale=w) equals an unguided loop whose model does the guidance itself."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    sched = make_schedule("scaled_linear", T)
+    from fastdiff.schedule import timesteps
+
+    plan = samplers.dpmpp_2m_plan(sched, timesteps(8, T, "leading"))
+    seeds = seeds_for(SHAPE[0])
+    x_T = samplers.initial_noise(seeds, SHAPE)
+    w = 4.0
+
+    def pre_guided(x, t):
+        out = guided_pair(torch.cat([x, x]), torch.cat([t, t]))
+        u, c = out.chunk(2)
+        g = u + w * (c - u)
+        return rescale_noise_cfg(g, c, guidance_rescale=rescale) if rescale else g
+
+    a = samplers.sample(guided_pair, x_T, seeds, plan, guidance_scale=w, guidance_rescale=rescale)
+    b = samplers.sample(pre_guided, x_T, seeds, plan)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+INPAINT_PLANS = {
+    "ddpm": lambda s, ts: samplers.ddpm_plan(s, ts),
+    "ddim": lambda s, ts: samplers.ddim_plan(s, ts, eta=0.5, final_alpha_one=False),
+    "euler": lambda s, ts: samplers.euler_plan(s, ts),
+    "euler_ancestral": lambda s, ts: samplers.euler_ancestral_plan(s, ts),
+    "dpmpp_2m": lambda s, ts: samplers.dpmpp_2m_plan(s, ts, prediction="v"),
+    "heun": lambda s, ts: samplers.heun_plan(s, ts),
+}
+
+
+@pytest.mark.parametrize("name", list(INPAINT_PLANS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inpainting_keeps_the_known_region(name, dtype, reference):
+    from fastdiff.schedule import timesteps
+
+    sched = make_schedule("scaled_linear", T)
+    plan = INPAINT_PLANS[name](sched, timesteps(6, T, "trailing"))
+    seeds = seeds_for(SHAPE[0])
+    x_T = samplers.initial_noise(seeds, SHAPE, dtype)
+    known = torch.randn(SHAPE).to(dtype)
+    mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:]) < 0.5).to(dtype)  # 1 = repaint
+    x = samplers.sample(toy_model, x_T, seeds, plan, known=known, mask=mask)
+    keep = (mask == 0).expand(SHAPE)
+    assert torch.equal(x[keep], known[keep])
+    free = samplers.sample(toy_model, x_T, seeds, plan)
+    assert not torch.equal(x[~keep], free[~keep])  # the known region steered the repainted one
+
+
+def test_inpainting_through_the_kernel():
+    """The known region is exact through the kernel too (interpreter on CPU)."""
+    from fastdiff.schedule import timesteps
+
+    sched = make_schedule("scaled_linear", T)
+    plan = samplers.euler_ancestral_plan(sched, timesteps(3, T, "trailing"))
+    seeds = seeds_for(SHAPE[0])
+    x_T = samplers.initial_noise(seeds, SHAPE, torch.float16)
+    known = torch.randn(SHAPE).half()
+    mask = (torch.rand(SHAPE) < 0.5).half()
+    x = samplers.sample(toy_model, x_T, seeds, plan, known=known, mask=mask)
+    keep = mask == 0
+    assert torch.equal(x[keep], known[keep])
+
+
+def test_each_image_reproducible_alone(reference):
+    """Image b depends only on seeds[b]: the same in a batch of 3 as alone."""
+    from fastdiff.schedule import timesteps
+
+    sched = make_schedule("scaled_linear", T)
+    plan = samplers.euler_ancestral_plan(sched, timesteps(5, T, "trailing"))
+    seeds = seeds_for(3)
+    shape = (3, 2, 7, 3)
+    known = torch.randn(shape)
+    mask = (torch.rand(3, 1, 7, 3) < 0.5).float()
+    batch = samplers.sample(
+        guided_pair, samplers.initial_noise(seeds, shape), seeds, plan, known=known, mask=mask,
+        guidance_scale=3.0, guidance_rescale=0.5,
+    )  # fmt: skip
+    one = samplers.sample(
+        guided_pair, samplers.initial_noise(seeds[1:2], (1, *shape[1:])), seeds[1:2], plan, known=known[1:2],
+        mask=mask[1:2], guidance_scale=3.0, guidance_rescale=0.5,
+    )  # fmt: skip
+    assert torch.equal(batch[1:2], one)
+    other = samplers.initial_noise(seeds[:1] + 1, (1, *shape[1:]))
+    assert not torch.equal(other, samplers.initial_noise(seeds[:1], (1, *shape[1:])))
+
+
+def test_plan_is_device_ready():
+    """The loop reads coefficients from a device tensor: a prepared plan is used as is."""
+    from fastdiff.schedule import timesteps
+
+    plan = samplers.ddim_plan(make_schedule("linear", T), timesteps(4, T)).to("cpu")
+    assert plan.coeffs.dtype == torch.float32 and plan.coeffs.shape == (4, step_mod.NUM_COEFFICIENTS)
+    assert plan.timesteps.dtype == torch.int64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loop_has_no_sync_and_captures_in_a_cuda_graph():
+    from fastdiff.schedule import timesteps
+
+    if step_mod._backend.INTERPRET:
+        pytest.skip("the interpreter runs on CPU tensors")
+    sched = make_schedule("scaled_linear", T)
+    plan = samplers.dpmpp_2m_plan(sched, timesteps(6, T, "trailing")).to("cuda")
+    seeds = seeds_for(2).cuda()
+    x_T = samplers.initial_noise(seeds, (2, 4, 16, 16))
+    known = torch.randn_like(x_T)
+    mask = (torch.rand(2, 1, 16, 16, device="cuda") < 0.5).float()
+    kw = dict(known=known, mask=mask, guidance_scale=5.0, guidance_rescale=0.7)
+    eager = samplers.sample(guided_pair, x_T, seeds, plan, **kw)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        samplers.sample(guided_pair, x_T, seeds, plan, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    static_x = x_T.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        samplers.sample(guided_pair, static_x, seeds, plan, **kw)  # warm-up: compile kernels outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = samplers.sample(guided_pair, static_x, seeds, plan, **kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_plan_errors():
+    from fastdiff.schedule import timesteps
+
+    sched = make_schedule("linear", T)
+    ts = timesteps(10, T)
+    with pytest.raises(ValueError, match="prediction"):
+        samplers.ddim_plan(sched, ts, prediction="eps")
+    with pytest.raises(ValueError, match="eta"):
+        samplers.ddim_plan(sched, ts, eta=1.5)
+    with pytest.raises(ValueError, match="variance"):
+        samplers.ddpm_plan(sched, ts, variance="learned")
+    with pytest.raises(ValueError, match="timesteps"):
+        samplers.ddim_plan(sched, ts.flip(0))
+    with pytest.raises(ValueError, match="timesteps"):
+        samplers.euler_plan(sched, torch.tensor([1000.0, 10.0]))
+    with pytest.raises(TypeError, match="timesteps"):
+        samplers.ddpm_plan(sched, ts.double())
+    with pytest.raises(TypeError, match="timesteps"):
+        samplers.ddpm_plan(sched, [999, 0])
+    zt = make_schedule("linear", T, zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="undefined"):  # ε-prediction at ᾱ = 0
+        samplers.ddim_plan(zt, timesteps(10, T, "trailing"))
+    samplers.ddim_plan(zt, timesteps(10, T, "trailing"), prediction="v")  # v is fine there
+
+
+def test_sample_errors(reference):
+    from fastdiff.schedule import timesteps
+
+    plan = samplers.ddim_plan(make_schedule("linear", T), timesteps(3, T))
+    seeds = seeds_for(2)
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="seeds"):
+        samplers.sample(toy_model, x, seeds.int(), plan)
+    with pytest.raises(ValueError, match="seeds"):
+        samplers.sample(toy_model, x, seeds[:1], plan)
+    with pytest.raises(TypeError, match="plan"):
+        samplers.sample(toy_model, x, seeds, "ddim")
+    with pytest.raises(TypeError, match="x_T"):
+        samplers.sample(toy_model, x.double(), seeds, plan)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        samplers.sample(toy_model, x, seeds, plan, guidance_rescale=0.5)
+    with pytest.raises(ValueError, match="mask"):
+        samplers.sample(toy_model, x, seeds, plan, known=x)
+    with pytest.raises(ValueError, match="model"):
+        samplers.sample(lambda x, t: toy_model(x[:2], t[:2]), x, seeds, plan, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="model_output"):
+        samplers.sample(lambda x, t: x[:, :2], x, seeds, plan)
+    with pytest.raises(ValueError, match="seeds"):
+        samplers.initial_noise(seeds, (3, 4))
