@@ -1,14 +1,93 @@
-"""The ``fastdiff`` command line: ``fastdiff demo``, ``fastdiff audit``."""
+"""The ``fastdiff`` command line: ``fastdiff demo | sample | train | audit``.
+
+Argument parsing lives here only; every command calls the library.  Errors a user
+can fix (bad argument, missing file, unreadable checkpoint) print one line and exit
+with status 2, without a traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 
-def _demo(args) -> int:
-    from fastdiff.demo import run_ops_demo
+class UsageError(Exception):
+    """A mistake in the command's arguments or files: reported in one line."""
 
-    return run_ops_demo()
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _demo(args) -> int:
+    from fastdiff.demo import run_demo
+
+    _threads(args.threads)
+    return run_demo(out_dir=args.out, checkpoint=args.checkpoint, steps=args.steps, device=args.device)
+
+
+def _sample(args) -> int:
+    from fastdiff.pipelines import Text2Image, save_images
+
+    _threads(args.threads)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read --prompts-file: {e}") from e
+    if not prompts:
+        raise UsageError("give at least one prompt (positional) or --prompts-file")
+    prompts = [p for p in prompts for _ in range(args.num_images)]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    pipe = Text2Image.from_pretrained(args.checkpoint, args.device)
+    images = pipe(
+        prompts, negative_prompt=args.negative_prompt, guidance_scale=args.guidance, sampler=args.sampler,
+        steps=args.steps, seeds=seeds, batch_size=args.batch_size,
+    )  # fmt: skip
+    grid = save_images(images, args.out, prompts, cols=args.num_images if args.num_images > 1 else None)
+    print(f"wrote {len(images)} images and {grid}")
+    return 0
+
+
+def _train(args) -> int:
+    from fastdiff import training
+    from fastdiff.data import open_dataset
+
+    _threads(args.threads)
+    # Unset options keep TrainConfig's defaults (the shipped model's recipe).
+    names = (
+        "output_dir", "model", "text_encoder", "resolution", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
+        "ema_decay", "grad_clip", "prediction", "min_snr_gamma", "cond_dropout", "seed", "checkpoint_every",
+        "sample_every", "sample_steps", "mixed_precision",
+    )  # fmt: skip
+    fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    for n in ("grad_clip", "min_snr_gamma"):  # 0 on the command line disables
+        if fields.get(n) == 0:
+            fields[n] = None
+    if args.sample_prompt:
+        fields["sample_prompts"] = tuple(args.sample_prompt)
+    if args.gradient_checkpointing:
+        fields["gradient_checkpointing"] = True
+    try:
+        config = training.TrainConfig(**fields)
+        dataset = open_dataset(args.data, config.resolution, config.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    try:
+        final = training.Trainer(config, dataset, device=args.device, resume=not args.no_resume).train()
+    except training.TrainingDiverged as e:
+        print(f"fastdiff train: {e}", file=sys.stderr)
+        return 1
+    print(f"final checkpoint: {final}")
+    if args.export:
+        from fastdiff.pipelines import export_pipeline
+
+        print(f"exported pipeline: {export_pipeline(final, args.export)}")
+    return 0
 
 
 def _audit(args) -> int:
@@ -18,10 +97,63 @@ def _audit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastdiff.nn.unet import PRESETS
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
+    from fastdiff.training import TrainConfig
+
     parser = argparse.ArgumentParser(prog="fastdiff", description="Diffusion with hand-written Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the demo")
+
+    def common(p):
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+
+    demo = sub.add_parser("demo", help="generate a grid for several prompts with the shipped model")
+    demo.add_argument("--out", default="fastdiff-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline folder (default: the shipped one)")
+    demo.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    common(demo)
     demo.set_defaults(func=_demo)
+
+    sample = sub.add_parser("sample", help="text to images with a trained pipeline or checkpoint")
+    sample.add_argument("prompt", nargs="*", help="prompts (quote each)")
+    sample.add_argument("--prompts-file", help="a text file with one prompt per line")
+    sample.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
+    sample.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
+    sample.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
+    sample.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    sample.add_argument("--steps", type=int, default=20)
+    sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--out", default="fastdiff-samples", help="output folder for PNGs and grid.png")
+    common(sample)
+    sample.set_defaults(func=_sample)
+
+    train = sub.add_parser("train", help="train a text-conditioned UNet (resumes from --output-dir)")
+    train.add_argument("--data", default="shapes", help="'shapes', an image folder, a .jsonl file or coco:<json>:<dir>")
+    d = TrainConfig()
+    train.add_argument("--output-dir", help=f"checkpoints go here (default: {d.output_dir})")
+    train.add_argument("--model", choices=sorted(PRESETS), help=f"UNet preset (default: {d.model})")
+    train.add_argument("--text-encoder", help=f"'minilm' or a local CLIP/BERT folder (default: {d.text_encoder})")
+    for flag, typ in (
+        ("resolution", int), ("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
+        ("warmup-steps", int), ("ema-decay", float), ("cond-dropout", float), ("seed", int),
+        ("checkpoint-every", int), ("sample-steps", int),
+    ):  # fmt: skip
+        train.add_argument(f"--{flag}", type=typ, help=f"(default: {getattr(d, flag.replace('-', '_'))})")
+    train.add_argument("--grad-clip", type=float, help=f"global gradient-norm clip, 0 disables (default: {d.grad_clip})")
+    train.add_argument("--min-snr-gamma", type=float, help=f"min-SNR-γ weighting, 0 disables (default: {d.min_snr_gamma})")
+    train.add_argument("--prediction", choices=("epsilon", "v", "sample"), help=f"(default: {d.prediction})")
+    train.add_argument("--sample-every", type=int, help="steps between sample grids in <output-dir>/samples (default: never)")
+    train.add_argument("--sample-prompt", action="append", default=[], help="a prompt of the sample grid (repeat)")
+    train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help="(default: bf16 on CUDA, fp32 on CPU)")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--no-resume", action="store_true", help="start afresh even if --output-dir has checkpoints")
+    train.add_argument("--export", help="also write the final EMA weights as a pipeline folder here")
+    common(train)
+    train.set_defaults(func=_train)
+
     audit = sub.add_parser("audit", help="compile every kernel for sm_80/sm_90 and report registers/spills")
     audit.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the audit (see --help)")
     audit.set_defaults(func=_audit)
@@ -30,7 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError, ImportError) as e:
+        # Bad paths and arguments surface from the library as these: one line, no traceback.
+        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

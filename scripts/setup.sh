@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv and installs fastdiff into it (editable), with the extras named
-# in $1 (default: test). Idempotent: a stamp skips work when nothing changed.
+# in $1 (default: test,text). Idempotent: a stamp skips work when nothing changed.
 #
 # torch: a GPU user keeps the CUDA torch they have, or gets PyPI's CUDA build;
 # a machine without a GPU gets the CPU build (TORCH_SPEC overrides, e.g.
 # TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-test}"
+extras="${1:-test,text}"
 venv=.venv
 stamp="$venv/.fastdiff-$extras"
 want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)"

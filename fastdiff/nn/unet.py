@@ -1,0 +1,355 @@
+r"""A text-conditioned UNet (ADM / Stable Diffusion layout) built on fastdiff's ops.
+
+Layout (Ronneberger et al. 2015; Dhariwal & Nichol 2021 "ADM"; Rombach et al. 2022 "LDM"):
+
+    conv_in → [ResBlock (+ Transformer)] × num_res_blocks per level, Downsample between levels
+            → mid: ResBlock, Transformer, ResBlock
+            → [ResBlock(concat skip) (+ Transformer)] × (num_res_blocks + 1) per level, Upsample between
+            → GroupNorm + SiLU → conv_out
+
+ResBlock (ADM §3, "adaptive group normalisation" when ``scale_shift=True``):
+
+    h = conv1(SiLU(GN(x)))
+    scale_shift=True : h = conv2(SiLU(GN(h)·(1 + s) + b)),  [s, b] = Linear(SiLU(emb))
+    scale_shift=False: h = conv2(SiLU(GN(h + b))),           b = Linear(SiLU(emb))   (Stable Diffusion)
+    out = skip(x) + h
+
+Transformer block (LDM §3.3; "BasicTransformerBlock" in diffusers):
+
+    x = x + SelfAttn(LN(x));  x = x + CrossAttn(LN(x), text tokens);  x = x + GEGLU-FF(LN(x))
+
+wrapped as GN → 1×1 proj_in → blocks → 1×1 proj_out (+ residual) on the feature map.
+
+The hot paths are fastdiff ops: every GroupNorm(+SiLU, +FiLM) is
+``GroupNormSiLU`` (``ops.group_norm_silu``) and every attention is ``Attention``
+(``ops.attention``).  Convolutions and linears are PyTorch's (cuDNN / cuBLAS).
+
+Precision: the network runs in whatever autocast gives it (bf16 on GPU); the
+timestep embedding is computed in fp32 and the output is returned in fp32, so the
+sampler's arithmetic around the network stays in fp32 (EDM2, Karras et al. 2024).
+Output layers of every residual branch start at zero (ADM), so a fresh model is
+the identity on its skip paths and trains stably from step one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastdiff.nn.attention import Attention, image_to_tokens, tokens_to_image
+from fastdiff.nn.embeddings import TimestepEmbedding
+from fastdiff.nn.norm import GroupNormSiLU
+
+
+@dataclass
+class UNetConfig:
+    """The shape of a `UNet`.  Presets: ``UNetConfig.preset("tiny" | "sd15")``."""
+
+    in_channels: int = 4  # channels of x_t (4 for SD latents, 3 for RGB pixels)
+    patch_size: int = 1  # space-to-depth factor p: the UNet runs on (p²·C, H/p, W/p) (cheap pixel models)
+    out_channels: int = 4  # channels of the prediction (ε, v or x_0: same as x_t)
+    model_channels: int = 320  # width of the first level; level i has model_channels·channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width multiplier per resolution level
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (up: one more, for the extra skip)
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) that get transformer blocks
+    transformer_depth: int = 1  # transformer blocks per attention site
+    dim_head: int = 40  # channels per attention head (heads = width / dim_head): 40/80/160 are SD's
+    ff_mult: int = 4  # inner width of the transformer feed-forward, as a multiple of the width
+    context_dim: int = 768  # width of the text tokens fed to cross-attention
+    pooled_dim: int | None = None  # width of a pooled text embedding added to the time embedding (None: unused)
+    num_groups: int = 32  # GroupNorm groups everywhere
+    scale_shift: bool = False  # ADM FiLM (True) or SD's additive time embedding (False) in ResBlocks
+    time_embed_dim: int | None = None  # width of the time embedding (None: 4·model_channels)
+    dropout: float = 0.0  # dropout inside ResBlocks
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(self.attention_levels)
+        for lvl in self.attention_levels:
+            if not 0 <= lvl < len(self.channel_mult):
+                raise ValueError(f"attention_levels must index channel_mult (0…{len(self.channel_mult) - 1}), got {lvl}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        last = len(self.channel_mult) - 1  # the middle block always has attention
+        for level, mult in enumerate(self.channel_mult):
+            width = self.model_channels * mult
+            if width % self.num_groups:
+                raise ValueError(f"every level width must be divisible by num_groups={self.num_groups}, got {width}")
+            if (level in self.attention_levels or level == last) and width % self.dim_head:
+                raise ValueError(f"attention widths must be divisible by dim_head={self.dim_head}, got {width}")
+
+    @staticmethod
+    def preset(name: str, **overrides) -> "UNetConfig":
+        """A named configuration, optionally with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return UNetConfig(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @staticmethod
+    def from_dict(d: dict) -> "UNetConfig":
+        known = {f.name for f in fields(UNetConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {sorted(unknown)}")
+        return UNetConfig(**d)
+
+
+PRESETS: dict[str, dict] = {
+    # 32×32 RGB pixels conditioned on all-MiniLM-L6-v2 (384-wide tokens + pooled
+    # sentence embedding): 2.7 M parameters, small enough to train on a CPU.
+    "tiny": dict(
+        in_channels=3,
+        out_channels=3,
+        patch_size=2,  # 32×32×3 pixels → 16×16×12
+        model_channels=32,
+        channel_mult=(1, 2),  # 16×16×32, 8×8×64
+        num_res_blocks=1,
+        attention_levels=(1,),  # self/cross-attention at 8×8 (and in the middle block)
+        dim_head=32,
+        ff_mult=2,
+        context_dim=384,
+        pooled_dim=384,
+        num_groups=8,
+        scale_shift=True,
+    ),
+    # Stable Diffusion 1.5's UNet shape (Rombach et al. 2022; 860 M parameters):
+    # 4-channel latents, CLIP ViT-L/14 text tokens (768), 8 heads at every level.
+    "sd15": dict(
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        dim_head=40,  # 320/8, 640/8 = 80, 1280/8 = 160
+        context_dim=768,
+        pooled_dim=None,
+        num_groups=32,
+        scale_shift=False,
+    ),
+}
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, scale_shift: bool, dropout: float):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = GroupNormSiLU(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
+        self.norm2 = GroupNormSiLU(groups, cout)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.norm1(x))
+        e = self.emb_proj(F.silu(emb))  # (B, 2C) or (B, C)
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h, scale=scale, shift=shift)
+        else:
+            h = self.norm2(h + e[:, :, None, None])
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward (Shazeer 2020): (x W₁ ⊙ GELU(x W₂)) W₃, inner width mult·dim."""
+
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        heads = dim // dim_head
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim_head)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))  # (B, L, C)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GN → 1×1 conv → transformer blocks on the (B, H·W, C) tokens → 1×1 conv (zero-init) → + x."""
+
+    def __init__(self, dim: int, context_dim: int, dim_head: int, depth: int, groups: int, ff_mult: int):
+        super().__init__()
+        # eps 1e-6 and no SiLU: Stable Diffusion's normalisation in front of attention.
+        self.norm = GroupNormSiLU(groups, dim, eps=1e-6, silu=False)
+        self.proj_in = nn.Conv2d(dim, dim, 1)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, context_dim, dim_head, ff_mult) for _ in range(depth))
+        self.proj_out = _zero(nn.Conv2d(dim, dim, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = image_to_tokens(self.proj_in(self.norm(x)))  # (B, H·W, C)
+        for block in self.blocks:
+            h = block(h, context)
+        return x + self.proj_out(tokens_to_image(h, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """One ResBlock and its optional transformer: the unit that skips and checkpoints."""
+
+    def __init__(self, res: ResBlock, attn: SpatialTransformer | None):
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, emb)
+        return self.attn(x, context) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    """ε/v/x_0-predicting UNet: ``forward(x, t, context, pooled=None) -> (B, out_channels, H, W)`` fp32.
+
+    x: (B, in_channels, H, W) with H and W divisible by 2^(levels − 1); t: (B,) int or
+    float timesteps; context: (B, L, context_dim) text tokens; pooled: (B, pooled_dim)
+    when the config has ``pooled_dim``.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        emb_dim = c.time_embed_dim or 4 * c.model_channels
+        self.time_embed = TimestepEmbedding(c.model_channels, emb_dim, c.pooled_dim)
+        p2 = c.patch_size**2
+        self.conv_in = nn.Conv2d(p2 * c.in_channels, c.model_channels, 3, padding=1)
+
+        def stage(cin: int, cout: int, level: int) -> Stage:
+            res = ResBlock(cin, cout, emb_dim, c.num_groups, c.scale_shift, c.dropout)
+            attn = None
+            if level in c.attention_levels:
+                attn = SpatialTransformer(cout, c.context_dim, c.dim_head, c.transformer_depth, c.num_groups, c.ff_mult)
+            return Stage(res, attn)
+
+        widths = [c.model_channels * m for m in c.channel_mult]
+        skip_widths = [c.model_channels]
+        self.down = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        ch = c.model_channels
+        for level, width in enumerate(widths):
+            stages = nn.ModuleList()
+            for _ in range(c.num_res_blocks):
+                stages.append(stage(ch, width, level))
+                ch = width
+                skip_widths.append(ch)
+            self.down.append(stages)
+            last = level == len(widths) - 1
+            self.downsamplers.append(nn.Identity() if last else Downsample(ch))
+            if not last:
+                skip_widths.append(ch)
+
+        self.mid_res1 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
+        self.mid_attn = SpatialTransformer(ch, c.context_dim, c.dim_head, c.transformer_depth, c.num_groups, c.ff_mult)
+        self.mid_res2 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
+
+        self.up = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            stages = nn.ModuleList()
+            for _ in range(c.num_res_blocks + 1):
+                stages.append(stage(ch + skip_widths.pop(), widths[level], level))
+                ch = widths[level]
+            self.up.append(stages)
+            self.upsamplers.append(Upsample(ch) if level > 0 else nn.Identity())
+
+        self.norm_out = GroupNormSiLU(c.num_groups, ch)
+        self.conv_out = _zero(nn.Conv2d(ch, p2 * c.out_channels, 3, padding=1))
+
+    @property
+    def downscale(self) -> int:
+        """H and W must be multiples of this."""
+        return self.config.patch_size * 2 ** (len(self.config.channel_mult) - 1)
+
+    def _run(self, module: nn.Module, *args) -> torch.Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must have shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
+            raise ValueError(f"x's height and width must be multiples of {self.downscale}, got {tuple(x.shape[2:])}")
+        B = x.shape[0]
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim:
+            raise ValueError(f"context must have shape ({B}, L, {c.context_dim}), got {tuple(context.shape)}")
+        if c.pooled_dim and (pooled is None or pooled.shape != (B, c.pooled_dim)):
+            got = None if pooled is None else tuple(pooled.shape)
+            raise ValueError(f"pooled must have shape ({B}, {c.pooled_dim}), got {got}")
+
+        emb = self.time_embed(t, pooled)
+        # Space-to-depth (Hoogeboom et al. 2023, §3.1): every p×p patch becomes p² channels,
+        # so a pixel model pays for H/p × W/p positions; undone after conv_out.
+        h = self.conv_in(F.pixel_unshuffle(x, c.patch_size) if c.patch_size > 1 else x)
+        skips = [h]
+        for stages, down in zip(self.down, self.downsamplers):
+            for s in stages:
+                h = self._run(s, h, emb, context)
+                skips.append(h)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                skips.append(h)
+        h = self._run(self.mid_res1, h, emb)
+        h = self._run(self.mid_attn, h, context)
+        h = self._run(self.mid_res2, h, emb)
+        for stages, up in zip(self.up, self.upsamplers):
+            for s in stages:
+                h = self._run(s, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = up(h)
+        out = self.conv_out(self.norm_out(h))
+        return (F.pixel_shuffle(out, c.patch_size) if c.patch_size > 1 else out).float()

