@@ -10,6 +10,9 @@ Timing: device events around the call, median of many runs after warm-up
 bandwidth measured once on this device (bytes read + written by a large
 device-to-device copy); compute-bound ops in TFLOP/s.
 
+Throughput: GB/s from ``bytes``, TFLOP/s from ``flops``, and items/s from ``items``
+(images for the end-to-end entries: items / seconds per call).
+
 Without a CUDA GPU the harness says so and times only the CPU reference path:
 those numbers describe PyTorch on this CPU, not the kernels.
 """
@@ -38,6 +41,7 @@ class Case:
     bytes: float = 0.0  # minimum bytes moved through device memory by one call
     flops: float = 0.0  # floating-point operations of one call
     note: str = ""
+    items: float = 0.0  # work items of one call (images for end-to-end entries), for items/s
 
 
 @dataclass
@@ -52,6 +56,10 @@ class Row:
     pct_roofline: float | None  # of measured copy bandwidth (memory-bound) or of peak given
     speedup: dict[str, float] = field(default_factory=dict)  # ours vs each baseline (>1: ours faster)
     note: str = ""
+    items_per_s: float | None = None  # items / second (images/s for end-to-end entries)
+    bytes: float = 0.0  # the case's size: bytes moved, FLOPs and items of one call (for plots)
+    flops: float = 0.0
+    items: float = 0.0
 
 
 def has_gpu() -> bool:
@@ -112,20 +120,36 @@ def run_cases(cases: Iterable[Case], bandwidth_gbps: float, peak_tflops: float |
             else:
                 pct = None
             speedup = {b: times[b] / ms for b in names if b != name} if name == names[0] else {}
-            rows.append(Row(case.op, case.shape, case.dtype, name, ms, gbps, tflops, pct, speedup, case.note))
+            per_s = case.items / (ms * 1e-3) if case.items else None
+            rows.append(Row(
+                case.op, case.shape, case.dtype, name, ms, gbps, tflops, pct, speedup, case.note, per_s,
+                case.bytes, case.flops, case.items,
+            ))  # fmt: skip
     return rows
 
 
+def _num(value: float | None, width: int, fmt: str) -> str:
+    return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}}"
+
+
 def format_table(rows: list[Row]) -> str:
-    head = f"{'op':22} {'shape':26} {'dtype':5} {'impl':18} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'%roof':>6}  speed-up"
+    head = (
+        f"{'op':22} {'shape':26} {'dtype':5} {'impl':18} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'items/s':>9} "
+        f"{'%roof':>6}  speed-up"
+    )
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
-        gb = f"{r.gbps:8.2f}" if r.gbps is not None else f"{'-':>8}"
-        tf = f"{r.tflops:8.2f}" if r.tflops is not None else f"{'-':>8}"
-        pct = f"{r.pct_roofline:6.1f}" if r.pct_roofline is not None else f"{'-':>6}"
         sp = " ".join(f"{v:.2f}x vs {k}" for k, v in r.speedup.items())
-        lines.append(f"{r.op:22} {r.shape:26} {r.dtype:5} {r.impl:18} {r.ms:9.4f} {gb} {tf} {pct}  {sp}")
+        lines.append(
+            f"{r.op:22} {r.shape:26} {r.dtype:5} {r.impl:18} {r.ms:9.4f} {_num(r.gbps, 8, '.2f')} "
+            f"{_num(r.tflops, 8, '.2f')} {_num(r.items_per_s, 9, '.2f')} {_num(r.pct_roofline, 6, '.1f')}  {sp}"
+        )
     return "\n".join(lines)
+
+
+def timed_path() -> str:
+    """What the numbers of this machine measure: the kernels, or only PyTorch's reference path."""
+    return "Triton kernels (CUDA)" if has_gpu() else "CPU reference path only (no CUDA GPU): not kernel performance"
 
 
 def environment() -> dict:
@@ -133,6 +157,7 @@ def environment() -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(),
         "gpu": has_gpu(),
+        "timed": timed_path(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
@@ -145,10 +170,14 @@ def environment() -> dict:
     return env
 
 
+def results_dir() -> str:
+    """Today's results folder for this device: results/<date>-<device>."""
+    return os.path.join(RESULTS_DIR, f"{_dt.date.today().isoformat()}-{device_slug()}")
+
+
 def save(name: str, rows: list[Row], extra: dict, out_dir: str | None = None) -> str:
     """Write rows + environment as JSON under results/<date>-<device>/<name>.json."""
-    day = _dt.date.today().isoformat()
-    out_dir = out_dir or os.path.join(RESULTS_DIR, f"{day}-{device_slug()}")
+    out_dir = out_dir or results_dir()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:

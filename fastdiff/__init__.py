@@ -21,4 +21,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
 
-__all__ = ["ops", "schedule", "use_backend", "__version__", *_LAZY]
+from fastdiff.patch import patch, unpatch  # noqa: E402  (last: binds `patch` to the function)
+
+__all__ = ["ops", "schedule", "use_backend", "patch", "unpatch", "__version__", *_LAZY]

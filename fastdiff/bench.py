@@ -1,0 +1,181 @@
+"""``fastdiff bench``: every kernel and end-to-end benchmark, one report.
+
+Runs every entry of ``benchmarks/`` (``benchmarks/run.py``: kernels, the sampling loop, the
+patched diffusers UNet), prints each table (op, shape, dtype, ms, GB/s or TFLOP/s or
+images/s, % of the measured roofline, speed-up of ours vs each baseline), and writes to
+``benchmarks/results/<date>-<device>/``:
+
+    <entry>.json    the rows and the environment (device, library versions), per entry
+    report.md       every table in Markdown, with the plots
+    plots/<op>.png  throughput against problem size, one line per (implementation, dtype, layout)
+
+Without a CUDA GPU only the PyTorch reference path is timed, and the report says so in its
+first lines.  The benchmarks live in the source tree (not in the installed package): run
+this from a checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections import defaultdict
+
+
+def _import_benchmarks():
+    """The ``benchmarks`` package of the source checkout this fastdiff comes from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "benchmarks", "run.py")) and root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from benchmarks import harness, run
+    except ImportError as e:
+        raise SystemExit(f"fastdiff bench: the benchmarks/ folder of a fastdiff checkout is needed ({e})") from e
+    return harness, run
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+# (size field, its unit in the plot, throughput field, axis labels), in order of preference
+_METRICS = (
+    ("items", 1.0, "items_per_s", "images per call", "images/s"),
+    ("flops", 1e9, "tflops", "GFLOP per call", "TFLOP/s"),
+    ("bytes", 1e6, "gbps", "MB moved per call", "GB/s"),
+)
+
+
+def _metric(rows):
+    """The first metric that every row of one op has, or None (then the op gets no plot)."""
+    for metric in _METRICS:
+        if all(getattr(r, metric[0]) and getattr(r, metric[2]) is not None for r in rows):
+            return metric
+    return None
+
+
+def _variant(shape: str) -> str:
+    """What a shape label says besides the size ("(8, 4, 64, 64) ddim+cfg" -> "ddim+cfg"): one line per variant."""
+    return re.sub(r"^\s*(\([^)]*\)|B=\d+)\s*", "", shape)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def plot_rows(rows, out_dir: str, prefix: str) -> list[str]:
+    """One PNG per op, ``<prefix>-<op>.png``: throughput vs size; returns the paths ([] without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    by_op = defaultdict(list)
+    for r in rows:
+        by_op[r.op].append(r)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for op, op_rows in by_op.items():
+        metric = _metric(op_rows)
+        if metric is None:
+            continue
+        x_field, x_unit, y_field, x_label, y_label = metric
+        lines = defaultdict(list)
+        for r in op_rows:
+            key = (r.impl, r.dtype, r.note, _variant(r.shape))
+            lines[key].append((getattr(r, x_field) / x_unit, getattr(r, y_field)))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (impl, dtype, note, variant), points in sorted(lines.items()):
+            points.sort()
+            label = " ".join(p for p in (impl, dtype, variant, note if len(note) < 24 else "") if p)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(op)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{_slug(prefix)}-{_slug(op)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cell(value, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "–"
+
+
+def markdown_table(rows) -> str:
+    lines = [
+        "| op | shape | dtype | impl | ms | GB/s | TFLOP/s | images/s | % roofline | speed-up | note |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        speedup = ", ".join(f"{v:.2f}× vs {k}" for k, v in r.speedup.items())
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.dtype} | {r.impl} | {r.ms:.4f} | {_cell(r.gbps, '.1f')} | "
+            f"{_cell(r.tflops, '.2f')} | {_cell(r.items_per_s, '.2f')} | {_cell(r.pct_roofline, '.1f')} | "
+            f"{speedup} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(results, env: dict, out_dir: str, plots: dict[str, list[str]]) -> str:
+    """report.md in ``out_dir``: the environment, then each entry's table and plots."""
+    lines = [
+        f"# fastdiff benchmarks — {env['date'][:10]}, {env['device']}",
+        "",
+        f"**Timed:** {env['timed']}.",
+        "",
+        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, diffusers {env['diffusers']}, "
+        f"xformers {env['xformers']}, Python {env['python']}.  Measured copy bandwidth "
+        f"{results.bandwidth_gbps:.1f} GB/s (the roofline of memory-bound ops).  Speed-up: the first "
+        "implementation of each case (ours) against each other one; > 1 means ours is faster.",
+        "",
+    ]
+    for name, rows in results.rows.items():
+        lines += [f"## {name}", "", markdown_table(rows), ""]
+        lines += [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in plots.get(name, [])]
+        lines.append("")
+    if results.failed:
+        lines += ["## Entries that failed", ""]
+        lines += [f"- `{name}`: {err}" for name, err in results.failed.items()]
+        lines.append("")
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fastdiff bench [--only NAME ...] [--quick] [--out DIR]``; exit status 1 if an entry failed."""
+    harness, run = _import_benchmarks()
+    parser = argparse.ArgumentParser(prog="fastdiff bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=run.entries(), metavar="NAME",
+                        help=f"run only this entry (repeatable): {', '.join(run.entries())}")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the smallest shapes of each entry only")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<date>-<device>)")
+    args = parser.parse_args(argv)
+
+    out_dir = args.out or harness.results_dir()
+    results = run.run(args.only, args.quick, out_dir)
+    plots = {name: plot_rows(rows, os.path.join(out_dir, "plots"), name) for name, rows in results.rows.items()}
+    report = write_report(results, harness.environment(), out_dir, plots)
+    print(f"report: {report}")
+    for name, err in results.failed.items():
+        print(f"FAILED {name}: {err}")
+    return 1 if results.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
