@@ -18,15 +18,6 @@ from fastdiff.ops.sampler_step import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU tensors: torch's thread pool only adds contention (each pytest worker has a core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_coeffs(batch: int | None = None) -> torch.Tensor:
     """Coefficients of a plausible size (fresh each run); (K,) or (B, K) fp32."""
     shape = (NUM_COEFFICIENTS,) if batch is None else (batch, NUM_COEFFICIENTS)

@@ -23,15 +23,6 @@ T = 1000
 SHAPE = (2, 3, 5, 4)  # (B, C, H, W): small and odd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU tensors: torch's thread pool only adds contention (each pytest worker has a core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def reference():
     with use_backend("reference"):
