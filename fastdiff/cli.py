@@ -53,18 +53,41 @@ def _sample(args) -> int:
     return 0
 
 
+# Training tasks: the trainer class of each (``fastdiff train --task``).
+TASKS = {"text2image": "fastdiff.training:Trainer"}
+
+# Application sub-commands: modules with HELP, add_arguments(parser) and run(args) -> int.
+APPS = {}
+
+
+def _load(ref: str):
+    import importlib
+
+    module, _, name = ref.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, name) if name else mod
+
+
+def _app_command(run):
+    def command(args) -> int:
+        _threads(args.threads)
+        return run(args)
+
+    return command
+
+
 def _train(args) -> int:
     from fastdiff import training
-    from fastdiff.data import open_dataset
 
     _threads(args.threads)
+    trainer_cls = _load(TASKS[args.task])
     # Unset options keep TrainConfig's defaults (the shipped model's recipe).
     names = (
         "output_dir", "model", "text_encoder", "resolution", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
         "ema_decay", "grad_clip", "prediction", "min_snr_gamma", "cond_dropout", "seed", "checkpoint_every",
         "sample_every", "sample_steps", "mixed_precision",
     )  # fmt: skip
-    fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    fields = {**trainer_cls.DEFAULTS, **{n: getattr(args, n) for n in names if getattr(args, n) is not None}}
     for n in ("grad_clip", "min_snr_gamma"):  # 0 on the command line disables
         if fields.get(n) == 0:
             fields[n] = None
@@ -74,11 +97,11 @@ def _train(args) -> int:
         fields["gradient_checkpointing"] = True
     try:
         config = training.TrainConfig(**fields)
-        dataset = open_dataset(args.data, config.resolution, config.seed)
+        dataset = trainer_cls.open_dataset(args.data, config)
     except ValueError as e:
         raise UsageError(str(e)) from e
     try:
-        final = training.Trainer(config, dataset, device=args.device, resume=not args.no_resume).train()
+        final = trainer_cls(config, dataset, device=args.device, resume=not args.no_resume).train()
     except training.TrainingDiverged as e:
         print(f"fastdiff train: {e}", file=sys.stderr)
         return 1
@@ -131,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_sample)
 
     train = sub.add_parser("train", help="train a text-conditioned UNet (resumes from --output-dir)")
-    train.add_argument("--data", default="shapes", help="'shapes', an image folder, a .jsonl file or coco:<json>:<dir>")
+    train.add_argument("--task", choices=sorted(TASKS), default="text2image", help="what to train (default: %(default)s)")
+    train.add_argument("--data", help="'shapes' (default), an image folder, a .jsonl file or coco:<json>:<dir>")
     d = TrainConfig()
     train.add_argument("--output-dir", help=f"checkpoints go here (default: {d.output_dir})")
     train.add_argument("--model", choices=sorted(PRESETS), help=f"UNet preset (default: {d.model})")
@@ -153,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--export", help="also write the final EMA weights as a pipeline folder here")
     common(train)
     train.set_defaults(func=_train)
+
+    for name, module in APPS.items():
+        app = _load(module)
+        p = sub.add_parser(name, help=app.HELP)
+        app.add_arguments(p)
+        common(p)
+        p.set_defaults(func=_app_command(app.run))
 
     audit = sub.add_parser("audit", help="compile every kernel for sm_80/sm_90 and report registers/spills")
     audit.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the audit (see --help)")

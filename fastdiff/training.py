@@ -213,10 +213,10 @@ class Trainer:
         self.prompts = PromptCache(self.text_encoder)
         self.unet_config = cfg.unet_config(self.text_encoder.dim, self.text_encoder.pooled_dim)
         torch.manual_seed(cfg.seed)  # the initial weights
-        self.model = UNet(self.unet_config).to(self.device)
+        self.model = self.build_model().to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = UNet(self.unet_config).to(self.device).requires_grad_(False)
+        self.ema = self.build_model().to(self.device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.eval()
         self.optimizer = torch.optim.AdamW(
@@ -232,6 +232,31 @@ class Trainer:
         self._perm_epoch, self._perm = -1, None
         if resume and latest_checkpoint(self.out) is not None:
             self.load(latest_checkpoint(self.out))
+
+    # -- what a subclass (an application's trainer) may change --
+
+    DEFAULTS: dict = {}  # TrainConfig fields this task changes (the command line still overrides them)
+
+    @classmethod
+    def open_dataset(cls, spec: str | None, config: TrainConfig) -> Dataset:
+        """The dataset named by ``fastdiff train --data`` (None: the task's default)."""
+        from fastdiff.data import open_dataset
+
+        return open_dataset(spec or "shapes", config.resolution, config.seed)
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh network (called twice: the trained weights and their EMA)."""
+        return UNet(self.unet_config)
+
+    def model_kwargs(self, batch: dict, drop: list[bool]) -> dict:
+        """The conditioning arguments of ``model(x_t, t, **kwargs)``; ``drop[b]``: train b unconditionally."""
+        texts = ["" if d else txt for d, txt in zip(drop, batch["text"])]
+        context, pooled = self.prompts.encode(texts, self.device)
+        return {"context": context, "pooled": pooled}
+
+    def pipeline_spec(self) -> dict:
+        """``pipeline.json``: what a sampler needs to rebuild the model."""
+        return pipeline_spec(self.config, self.unet_config)
 
     # -- randomness and data order: pure functions of (seed, micro-batch index) --
 
@@ -263,19 +288,18 @@ class Trainer:
         cfg = self.config
         g = self._generator(micro)
         x0 = batch["image"].to(self.device)
-        if cfg.channels_last:
+        if cfg.channels_last and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         B = x0.shape[0]
         t = torch.randint(0, cfg.num_timesteps, (B,), generator=g).to(self.device)
         drop = (torch.rand(B, generator=g) < cfg.cond_dropout).tolist()
-        texts = ["" if d else txt for d, txt in zip(drop, batch["text"])]
-        context, pooled = self.prompts.encode(texts, self.device)
+        kwargs = self.model_kwargs(batch, drop)
         x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, generator=g)
         weight = None
         if cfg.min_snr_gamma is not None:
             weight = ops.min_snr_weight(t, self.alphas_cumprod, cfg.min_snr_gamma, cfg.prediction)
         with self._autocast():
-            pred = self.model(x_t, t, context, pooled)
+            pred = self.model(x_t, t, **kwargs)
         return ops.diffusion_loss(pred, target, weight)
 
     def _lr(self, step: int) -> float:
@@ -372,7 +396,7 @@ class Trainer:
         _save_tensors(tmp / "model.safetensors", self.model.state_dict())
         _save_tensors(tmp / "ema.safetensors", self.ema.state_dict())
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        _write_json(tmp / PIPELINE_FILE, pipeline_spec(cfg, self.unet_config))
+        _write_json(tmp / PIPELINE_FILE, self.pipeline_spec())
         state = {
             "step": self.step,
             "loss": self.last_loss,
@@ -410,7 +434,7 @@ class Trainer:
         """Sample ``config.sample_prompts`` with the EMA weights; saves ``samples/step_XXXXXXX.png``."""
         from fastdiff.pipelines import Text2Image, make_grid
 
-        pipe = Text2Image(self.ema, self.text_encoder, pipeline_spec(self.config, self.unet_config), self.prompts)
+        pipe = Text2Image(self.ema, self.text_encoder, self.pipeline_spec(), self.prompts)
         images = pipe(list(self.config.sample_prompts), steps=self.config.sample_steps, seeds=0, progress=False)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
