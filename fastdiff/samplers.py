@@ -320,6 +320,9 @@ def dpmpp_2m_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: st
     return _finish("dpmpp_2m", ts, rows, [False] * N, reads, keeps, [True] * N)
 
 
+HEUN_MAX_NOISE = 80.0  # Heun corrects only steps starting at s <= this (EDM's σ_max)
+
+
 def heun_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: str = "epsilon") -> Plan:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1 without churn): 2N − 1 evaluations.
 
@@ -327,8 +330,12 @@ def heun_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: str = 
     Corrector at s' with D' = x̂0(x_mid): x̃' = x̃ + (s' − s)·(d + d')/2, d = (x̃ − D)/s, d' = (x̃_mid − D')/s'.
     Since d = (x̃_mid − D)/s', this is x̃' = x̃_mid + (s' − s)/(2s')·(D − D'), linear in
     (x_mid, D', D): the corrector is one fused step on x_mid reading the predictor's x̂0.
-    The last step, to s' = 0, is Euler alone.  Inpainting blends after each corrector only
-    (blending x_mid would break the corrector's algebra).
+    The last step, to s' = 0, is Euler alone, and so is a step that starts above
+    ``HEUN_MAX_NOISE`` (s = 80, EDM's σ_max): there the corrector's weight (s − s')/2s'
+    multiplies the difference of two x̂0 estimates by up to hundreds (a cosine schedule's
+    t = T − 1 is s ≈ 10⁴), and the trapezoid rule in s, which assumes d varies slowly over
+    [s', s], does not hold.  Inpainting blends after each corrector only (blending x_mid
+    would break the corrector's algebra).
     """
     _check_prediction(prediction)
     ts, s = _sigma_sequence(schedule, timesteps)
@@ -343,11 +350,12 @@ def heun_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: str = 
                 **_prediction(prediction, al, sg), x=sg_n / sg, x0=al_n - sg_n * al / sg, **_known(al_n, sg_n, last)
             )
         )
+        euler_only = last or s[i] > HEUN_MAX_NOISE
         reads.append(False)
-        keeps.append(not last)
-        blends.append(last)
-        if last:
-            break
+        keeps.append(not euler_only)
+        blends.append(euler_only)
+        if euler_only:
+            continue
         k = al_n * (s[i + 1] - s[i]) / (2 * s[i + 1])
         model_t.append(ts[i + 1])
         rows.append(
