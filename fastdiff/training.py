@@ -16,6 +16,17 @@ draw of micro-batch m (timesteps, noise keys, dropout) comes from a generator se
 with (seed, m).  A checkpoint therefore only needs weights, EMA, optimiser state
 and the step counter: a resumed run is bit-identical to an uninterrupted one on CPU.
 
+Distributed (torchrun; `fastdiff.distributed`): the model is wrapped in
+DistributedDataParallel and the global batch of micro-batch m — ``batch_size``
+examples — is split into contiguous slices, one per rank.  Its random draws (timesteps,
+dropout, noise keys) are made for the whole global batch from the same (seed, m)
+generator and each rank keeps its slice, so a step sees the same data, timesteps and
+noise on any world size.  Each rank's loss is scaled by W·n_r/N (n_r of the N readable
+examples of the micro-batch are its own), so DDP's gradient average is the gradient of
+the global mean loss.  EMA, sample grids and checkpoint writing happen on rank 0 only,
+followed by a barrier; every rank resumes from the same checkpoint, whatever the world
+size that wrote it.
+
 Checkpoints: ``<output_dir>/step_XXXXXXX/`` with ``model.safetensors``,
 ``ema.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, configs),
 plus ``pipeline.json`` so that `fastdiff.pipelines.Text2Image.from_pretrained` loads
@@ -25,6 +36,7 @@ mid-write leaves the previous checkpoint intact and ``latest`` pointing at it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,7 +48,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from fastdiff import ops
+from fastdiff import distributed, ops
 from fastdiff.data import Skipped, collate, report
 from fastdiff.nn.unet import UNet, UNetConfig
 from fastdiff.schedule import make_schedule
@@ -208,7 +220,10 @@ class Trainer:
         self.dataset = dataset
         if len(dataset) == 0:
             raise ValueError("dataset is empty" + (f" ({report(dataset.skipped)})" if getattr(dataset, "skipped", None) else ""))
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = distributed.device(device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if cfg.batch_size < self.world_size:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be >= the number of processes {self.world_size}")
         self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(cfg.text_encoder, self.device)
         self.prompts = PromptCache(self.text_encoder)
         self.unet_config = cfg.unet_config(self.text_encoder.dim, self.text_encoder.pooled_dim)
@@ -219,6 +234,9 @@ class Trainer:
         self.ema = self.build_model().to(self.device).requires_grad_(False)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.eval()
+        # The module that trains: DDP around the model when there are several processes.
+        self.net = self._wrap_ddp(self.model) if self.world_size > 1 else self.model
+        self._fallback: dict | None = None  # a recent batch of this rank, for a step where its slice is empty
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
         )
@@ -236,6 +254,7 @@ class Trainer:
     # -- what a subclass (an application's trainer) may change --
 
     DEFAULTS: dict = {}  # TrainConfig fields this task changes (the command line still overrides them)
+    DDP_FIND_UNUSED_PARAMETERS: bool = False  # True if some parameters get no gradient in a step
 
     @classmethod
     def open_dataset(cls, spec: str | None, config: TrainConfig) -> Dataset:
@@ -284,22 +303,32 @@ class Trainer:
 
     # -- one step --
 
-    def _micro_loss(self, batch: dict, micro: int) -> torch.Tensor:
+    def _micro_loss(self, batch: dict, micro: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The loss of ``batch``.  rows = (offset, N): the batch is rows offset… of a global
+        micro-batch of N examples (distributed); its random draws are that slice of the
+        draws for all N."""
         cfg = self.config
         g = self._generator(micro)
         x0 = batch["image"].to(self.device)
         if cfg.channels_last and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         B = x0.shape[0]
-        t = torch.randint(0, cfg.num_timesteps, (B,), generator=g).to(self.device)
-        drop = (torch.rand(B, generator=g) < cfg.cond_dropout).tolist()
+        offset, N = rows if rows is not None else (0, B)
+        mine = slice(offset, offset + B)
+        t = torch.randint(0, cfg.num_timesteps, (N,), generator=g)[mine].to(self.device)
+        drop = (torch.rand(N, generator=g) < cfg.cond_dropout)[mine].tolist()
         kwargs = self.model_kwargs(batch, drop)
-        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, generator=g)
+        if rows is None:  # the kernel draws the noise from g itself
+            x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, generator=g)
+        else:  # the same per-example Philox keys the kernel would draw for all N; keep ours
+            keys = ops.noising.draw_keys(N, "cpu", g)[mine].to(self.device)
+            noise = ops.noising.draw_noise_ref(keys, x0)
+            x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, noise, prediction=cfg.prediction)
         weight = None
         if cfg.min_snr_gamma is not None:
             weight = ops.min_snr_weight(t, self.alphas_cumprod, cfg.min_snr_gamma, cfg.prediction)
         with self._autocast():
-            pred = self.model(x_t, t, **kwargs)
+            pred = self.net(x_t, t, **kwargs)
         return ops.diffusion_loss(pred, target, weight)
 
     def _lr(self, step: int) -> float:
@@ -319,6 +348,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.world_size > 1:
+            return self._distributed_step()
         total, micro_done = 0.0, 0
         for a in range(cfg.grad_accum):
             micro = self.step * cfg.grad_accum + a
@@ -334,15 +365,81 @@ class Trainer:
             micro_done += 1
         if micro_done == 0:
             raise RuntimeError(f"every example of step {self.step} was unreadable:\n{report(self.skipped)}")
-        if cfg.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.last_loss = total / micro_done
+        return self._apply_update()
+
+    def _apply_update(self) -> float:
+        """Clip, step the optimiser, update the EMA (rank 0 only); returns the step's loss."""
+        if self.config.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             if not torch.isfinite(norm):
                 raise TrainingDiverged(self._diverged_message(float("nan"), "gradient norm"))
         self.optimizer.step()
         self.step += 1
-        self._update_ema()
-        self.last_loss = total / micro_done
+        if self.rank == 0:
+            self._update_ema()
         return self.last_loss
+
+    # -- distributed: DDP over contiguous slices of each global micro-batch --
+
+    def _wrap_ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.DDP_FIND_UNUSED_PARAMETERS)
+
+    def _rank_batch(self, micro: int) -> dict:
+        """This rank's contiguous slice of the global micro-batch (split as evenly as possible)."""
+        indices, W = self._indices(micro), self.world_size
+        lo, hi = self.rank * len(indices) // W, (self.rank + 1) * len(indices) // W
+        return collate([self.dataset[i] for i in indices[lo:hi]])
+
+    def _distributed_step(self) -> float:
+        cfg = self.config
+        micros = [self.step * cfg.grad_accum + a for a in range(cfg.grad_accum)]
+        batches = [self._rank_batch(m) for m in micros]
+        # One collective per step: every rank's readable count and skipped examples of every micro-batch.
+        gathered = distributed.all_gather_object([(len(b["text"]), b["skipped"]) for b in batches])
+        counts = [[per_rank[a][0] for per_rank in gathered] for a in range(cfg.grad_accum)]
+        for a in range(cfg.grad_accum):
+            for per_rank in gathered:
+                self.skipped.extend(per_rank[a][1])
+        live = [a for a in range(cfg.grad_accum) if sum(counts[a]) > 0]
+        if not live:
+            raise RuntimeError(f"every example of step {self.step} was unreadable:\n{report(self.skipped)}")
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for a in live:
+            n, N = counts[a][self.rank], sum(counts[a])
+            offset = sum(counts[a][: self.rank])
+            if n > 0:
+                self._fallback = batches[a]
+                loss = self._micro_loss(batches[a], micros[a], (offset, N))
+                scale = n / N
+                total += loss.detach().double() * scale
+            else:  # DDP needs every rank in the backward: a zero-weighted pass over a batch we have
+                loss = self._micro_loss(self._fallback_batch(), micros[a], None)
+                scale = 0.0
+            # DDP averages gradients over W ranks: W·n/N makes that the mean over the N examples
+            # (and 1/grad_accum as in the single-process step).  Only the last backward all-reduces.
+            sync = contextlib.nullcontext() if a == live[-1] else self.net.no_sync()
+            with sync:
+                (loss * (scale * self.world_size / cfg.grad_accum)).backward()
+        loss = distributed.all_reduce_sum(total).item() / len(live)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged_message(loss))
+        self.last_loss = loss
+        return self._apply_update()
+
+    def _fallback_batch(self) -> dict:
+        if self._fallback is None:
+            for i in range(len(self.dataset)):
+                batch = collate([self.dataset[i]])
+                if batch["text"]:
+                    self._fallback = batch
+                    break
+            else:
+                raise RuntimeError(f"no readable example in the dataset:\n{report(self.skipped)}")
+        return self._fallback
 
     def _diverged_message(self, value: float, what: str = "loss") -> str:
         last = latest_checkpoint(self.out)
@@ -359,7 +456,7 @@ class Trainer:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
@@ -370,21 +467,30 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", skipped=len(self.skipped), refresh=False)
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and cfg.sample_prompts:
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and cfg.sample_prompts and self.rank == 0:
                     self.sample_grid()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     last_ckpt = self.save()
         finally:
             if bar is not None:
                 bar.close()
-        if self.skipped:
+        if self.skipped and self.rank == 0:
             print(report(self.skipped))
         return last_ckpt if last_ckpt is not None else self.save()
 
     # -- checkpoints --
 
     def save(self) -> Path:
-        """Write ``step_XXXXXXX/`` atomically, point ``latest`` at it, prune old ones."""
+        """Write ``step_XXXXXXX/`` atomically, point ``latest`` at it, prune old ones.
+
+        Distributed: rank 0 writes, then every rank waits for it (a barrier)."""
+        if self.world_size > 1:
+            final = self._write_checkpoint() if self.rank == 0 else self.out / f"step_{self.step:07d}"
+            distributed.barrier()
+            return final
+        return self._write_checkpoint()
+
+    def _write_checkpoint(self) -> Path:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:07d}"

@@ -1,0 +1,701 @@
+r"""Bulk offline generation: ``fastdiff generate``, resumable and sharded over torch.distributed.
+
+A run is a list of `Job`\ s — output name, prompt, seed — and `run_jobs` turns it into
+image files plus a JSONL manifest, on one process or on every rank of a torchrun job.
+
+Determinism.  Image j is a function of (prompt_j, seed_j) *and of the batch it was
+sampled in*: a batched UNet call blocks its matmuls by batch size, so the same image
+in another batch differs in the last bits.  The batch composition is therefore fixed
+by the job list alone::
+
+    batch k   = jobs[k·B : (k+1)·B]          (B = batch_size)
+    rank r of W processes the batches k with k ≡ r (mod W)
+
+so a run that is killed and resumed, or sharded over any number of ranks, writes
+the same bytes as one uninterrupted process (on the same device type and threads).
+
+Files under ``out_dir``::
+
+    <job.name>.<png|webp>          written atomically: a temporary file in the same
+                                   folder, fsync, os.replace — a file that exists is whole
+    manifest.rank-<r>.jsonl        one line per image written by rank r (each rank appends
+                                   only to its own file: no cross-process append races)
+    manifest.jsonl                 the merged manifest, in job order, written by rank 0
+                                   once every job is checked to have exactly one line
+
+A manifest line (file, prompt, seed, sampler, steps, guidance, negative_prompt,
+checkpoint_sha256, batch, batch_size, Job.extra) is appended (flush + fsync) only after
+its image is in place.  Resume: a batch whose files all exist is skipped; an incomplete
+batch is sampled again whole (same composition → same bytes) and only its missing files
+are written.  A truncated last manifest line (a kill mid-append) is cut off, and an
+image without a line gets its line again.  A rerun with other settings (sampler, steps,
+guidance, checkpoint, batch size, format) into the same folder is refused.
+
+Throughput: a writer thread behind a bounded queue encodes and writes the images of
+batch k while batch k + 1 samples (``overlap=False`` writes inline); on CUDA the UNet
+call can be captured in a CUDA graph per batch shape (`CUDAGraphUNet`), removing the
+per-kernel launch cost of a small model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastdiff import distributed
+
+HELP = "generate images in bulk from a prompt file: resumable, sharded under torchrun"
+FORMATS = ("png", "webp")
+MANIFEST = "manifest.jsonl"
+# Keys of a manifest line that Job.extra (and a JSONL prompt's other fields) may not replace.
+RESERVED = (
+    "file", "prompt", "seed", "sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "batch",
+    "batch_size",
+)  # fmt: skip
+# Settings every image of one output folder must share (checked on resume).
+SETTINGS = ("sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "batch_size")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    name: str  # output file name relative to out dir, without extension, e.g. "circle/000012"
+    prompt: str  # the text condition
+    seed: int  # the image's own seed: its initial noise and every sampler noise draw
+    extra: dict = field(default_factory=dict)  # extra manifest fields, e.g. {"label": "circle"}
+
+
+# ----------------------------------------------------------------------------- prompts and jobs
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    """Prompts from a ``.txt`` file (one per line) or a ``.jsonl`` file (one object per line).
+
+    A JSONL object needs a non-empty string ``"prompt"``; its other fields are copied into
+    the manifest lines of that prompt's images.  Returns ``[{"prompt": ..., ...}, ...]``.
+    An empty or malformed line is an error naming the file and line number.
+    """
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"--prompts must be a .txt or .jsonl file, got {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--prompts: no such file {str(path)!r}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompts: cannot read {str(path)!r}: {e}") from None
+    parse = _jsonl_prompt if path.suffix == ".jsonl" else _text_prompt
+    prompts = [parse(line, f"{path}, line {n}") for n, line in enumerate(text.splitlines(), 1)]
+    if not prompts:
+        raise ValueError(f"--prompts: {str(path)!r} holds no prompts")
+    return prompts
+
+
+def _text_prompt(line: str, where: str) -> dict:
+    if not line.strip():
+        raise ValueError(f"{where}: empty prompt")
+    return {"prompt": line.strip()}
+
+
+def _jsonl_prompt(line: str, where: str) -> dict:
+    if not line.strip():
+        raise ValueError(f"{where}: empty line (one JSON object per line)")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object with a \"prompt\", got {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: \"prompt\" must be a non-empty string, got {prompt!r}")
+    clash = sorted(k for k in obj if k != "prompt" and k in RESERVED)
+    if clash:
+        raise ValueError(f"{where}: fields {clash} are reserved for the manifest")
+    return {**obj, "prompt": prompt.strip()}
+
+
+def jobs_from_prompts(prompts: list, per_prompt: int, seed: int = 0) -> list[Job]:
+    """``per_prompt`` jobs per prompt, prompt-major; job i has seed ``seed + i``.
+
+    ``prompts``: strings or `read_prompts` dicts.  Names are ``"<i // 1000>/<i>"``
+    zero-padded (``00000/00000012``): at most 1000 files per folder.
+    """
+    if not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ValueError(f"--per-prompt must be an int >= 1, got {per_prompt!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be an int >= 0, got {seed!r}")
+    if not prompts:
+        raise ValueError("prompts must not be empty")
+    jobs = []
+    for p in prompts:
+        entry = {"prompt": p} if isinstance(p, str) else dict(p)
+        text = entry.pop("prompt")
+        for _ in range(per_prompt):
+            i = len(jobs)
+            jobs.append(Job(f"{i // 1000:05d}/{i:08d}", text, seed + i, entry))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def load_pipeline(checkpoint: str | os.PathLike, device: str | torch.device | None = None):
+    """`Text2Image.from_pretrained` with a clear error for weights that do not fit ``pipeline.json``.
+
+    The returned pipeline carries ``checkpoint_sha256``, the SHA-256 of its weights file,
+    which goes into every manifest line.
+    """
+    from fastdiff.pipelines import Text2Image
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint: no such folder {str(path)!r}")
+    try:
+        pipe = Text2Image.from_pretrained(path, device)
+    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, size mismatches
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ValueError(
+            f"--checkpoint {str(path)!r}: the weights do not match pipeline.json's model ({detail})"
+        ) from None
+    weights = path / "model.safetensors"
+    pipe.checkpoint_sha256 = file_sha256(weights if weights.is_file() else path / "ema.safetensors")
+    return pipe
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_digest(pipe) -> str:
+    """The pipeline's ``checkpoint_sha256`` (set by `load_pipeline`); else a SHA-256 of its UNet's weights."""
+    known = getattr(pipe, "checkpoint_sha256", None)
+    if known:
+        return known
+    h = hashlib.sha256()
+    for name, tensor in sorted(pipe.unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return "weights:" + h.hexdigest()
+
+
+class CUDAGraphUNet(torch.nn.Module):
+    """The UNet replayed from a CUDA graph, one graph (and static buffers) per input shape.
+
+    A small UNet launches hundreds of short kernels per call; a graph replays them
+    with one launch.  The first call per shape warms up on a side stream (Triton
+    compiles and autotunes there, outside the capture) and captures; later calls
+    copy the inputs into the static buffers and replay.  Autocast's weight cache is
+    disabled inside: cached casts made during capture would be freed after it.  If
+    capture fails the module warns once and runs the UNet eagerly.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.graphs: dict = {}
+        self.eager = False
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(self, *args):
+        if self.eager:
+            return self.unet(*args)
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(args)
+            except Exception as e:  # a kernel or op the graph cannot take: stay correct, lose speed
+                warnings.warn(f"CUDA graph capture failed, running the UNet eagerly: {e}", stacklevel=2)
+                self.eager = True
+                return self.unet(*args)
+        graph, static, out = self.graphs[key]
+        for buf, a in zip(static, args):
+            buf.copy_(a)
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
+
+    def _capture(self, args):
+        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        static = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            for _ in range(2):
+                self.unet(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            out = self.unet(*static)
+        return graph, static, out
+
+
+def _with_cuda_graphs(pipe):
+    """A shallow copy of ``pipe`` whose UNet replays CUDA graphs (the caller's pipeline keeps its UNet).
+
+    The graphs are kept on ``pipe`` so that later runs with the same pipeline reuse them.
+    """
+    graphed_unet = getattr(pipe, "cuda_graph_unet", None)
+    if graphed_unet is None or graphed_unet.unet is not pipe.unet:
+        graphed_unet = pipe.cuda_graph_unet = CUDAGraphUNet(pipe.unet)
+    graphed = copy.copy(pipe)
+    graphed.unet = graphed_unet
+    return graphed
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _manifest_files(out: Path) -> list[Path]:
+    return sorted(out.glob("manifest.rank-*.jsonl"))
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """The complete lines of one manifest file; a last line without its newline (a kill mid-append) is left out."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = []
+    for raw in data.split(b"\n")[:-1]:  # the piece after the last newline is unfinished
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("file"), str):
+            lines.append(obj)
+    return lines
+
+
+def _all_lines(out: Path) -> list[dict]:
+    return [line for path in _manifest_files(out) for line in _read_lines(path)]
+
+
+def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
+    """The merged manifest of an output folder: every rank's lines, one per file, sorted by file name.
+
+    Reads the per-rank files, so it also works on a run that is still going or was killed.
+    """
+    out = Path(out_dir)
+    merged = {}
+    for line in _all_lines(out):
+        merged.setdefault(line["file"], line)
+    return [merged[f] for f in sorted(merged)]
+
+
+def _repair(path: Path) -> None:
+    """Cut a truncated last line off the manifest file that this rank owns."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class _Manifest:
+    """This rank's manifest file, opened for appending; each append is flushed and fsynced."""
+
+    def __init__(self, path: Path):
+        _repair(path)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def append(self, lines: list[dict]) -> None:
+        if lines:
+            self.file.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def verify_manifest(out_dir: str | os.PathLike, jobs: list[Job], image_format: str = "png") -> None:
+    """Check that every job has its image and exactly one manifest line; raises RuntimeError listing the faults."""
+    out = Path(out_dir)
+    counts = dict.fromkeys((f"{j.name}.{image_format}" for j in jobs), 0)
+    for line in _all_lines(out):
+        if line["file"] in counts:
+            counts[line["file"]] += 1
+    faults = [f"{f}: {n} manifest lines" for f, n in counts.items() if n != 1]
+    faults += [f"{f}: no image" for f in counts if not (out / f).is_file()]
+    if faults:
+        more = f" (and {len(faults) - 5} more)" if len(faults) > 5 else ""
+        raise RuntimeError(f"manifest check failed in {str(out)!r}: " + "; ".join(faults[:5]) + more)
+
+
+def _write_merged(out: Path, jobs: list[Job], image_format: str) -> Path:
+    by_file = {line["file"]: line for line in _all_lines(out)}
+    tmp = out / f".{MANIFEST}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for j in jobs:
+            f.write(json.dumps(by_file[f"{j.name}.{image_format}"], ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+    return out / MANIFEST
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_image_atomic(path: Path, pixels: torch.Tensor, image_format: str) -> None:
+    """(H, W, C) uint8 → ``path`` via a temporary file in the same folder, fsync and os.replace."""
+    from PIL import Image
+
+    arr = pixels.numpy()
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer per file (batches never share a job)
+    with open(tmp, "wb") as f:
+        if image_format == "png":
+            img.save(f, format="PNG")
+        else:
+            img.save(f, format="WEBP", quality=90)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Writer:
+    """Encodes and writes a batch's images, then appends their manifest lines.
+
+    overlap=True: a thread behind a queue of ``depth`` batches does it while the next
+    batch samples (PIL's encoders release the GIL); an error there is raised in the
+    caller at its next ``put`` or at ``close``.  overlap=False: inline.
+    """
+
+    def __init__(self, manifest: _Manifest, image_format: str, overlap: bool, bar=None, depth: int = 2):
+        self.manifest, self.image_format, self.bar = manifest, image_format, bar
+        self.written = 0
+        self.error: BaseException | None = None
+        self.queue: queue.Queue | None = queue.Queue(maxsize=depth) if overlap else None
+        self.thread = threading.Thread(target=self._loop, name="fastdiff-writer", daemon=True) if overlap else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def put(self, item: tuple) -> None:
+        if self.queue is None:
+            self._write(*item)
+            return
+        while True:
+            if self.error is not None:
+                raise RuntimeError(f"writing images failed: {self.error}") from self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+        self.manifest.close()
+        if self.error is not None:
+            raise RuntimeError(f"writing images failed: {self.error}") from self.error
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:  # after an error, drain without writing
+                try:
+                    self._write(*item)
+                except BaseException as e:
+                    self.error = e
+
+    def _write(self, pixels: torch.Tensor, files: list[tuple[Path, dict]]) -> None:
+        folders = {path.parent for path, _ in files if path is not None}
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        for b, (path, _) in enumerate(files):
+            if path is not None:
+                write_image_atomic(path, pixels[b], self.image_format)
+        for folder in folders:
+            _fsync_dir(folder)  # the renames are durable before their manifest lines
+        lines = [line for path, line in files if path is not None]
+        self.manifest.append(lines)
+        self.written += len(lines)
+        if self.bar is not None:
+            self.bar.update(len(lines))
+
+
+# ----------------------------------------------------------------------------- run_jobs
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    rank = distributed.rank() if rank is None else rank
+    world_size = distributed.world_size() if world_size is None else world_size
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank!r}, world_size={world_size!r}")
+    return rank, world_size
+
+
+def _check_jobs(jobs: list[Job]) -> None:
+    if not jobs:
+        raise ValueError("jobs must not be empty")
+    seen = set()
+    for j in jobs:
+        if not isinstance(j, Job):
+            raise TypeError(f"jobs must be Job objects, got {type(j).__name__}")
+        parts = j.name.replace("\\", "/").split("/")
+        if not j.name or j.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"job name must be a relative path without '.' or '..' parts, got {j.name!r}")
+        if j.name in seen:
+            raise ValueError(f"job names must be unique, {j.name!r} appears twice")
+        seen.add(j.name)
+        if not isinstance(j.prompt, str):
+            raise TypeError(f"job {j.name!r}: prompt must be a string, got {type(j.prompt).__name__}")
+        if not isinstance(j.seed, int) or not 0 <= j.seed < 2**63:
+            raise ValueError(f"job {j.name!r}: seed must be an int in [0, 2**63), got {j.seed!r}")
+        clash = sorted(k for k in j.extra if k in RESERVED)
+        if clash:
+            raise ValueError(f"job {j.name!r}: extra fields {clash} are reserved for the manifest")
+        try:
+            json.dumps(j.extra)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"job {j.name!r}: extra must be JSON-serialisable for the manifest: {e}") from None
+
+
+def prepare_out(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` and prove it writable (a probe file) — before any sampling."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"--out {str(out)!r} is not writable: {e.strerror or e}") from None
+    return out
+
+
+def _check_settings(out: Path, settings: dict, by_file: dict[str, Job]) -> dict[str, dict]:
+    """The lines already in ``out`` (one per file); refuse a folder made with other settings or other jobs."""
+    existing = {}
+    for line in _all_lines(out):
+        job = by_file.get(line["file"])
+        if job is None:
+            continue  # an image of a longer job list: left alone
+        for key in SETTINGS:
+            if line.get(key) != settings[key]:
+                raise ValueError(
+                    f"--out {str(out)!r} holds a run made with {key}={line.get(key)!r}, this run has "
+                    f"{key}={settings[key]!r}: resume with the same settings or use another --out"
+                )
+        if line.get("prompt") != job.prompt or line.get("seed") != job.seed:
+            raise ValueError(
+                f"--out {str(out)!r}: {line['file']} was made for prompt {line.get('prompt')!r} seed "
+                f"{line.get('seed')!r}, this run has {job.prompt!r} seed {job.seed}: use another --out"
+            )
+        existing.setdefault(line["file"], line)
+    return existing
+
+
+def _to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [−1, 1] → (B, H, W, C) uint8 on the CPU (the rounding of `fastdiff.data.to_pil`)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def run_jobs(
+    pipe,
+    jobs: list[Job],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 16,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    guidance_scale: float = 4.0,
+    negative_prompt: str = "",
+    image_format: str = "png",
+    overlap: bool = True,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    cuda_graphs: bool | None = None,
+) -> dict:
+    """Make every job's image in ``out_dir`` (skipping those already there); see the module docstring.
+
+    pipe: a `fastdiff.pipelines.Text2Image` (`load_pipeline` also records its weights'
+    hash).  rank / world_size: this process's shard; None takes them from
+    torch.distributed when it is initialised, else 0 / 1.  cuda_graphs: capture the
+    UNet in CUDA graphs (None: on for a CUDA pipeline).  Returns a summary: written,
+    skipped (already done), seconds, images_per_s, batches (sampled here), rank, world_size.
+    """
+    from fastdiff.pipelines import make_plan
+
+    rank, world = _rank_world(rank, world_size)
+    _check_jobs(jobs)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if image_format not in FORMATS:
+        raise ValueError(f"image_format must be one of {FORMATS}, got {image_format!r}")
+    if image_format == "webp":
+        from PIL import features
+
+        if not features.check("webp"):
+            raise ValueError("image_format 'webp' needs Pillow built with WebP support; use 'png'")
+    if not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    make_plan(sampler, pipe.schedule, steps, pipe.prediction)  # validates sampler and steps
+    out = prepare_out(out_dir)
+    settings = {
+        "sampler": sampler, "steps": steps, "guidance": float(guidance_scale), "negative_prompt": negative_prompt,
+        "checkpoint_sha256": checkpoint_digest(pipe), "batch_size": batch_size,
+    }  # fmt: skip
+    by_file = {f"{j.name}.{image_format}": j for j in jobs}
+    existing = _check_settings(out, settings, by_file)
+
+    start = time.perf_counter()
+    manifest = _Manifest(out / f"manifest.rank-{rank}.jsonl")
+    todo, skipped, readd = _plan_batches(jobs, out, batch_size, rank, world, image_format, settings, existing)
+    manifest.append(readd)  # images that were written but lost their line
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        total = sum(1 for _, files in todo for path, _ in files if path is not None)
+        bar = tqdm(total=total, desc=f"generate (rank 0 of {world})", unit="img", dynamic_ncols=True, smoothing=0.1)
+    use_graphs = cuda_graphs if cuda_graphs is not None else pipe.device.type == "cuda"
+    sampler_pipe = _with_cuda_graphs(pipe) if use_graphs and pipe.device.type == "cuda" else pipe
+    writer = _Writer(manifest, image_format, overlap, bar)
+    try:
+        for k, files in todo:
+            batch = jobs[k * batch_size : (k + 1) * batch_size]
+            x = sampler_pipe.generate_tensors(
+                [j.prompt for j in batch], seeds=[j.seed for j in batch], batch_size=len(batch),
+                negative_prompt=negative_prompt, guidance_scale=guidance_scale, sampler=sampler, steps=steps,
+                progress=False,
+            )  # fmt: skip
+            writer.put((_to_pixels(x), files))
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    _finish(out, jobs, rank, world, image_format, batch_size)
+    return {
+        "written": writer.written, "skipped": skipped, "seconds": seconds,
+        "images_per_s": writer.written / seconds if seconds > 0 else 0.0, "batches": len(todo), "rank": rank,
+        "world_size": world,
+    }  # fmt: skip
+
+
+def _plan_batches(jobs, out, batch_size, rank, world, image_format, settings, existing):
+    """This rank's incomplete batches as (k, [(path, or None if present, line)]), images done, lines to re-add."""
+    todo, skipped, readd = [], 0, []
+    n_batches = -(-len(jobs) // batch_size)
+    for k in range(rank, n_batches, world):
+        files = []
+        for j in jobs[k * batch_size : (k + 1) * batch_size]:
+            name = f"{j.name}.{image_format}"
+            line = {"file": name, "prompt": j.prompt, "seed": j.seed, **settings, "batch": k, **j.extra}
+            done = (out / name).is_file()
+            if done and name not in existing:
+                readd.append(line)
+            files.append((None if done else out / name, line))
+        missing = sum(path is not None for path, _ in files)
+        skipped += len(files) - missing
+        if missing:
+            todo.append((k, files))
+    return todo, skipped, readd
+
+
+def _finish(out: Path, jobs: list[Job], rank: int, world: int, image_format: str, batch_size: int) -> None:
+    """Check the manifest (every job exactly one line) and write the merged ``manifest.jsonl``.
+
+    Under a process group rank 0 does it after every rank is done; independent shards
+    (rank/world given without a group) check only their own batches.
+    """
+    grouped = distributed.initialized() and distributed.world_size() == world
+    if world > 1 and not grouped:
+        n_batches = -(-len(jobs) // batch_size)
+        mine = [j for k in range(rank, n_batches, world) for j in jobs[k * batch_size : (k + 1) * batch_size]]
+        verify_manifest(out, mine, image_format)
+        return
+    distributed.barrier()
+    if rank == 0:
+        verify_manifest(out, jobs, image_format)
+        _write_merged(out, jobs, image_format)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
+
+    parser.add_argument(
+        "--prompts", required=True, help='prompt file: .txt (one per line) or .jsonl ({"prompt": ...} per line)'
+    )
+    parser.add_argument("--out", required=True, help="output folder (a rerun into it resumes)")
+    parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=16, help="images per sampling batch (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
+    parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed: image i (in prompt-major order) uses seed + i")
+    parser.add_argument("--format", choices=FORMATS, default="png", help="image format (default: %(default)s)")
+    parser.add_argument("--no-overlap", action="store_true", help="write images inline, not in a writer thread")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="replay the UNet from CUDA graphs (default: on for CUDA)")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    # Everything that can be checked cheaply is checked before the model loads.
+    prompts = read_prompts(args.prompts)
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    jobs = jobs_from_prompts(prompts, args.per_prompt, args.seed)
+    prepare_out(args.out)
+    device = distributed.init(args.device)
+    try:
+        pipe = load_pipeline(args.checkpoint, device)
+        summary = run_jobs(
+            pipe, jobs, args.out, batch_size=args.batch, sampler=args.sampler, steps=args.steps,
+            guidance_scale=args.guidance, negative_prompt=args.negative_prompt, image_format=args.format,
+            overlap=not args.no_overlap, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
+        )  # fmt: skip
+    finally:
+        distributed.cleanup()
+    if summary["rank"] == 0:
+        print(
+            f"rank 0 of {summary['world_size']}: wrote {summary['written']} images ({summary['skipped']} already "
+            f"done) in {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s; "
+            f"{len(jobs)} jobs checked, manifest: {Path(args.out) / MANIFEST}"
+        )
+    return 0
