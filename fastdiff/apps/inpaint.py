@@ -1,0 +1,400 @@
+r"""Inpainting: repaint the masked part of an image from a prompt; every other pixel is kept bit for bit.
+
+    fastdiff inpaint --image photo.png --mask mask.png --prompt "a large red circle in the center" --out out.png
+
+    from fastdiff.apps.inpaint import inpaint
+    [out] = inpaint("photo.png", "mask.png", "a large red circle in the center", seed=0)
+
+Inputs.  The image (PIL image, path, or (3, H, W) tensor in [−1, 1]) must already have the
+model's resolution, unless ``resize=True`` (``--resize``) resizes it (bicubic) and the mask
+(nearest).  The mask (PIL image, path, or (H, W) / (1, H, W) tensor in [0, 1]) must have the
+image's size; it is made binary per pixel: value ≥ 0.5 (white) = repaint, < 0.5 (black) = keep.
+Soft masks are not supported: a grey pixel is either repainted or kept, never mixed.
+
+Known region.  The sampler's own blend (``ops.sampler_step``, the "replacement" method): after
+each evaluation, with m the mask, the known image x_known re-noised to the output's level,
+
+    x' ← m·x' + (1 − m)·(α'·x_known + σ'·z')                      (z' fresh Philox noise)
+
+and α' = 1, σ' = 0 after the last evaluation, so the returned tensor *equals* x_known where
+m = 0, and ``to_pil`` maps the input's 8-bit values back to themselves: the saved PNG keeps
+every unmasked pixel of the (RGB) input exactly.  The known region is never pasted back.
+
+RePaint resampling (Lugmayr et al. 2022, Sec. 4.2 and Alg. 1).  The replacement method
+conditions the unknown region on the known one only through x_t, so seams can disagree.
+RePaint jumps back: after a block of ``jump`` sampler steps has taken the state from level a
+to level b (a noisier), it re-noises x_b to level a with the forward process
+
+    q(x_a | x_b) = N( sqrt(ᾱ_a/ᾱ_b)·x_b, (1 − ᾱ_a/ᾱ_b)·I )        (ᾱ_b > ᾱ_a; ᾱ = 1 after the last step)
+
+and runs the block again — ``resample`` extra times per block (RePaint's r counts passes:
+r = resample + 1), so the model sees the blended known region again at every level.  Cost:
+(resample + 1)× the evaluations.  The noise of the jump is Philox noise keyed by the image's
+seed and a jump counter (step keys −2, −3, …; the initial noise uses −1), and the sampler
+steps of pass p use step key i + p·E (E evaluations in the plan): every draw is fresh, and an
+image is a function of (image, mask, prompt, seed, settings) only, whatever its batch.  After
+a jump the multistep history (DPM-Solver++(2M)'s previous x̂0) belongs to another trajectory,
+so the block's first step runs first order (x̂0_prev := x̂0); Heun's blocks start at a
+predictor, so they always hold whole steps.  With ``resample=0`` the loop is
+`fastdiff.samplers.sample` itself.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from fastdiff import samplers
+from fastdiff.data import to_pil, to_tensor
+from fastdiff.ops._philox import randn_like_philox, step_keys
+from fastdiff.ops.sampler_step import _INDEX, sampler_step
+from fastdiff.schedule import sigmas_at
+
+HELP = "repaint the masked region of an image from a prompt (the rest is kept exactly)"
+MASK_THRESHOLD = 0.5  # mask value ≥ this: repaint
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def open_image(source, what: str = "image"):
+    """A PIL RGB image from a PIL image or a path; ``what`` names the argument in errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a PIL image, a path or a tensor, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not a readable image ({type(e).__name__})") from e
+
+
+def _image_tensor(image, what: str) -> torch.Tensor:
+    if torch.is_tensor(image):
+        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"{what} as a tensor must be float (3, H, W) in [-1, 1], got {tuple(image.shape)}")
+        return image.detach().float().cpu()
+    return to_tensor(open_image(image, what))
+
+
+def _mask_tensor(mask, what: str) -> torch.Tensor:
+    """(1, H, W) float32 of 0 (keep) and 1 (repaint)."""
+    if torch.is_tensor(mask):
+        m = mask.detach().float().cpu()
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3 or m.shape[0] != 1:
+            raise ValueError(f"{what} as a tensor must be (H, W) or (1, H, W), got {tuple(mask.shape)}")
+    else:
+        import numpy as np
+
+        m = torch.from_numpy(np.asarray(open_image(mask, what).convert("L"), dtype=np.float32) / 255.0)[None]
+    return (m >= MASK_THRESHOLD).float()
+
+
+def prepare_inputs(
+    image, mask, resolution: int, *, resize: bool = False, names: tuple[str, str] = ("image", "mask")
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(known (3, R, R) in [−1, 1], mask (1, R, R) of 0/1) at the model's resolution R.
+
+    ``names`` are the argument names used in error messages (the CLI passes its flags).
+    """
+    what_img, what_mask = names
+    known = _image_tensor(image, what_img)
+    m = _mask_tensor(mask, what_mask)
+    (h, w), (mh, mw) = known.shape[1:], m.shape[1:]
+    if (mh, mw) != (h, w):
+        raise ValueError(f"{what_mask} is {mw}x{mh} pixels but {what_img} is {w}x{h}: they must have the same size")
+    if (h, w) != (resolution, resolution):
+        if not resize:
+            flag = "--resize" if what_img.startswith("--") else "resize=True"
+            raise ValueError(
+                f"{what_img} is {w}x{h} pixels but the model works at {resolution}x{resolution}; "
+                f"pass {flag} to resize image and mask (the kept pixels are then those of the resized image)"
+            )
+        known, m = _resize(known, m, resolution)
+    if not bool(m.any()):
+        raise ValueError(f"{what_mask} selects no pixel to repaint (white, value >= {MASK_THRESHOLD}, = repaint)")
+    return known, m
+
+
+def _resize(known: torch.Tensor, mask: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    img = to_pil(known).resize((resolution, resolution), Image.Resampling.BICUBIC)
+    # Nearest keeps the mask binary: a pixel is kept or repainted, never half of each.
+    m = torch.nn.functional.interpolate(mask[None], size=(resolution, resolution), mode="nearest")[0]
+    return to_tensor(img), m
+
+
+def check_settings(steps, num_images, resample, jump, batch_size=1, *, flags: bool = False) -> None:
+    """Raise ValueError naming the first bad numeric setting (``flags``: as command-line options), before any work."""
+    for name, value, low in (
+        ("steps", steps, 1), ("num_images", num_images, 1), ("resample", resample, 0), ("jump", jump, 1),
+        ("batch_size", batch_size, 1),
+    ):  # fmt: skip
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            shown = "--" + name.replace("_", "-") if flags else name
+            raise ValueError(f"{shown} must be an int >= {low}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- the RePaint loop
+
+
+def _boundaries(plan: samplers.Plan) -> list[int]:
+    """Evaluation indices where a whole sampler step ends (a blend follows): where jumps may happen."""
+    return [0] + [i + 1 for i, b in enumerate(plan.blends) if b]
+
+
+def _alpha_levels(plan: samplers.Plan, schedule) -> list[float]:
+    """α = sqrt(ᾱ) of the state at each boundary: x_T's from the schedule, then each step's output level."""
+    s0 = float(sigmas_at(plan.timesteps[:1].cpu(), schedule)[0])
+    alphas = [0.0 if math.isinf(s0) else 1 / math.sqrt(1 + s0 * s0)]
+    coeffs = plan.coeffs.cpu()
+    alphas += [float(coeffs[i - 1, _INDEX["known"]]) for i in _boundaries(plan)[1:]]
+    return alphas
+
+
+def _first_order(row: torch.Tensor) -> torch.Tensor:
+    """The step with x̂0_prev replaced by x̂0 (the history is void after a jump)."""
+    row = row.clone()
+    row[_INDEX["x0"]] += row[_INDEX["x0_prev"]]
+    row[_INDEX["x0_prev"]] = 0.0
+    return row
+
+
+def _renoise(x: torch.Tensor, seeds: torch.Tensor, alpha_from: float, alpha_to: float, jump_index: int):
+    """x re-noised from level alpha_from down to alpha_to by q(x_to | x_from); Philox step key −2 − jump_index."""
+    ratio = alpha_to / alpha_from
+    z = randn_like_philox(step_keys(seeds, -2 - jump_index), tuple(x.shape), x.device).to(x.dtype)
+    return ratio * x + math.sqrt(max(1.0 - ratio * ratio, 0.0)) * z
+
+
+def repaint_sample(
+    model,
+    x_T: torch.Tensor,
+    seeds: torch.Tensor,
+    plan: samplers.Plan,
+    schedule,
+    *,
+    known: torch.Tensor,
+    mask: torch.Tensor,
+    guidance_scale: float | None = None,
+    resample: int = 0,
+    jump: int = 1,
+) -> torch.Tensor:
+    """`samplers.sample` with RePaint jumps (see the module docstring); resample=0 is the plain loop."""
+    device, B = x_T.device, x_T.shape[0]
+    levels = _alpha_levels(plan, schedule)
+    bounds = _boundaries(plan)
+    plan = plan.to(device)
+    E, n_steps = len(plan), len(bounds) - 1
+    guided = guidance_scale is not None
+    mask = mask.to(x_T.dtype)
+    x, x0, jumps = x_T, None, 0
+    for start in range(0, n_steps, jump):
+        end = min(start + jump, n_steps)
+        x0_start = x0
+        for p in range(resample + 1):
+            if p > 0:  # jump back: re-noise from the block's end level to its start level
+                x = _renoise(x, seeds, levels[end], levels[start], jumps)
+                jumps += 1
+            x0 = x0_start
+            for i in range(bounds[start], bounds[end]):
+                row = plan.coeffs[i]
+                if p > 0 and i == bounds[start] and plan.reads_x0[i]:
+                    row = _first_order(row)
+                t = plan.timesteps[i].expand(2 * B if guided else B)
+                if guided:
+                    out_u, out_c = model(torch.cat([x, x]), t).chunk(2)
+                else:
+                    out_u, out_c = None, model(x, t)
+                x, x0 = sampler_step(
+                    x, out_c, row, uncond_output=out_u, guidance_scale=guidance_scale if guided else 1.0,
+                    x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i], seeds=seeds,
+                    step=i + p * E, add_noise=plan.add_noise[i], known=known if plan.blends[i] else None,
+                    mask=mask if plan.blends[i] else None,
+                )  # fmt: skip
+    return x
+
+
+# ----------------------------------------------------------------------------- API
+
+
+@torch.no_grad()
+def inpaint_tensors(
+    pipe,
+    known: torch.Tensor,
+    mask: torch.Tensor,
+    prompts: list[str],
+    *,
+    seeds: list[int],
+    negative_prompt: str = "",
+    guidance_scale: float = 4.0,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    resample: int = 0,
+    jump: int = 1,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Batched inpainting: known (N, 3, R, R) in [−1, 1], mask (N, 1, R, R) of 0/1 (1 = repaint),
+    one prompt and one seed per image → (N, 3, R, R) in [−1, 1], equal to ``known`` where mask is 0."""
+    from fastdiff.pipelines import make_plan
+
+    n = len(prompts)
+    if known.shape[0] != n or mask.shape[0] != n or len(seeds) != n:
+        raise ValueError(f"known, mask, prompts and seeds must have one entry per image ({n})")
+    check_settings(steps, 1, resample, jump, batch_size)
+    plan = make_plan(sampler, pipe.schedule, steps, pipe.prediction)
+    guided = guidance_scale != 1.0
+    bar = _progress_bar(n * len(plan) * (resample + 1), sampler, steps, resample, jump) if progress else None
+    out = []
+    for s in range(0, n, batch_size):
+        sl = slice(s, s + batch_size)
+        texts = prompts[sl] if not guided else [negative_prompt] * len(prompts[sl]) + prompts[sl]
+        context, pooled = pipe.prompts.encode(texts, pipe.device)
+        model = _counting(pipe._model(context, pooled), bar, len(prompts[sl]))
+        seeds_t = torch.tensor(seeds[sl], dtype=torch.int64, device=pipe.device)
+        x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *known.shape[1:]))
+        kn, m = known[sl].to(pipe.device), mask[sl].to(pipe.device)
+        g = guidance_scale if guided else None
+        if resample == 0:
+            x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=g, known=kn, mask=m)
+        else:
+            x = repaint_sample(
+                model, x_T, seeds_t, plan, pipe.schedule, known=kn, mask=m, guidance_scale=g, resample=resample,
+                jump=jump,
+            )  # fmt: skip
+        out.append(x.float().cpu())
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)
+
+
+def _progress_bar(total: int, sampler: str, steps: int, resample: int, jump: int):
+    from tqdm.auto import tqdm
+
+    how = f"{sampler}, {steps} steps" + (f", resample {resample} every {jump}" if resample else "")
+    return tqdm(total=total, desc=f"inpaint ({how})", unit="img·eval", dynamic_ncols=True)
+
+
+def _counting(model, bar, images: int):
+    """The model, advancing the progress bar by one evaluation of ``images`` images per call."""
+    if bar is None:
+        return model
+
+    def counted(x, t):
+        out = model(x, t)
+        bar.update(images)
+        return out
+
+    return counted
+
+
+def inpaint(
+    image,
+    mask,
+    prompt: str,
+    *,
+    pipe=None,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | None = None,
+    num_images: int = 1,
+    seed: int = 0,
+    resize: bool = False,
+    negative_prompt: str = "",
+    guidance_scale: float = 4.0,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    resample: int = 0,
+    jump: int = 1,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list:
+    """Repaint where ``mask`` is white (≥ 0.5) following ``prompt``; PIL images, image i from seed + i.
+
+    image: PIL image, path, or (3, H, W) tensor in [−1, 1]; mask: PIL image, path, or (H, W) /
+    (1, H, W) tensor.  ``pipe``: a loaded `Text2Image` (else ``checkpoint``, default the shipped
+    model, is loaded once and cached).  The unmasked pixels of the result equal the input's.
+    """
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, _cached_pipeline
+
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    check_settings(steps, num_images, resample, jump, batch_size)
+    if pipe is None:
+        pipe = _cached_pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device)
+    known, m = prepare_inputs(image, mask, pipe.resolution, resize=resize)
+    x = inpaint_tensors(
+        pipe, known.expand(num_images, -1, -1, -1), m.expand(num_images, -1, -1, -1), [prompt] * num_images,
+        seeds=[seed + i for i in range(num_images)], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+        sampler=sampler, steps=steps, resample=resample, jump=jump, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    return [to_pil(xi) for xi in x]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
+
+    parser.add_argument("--image", required=True, help="the image to edit (PNG etc., the model's size unless --resize)")
+    parser.add_argument("--mask", required=True, help="same size as --image; white (>= 50%% grey) = repaint, else keep")
+    parser.add_argument("--prompt", required=True, help="what to paint into the masked region")
+    parser.add_argument(
+        "--out", default="inpainted.png", help="output PNG; --num-images N: OUT_000.png … (default: %(default)s)"
+    )
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
+    parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    parser.add_argument("--num-images", type=int, default=1, help="how many variants to draw")
+    parser.add_argument("--resample", type=int, default=0, help="RePaint: jumps back per block (0: none)")
+    parser.add_argument("--jump", type=int, default=1, help="RePaint: sampler steps per block (jump length)")
+    parser.add_argument("--resize", action="store_true", help="resize image and mask to the model's resolution")
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def _out_paths(out: str, n: int) -> list[Path]:
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out must be a .png file (a lossy format would change the kept pixels), got {out!r}")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i:03d}.png") for i in range(n)]
+
+
+def run(args) -> int:
+    check_settings(args.steps, args.num_images, args.resample, args.jump, args.batch_size, flags=True)
+    paths = _out_paths(args.out, args.num_images)
+    image, mask = open_image(args.image, "--image"), open_image(args.mask, "--mask")
+    if image.size != mask.size:
+        (w, h), (mw, mh) = image.size, mask.size
+        raise ValueError(f"--mask is {mw}x{mh} pixels but --image is {w}x{h}: they must have the same size")
+    from fastdiff.pipelines import _cached_pipeline
+
+    pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device)
+    known, m = prepare_inputs(image, mask, pipe.resolution, resize=args.resize, names=("--image", "--mask"))
+    images = inpaint(
+        known, m[0], args.prompt, pipe=pipe, num_images=args.num_images, seed=args.seed,
+        negative_prompt=args.negative_prompt, guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps,
+        resample=args.resample, jump=args.jump, batch_size=args.batch_size,
+    )  # fmt: skip
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for img, p in zip(images, paths):
+        img.save(p)
+    kept = int((m == 0).sum())
+    print(f"wrote {', '.join(map(str, paths))} ({kept} of {m.numel()} pixels kept from --image)")
+    return 0
