@@ -1,0 +1,528 @@
+r"""Style transfer: keep the content image's layout, take colour from a style prompt and/or a style image.
+
+    fastdiff stylize --content cat.png --style-image ref.png --strength 0.4 --out out.png
+    fastdiff.apps.stylize.stylize("cat.png", style_prompt="red", strength=0.4)
+
+**Image-to-image (SDEdit, Meng et al. 2022).**  The content x_c is noised part of the way,
+to t₀ = round(s·T) − 1 for a strength s ∈ (0, 1],
+
+    x_t₀ = α_t₀·x_c + σ_t₀·ε,        ε from the image's seed (`samplers.initial_noise`)
+
+and the sampler runs from t₀ down to 0 under the style condition (a plan over ``steps``
+"trailing" timesteps of [0, t₀]).  Noise at t₀ hides the details (the colour of a
+flat shape is among the first to go, relative to the condition's pull) while the
+large-scale layout — what is where — survives and steers the denoiser: small s keeps
+more of the content, s = 1 is plain generation.  Classifier-free guidance (Ho & Salimans
+2022) contrasts the style condition with the unconditional model (empty prompt, no
+style image), fused into every sampler step.
+
+**Style image.**  `fastdiff.nn.style.StyleUNet` adds a learned embedding of the style
+image to the pooled text embedding.  `StyleTrainer` fine-tunes it from the shipped text
+model on `StylePairs`: each training image comes with a *style image* of the same colour
+but another shape, size and position, so the only thing the style can tell the model
+is the colour.  The captions vary (full; colour word removed; colour word alone), so the
+colour must often come from the style image, and text and style are dropped
+independently (CFG works over either).  With the text model (``tiny-shapes``) only the
+style prompt is available.
+
+**Editing examples.**  A denoiser trained only on consistent data learns to read the
+colour off x_t wherever it can, and the style then matters only near pure noise: at the
+strengths that keep the layout, SDEdit would keep the content's colour.  So a fraction of
+the training examples (`EDIT_FRACTION`, t ≥ `EDIT_MIN_T`·T) are the SDEdit situation
+itself: the noisy input is made from the same drawing in *another* colour, the target is
+the image in the style's colour (`StyleTrainer._micro_loss`).
+
+Measured with ``scripts/style_quality.py`` (README): the rate at which the analyser reads
+the content's shape and position and the style's colour from the result.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from fastdiff import ops, samplers, schedule as schedules
+from fastdiff.data import COLOURS, JITTER, POSITIONS, SHAPES, SIZES, ShapesDataset, collate, render_shape
+from fastdiff.data import load_image, to_pil, to_tensor
+from fastdiff.nn.style import StyleConfig, StyleUNet
+from fastdiff.nn.unet import UNet, UNetConfig
+from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, _seeds
+from fastdiff.training import Trainer, pipeline_spec
+
+STYLE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-style"
+MODEL_TYPE = "style_unet"  # ``pipeline.json``'s "model_type" for a StyleUNet; absent means a plain UNet
+
+HELP = "restyle a content image by a style prompt and/or a style image (SDEdit + style conditioning)"
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+def colourless(text: str) -> str:
+    """A shapes caption without its colour word: "a small red circle …" → "a small circle …"."""
+    words = text.split()
+    return " ".join(w for w in words if w not in COLOURS)
+
+
+def colour_word(text: str) -> str:
+    """The colour word of a shapes caption ("" when it has none)."""
+    return next((w for w in text.split() if w in COLOURS), "")
+
+
+class StylePairs(Dataset):
+    """`ShapesDataset` items plus ``style``: another shape in the same colour.
+
+    The style image's shape, position and size are drawn different from the image's
+    (size at random), so it carries the colour and nothing about the layout.  Item i
+    is a pure function of (seed, i).
+    """
+
+    def __init__(self, resolution: int = 32, length: int = 100_000, seed: int = 0):
+        self.shapes = ShapesDataset(resolution=resolution, length=length, seed=seed)
+        self.skipped = self.shapes.skipped
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.shapes[i]
+        R = self.shapes.resolution
+        rng = random.Random(self.shapes.seed * 1_000_003 + i + (1 << 40))  # a stream apart from the image's
+        shape = rng.choice([s for s in SHAPES if s != item["shape"]])
+        position = rng.choice([p for p in POSITIONS if p != item["position"]])
+        size = rng.choice(list(SIZES))
+        offset = (rng.uniform(-JITTER, JITTER), rng.uniform(-JITTER, JITTER))
+        style = render_shape(item["colour"], shape, size, position, R, offset)
+        # The same drawing in another colour: the "content" of an editing example (StyleTrainer).
+        colour = rng.choice([c for c in COLOURS if c != item["colour"]])
+        offset = self.shapes.attributes(i)["offset"]
+        recoloured = render_shape(colour, item["shape"], item["size"], item["position"], R, offset)
+        return {**item, "style": to_tensor(style), "recoloured": to_tensor(recoloured)}
+
+
+# ----------------------------------------------------------------------------- trainer
+
+CAPTION_MIX = (0.4, 0.4, 0.2)  # P(full caption), P(colour word removed), P(colour word alone)
+STYLE_DROPOUT = 0.2  # P(train an example without its style image), independent of the text dropout
+EDIT_FRACTION = 0.4  # P(an example with its style is an editing example: noisy input from another colour)
+EDIT_MIN_T = 0.2  # editing examples draw t from [EDIT_MIN_T·T, T): below, σ is too small to hide the swap
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A pipeline folder's ``model.safetensors``, or a training checkpoint's EMA weights."""
+    from safetensors.torch import load_file
+
+    weights = path / "ema.safetensors"  # a training checkpoint also holds the raw weights: sample the average
+    if not weights.is_file():
+        weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no model.safetensors or ema.safetensors in {str(path)!r}")
+    return {k: v.float() for k, v in load_file(str(weights)).items()}
+
+
+class StyleTrainer(Trainer):
+    """Fine-tunes a `StyleUNet` from a text model (``init``, default the shipped ``tiny-shapes``).
+
+    ``fastdiff train --task style``.  Besides the base trainer's hooks it overrides
+    ``_batch`` (the style images and flags travel with the batch) and ``_micro_loss``
+    (editing examples).  Per micro-batch, a generator seeded with (seed, micro-batch)
+    picks each caption's variant (`CAPTION_MIX`), which style images are dropped
+    (`STYLE_DROPOUT`) and which examples are editing ones (`EDIT_FRACTION`); timesteps
+    and noise come from the base trainer's generator: a resumed run is as exact as the
+    base trainer's.
+    """
+
+    DEFAULTS = dict(output_dir="runs/tiny-style", steps=1000, lr=1e-3, warmup_steps=50, checkpoint_every=100)
+
+    def __init__(self, config, dataset, *, init: str | os.PathLike | None = DEFAULT_CHECKPOINT, **kwargs):
+        self.init = Path(init) if init is not None else None
+        self.style_config = StyleConfig()
+        super().__init__(config, dataset, **kwargs)
+
+    @classmethod
+    def open_dataset(cls, spec: str | None, config) -> Dataset:
+        if spec not in (None, "shapes"):
+            raise ValueError(f"--task style trains on the synthetic shapes set only (--data shapes), got {spec!r}")
+        return StylePairs(config.resolution, seed=config.seed)
+
+    def build_model(self) -> torch.nn.Module:
+        model = StyleUNet(self.unet_config, self.style_config)
+        if self.init is not None:
+            spec = read_spec(self.init)
+            want = {**self.unet_config.to_dict(), "gradient_checkpointing": False}
+            if spec["unet"] != want:
+                raise ValueError(f"init checkpoint {str(self.init)!r} has another UNet shape than this run's")
+            # Only the UNet's weights exist in the text model: the style encoder keeps its zero output.
+            missing, unexpected = model.load_state_dict(_load_weights(self.init), strict=False)
+            if unexpected or any(not k.startswith("style_encoder.") for k in missing):
+                raise ValueError(f"init checkpoint {str(self.init)!r} does not match the UNet")
+        return model
+
+    def _style_generator(self, micro: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + micro + (1 << 40))
+
+    def _batch(self, micro: int) -> dict:
+        # The base collate keeps image and text only: stack the style images here, and
+        # draw the caption variants and the style dropout from this micro-batch's generator.
+        items = [self.dataset[i] for i in self._indices(micro)]
+        batch = collate(items)
+        good = [e for e in items if "skipped" not in e]
+        g = self._style_generator(micro)
+        variant = torch.rand(len(good), generator=g)
+        keep = torch.rand(len(good), generator=g) >= STYLE_DROPOUT
+        full, removed = CAPTION_MIX[0], CAPTION_MIX[0] + CAPTION_MIX[1]
+        batch["text"] = [
+            text if u < full else colourless(text) if u < removed else colour_word(text)
+            for text, u in zip(batch["text"], variant.tolist())
+        ]
+        batch["style"] = torch.stack([e["style"] for e in good]) if good else torch.empty(0)
+        batch["style_keep"] = keep.float()
+        batch["edit"] = keep & (torch.rand(len(good), generator=g) < EDIT_FRACTION)
+        batch["recoloured"] = torch.stack([e["recoloured"] for e in good]) if good else torch.empty(0)
+        return batch
+
+    def _micro_loss(self, batch: dict, micro: int) -> torch.Tensor:
+        """The base trainer's loss, where editing examples start from the recoloured image.
+
+        For an editing example the noisy input is x_t = α·x_other + σ·ε (same shape, another
+        colour) while the target is still the image's: written as x_t = α·x_0 + σ·ε* with
+        ε* = ε + (α/σ)·(x_other − x_0), so the usual ``ops.training_target`` computes the
+        target (v of (x_0, ε*)).  This is the SDEdit situation at sampling time — a noisy
+        content of the wrong colour, and a style that says which — so the style learns to
+        override the colour the input shows, not only to fill it in from pure noise.
+        """
+        cfg = self.config
+        g = self._generator(micro)
+        x0 = batch["image"].to(self.device)
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        B, T = x0.shape[0], cfg.num_timesteps
+        t = torch.randint(0, T, (B,), generator=g)
+        drop = (torch.rand(B, generator=g) < cfg.cond_dropout).tolist()
+        eps = torch.randn(x0.shape, generator=g).to(self.device)
+        edit = batch["edit"]
+        t_min = int(EDIT_MIN_T * T)
+        t = torch.where(edit, t_min + t % (T - t_min), t).to(self.device)
+        ab = self.alphas_cumprod[t].view(B, 1, 1, 1)
+        shift = (ab.sqrt() / (1 - ab).sqrt()) * (batch["recoloured"].to(self.device) - x0)
+        eps = eps + edit.to(self.device, x0.dtype).view(B, 1, 1, 1) * shift
+        kwargs = self.model_kwargs(batch, drop)
+        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, eps, prediction=cfg.prediction)
+        weight = None
+        if cfg.min_snr_gamma is not None:
+            weight = ops.min_snr_weight(t, self.alphas_cumprod, cfg.min_snr_gamma, cfg.prediction)
+        with self._autocast():
+            pred = self.model(x_t, t, **kwargs)
+        return ops.diffusion_loss(pred, target, weight)
+
+    def model_kwargs(self, batch: dict, drop: list[bool]) -> dict:
+        kwargs = super().model_kwargs(batch, drop)
+        return {**kwargs, "style": batch["style"].to(self.device), "style_keep": batch["style_keep"].to(self.device)}
+
+    def pipeline_spec(self) -> dict:
+        return {
+            **pipeline_spec(self.config, self.unet_config),
+            "model_type": MODEL_TYPE,
+            "style_encoder": self.style_config.to_dict(),
+        }
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """``pipeline.json`` of a pipeline or checkpoint folder (cheap: no weights)."""
+    spec_file = Path(path) / PIPELINE_FILE
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a fastdiff pipeline or checkpoint (no {PIPELINE_FILE})")
+    return json.loads(spec_file.read_text())
+
+
+def build_model(spec: dict) -> UNet:
+    """The network ``pipeline.json`` describes: a `StyleUNet` when its "model_type" says so, else a `UNet`."""
+    kind = spec.get("model_type", "unet")
+    config = UNetConfig.from_dict(spec["unet"])
+    if kind == MODEL_TYPE:
+        return StyleUNet(config, StyleConfig(**spec["style_encoder"]))
+    if kind == "unet":
+        return UNet(config)
+    raise ValueError(f"unknown model_type {kind!r} in {PIPELINE_FILE} (expected 'unet' or {MODEL_TYPE!r})")
+
+
+def img2img_plan(sampler: str, schedule: schedules.Schedule, strength: float, steps: int, prediction: str):
+    """The sampler's plan over ``steps`` trailing timesteps of [0, t₀], t₀ = round(strength·T) − 1."""
+    from fastdiff.pipelines import _PLANS
+
+    if sampler not in _PLANS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    check_strength(strength)
+    T = schedule.num_timesteps
+    span = max(1, round(strength * T))  # t₀ + 1 timesteps to choose from
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    steps = min(steps, span)
+    fn, integer = _PLANS[sampler]
+    spacing = schedules.timesteps if integer else schedules.continuous_timesteps
+    return fn(schedule, spacing(steps, span, "trailing"), prediction=prediction)
+
+
+def check_strength(strength) -> None:
+    if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+
+
+class Stylizer:
+    """A restyling pipeline: a `StyleUNet` (or a text-only `UNet`), its text encoder and schedule."""
+
+    def __init__(self, model: UNet, text_encoder, spec: dict, prompt_cache=None):
+        from fastdiff.text import PromptCache
+
+        self.model = model.eval()
+        self.text_encoder = text_encoder
+        self.prompts = prompt_cache if prompt_cache is not None else PromptCache(text_encoder)
+        self.spec = spec
+        sch = spec["schedule"]
+        self.schedule = schedules.make_schedule(
+            sch["kind"], sch["num_timesteps"], zero_terminal_snr=sch.get("zero_terminal_snr", False)
+        )
+        self.prediction = spec["prediction"]
+        self.resolution = spec["resolution"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def takes_style_image(self) -> bool:
+        return isinstance(self.model, StyleUNet)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike = STYLE_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
+    ) -> "Stylizer":
+        """Load a pipeline folder or training checkpoint; the model type comes from ``pipeline.json``."""
+        from fastdiff.text import load_text_encoder
+
+        spec = read_spec(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_model(spec)
+        model.load_state_dict(_load_weights(Path(path)))
+        model = model.to(device)
+        if text_encoder is None:
+            text_encoder = load_text_encoder(spec["text_encoder"], device)
+        return cls(model, text_encoder, spec)
+
+    def _check_images(self, name: str, x: torch.Tensor, n: int | None) -> torch.Tensor:
+        R, C = self.resolution, self.model.config.in_channels
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] != C or x.shape[2:] != (R, R):
+            want = f"({C}, {R}, {R}) or (N, {C}, {R}, {R})"
+            raise ValueError(f"{name} must be {want} for this model, got {tuple(x.shape)}")
+        if n is not None and x.shape[0] not in (1, n):
+            raise ValueError(f"{name} must be one image or one per content image ({n}), got {x.shape[0]}")
+        return x.float().to(self.device)
+
+    def _model_fn(self, texts: list[str], style: torch.Tensor | None, keep: torch.Tensor | None, bar=None):
+        """The sampler's ``model(x, t)`` with the conditions bound; ticks ``bar`` once per evaluation."""
+        context, pooled = self.prompts.encode(texts, self.device)
+        extra = {"style": style, "style_keep": keep} if style is not None else {}
+        use_bf16 = self.device.type == "cuda"
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = self.model(x, t, context, pooled, **extra)
+            if bar is not None:
+                bar.update(1)
+            return out
+
+        return model
+
+    @torch.no_grad()
+    def stylize_tensors(
+        self,
+        content: torch.Tensor,
+        *,
+        style_image: torch.Tensor | None = None,
+        style_prompt: str | list[str] | None = None,
+        strength: float = 0.4,
+        guidance_scale: float = 4.0,
+        sampler: str = "dpmpp_2m",
+        steps: int = 20,
+        seeds: int | list[int] | None = 0,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """(N, C, R, R) restyled images in [−1, 1] (un-clamped).
+
+        content: (N, C, R, R) or (C, R, R) in [−1, 1]; style_image: one image (broadcast) or
+        one per content image; style_prompt: one string or one per content image.  At
+        least one of the two styles must be given.  Image b depends on (inputs_b, seed_b) only.
+        """
+        content = self._check_images("content", content, None)
+        n = content.shape[0]
+        if style_image is None and not style_prompt:
+            raise ValueError("give a style: style_prompt and/or style_image")
+        if style_image is not None:
+            if not self.takes_style_image:
+                raise ValueError("this checkpoint has no style-image conditioning (a text model): use style_prompt")
+            style_image = self._check_images("style_image", style_image, n).expand(n, -1, -1, -1)
+        one_prompt = style_prompt is None or isinstance(style_prompt, str)
+        prompts = [style_prompt or ""] * n if one_prompt else list(style_prompt)
+        if len(prompts) != n:
+            raise ValueError(f"style_prompt must be a string or one per content image ({n}), got {len(prompts)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+        seed_list = _seeds(seeds, n)
+        plan = img2img_plan(sampler, self.schedule, strength, steps, self.prediction).to(self.device)
+        acp = self.schedule.alphas_cumprod.to(self.device, torch.float32)
+        batches = [slice(i, i + batch_size) for i in range(0, n, batch_size)]
+        bar = None
+        if progress:  # one tick per model evaluation: a single image shows its progress too
+            from tqdm.auto import tqdm
+
+            desc = f"stylize {n} image(s) ({sampler}, from t={int(plan.timesteps[0])})"
+            bar = tqdm(total=len(batches) * len(plan), desc=desc, unit="step", dynamic_ncols=True)
+        try:
+            out = [
+                self._batch(content[sl], style_image, sl, prompts[sl], seed_list[sl], plan, acp, guidance_scale, bar)
+                for sl in batches
+            ]
+        finally:
+            if bar is not None:
+                bar.close()
+        return torch.cat(out)
+
+    def _batch(self, content, style_all, sl, prompts, seed_list, plan, acp, guidance_scale, bar) -> torch.Tensor:
+        B = content.shape[0]
+        seeds = torch.tensor(seed_list, dtype=torch.int64, device=self.device)
+        # SDEdit: x_t₀ = α_t₀·x_c + σ_t₀·ε, the noise keyed by each image's seed.
+        eps = samplers.initial_noise(seeds, tuple(content.shape))
+        t0 = plan.timesteps[:1].round().long().expand(B)
+        x_t, _ = ops.q_sample(content.contiguous(), t0, acp, eps)
+        guided = guidance_scale != 1.0
+        style = style_all[sl] if style_all is not None else None
+        texts, keep = prompts, None
+        if style is not None:
+            keep = torch.ones(B, device=self.device)
+        if guided:  # the unconditional half first: empty prompt, style dropped
+            texts = [""] * B + prompts
+            if style is not None:
+                style, keep = torch.cat([style, style]), torch.cat([torch.zeros_like(keep), keep])
+        model = self._model_fn(texts, style, keep, bar)
+        x = samplers.sample(model, x_t, seeds, plan, guidance_scale=guidance_scale if guided else None)
+        return x.float()
+
+
+# ----------------------------------------------------------------------------- one call
+
+
+def _as_tensor(name: str, image, resolution: int | None, resize: bool) -> torch.Tensor:
+    """A path / PIL image / tensor → (3, R, R) tensor; a path that is not a file names ``name``."""
+    if torch.is_tensor(image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"{name}: no such file {str(image)!r}")
+        if resize:
+            return load_image(image, resolution)
+        from PIL import Image
+
+        with Image.open(image) as img:
+            image = img.convert("RGB")
+    if resize:
+        image = image.convert("RGB").resize((resolution, resolution))
+    if resolution is not None and image.size != (resolution, resolution):
+        got = f"{image.size[0]}×{image.size[1]}"
+        raise ValueError(f"{name} must be {resolution}×{resolution} pixels for this model, got {got}")
+    return to_tensor(image.convert("RGB"))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_stylizer(checkpoint: str, device: str | None) -> Stylizer:
+    """Loading costs seconds (the text encoder): `stylize` reuses a pipeline per (checkpoint, device)."""
+    return Stylizer.from_pretrained(checkpoint, device)
+
+
+def stylize(
+    content,
+    *,
+    style_image=None,
+    style_prompt: str | None = None,
+    strength: float = 0.4,
+    checkpoint: str | os.PathLike = STYLE_CHECKPOINT,
+    guidance_scale: float = 4.0,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+):
+    """Restyle one content image (path, PIL image or (3, R, R) tensor); returns a PIL image.
+
+    The content must be R×R (the model's resolution: its layout is kept pixel for
+    pixel); a style image is resized to R×R.  See the module docstring for the method.
+    """
+    check_strength(strength)
+    if style_image is None and not style_prompt:
+        raise ValueError("give a style: style_prompt and/or style_image")
+    R = read_spec(checkpoint)["resolution"]
+    x = _as_tensor("content", content, R, resize=False)
+    s = _as_tensor("style_image", style_image, R, resize=True) if style_image is not None else None
+    pipe = _cached_stylizer(str(Path(checkpoint).resolve()), device)
+    out = pipe.stylize_tensors(
+        x, style_image=s, style_prompt=style_prompt, strength=strength, guidance_scale=guidance_scale,
+        sampler=sampler, steps=steps, seeds=[seed], progress=progress,
+    )  # fmt: skip
+    return to_pil(out[0])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--content", required=True, help="content image, R×R (the model's resolution: 32 here)")
+    parser.add_argument("--style-image", help="style image (any size; resized); needs a style-conditioned checkpoint")
+    parser.add_argument("--style-prompt", help='style as text, e.g. "red"')
+    parser.add_argument("--strength", type=float, default=0.4, help="noise level to start from, (0, 1] (%(default)s)")
+    parser.add_argument("--out", default="stylized.png", help="output PNG (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=str(STYLE_CHECKPOINT), help="pipeline folder (default: tiny-style)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps from the start level to 0 (%(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
+
+
+def run(args) -> int:
+    # Every check that needs no model comes first: a bad argument fails in milliseconds.
+    if not args.style_image and not args.style_prompt:
+        raise ValueError("give --style-image and/or --style-prompt")
+    try:
+        check_strength(args.strength)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    for flag, path in (("--content", args.content), ("--style-image", args.style_image)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}: no such file {path!r}")
+    spec = read_spec(args.checkpoint)
+    if args.style_image and spec.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"--checkpoint {args.checkpoint!r} is a text model without style-image conditioning")
+    content = _as_tensor("--content", args.content, spec["resolution"], resize=False)
+    style = _as_tensor("--style-image", args.style_image, spec["resolution"], resize=True) if args.style_image else None
+    pipe = Stylizer.from_pretrained(args.checkpoint, args.device)
+    x = pipe.stylize_tensors(
+        content, style_image=style, style_prompt=args.style_prompt, strength=args.strength,
+        guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seeds=[args.seed],
+    )  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(x[0]).save(out)
+    print(f"wrote {out}")
+    return 0
