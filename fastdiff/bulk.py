@@ -157,7 +157,7 @@ def load_pipeline(checkpoint: str | os.PathLike, device: str | torch.device | No
     The returned pipeline carries ``checkpoint_sha256``, the SHA-256 of its weights file,
     which goes into every manifest line.
     """
-    from fastdiff.pipelines import Text2Image
+    from fastdiff.pipelines import Text2Image, weights_file
 
     path = Path(checkpoint)
     if not path.is_dir():
@@ -170,8 +170,7 @@ def load_pipeline(checkpoint: str | os.PathLike, device: str | torch.device | No
         raise ValueError(
             f"--checkpoint {str(path)!r}: the weights do not match pipeline.json's model ({detail})"
         ) from None
-    weights = path / "model.safetensors"
-    pipe.checkpoint_sha256 = file_sha256(weights if weights.is_file() else path / "ema.safetensors")
+    pipe.checkpoint_sha256 = file_sha256(weights_file(path))
     return pipe
 
 

@@ -84,6 +84,8 @@ def _seeds(seeds, n: int) -> list[int]:
 class Text2Image:
     """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
 
+    CHANNELS_LAST = True  # NHWC weights on CUDA (faster convolutions on tensor cores)
+
     def __init__(self, unet: UNet, text_encoder, spec: dict, prompt_cache=None):
         from fastdiff.text import PromptCache
 
@@ -107,30 +109,26 @@ class Text2Image:
         cls, path: str | os.PathLike = DEFAULT_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
     ) -> "Text2Image":
         """Load a pipeline folder (or a training checkpoint folder: its EMA weights)."""
-        from safetensors.torch import load_file
-
         from fastdiff.text import load_text_encoder
 
-        path = Path(path)
-        spec_file = path / PIPELINE_FILE
-        if not spec_file.is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a fastdiff pipeline or checkpoint (no {PIPELINE_FILE})")
-        spec = json.loads(spec_file.read_text())
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            weights = path / "ema.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"no model.safetensors or ema.safetensors in {str(path)!r}")
+        spec = read_spec(path)
+        unet = cls.build_unet(spec, path)
+        unet.load_state_dict(load_weights(path))
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        unet = UNet(UNetConfig.from_dict(spec["unet"]))
-        state = {k: v.float() for k, v in load_file(str(weights)).items()}
-        unet.load_state_dict(state)
         unet = unet.to(device)
-        if device.type == "cuda":
+        if device.type == "cuda" and cls.CHANNELS_LAST:
             unet = unet.to(memory_format=torch.channels_last)
         if text_encoder is None:
             text_encoder = load_text_encoder(spec["text_encoder"], device)
         return cls(unet, text_encoder, spec)
+
+    @classmethod
+    def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
+        """The network ``spec`` (``pipeline.json`` of ``path``) describes, before its weights are loaded."""
+        kind = spec.get("model_type", "video_unet" if "video" in spec else "unet")
+        if kind != "unet":
+            raise ValueError(f"{str(path)!r} holds a {kind!r} model, not a text-to-image UNet")
+        return UNet(UNetConfig.from_dict(spec["unet"]))
 
     def _model(self, context: torch.Tensor, pooled: torch.Tensor):
         """The sampler's ``model(x, t)`` with the text conditioning bound (bf16 autocast on CUDA)."""
@@ -228,6 +226,30 @@ def export_pipeline(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, d
     os.replace(tmp, out / "model.safetensors")
     (out / PIPELINE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return out
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """``pipeline.json`` of a pipeline or training-checkpoint folder (cheap: no weights)."""
+    spec_file = Path(path) / PIPELINE_FILE
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a fastdiff pipeline or checkpoint (no {PIPELINE_FILE})")
+    return json.loads(spec_file.read_text())
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The file a folder's weights come from: a training checkpoint's EMA average, else ``model.safetensors``."""
+    path = Path(path)
+    for name in ("ema.safetensors", "model.safetensors"):  # a checkpoint also holds the raw weights
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no model.safetensors or ema.safetensors in --checkpoint {str(path)!r}")
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A folder's weights (`weights_file`) in fp32."""
+    from safetensors.torch import load_file
+
+    return {k: v.float() for k, v in load_file(str(weights_file(path))).items()}
 
 
 @functools.lru_cache(maxsize=2)

@@ -222,6 +222,8 @@ class Trainer:
             raise ValueError("dataset is empty" + (f" ({report(dataset.skipped)})" if getattr(dataset, "skipped", None) else ""))
         self.device = distributed.device(device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if self.world_size > 1 and not self.SUPPORTS_DDP:
+            raise ValueError(f"{type(self).__name__} trains in one process only; run it without torchrun")
         if cfg.batch_size < self.world_size:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be >= the number of processes {self.world_size}")
         self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(cfg.text_encoder, self.device)
@@ -255,6 +257,9 @@ class Trainer:
 
     DEFAULTS: dict = {}  # TrainConfig fields this task changes (the command line still overrides them)
     DDP_FIND_UNUSED_PARAMETERS: bool = False  # True if some parameters get no gradient in a step
+    # False for a subclass that overrides ``_batch`` or ``_micro_loss`` without the
+    # distributed ``rows`` slicing: it then refuses to start under torchrun.
+    SUPPORTS_DDP: bool = True
 
     @classmethod
     def open_dataset(cls, spec: str | None, config: TrainConfig) -> Dataset:

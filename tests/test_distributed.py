@@ -53,6 +53,24 @@ def test_helpers_without_torchrun():
     assert distributed.device("cpu") == torch.device("cpu")
 
 
+def test_trainers_without_ddp_support_refuse_torchrun(tmp_path, monkeypatch):
+    """A trainer that overrides the loss without the rank slicing says so instead of training wrongly."""
+    from test_training import HashEncoder
+
+    from fastdiff.data import ShapesDataset
+
+    class OneProcess(training.Trainer):
+        SUPPORTS_DDP = False
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="OneProcess trains in one process only"):
+        OneProcess(config(tmp_path), ShapesDataset(resolution=16, length=7), text_encoder=HashEncoder())
+    from fastdiff.apps.stylize import StyleTrainer
+    from fastdiff.apps.video import VideoTrainer
+
+    assert not StyleTrainer.SUPPORTS_DDP and not VideoTrainer.SUPPORTS_DDP and training.Trainer.SUPPORTS_DDP
+
+
 # ----------------------------------------------------------------------------- one torchrun launch
 
 WORKER = r"""

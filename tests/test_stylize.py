@@ -181,7 +181,7 @@ def test_trainer_starts_from_the_text_model(tmp_path):
     t = st.StyleTrainer(cfg, st.StylePairs(32, length=4), text_encoder=WideHashEncoder(), resume=False)
     spec = st.read_spec(DEFAULT_CHECKPOINT)
     unet = UNet(UNetConfig.from_dict(spec["unet"]))
-    unet.load_state_dict(st._load_weights(DEFAULT_CHECKPOINT))
+    unet.load_state_dict(st.load_weights(DEFAULT_CHECKPOINT))
     x, tt = torch.randn(2, 3, 32, 32), torch.tensor([100, 700])
     ctx, pooled = torch.randn(2, 5, 384), torch.randn(2, 384)
     with torch.no_grad():

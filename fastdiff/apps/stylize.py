@@ -38,7 +38,6 @@ the content's shape and position and the style's colour from the result.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 from pathlib import Path
@@ -51,7 +50,7 @@ from fastdiff.data import COLOURS, JITTER, POSITIONS, SHAPES, SIZES, ShapesDatas
 from fastdiff.data import load_image, to_pil, to_tensor
 from fastdiff.nn.style import StyleConfig, StyleUNet
 from fastdiff.nn.unet import UNet, UNetConfig
-from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, _seeds
+from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, _seeds, load_weights, read_spec
 from fastdiff.training import Trainer, pipeline_spec
 
 STYLE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-style"
@@ -113,18 +112,6 @@ EDIT_FRACTION = 0.4  # P(an example with its style is an editing example: noisy 
 EDIT_MIN_T = 0.2  # editing examples draw t from [EDIT_MIN_T·T, T): below, σ is too small to hide the swap
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A pipeline folder's ``model.safetensors``, or a training checkpoint's EMA weights."""
-    from safetensors.torch import load_file
-
-    weights = path / "ema.safetensors"  # a training checkpoint also holds the raw weights: sample the average
-    if not weights.is_file():
-        weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"no model.safetensors or ema.safetensors in {str(path)!r}")
-    return {k: v.float() for k, v in load_file(str(weights)).items()}
-
-
 class StyleTrainer(Trainer):
     """Fine-tunes a `StyleUNet` from a text model (``init``, default the shipped ``tiny-shapes``).
 
@@ -137,6 +124,7 @@ class StyleTrainer(Trainer):
     base trainer's.
     """
 
+    SUPPORTS_DDP = False  # its _micro_loss draws its own noise for its own batch: one process
     DEFAULTS = dict(output_dir="runs/tiny-style", steps=1000, lr=1e-3, warmup_steps=50, checkpoint_every=100)
 
     def __init__(self, config, dataset, *, init: str | os.PathLike | None = DEFAULT_CHECKPOINT, **kwargs):
@@ -158,7 +146,7 @@ class StyleTrainer(Trainer):
             if spec["unet"] != want:
                 raise ValueError(f"init checkpoint {str(self.init)!r} has another UNet shape than this run's")
             # Only the UNet's weights exist in the text model: the style encoder keeps its zero output.
-            missing, unexpected = model.load_state_dict(_load_weights(self.init), strict=False)
+            missing, unexpected = model.load_state_dict(load_weights(self.init), strict=False)
             if unexpected or any(not k.startswith("style_encoder.") for k in missing):
                 raise ValueError(f"init checkpoint {str(self.init)!r} does not match the UNet")
         return model
@@ -235,14 +223,6 @@ class StyleTrainer(Trainer):
 # ----------------------------------------------------------------------------- pipeline
 
 
-def read_spec(path: str | os.PathLike) -> dict:
-    """``pipeline.json`` of a pipeline or checkpoint folder (cheap: no weights)."""
-    spec_file = Path(path) / PIPELINE_FILE
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a fastdiff pipeline or checkpoint (no {PIPELINE_FILE})")
-    return json.loads(spec_file.read_text())
-
-
 def build_model(spec: dict) -> UNet:
     """The network ``pipeline.json`` describes: a `StyleUNet` when its "model_type" says so, else a `UNet`."""
     kind = spec.get("model_type", "unet")
@@ -311,7 +291,7 @@ class Stylizer:
         spec = read_spec(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = build_model(spec)
-        model.load_state_dict(_load_weights(Path(path)))
+        model.load_state_dict(load_weights(Path(path)))
         model = model.to(device)
         if text_encoder is None:
             text_encoder = load_text_encoder(spec["text_encoder"], device)
