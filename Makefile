@@ -4,7 +4,7 @@ PY := .venv/bin/python
 .PHONY: demo test setup bench audit
 
 setup:
-	bash scripts/setup.sh test,text
+	bash scripts/setup.sh test,text,video
 
 demo: setup
 	$(PY) -m fastdiff demo

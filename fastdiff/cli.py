@@ -1,6 +1,6 @@
-"""The ``fastdiff`` command line: ``fastdiff demo | sample | train | audit``.
+"""The ``fastdiff`` command line: ``fastdiff demo | sample | train | audit | bench`` and the applications in `APPS`.
 
-Argument parsing lives here only; every command calls the library.  Errors a user
+Commands call the library; an application module adds its own arguments.  Errors a user
 can fix (bad argument, missing file, unreadable checkpoint) print one line and exit
 with status 2, without a traceback.
 """
@@ -54,10 +54,20 @@ def _sample(args) -> int:
 
 
 # Training tasks: the trainer class of each (``fastdiff train --task``).
-TASKS = {"text2image": "fastdiff.training:Trainer"}
+TASKS = {
+    "text2image": "fastdiff.training:Trainer",
+    "style": "fastdiff.apps.stylize:StyleTrainer",
+    "video": "fastdiff.apps.video:VideoTrainer",
+}
 
 # Application sub-commands: modules with HELP, add_arguments(parser) and run(args) -> int.
-APPS = {}
+APPS = {
+    "generate": "fastdiff.bulk",
+    "inpaint": "fastdiff.apps.inpaint",
+    "stylize": "fastdiff.apps.stylize",
+    "augment": "fastdiff.apps.augment",
+    "video": "fastdiff.apps.video",
+}
 
 
 def _load(ref: str):
@@ -77,7 +87,7 @@ def _app_command(run):
 
 
 def _train(args) -> int:
-    from fastdiff import training
+    from fastdiff import distributed, training
 
     _threads(args.threads)
     trainer_cls = _load(TASKS[args.task])
@@ -100,11 +110,17 @@ def _train(args) -> int:
         dataset = trainer_cls.open_dataset(args.data, config)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    device = distributed.init(args.device)  # under torchrun: join the process group (DDP)
+    rank = distributed.rank()
     try:
-        final = trainer_cls(config, dataset, device=args.device, resume=not args.no_resume).train()
+        final = trainer_cls(config, dataset, device=device, resume=not args.no_resume).train()
     except training.TrainingDiverged as e:
         print(f"fastdiff train: {e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.cleanup()
+    if rank != 0:  # rank 0 wrote the checkpoint; it reports and exports
+        return 0
     print(f"final checkpoint: {final}")
     if args.export:
         from fastdiff.pipelines import export_pipeline

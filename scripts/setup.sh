@@ -7,7 +7,7 @@
 # TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-test,text}"
+extras="${1:-test,text,video}"
 venv=.venv
 stamp="$venv/.fastdiff-$extras"
 want="$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)"
