@@ -21,6 +21,7 @@ from fastdiff.nn.style import StyleUNet  # noqa: E402
 from fastdiff.nn.unet import UNet, UNetConfig  # noqa: E402
 from fastdiff.pipelines import DEFAULT_CHECKPOINT, _PLANS  # noqa: E402
 from fastdiff.schedule import make_schedule  # noqa: E402
+from test_training import HashEncoder  # noqa: E402  (deterministic stand-in text encoder)
 
 SMALL = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(1,), num_groups=4, ff_mult=1)
 
@@ -29,21 +30,6 @@ SMALL = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(1,), num_
 def _reference_ops():
     with fastdiff.use_backend("reference"):
         yield
-
-
-class HashEncoder(torch.nn.Module):
-    """A deterministic stand-in text encoder (no download): tokens from the characters."""
-
-    dim = pooled_dim = 8
-    max_length = 6
-    spec = "test"
-
-    def forward(self, prompts):
-        codes = torch.zeros(len(prompts), self.max_length, self.dim)
-        for b, p in enumerate(prompts):
-            for i, ch in enumerate(p[: self.max_length]):
-                codes[b, i, ord(ch) % self.dim] = 1.0
-        return codes, codes.mean(1)
 
 
 class WideHashEncoder(HashEncoder):

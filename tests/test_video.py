@@ -27,27 +27,13 @@ from fastdiff.pipelines import export_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import video_quality  # noqa: E402
+from test_training import HashEncoder  # noqa: E402  (deterministic stand-in text encoder)
 
 FRAMES = 4  # the small models' trained clip length
 
 
 def small_config(**kw) -> UNetConfig:
     return UNetConfig.preset("tiny", context_dim=8, pooled_dim=8, **kw)
-
-
-class HashEncoder(torch.nn.Module):
-    """A deterministic text encoder: tokens from the characters, pooled from their mean."""
-
-    dim = pooled_dim = 8
-    max_length = 6
-    spec = "test"
-
-    def forward(self, prompts):
-        codes = torch.zeros(len(prompts), self.max_length, self.dim)
-        for b, p in enumerate(prompts):
-            for i, ch in enumerate(p[: self.max_length]):
-                codes[b, i, ord(ch) % self.dim] = 1.0
-        return codes, codes.mean(1)
 
 
 def randomise(module: torch.nn.Module) -> torch.nn.Module:
