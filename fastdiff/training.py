@@ -257,7 +257,7 @@ class Trainer:
 
     DEFAULTS: dict = {}  # TrainConfig fields this task changes (the command line still overrides them)
     DDP_FIND_UNUSED_PARAMETERS: bool = False  # True if some parameters get no gradient in a step
-    # False for a subclass that overrides ``_batch`` or ``_micro_loss`` without the
+    # False for a subclass that overrides ``_batch`` or ``noised`` without the
     # distributed ``rows`` slicing: it then refuses to start under torchrun.
     SUPPORTS_DDP: bool = True
 
@@ -277,6 +277,23 @@ class Trainer:
         texts = ["" if d else txt for d, txt in zip(drop, batch["text"])]
         context, pooled = self.prompts.encode(texts, self.device)
         return {"context": context, "pooled": pooled}
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, g: torch.Generator, batch: dict, rows: tuple[int, int] | None):
+        """(x_t, t, target) of one micro-batch: the forward process at t with noise drawn from ``g``.
+
+        rows = (offset, N): distributed, the batch is rows offset… of a global micro-batch of N.
+        A subclass may draw other noise (or change t); it then sets ``SUPPORTS_DDP = False``
+        unless it slices its draws by ``rows`` too.
+        """
+        cfg = self.config
+        if rows is None:  # the kernel draws the noise from g itself
+            x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, generator=g)
+            return x_t, t, target
+        offset, N = rows  # the same per-example Philox keys the kernel would draw for all N; keep ours
+        keys = ops.noising.draw_keys(N, "cpu", g)[offset : offset + x0.shape[0]].to(self.device)
+        noise = ops.noising.draw_noise_ref(keys, x0)
+        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, noise, prediction=cfg.prediction)
+        return x_t, t, target
 
     def pipeline_spec(self) -> dict:
         """``pipeline.json``: what a sampler needs to rebuild the model."""
@@ -323,12 +340,7 @@ class Trainer:
         t = torch.randint(0, cfg.num_timesteps, (N,), generator=g)[mine].to(self.device)
         drop = (torch.rand(N, generator=g) < cfg.cond_dropout)[mine].tolist()
         kwargs = self.model_kwargs(batch, drop)
-        if rows is None:  # the kernel draws the noise from g itself
-            x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, generator=g)
-        else:  # the same per-example Philox keys the kernel would draw for all N; keep ours
-            keys = ops.noising.draw_keys(N, "cpu", g)[mine].to(self.device)
-            noise = ops.noising.draw_noise_ref(keys, x0)
-            x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, noise, prediction=cfg.prediction)
+        x_t, t, target = self.noised(x0, t, g, batch, rows)
         weight = None
         if cfg.min_snr_gamma is not None:
             weight = ops.min_snr_weight(t, self.alphas_cumprod, cfg.min_snr_gamma, cfg.prediction)

@@ -30,7 +30,7 @@ colour off x_t wherever it can, and the style then matters only near pure noise:
 strengths that keep the layout, SDEdit would keep the content's colour.  So a fraction of
 the training examples (`EDIT_FRACTION`, t ≥ `EDIT_MIN_T`·T) are the SDEdit situation
 itself: the noisy input is made from the same drawing in *another* colour, the target is
-the image in the style's colour (`StyleTrainer._micro_loss`).
+the image in the style's colour (`StyleTrainer.noised`).
 
 Measured with ``scripts/style_quality.py`` (README): the rate at which the analyser reads
 the content's shape and position and the style's colour from the result.
@@ -115,16 +115,16 @@ EDIT_MIN_T = 0.2  # editing examples draw t from [EDIT_MIN_T·T, T): below, σ i
 class StyleTrainer(Trainer):
     """Fine-tunes a `StyleUNet` from a text model (``init``, default the shipped ``tiny-shapes``).
 
-    ``fastdiff train --task style``.  Besides the base trainer's hooks it overrides
-    ``_batch`` (the style images and flags travel with the batch) and ``_micro_loss``
-    (editing examples).  Per micro-batch, a generator seeded with (seed, micro-batch)
+    ``fastdiff train --task style``.  Besides the hooks ``model_kwargs`` and ``noised``
+    (editing examples) it overrides ``_batch`` (the style images and flags travel with
+    the batch).  Per micro-batch, a generator seeded with (seed, micro-batch)
     picks each caption's variant (`CAPTION_MIX`), which style images are dropped
     (`STYLE_DROPOUT`) and which examples are editing ones (`EDIT_FRACTION`); timesteps
     and noise come from the base trainer's generator: a resumed run is as exact as the
     base trainer's.
     """
 
-    SUPPORTS_DDP = False  # its _micro_loss draws its own noise for its own batch: one process
+    SUPPORTS_DDP = False  # its noise is drawn for its own batch, not sliced by rank: one process
     DEFAULTS = dict(output_dir="runs/tiny-style", steps=1000, lr=1e-3, warmup_steps=50, checkpoint_every=100)
 
     def __init__(self, config, dataset, *, init: str | os.PathLike | None = DEFAULT_CHECKPOINT, **kwargs):
@@ -174,8 +174,8 @@ class StyleTrainer(Trainer):
         batch["recoloured"] = torch.stack([e["recoloured"] for e in good]) if good else torch.empty(0)
         return batch
 
-    def _micro_loss(self, batch: dict, micro: int) -> torch.Tensor:
-        """The base trainer's loss, where editing examples start from the recoloured image.
+    def noised(self, x0, t, g, batch, rows):
+        """The base trainer's forward process, where editing examples start from the recoloured image.
 
         For an editing example the noisy input is x_t = α·x_other + σ·ε (same shape, another
         colour) while the target is still the image's: written as x_t = α·x_0 + σ·ε* with
@@ -183,30 +183,18 @@ class StyleTrainer(Trainer):
         target (v of (x_0, ε*)).  This is the SDEdit situation at sampling time — a noisy
         content of the wrong colour, and a style that says which — so the style learns to
         override the colour the input shows, not only to fill it in from pure noise.
+        Editing examples draw t from [EDIT_MIN_T·T, T).
         """
-        cfg = self.config
-        g = self._generator(micro)
-        x0 = batch["image"].to(self.device)
-        if cfg.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        B, T = x0.shape[0], cfg.num_timesteps
-        t = torch.randint(0, T, (B,), generator=g)
-        drop = (torch.rand(B, generator=g) < cfg.cond_dropout).tolist()
+        B, T = x0.shape[0], self.config.num_timesteps
         eps = torch.randn(x0.shape, generator=g).to(self.device)
-        edit = batch["edit"]
+        edit = batch["edit"].to(t.device)
         t_min = int(EDIT_MIN_T * T)
-        t = torch.where(edit, t_min + t % (T - t_min), t).to(self.device)
+        t = torch.where(edit, t_min + t % (T - t_min), t)
         ab = self.alphas_cumprod[t].view(B, 1, 1, 1)
         shift = (ab.sqrt() / (1 - ab).sqrt()) * (batch["recoloured"].to(self.device) - x0)
         eps = eps + edit.to(self.device, x0.dtype).view(B, 1, 1, 1) * shift
-        kwargs = self.model_kwargs(batch, drop)
-        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, eps, prediction=cfg.prediction)
-        weight = None
-        if cfg.min_snr_gamma is not None:
-            weight = ops.min_snr_weight(t, self.alphas_cumprod, cfg.min_snr_gamma, cfg.prediction)
-        with self._autocast():
-            pred = self.model(x_t, t, **kwargs)
-        return ops.diffusion_loss(pred, target, weight)
+        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, eps, prediction=self.config.prediction)
+        return x_t, t, target
 
     def model_kwargs(self, batch: dict, drop: list[bool]) -> dict:
         kwargs = super().model_kwargs(batch, drop)

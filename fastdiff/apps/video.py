@@ -175,7 +175,7 @@ class VideoTrainer(Trainer):
     ``init_from``: an image pipeline folder with the same UNet config (None: train from scratch).
     """
 
-    SUPPORTS_DDP = False  # its _micro_loss draws its own noise for its own batch: one process
+    SUPPORTS_DDP = False  # its noise is drawn for its own batch, not sliced by rank: one process
     DEFAULTS = dict(
         output_dir="runs/tiny-video", batch_size=4, steps=3000, lr=1e-3, warmup_steps=50, checkpoint_every=100,
     )  # fmt: skip
@@ -199,25 +199,14 @@ class VideoTrainer(Trainer):
     def pipeline_spec(self) -> dict:
         return {**super().pipeline_spec(), "video": self.ema.video.to_dict(), "frames": self.frames, "fps": FPS}
 
-    def _micro_loss(self, batch: dict, micro: int) -> torch.Tensor:
-        # The base step with one change: the noise is the clip prior (frames correlated, ρ), drawn
-        # from the micro-batch's generator after the timesteps and dropout flags, as the base draws it.
-        cfg = self.config
-        g = self._generator(micro)
-        x0 = batch["image"].to(self.device)
+    def noised(self, x0, t, g, batch, rows):
+        # The clip prior (frames correlated, ρ) instead of the base's per-element noise, drawn
+        # from the micro-batch's generator after the timesteps and dropout flags.
         B, C, n, H, W = x0.shape
-        t = torch.randint(0, cfg.num_timesteps, (B,), generator=g).to(self.device)
-        drop = (torch.rand(B, generator=g) < cfg.cond_dropout).tolist()
-        kwargs = self.model_kwargs(batch, drop)
         eps = torch.randn((B, C, n + 1, H, W), generator=g).to(self.device)
         noise = correlated_noise(eps, self.noise_correlation)
-        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, noise, prediction=cfg.prediction)
-        weight = None
-        if cfg.min_snr_gamma is not None:
-            weight = ops.min_snr_weight(t, self.alphas_cumprod, cfg.min_snr_gamma, cfg.prediction)
-        with self._autocast():
-            pred = self.model(x_t, t, **kwargs)
-        return ops.diffusion_loss(pred, target, weight)
+        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, noise, prediction=self.config.prediction)
+        return x_t, t, target
 
     def sample_grid(self) -> Path:
         """The sample prompts as one GIF (clips side by side), ``samples/step_XXXXXXX.gif``."""
