@@ -4,8 +4,10 @@ GPU: the Stable Diffusion 1.5 UNet shape (block widths 320/640/1280/1280, 8 head
 768-wide text tokens; random weights), fp16, channels_last, on 64×64×4 latents with
 77 text tokens, batch 1/4/8.  Two cases per batch:
 
-    sd15_unet.eager    fastdiff.patch(unet)  vs  the unpatched unet (SDPA attention)
-    sd15_unet.compile  torch.compile of each of the two
+    sd15_unet.eager      fastdiff.patch(unet)  vs  the unpatched unet (SDPA attention)
+    sd15_unet.cudagraph  each of the two captured in a CUDA graph: the GPU's work alone,
+                         without the host's launch cost (which dominates eager at batch 1)
+    sd15_unet.compile    torch.compile of each of the two (left out under --no-compile)
 
 images/s = B / seconds per call: one denoiser evaluation per image (a sampling run costs
 steps × this, ×2 with classifier-free guidance).  Target on an H100: patched eager ≥ 1.3×
@@ -22,7 +24,7 @@ import copy
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, compile_baselines, cuda_graph
 from fastdiff.ops import use_backend
 from fastdiff.patch import patch
 
@@ -63,7 +65,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     tokens = 77 if gpu else 8
     batches = ((1,) if quick else (1, 4, 8)) if gpu else (1,)
     fused, plain = _models(config, device, dtype)
-    if gpu:
+    if compile_baselines():
         # one compiled graph per batch size, as a server compiled at a fixed batch would have
         fused_c, plain_c = torch.compile(fused, dynamic=False), torch.compile(plain, dynamic=False)
     res, dt = config["sample_size"], "fp16" if gpu else "fp32"
@@ -76,6 +78,11 @@ def cases(device: str, quick: bool) -> list[Case]:
         if gpu:
             impls = {"patched": _call(fused, x, t, ctx), "unpatched": _call(plain, x, t, ctx)}
             out.append(Case("sd15_unet.eager", shape, dt, impls, items=B))
+            graphs = {name: cuda_graph(_call(m, x, t, ctx)) for name, m in (("patched+graph", fused), ("unpatched+graph", plain))}
+            if all(graphs.values()):
+                out.append(Case("sd15_unet.cudagraph", shape, dt, graphs, items=B))
+            if not compile_baselines():
+                continue
             impls = {"patched+compile": _call(fused_c, x, t, ctx), "unpatched+compile": _call(plain_c, x, t, ctx)}
             out.append(Case("sd15_unet.compile", shape, dt, impls, items=B))
         else:

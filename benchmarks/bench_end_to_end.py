@@ -6,6 +6,8 @@ steps with classifier-free guidance (scale 7.5: every step runs the UNet on 2B).
 Implementations:
 
     fastdiff            our UNet on the Triton ops + samplers.sample (fused sampler step)
+    fastdiff+graph      the same loop captured once in a CUDA graph and replayed (no host
+                        launch cost; the loop has no host sync, so all of it is captured)
     fastdiff-reference  the same model and loop with the ops forced to their PyTorch reference
     diffusers-eager     diffusers' UNet2DConditionModel of the same shape (SDPA attention)
                         with diffusers' DDIMScheduler, same timesteps
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, compile_baselines, cuda_graph
 from fastdiff import samplers
 from fastdiff.nn import UNet, UNetConfig
 from fastdiff.ops import use_backend
@@ -83,7 +85,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     torch.manual_seed(0)
     unet = UNet(cfg).to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
     theirs = _diffusers_unet(cfg, device, dtype) if gpu else None
-    theirs_compiled = torch.compile(theirs) if gpu else None
+    theirs_compiled = torch.compile(theirs) if compile_baselines() else None
 
     out = []
     for B in batches:
@@ -103,11 +105,15 @@ def cases(device: str, quick: bool) -> list[Case]:
 
         impls = {"fastdiff" if gpu else "fastdiff-reference": ours if gpu else reference}
         if gpu:
+            graphed = cuda_graph(ours)
+            if graphed is not None:
+                impls["fastdiff+graph"] = graphed
             impls["fastdiff-reference"] = reference
             impls["diffusers-eager"] = torch.no_grad()(lambda ctx2=ctx2, x_T=x_T: _diffusers_loop(theirs, ctx2, x_T, steps, dtype))
-            impls["diffusers-compile"] = torch.no_grad()(
-                lambda ctx2=ctx2, x_T=x_T: _diffusers_loop(theirs_compiled, ctx2, x_T, steps, dtype)
-            )
+            if theirs_compiled is not None:
+                impls["diffusers-compile"] = torch.no_grad()(
+                    lambda ctx2=ctx2, x_T=x_T: _diffusers_loop(theirs_compiled, ctx2, x_T, steps, dtype)
+                )
         shape = f"B={B} {cfg.in_channels}x{res}x{res} {steps}st CFG"
         name = "sd15_sample" if gpu else "tiny_sample"
         out.append(Case(name, shape, "bf16" if gpu else "fp32", impls, note=f"images/s = {1000 * B}/ms"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, compile_baselines
 from fastdiff import ops
 from fastdiff.schedule import make_schedule
 
@@ -43,18 +43,17 @@ def cases(device: str, quick: bool) -> list[Case]:
             x0 = torch.randn(shape, device=device, dtype=dtype)
             t = torch.randint(0, 1000, (shape[0],), device=device)
             n, s = x0.numel(), x0.element_size()
-            out.append(
-                Case("q_sample", str(shape), name, bytes=3 * n * s, impls={
-                    "fastdiff": lambda x0=x0, t=t: ops.q_sample(x0, t, acp),
-                    "eager": lambda x0=x0, t=t: eager_q_sample(x0, t, acp),
-                    "torch.compile": lambda x0=x0, t=t: compiled_q(x0, t, acp),
-                })
-            )  # fmt: skip
-            out.append(
-                Case("training_target[v]", str(shape), name, bytes=4 * n * s, impls={
-                    "fastdiff": lambda x0=x0, t=t: ops.training_target(x0, t, acp, prediction="v"),
-                    "eager": lambda x0=x0, t=t: eager_v_target(x0, t, acp),
-                    "torch.compile": lambda x0=x0, t=t: compiled_v(x0, t, acp),
-                })
-            )  # fmt: skip
+            q_impls = {
+                "fastdiff": lambda x0=x0, t=t: ops.q_sample(x0, t, acp),
+                "eager": lambda x0=x0, t=t: eager_q_sample(x0, t, acp),
+            }
+            v_impls = {
+                "fastdiff": lambda x0=x0, t=t: ops.training_target(x0, t, acp, prediction="v"),
+                "eager": lambda x0=x0, t=t: eager_v_target(x0, t, acp),
+            }
+            if compile_baselines():
+                q_impls["torch.compile"] = lambda x0=x0, t=t: compiled_q(x0, t, acp)
+                v_impls["torch.compile"] = lambda x0=x0, t=t: compiled_v(x0, t, acp)
+            out.append(Case("q_sample", str(shape), name, bytes=3 * n * s, impls=q_impls))
+            out.append(Case("training_target[v]", str(shape), name, bytes=4 * n * s, impls=v_impls))
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, has_gpu
+from benchmarks.harness import Case, compile_baselines
 from fastdiff.ops.sampler_step import sampler_step, step_coefficients
 
 SHAPES = [(8, 4, 64, 64), (8, 3, 256, 256)]
@@ -35,6 +35,8 @@ def _eager_chain(x, o_c, o_u, w, phi, c, noise, known, mask):
     if phi:
         dims = tuple(range(1, o.ndim))
         o = phi * o * (o_c.float().std(dim=dims, keepdim=True) / o.std(dim=dims, keepdim=True)) + (1 - phi) * o
+    c = {**dict.fromkeys(("x0_from_x", "x0_from_out", "eps_from_x", "eps_from_out", "x", "x0", "eps", "noise",
+                          "known", "known_noise"), 0.0), **c}  # the names step_coefficients defaults to 0
     xf = x.float()
     x0 = c["x0_from_x"] * xf + c["x0_from_out"] * o
     eps = c["eps_from_x"] * xf + c["eps_from_out"] * o
@@ -75,7 +77,7 @@ def cases(device: str, quick: bool) -> list[Case]:
                     return _eager_chain(x, o_c, o_u, 7.5, phi, named, noise, known, mask)
 
                 impls = {"fastdiff": ours, "eager": eager}
-                if has_gpu():
+                if compile_baselines():
                     impls["torch.compile"] = torch.compile(eager, dynamic=False)
                 s = x.element_size()
                 E = x.numel()

@@ -31,6 +31,15 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
+# torch.compile baselines: one graph per shape costs seconds to minutes of compilation
+# (the SD UNet: about a minute each); ``--no-compile`` leaves them out of a short run.
+COMPILE_BASELINES = True
+
+
+def compile_baselines() -> bool:
+    """Whether the entries add their torch.compile baselines (GPU only, and not under --no-compile)."""
+    return has_gpu() and COMPILE_BASELINES
+
 
 @dataclass
 class Case:
@@ -88,6 +97,29 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
+    """``fn`` captured once in a CUDA graph, as a replay callable; None (with the reason printed) if it cannot be.
+
+    Replays time the GPU's work without the host's per-op launch cost, as a server running a
+    captured UNet sees it.  ``fn``'s inputs are fixed: it must read and write the same tensors
+    on every call.
+    """
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # outside the capture: JIT compilation, library handles, allocator pools
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # a baseline that cannot be captured is reported and left out, not fatal
+        print(f"CUDA-graph capture failed, case skipped: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return None
+    return graph.replay
 
 
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:

@@ -14,6 +14,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import benchmarks
+from benchmarks import harness
 from benchmarks.harness import Row, copy_bandwidth_gbps, device_name, format_table, has_gpu, run_cases, save
 
 
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", action="append", choices=entries(), help="run only these entries")
     parser.add_argument("--quick", action="store_true", help="the smallest shapes only")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<date>-<device>)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
     args = parser.parse_args(argv)
+    harness.COMPILE_BASELINES = not args.no_compile
     return 1 if run(args.only, args.quick, args.out).failed else 0
 
 

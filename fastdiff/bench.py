@@ -154,23 +154,53 @@ def write_report(results, env: dict, out_dir: str, plots: dict[str, list[str]]) 
     return path
 
 
+def load_results(run, harness, out_dir: str):
+    """(Results, environment) from the ``<entry>.json`` files in ``out_dir`` (runs made one entry at a time)."""
+    import json
+
+    results, env = run.Results(bandwidth_gbps=0.0), None
+    for name in run.entries():
+        path = os.path.join(out_dir, f"{name}.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        results.rows[name] = [harness.Row(**row) for row in data["rows"]]
+        results.paths[name] = path
+        results.bandwidth_gbps = data.get("copy_bandwidth_gbps", results.bandwidth_gbps)
+        env = env or data["environment"]
+    if env is None:
+        raise SystemExit(f"fastdiff bench --report-only: no <entry>.json in {out_dir}")
+    return results, env
+
+
 # ----------------------------------------------------------------------------- command
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fastdiff bench [--only NAME ...] [--quick] [--out DIR]``; exit status 1 if an entry failed."""
+    """``fastdiff bench [--only NAME ...] [--quick] [--no-compile] [--out DIR] [--report-only]``.
+
+    Exit status 1 if an entry failed."""
     harness, run = _import_benchmarks()
     parser = argparse.ArgumentParser(prog="fastdiff bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=run.entries(), metavar="NAME",
                         help=f"run only this entry (repeatable): {', '.join(run.entries())}")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="the smallest shapes of each entry only")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<date>-<device>)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile baselines")
+    parser.add_argument(
+        "--report-only", action="store_true", help="time nothing: report.md and plots from the JSONs in --out"
+    )
     args = parser.parse_args(argv)
+    harness.COMPILE_BASELINES = not args.no_compile
 
     out_dir = args.out or harness.results_dir()
-    results = run.run(args.only, args.quick, out_dir)
+    if args.report_only:
+        results, env = load_results(run, harness, out_dir)
+    else:
+        results, env = run.run(args.only, args.quick, out_dir), harness.environment()
     plots = {name: plot_rows(rows, os.path.join(out_dir, "plots"), name) for name, rows in results.rows.items()}
-    report = write_report(results, harness.environment(), out_dir, plots)
+    report = write_report(results, env, out_dir, plots)
     print(f"report: {report}")
     for name, err in results.failed.items():
         print(f"FAILED {name}: {err}")
