@@ -25,6 +25,13 @@ def kernel_device() -> str:
     return "cuda" if torch.cuda.is_available() and not _backend.INTERPRET else "cpu"
 
 
+def real_size(*values, id: str | None = None):
+    """A test parameter at a real model size: it runs on a CUDA device only (the interpreter would take minutes)."""
+    on_gpu = kernel_device() == "cuda"
+    only_on_gpu = pytest.mark.skipif(not on_gpu, reason="real sizes run on a CUDA device")
+    return pytest.param(*values, id=id, marks=[pytest.mark.gpu, only_on_gpu])
+
+
 @pytest.fixture
 def device() -> str:
     return kernel_device()

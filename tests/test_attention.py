@@ -22,7 +22,7 @@ from fastdiff.ops.attention import HEAD_DIMS, attention, attention_ref
 
 # The module itself (the package attribute `fastdiff.ops.attention` may be the function).
 attn_mod = importlib.import_module("fastdiff.ops.attention")
-from tests.conftest import DTYPES, rel_err
+from tests.conftest import DTYPES, real_size, rel_err
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -124,6 +124,18 @@ def test_odd_lengths(Lq, Lk, device, poisoned_alloc):
 def test_every_dtype_cross_attention_layout(dtype, device, poisoned_alloc):
     """(B, L, H, D) projections as in the UNet's cross-attention, Lk = 77 text tokens."""
     _check_against_float64(*_qkv(2, 2, 37, 77, 80, dtype, device, layout="blhd"))
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D,dtype,layout", [
+    real_size(2, 8, 4096, 4096, 40, torch.float16, "fused", id="sd-64x64-self"),
+    real_size(2, 8, 4096, 77, 40, torch.bfloat16, "blhd", id="sd-64x64-cross"),
+    real_size(4, 10, 1024, 1024, 64, torch.bfloat16, "bhld", id="sdxl-32x32-self"),
+    real_size(1, 8, 2048, 2048, 128, torch.float16, "bhld", id="d128"),
+    real_size(16, 4, 16, 16, 64, torch.float32, "bhld", id="temporal-16f"),
+])  # fmt: skip
+def test_real_sizes(B, H, Lq, Lk, D, dtype, layout, device, poisoned_alloc):
+    """Kernel vs float64 at the sizes of real UNets, forward and gradients (CUDA only)."""
+    _check_against_float64(*_qkv(B, H, Lq, Lk, D, dtype, device, layout=layout))
 
 
 @pytest.mark.parametrize("D", [32, 64, 80, 160])  # the four fp32 tile configurations (BLOCK_D 32..256)

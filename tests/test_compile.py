@@ -91,6 +91,45 @@ def _train_inputs():
     return torch.randn(2, 3, 5, 7), torch.tensor([3, 70]), acp, torch.randn(2, 3, 5, 7)
 
 
+# The registered ops of each module: eager calls must not reach them (the dispatcher's round
+# trips cost more host time than the kernels), traced calls must (see test_every_op_traces...).
+REGISTERED_OPS = {
+    "fastdiff.ops.group_norm": ("_group_norm_silu_op", "_group_norm_silu_backward_op"),
+    "fastdiff.ops.attention": ("_attention_fwd_op", "_attention_bwd_op"),
+    "fastdiff.ops.noising": ("_noising_op", "_weighted_mse_op", "_weighted_mse_backward_op"),
+    "fastdiff.ops.sampler_step": ("_sampler_step_op",),
+}
+
+
+def test_eager_calls_skip_the_dispatcher(monkeypatch):
+    """Eager forward and backward run the ops' implementations directly, with the numbers of the ops."""
+    model, (x0, t, acp, noise) = AllOps(), _train_inputs()
+    coeffs = step_coefficients(x0_from_x=1.1, x0_from_out=-0.4, eps_from_out=1.0, x=0.9, x0=0.1)
+    with monkeypatch.context() as through_ops:  # as if traced: every call goes through the registered ops
+        for module in REGISTERED_OPS:
+            through_ops.setattr(importlib.import_module(module), "traced", lambda x: True)
+        via_ops_loss = _training_loss(model, x0, t, acp, noise)
+        via_ops_loss.backward()
+        via_ops_grads = [p.grad.clone() for p in model.parameters()]
+        with torch.no_grad():
+            via_ops_step = _sampling_step(model, x0, t, coeffs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through the registered op")
+
+    for module, names in REGISTERED_OPS.items():
+        for name in names:
+            monkeypatch.setattr(importlib.import_module(module), name, refuse)
+    model.zero_grad()
+    loss = _training_loss(model, x0, t, acp, noise)
+    loss.backward()
+    torch.testing.assert_close(loss, via_ops_loss)
+    for p, g in zip(model.parameters(), via_ops_grads):
+        torch.testing.assert_close(p.grad, g)
+    with torch.no_grad():
+        torch.testing.assert_close(_sampling_step(model, x0, t, coeffs), via_ops_step)
+
+
 def test_every_op_traces_into_one_graph():
     model = AllOps()
     x0, t, acp, noise = _train_inputs()

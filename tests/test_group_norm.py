@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import DTYPES, rel_err
+from tests.conftest import DTYPES, real_size, rel_err
 
 import fastdiff
 from fastdiff.nn.norm import GroupNormSiLU
@@ -25,6 +25,14 @@ SHAPES = [
     ((3, 8), 4, "wbss"),
 ]
 SHAPE_IDS = [f"{'x'.join(map(str, s))}/G{g}/{p}" for s, g, p in SHAPES]
+# the SD UNet's levels (C @ H×W, 32 groups) and a 16-frame video block, on CUDA only
+REAL_SIZES = [
+    real_size((2, 320, 64, 64), 32, "wbss", "channels_last", id="sd-320x64-cl"),
+    real_size((2, 320, 64, 64), 32, "wb", "contiguous", id="sd-320x64"),
+    real_size((8, 640, 32, 32), 32, "wbss", "contiguous", id="sd-640x32-b8"),
+    real_size((2, 1280, 8, 8), 32, "wbss", "channels_last", id="sd-1280x8-cl"),
+    real_size((1, 128, 16, 32, 32), 32, "wb", "contiguous", id="video-16f"),
+]
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -70,9 +78,10 @@ def tolerance(torch_err: float, dtype: torch.dtype) -> float:
     """Twice PyTorch's own low-precision error vs the fp32 reference, with a floor at fp32 round-off.
 
     Triton's interpreter casts fp32 → bf16 by truncation (the GPU rounds to nearest
-    even), which doubles the output's rounding error: add that extra half ulp there.
+    even), which doubles the output's rounding error and biases it: allow one more ulp
+    there (half an ulp failed about once in a few hundred runs on the 63-element case).
     """
-    extra = 2.0**-9 if dtype == torch.bfloat16 and _backend.INTERPRET else 0.0
+    extra = 2.0**-8 if dtype == torch.bfloat16 and _backend.INTERPRET else 0.0
     return 2 * torch_err + (2e-6 if dtype == torch.float32 else 1e-4) + extra
 
 
@@ -149,7 +158,7 @@ def test_closed_form_backward_matches_autograd(shape, G, parts, silu):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,G,parts,layout", _kernel_cases())
+@pytest.mark.parametrize("shape,G,parts,layout", _kernel_cases() + REAL_SIZES)
 def test_forward_kernel(shape, G, parts, layout, dtype, device, kernel_path, poisoned_alloc):
     x, w, b, sc, sh = make_inputs(shape, parts, dtype, device, layout)
     got = fastdiff.ops.group_norm_silu(x, G, w, b, scale=sc, shift=sh)
@@ -161,7 +170,7 @@ def test_forward_kernel(shape, G, parts, layout, dtype, device, kernel_path, poi
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,G,parts,layout", _kernel_cases()[::2] + [_kernel_cases()[3]])
+@pytest.mark.parametrize("shape,G,parts,layout", _kernel_cases()[::2] + [_kernel_cases()[3]] + REAL_SIZES)
 def test_backward_kernel(shape, G, parts, layout, dtype, device, kernel_path, poisoned_alloc):
     x, w, b, sc, sh = make_inputs(shape, parts, dtype, device, layout)
     dy = torch.randn(x.shape, device=device).to(dtype)
@@ -195,6 +204,26 @@ def test_every_optional_input(flags, silu, device, kernel_path, poisoned_alloc):
     assert rel_err(got, want) < 1e-5
     for o, r in zip(ours, ref):
         assert rel_err(o, r) < 1e-5
+
+
+def test_parameters_in_mixed_float_dtypes(device, kernel_path, poisoned_alloc):
+    """γ, β, scale and shift are read in their own dtypes (no cast per call); gradients come back in them."""
+    shape, G = (2, 6, 9, 7), 3
+    x = (torch.randn(shape, device=device) * 2 + 1).to(torch.bfloat16)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float32)  # γ, β, scale, shift
+    sizes = ((6,), (6,), (2, 6), (2, 6))
+    params = [(0.5 * torch.randn(n, device=device) + (i == 0)).to(dt) for i, (n, dt) in enumerate(zip(sizes, dtypes))]
+    leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
+    f32 = [t.detach().float().requires_grad_() for t in leaves]
+    dy = torch.randn(shape, device=device).to(torch.bfloat16)
+    got = fastdiff.ops.group_norm_silu(leaves[0], G, leaves[1], leaves[2], scale=leaves[3], shift=leaves[4])
+    want = gn.group_norm_silu_ref(f32[0], G, f32[1], f32[2], scale=f32[3], shift=f32[4])
+    got.backward(dy)
+    want.backward(dy.float())
+    assert rel_err(got, want) < 1e-2
+    for ours, ref in zip(leaves, f32):
+        assert ours.grad.dtype == ours.dtype
+        assert rel_err(ours.grad, ref.grad) < 2e-2
 
 
 @pytest.mark.parametrize("sms", [1, 132])

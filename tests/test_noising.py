@@ -8,10 +8,11 @@ import fastdiff
 from fastdiff import ops
 from fastdiff.ops import noising
 from fastdiff.schedule import make_schedule
-from tests.conftest import DTYPES, rel_err
+from tests.conftest import DTYPES, real_size, rel_err
 
 # Shapes that are not multiples of the kernel's block; one sample, odd sizes, 1-D samples.
 SHAPES = [(1, 1), (3, 5, 7, 9), (2, 3, 17, 33), (5, 1031), (2, 4, 3, 5, 6)]
+REAL_SHAPES = [real_size((64, 4, 64, 64), id="sd-latents"), real_size((8, 3, 256, 256), id="pixels-256")]
 # x_t is one fused multiply-add in fp32 rounded once to the output dtype: allow one
 # output-dtype rounding step (relative).
 TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -49,7 +50,7 @@ def test_reference_matches_float64_math(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + REAL_SHAPES)
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
 def test_kernel_matches_reference_given_noise(shape, dtype, prediction, device, poisoned_alloc):
     acp = _schedule(device)
@@ -67,7 +68,10 @@ def test_kernel_matches_reference_given_noise(shape, dtype, prediction, device, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 9), False), ((2, 6, 5, 3), True), ((2, 3, 4, 5, 3), True)])
+@pytest.mark.parametrize("shape,channels_last", [
+    ((3, 5, 7, 9), False), ((2, 6, 5, 3), True), ((2, 3, 4, 5, 3), True),
+    real_size((16, 4, 64, 64), False, id="sd-latents"), real_size((4, 3, 256, 256), True, id="pixels-256-cl"),
+])  # fmt: skip
 def test_kernel_draws_the_reference_noise(shape, dtype, channels_last, device, poisoned_alloc):
     """In-kernel Philox noise equals the reference's, for contiguous and channels_last."""
     acp = _schedule(device)
@@ -165,7 +169,7 @@ def test_min_snr_weight_matches_definition(prediction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7, 9), (2, 1031)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7, 9), (2, 1031), real_size((32, 4, 64, 64), id="sd-latents")])
 def test_loss_kernel_matches_reference_forward_and_backward(shape, dtype, device, poisoned_alloc):
     pred = torch.randn(shape, device=device).to(dtype).requires_grad_()
     target = torch.randn(shape, device=device).to(dtype).requires_grad_()
@@ -183,8 +187,13 @@ def test_loss_kernel_matches_reference_forward_and_backward(shape, dtype, device
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert rel_err(loss.detach(), loss64.detach()) < 1e-5
     assert pred.grad.dtype == dtype
-    assert rel_err(pred.grad, pred64.grad) < TOL[dtype]
-    assert rel_err(target.grad, target64.grad) < TOL[dtype]
+    # At real sizes the gradient 2·w·(pred − target)/(B·N) falls into fp16's subnormals, where
+    # PyTorch's own autograd loses precision too: allow twice its error where that is larger.
+    pred_pt, target_pt = pred.detach().clone().requires_grad_(), target.detach().clone().requires_grad_()
+    loss_pt = (weight.to(dtype) * (pred_pt - target_pt).pow(2).flatten(1).mean(1)).mean()
+    (loss_pt * g.to(dtype)).backward()
+    for ours, exact, theirs in ((pred.grad, pred64.grad, pred_pt.grad), (target.grad, target64.grad, target_pt.grad)):
+        assert rel_err(ours, exact) < max(TOL[dtype], 2 * rel_err(theirs, exact))
 
 
 def test_loss_default_weight_is_plain_mse(device):
@@ -229,6 +238,17 @@ def test_bad_inputs_name_the_argument():
         ops.diffusion_loss(x0, x0[:1])
     with pytest.raises(ValueError, match="weight"):
         ops.diffusion_loss(x0, x0, torch.ones(3))
+
+
+def test_out_of_range_timestep_reads_nothing_and_gives_nan(device, poisoned_alloc):
+    """On a GPU the range is not checked on the host (a sync): the kernel and reference guard the index."""
+    acp = _schedule(device)
+    x0 = torch.randn(3, 2, 5, 7, device=device)
+    t = torch.tensor([5, 1000, -1], device=device)
+    x_t, _, v = noising._noising_triton(x0, t, acp, None, noising.draw_keys(3, device), True)
+    ref_x_t, ref_v = noising.noising_ref(x0, t, acp, torch.randn_like(x0), True)
+    for out in (x_t, v, ref_x_t, ref_v):
+        assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
 
 
 def test_no_graph_break_under_torch_compile():

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import DTYPES, rel_err
+from conftest import DTYPES, real_size, rel_err
 from fastdiff.ops import _backend, use_backend
 from fastdiff.ops._philox import randn_like_philox, step_keys
 from fastdiff.ops.sampler_step import (
@@ -65,6 +65,7 @@ CONFIGS = {
     "per-image-coeffs": dict(guidance=True, noise=True, per_image=True),
 }
 SHAPES = [(1, 3, 5, 7), (3, 2, 33, 17), (2, 1, 1030)]
+REAL_SHAPES = [real_size((8, 4, 64, 64), id="sd-latents"), real_size((4, 3, 256, 256), id="pixels-256")]
 
 
 def assert_faithful(name, out, exact):
@@ -88,7 +89,7 @@ def reference64(args, kw):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + REAL_SHAPES)
 def test_kernel_matches_reference(shape, config, dtype, device, poisoned_alloc):
     if not _backend.HAS_TRITON:
         pytest.skip("triton not importable")

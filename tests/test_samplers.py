@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastdiff import samplers
-from fastdiff.ops import use_backend
+from fastdiff.ops import _backend, use_backend
 from fastdiff.ops.sampler_step import step_noise_ref
 
 step_mod = importlib.import_module("fastdiff.ops.sampler_step")  # the module: ops.sampler_step is the function
@@ -320,7 +320,7 @@ def test_gaussian_check_has_power(reference):
         check_moments(x, *chain_law(plan, mu, cov, sched, "epsilon"))
 
 
-def test_loop_runs_the_kernel(monkeypatch):
+def test_loop_runs_the_kernel(monkeypatch, device):
     """One short loop through the Triton kernel: it runs at every step, agrees with the reference
     loop, and its samples follow the chain's law within this smaller sample's error."""
     from fastdiff.schedule import timesteps
@@ -334,17 +334,22 @@ def test_loop_runs_the_kernel(monkeypatch):
 
     sched = make_schedule("linear", T)
     mu, cov = gaussian_problem()
-    plan = samplers.ddpm_plan(sched, timesteps(20, T, "trailing"))
-    seeds = seeds_for(2)
+    plan = samplers.ddpm_plan(sched, timesteps(20, T, "trailing")).to(device)
+    seeds = seeds_for(2).to(device)
     x_T = samplers.initial_noise(seeds, (2, D, 300))
-    model = exact_model(mu, cov, sched, "epsilon")
+    exact = exact_model(mu, cov, sched, "epsilon")  # float64 on the CPU
+
+    def model(x, t):
+        return exact(x.cpu(), t.cpu()).to(x.device)
+
     monkeypatch.setattr(step_mod, "_sampler_step_triton", spy)
     x_kernel = samplers.sample(model, x_T, seeds, plan)
     assert len(calls) == len(plan)
     with use_backend("reference"):
         x_ref = samplers.sample(model, x_T, seeds, plan)
+    assert x_kernel.device == x_T.device
     assert torch.allclose(x_kernel, x_ref, rtol=1e-4, atol=1e-4)
-    check_moments(x_kernel, *chain_law(plan, mu, cov, sched, "epsilon"))
+    check_moments(x_kernel.cpu(), *chain_law(plan, mu, cov, sched, "epsilon"))
 
 
 # ----------------------------------------------------------------------------- guidance, inpainting, seeds
@@ -459,7 +464,7 @@ def test_plan_is_device_ready():
 def test_loop_has_no_sync_and_captures_in_a_cuda_graph():
     from fastdiff.schedule import timesteps
 
-    if step_mod._backend.INTERPRET:
+    if _backend.INTERPRET:
         pytest.skip("the interpreter runs on CPU tensors")
     sched = make_schedule("scaled_linear", T)
     plan = samplers.dpmpp_2m_plan(sched, timesteps(6, T, "trailing")).to("cuda")

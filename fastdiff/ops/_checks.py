@@ -53,7 +53,15 @@ def check_device(name: str, x: torch.Tensor, device: torch.device, ref_name: str
 
 
 def check_timesteps(name: str, t: torch.Tensor, num_timesteps: int) -> None:
-    """Range check of integer timesteps (reads the values: one sync on CUDA)."""
+    """Range check of integer timesteps held on the CPU.
+
+    On a GPU the values are not read here: that would cost a device sync on every call
+    (measured on an H200: it tripled the time of a q_sample) and forbid CUDA-graph capture.
+    The kernels guard the index instead: an out-of-range timestep reads no memory and
+    gives NaN outputs for its sample.
+    """
+    if t.device.type != "cpu":
+        return
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
         raise ValueError(
             f"{name} must lie in [0, {num_timesteps - 1}] (the schedule's length), "

@@ -48,12 +48,13 @@ contiguous first (a copy).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops._backend import HAS_TRITON, use_triton
+from fastdiff.ops._backend import HAS_TRITON, cdiv, eager_function, traced, use_triton, wants_grad
 from fastdiff.ops._layout import sample_layout
 
 # ----------------------------------------------------------------------------- reference
@@ -237,10 +238,10 @@ if HAS_TRITON:
     def _gn_finalize_kernel(
         PMEAN,  # (B, C, SPLIT) fp32 partial means
         PM2,  # (B, C, SPLIT) fp32 partial M2
-        WEIGHT,  # (C,) fp32 γ (HAS_WEIGHT)
-        BIAS,  # (C,) fp32 β (HAS_BIAS)
-        SCALE,  # (B, C) fp32, row stride stride_scale_b (HAS_SCALE)
-        SHIFT,  # (B, C) fp32, row stride stride_shift_b (HAS_SHIFT)
+        WEIGHT,  # (C,) γ, any float dtype (HAS_WEIGHT)
+        BIAS,  # (C,) β, any float dtype (HAS_BIAS)
+        SCALE,  # (B, C) any float dtype, row stride stride_scale_b (HAS_SCALE)
+        SHIFT,  # (B, C) any float dtype, row stride stride_shift_b (HAS_SHIFT)
         MEAN,  # (B, G) fp32 out: μ
         RSTD,  # (B, G) fp32 out: 1/sqrt(σ² + eps)
         COEF_A,  # (B, C) fp32 out: A = r·γ(1 + scale)
@@ -293,15 +294,15 @@ if HAS_TRITON:
             c = g * CG + j
             one_plus_s = tl.full([BLOCK_CG], 1.0, dtype=tl.float32)
             if HAS_SCALE:
-                one_plus_s += tl.load(SCALE + b * stride_scale_b + c, mask=m, other=0.0)
+                one_plus_s += tl.load(SCALE + b * stride_scale_b + c, mask=m, other=0.0).to(tl.float32)
             a = one_plus_s
             if HAS_WEIGHT:
-                a = a * tl.load(WEIGHT + c, mask=m, other=0.0)
+                a = a * tl.load(WEIGHT + c, mask=m, other=0.0).to(tl.float32)
             d = tl.zeros([BLOCK_CG], dtype=tl.float32)
             if HAS_BIAS:
-                d += tl.load(BIAS + c, mask=m, other=0.0) * one_plus_s
+                d += tl.load(BIAS + c, mask=m, other=0.0).to(tl.float32) * one_plus_s
             if HAS_SHIFT:
-                d += tl.load(SHIFT + b * stride_shift_b + c, mask=m, other=0.0)
+                d += tl.load(SHIFT + b * stride_shift_b + c, mask=m, other=0.0).to(tl.float32)
             tl.store(COEF_A + b * C + c, rstd * a, mask=m)
             tl.store(COEF_D + b * C + c, d, mask=m)
 
@@ -389,9 +390,9 @@ if HAS_TRITON:
     def _gn_bwd_finalize_kernel(
         PP,  # (B, C, SPLIT) fp32 partial Σ dz
         PQ,  # (B, C, SPLIT) fp32 partial Σ dz·x̂
-        WEIGHT,  # (C,) fp32 γ (HAS_WEIGHT)
-        BIAS,  # (C,) fp32 β (HAS_BIAS)
-        SCALE,  # (B, C) fp32, row stride stride_scale_b (HAS_SCALE)
+        WEIGHT,  # (C,) γ, any float dtype (HAS_WEIGHT)
+        BIAS,  # (C,) β, any float dtype (HAS_BIAS)
+        SCALE,  # (B, C) any float dtype, row stride stride_scale_b (HAS_SCALE)
         RSTD,  # (B, G) fp32
         DX_E,  # (B, G) fp32 out: E = −r²·m2/N
         DX_F,  # (B, G) fp32 out: F = −r·m1/N
@@ -428,17 +429,17 @@ if HAS_TRITON:
             Q = tl.sum(tl.load(PQ + idx, mask=pm, other=0.0), axis=1)
             one_plus_s = 1.0
             if HAS_SCALE:
-                one_plus_s += tl.load(SCALE + b * stride_scale_b + c, mask=m, other=0.0)
+                one_plus_s += tl.load(SCALE + b * stride_scale_b + c, mask=m, other=0.0).to(tl.float32)
             gamma = 1.0
             if HAS_WEIGHT:
-                gamma = tl.load(WEIGHT + c, mask=m, other=0.0)
+                gamma = tl.load(WEIGHT + c, mask=m, other=0.0).to(tl.float32)
                 tl.store(TERM_W + b * C + c, one_plus_s * Q, mask=m)
             if HAS_BIAS:
                 tl.store(TERM_B + b * C + c, one_plus_s * P, mask=m)
             if HAS_SCALE:
                 dscale = gamma * Q
                 if HAS_BIAS:
-                    dscale += tl.load(BIAS + c, mask=m, other=0.0) * P
+                    dscale += tl.load(BIAS + c, mask=m, other=0.0).to(tl.float32) * P
                 tl.store(DSCALE + b * C + c, dscale, mask=m)
             if HAS_SHIFT:
                 tl.store(DSHIFT + b * C + c, P, mask=m)
@@ -551,12 +552,12 @@ def _split(x: torch.Tensor, B: int, c_blocks: int, S: int, block_s: int) -> tupl
     large batch keeps one chunk (the whole group in one program per channel
     block, no merge overhead).
     """
-    n_tiles = triton.cdiv(S, block_s)
+    n_tiles = cdiv(S, block_s)
     sms = _num_sms(x.device.index if x.is_cuda else None)
-    want = triton.cdiv(PROGRAMS_PER_SM * sms, B * c_blocks)
+    want = cdiv(PROGRAMS_PER_SM * sms, B * c_blocks)
     split = max(1, min(want, n_tiles, MAX_SPLIT))
-    tiles = triton.cdiv(n_tiles, split)
-    return triton.cdiv(n_tiles, tiles), tiles
+    tiles = cdiv(n_tiles, split)
+    return cdiv(n_tiles, tiles), tiles
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -565,10 +566,10 @@ def _split(x: torch.Tensor, B: int, c_blocks: int, S: int, block_s: int) -> tupl
 def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
     layout = sample_layout(x)
     B, C = x.shape[:2]
-    S = x[0, 0].numel()
+    S = math.prod(x.shape[2:])
     G, CG = num_groups, C // num_groups
     block_c, block_s = _tile_shape(layout, C, S)
-    c_blocks = triton.cdiv(C, block_c)
+    c_blocks = cdiv(C, block_c)
     split, tiles = _split(x, B, c_blocks, S, block_s)
     cl = layout == "channels_last"
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -581,15 +582,16 @@ def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
     mean = torch.empty(B, G, **f32)
     rstd = torch.empty(B, G, **f32)
     coef = torch.empty(2, B, C, **f32)
+    coef_a, coef_d = coef.unbind(0)
     _gn_finalize_kernel[(B * G,)](
-        pmean, pm2, _ptr(weight, x), _ptr(bias, x), _ptr(scale, x), _ptr(shift, x), mean, rstd, coef[0], coef[1],
+        pmean, pm2, _ptr(weight, x), _ptr(bias, x), _ptr(scale, x), _ptr(shift, x), mean, rstd, coef_a, coef_d,
         C, S, G, CG, split, tiles * block_s, _row_stride(scale), _row_stride(shift), eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, BLOCK_P=FINAL_BLOCK_P, BLOCK_CG=FINAL_BLOCK_CG, num_warps=FINAL_WARPS,
     )  # fmt: skip
     y = torch.empty_like(x)
-    _gn_apply_kernel[(triton.cdiv(S, block_s), c_blocks, B)](
-        x, y, mean, coef[0], coef[1], C, S, G, CG,
+    _gn_apply_kernel[(cdiv(S, block_s), c_blocks, B)](
+        x, y, mean, coef_a, coef_d, C, S, G, CG,
         CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
     )  # fmt: skip
     return y, mean, rstd, coef
@@ -598,18 +600,19 @@ def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
 def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu):
     layout = sample_layout(x)
     B, C = x.shape[:2]
-    S = x[0, 0].numel()
+    S = math.prod(x.shape[2:])
     G = mean.shape[1]
     CG = C // G
     block_c, block_s = _tile_shape(layout, C, S)
-    c_blocks = triton.cdiv(C, block_c)
+    c_blocks = cdiv(C, block_c)
     split, tiles = _split(x, B, c_blocks, S, block_s)
     cl = layout == "channels_last"
     f32 = dict(device=x.device, dtype=torch.float32)
+    coef_a, coef_d = coef.unbind(0)
     pp = torch.empty(B, C, split, **f32)
     pq = torch.empty(B, C, split, **f32)
     _gn_bwd_reduce_kernel[(split, c_blocks, B)](
-        x, dy, mean, rstd, coef[0], coef[1], pp, pq, C, S, G, CG, tiles * block_s, tiles, split,
+        x, dy, mean, rstd, coef_a, coef_d, pp, pq, C, S, G, CG, tiles * block_s, tiles, split,
         CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
     )  # fmt: skip
     dx_ef = torch.empty(2, B, G, **f32)
@@ -628,14 +631,14 @@ def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu):
     if affine:
         # both sums in one pass; a row of terms that was not written only feeds an output dropped here
         dweight, dbias = torch.empty(C, **f32), torch.empty(C, **f32)
-        _col_sum_kernel[(triton.cdiv(C, COLSUM_BLOCK),)](
+        _col_sum_kernel[(cdiv(C, COLSUM_BLOCK),)](
             terms[0], terms[1], dweight, dbias, B, C, BLOCK=COLSUM_BLOCK, num_warps=FINAL_WARPS
         )
         dweight = dweight if weight is not None else None
         dbias = dbias if bias is not None else None
     dx = torch.empty_like(x)
-    _gn_dx_kernel[(triton.cdiv(S, block_s), c_blocks, B)](
-        x, dy, dx, mean, coef[0], coef[1], dx_ef[0], dx_ef[1], C, S, G, CG,
+    _gn_dx_kernel[(cdiv(S, block_s), c_blocks, B)](
+        x, dy, dx, mean, coef_a, coef_d, dx_ef[0], dx_ef[1], C, S, G, CG,
         CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
     )  # fmt: skip
     return dx, dweight, dbias, dscale, dshift
@@ -668,8 +671,7 @@ def _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu):
     return torch.empty_like(x).copy_(y), mean, rstd, torch.stack([A, d.expand(B, C)])
 
 
-@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
-def _group_norm_silu_op(
+def _forward_impl(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
@@ -685,6 +687,9 @@ def _group_norm_silu_op(
     return _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu)
 
 
+_group_norm_silu_op = torch.library.custom_op("fastdiff::group_norm_silu", _forward_impl, mutates_args=())
+
+
 @_group_norm_silu_op.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, silu):
     B, C = x.shape[:2]
@@ -692,8 +697,7 @@ def _(x, weight, bias, scale, shift, num_groups, eps, silu):
     return torch.empty_like(x), stats, torch.empty_like(stats), x.new_empty((2, B, C), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdiff::group_norm_silu_backward", mutates_args=())
-def _group_norm_silu_backward_op(
+def _backward_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -715,6 +719,11 @@ def _group_norm_silu_backward_op(
         grads = group_norm_silu_backward_ref(dy, x, mean.shape[1], weight, bias, eps, scale, shift, silu)
         grads = (torch.empty_like(x).copy_(grads[0]), *grads[1:])
     return tuple(x.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
+
+
+_group_norm_silu_backward_op = torch.library.custom_op(
+    "fastdiff::group_norm_silu_backward", _backward_impl, mutates_args=()
+)
 
 
 @_group_norm_silu_backward_op.register_fake
@@ -740,9 +749,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd, _dcoef):
     x, mean, rstd, coef, weight, bias, scale, shift = ctx.saved_tensors
-    dx, dw, db, ds, dsh = _group_norm_silu_backward_op(
-        dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu
-    )
+    backward = _group_norm_silu_backward_op if traced(x) else _backward_impl
+    dx, dw, db, ds, dsh = backward(dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu)
     grads = [dx if ctx.needs_input_grad[0] else None]
     for t, g, i in ((weight, dw, 1), (bias, db, 2), (scale, ds, 3), (shift, dsh, 4)):
         grads.append(g if t is not None and ctx.needs_input_grad[i] else None)
@@ -750,6 +758,10 @@ def _backward(ctx, dy, _dmean, _drstd, _dcoef):
 
 
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# eager mode (``_backend.traced``): the same forward, context and backward without the dispatcher
+_EagerGroupNormSiLU = eager_function(_forward_impl, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -783,12 +795,11 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, silu) -> None:
             _checks.check_device(name, t, x.device, "x")
 
 
-def _as_fp32_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """fp32 with unit stride along channels (the kernels take any row stride, e.g. a chunk of a Linear's output)."""
-    if t is None:
-        return None
-    t = t.to(torch.float32)
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _unit_stride_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with unit stride along channels, in its own dtype: the kernels read γ, β, scale and shift
+    in any float dtype and any row stride (e.g. a chunk of a Linear's output), so a half-precision
+    model pays no cast per call."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def group_norm_silu(
@@ -814,11 +825,15 @@ def group_norm_silu(
     _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
     if sample_layout(x) is None:
         x = x.contiguous()
-    y, _, _, _ = _group_norm_silu_op(
-        x, _as_fp32_rows(weight), _as_fp32_rows(bias), _as_fp32_rows(scale), _as_fp32_rows(shift),
+    args = (
+        x, _unit_stride_rows(weight), _unit_stride_rows(bias), _unit_stride_rows(scale), _unit_stride_rows(shift),
         num_groups, float(eps), silu,
     )  # fmt: skip
-    return y
+    if traced(x):
+        return _group_norm_silu_op(*args)[0]
+    if wants_grad(*args[:5]):
+        return _EagerGroupNormSiLU.apply(*args)[0]
+    return _forward_impl(*args)[0]
 
 
 # ----------------------------------------------------------------------------- audit
@@ -887,6 +902,27 @@ def audit_cases():
              "stride_scale_b": "i32", **dict.fromkeys(has, "constexpr"), "BLOCK_CG": "constexpr",
              "BLOCK_K": "constexpr"},
             {**has, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
+        ))  # fmt: skip
+    # γ, β, scale and shift in the model's half precision (read as is, converted in the kernel)
+    every = dict.fromkeys(("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT"), True)
+    for pd in ("fp16", "bf16"):
+        cases.append(KernelCase(
+            f"gn_finalize[all,{pd} params]", _gn_finalize_kernel,
+            {"PMEAN": "*fp32", "PM2": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}",
+             "SHIFT": f"*{pd}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
+             "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32", "CHUNK_S": "i32",
+             "stride_scale_b": "i32", "stride_shift_b": "i32", "eps": "fp32", **dict.fromkeys(every, "constexpr"),
+             "BLOCK_P": "constexpr", "BLOCK_CG": "constexpr"},
+            {**every, "BLOCK_P": FINAL_BLOCK_P, "BLOCK_CG": FINAL_BLOCK_CG}, FINAL_WARPS,
+        ))  # fmt: skip
+        cases.append(KernelCase(
+            f"gn_bwd_finalize[all,{pd} params]", _gn_bwd_finalize_kernel,
+            {"PP": "*fp32", "PQ": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}", "RSTD": "*fp32",
+             "DX_E": "*fp32", "DX_F": "*fp32", "DSCALE": "*fp32", "DSHIFT": "*fp32", "TERM_W": "*fp32",
+             "TERM_B": "*fp32", "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
+             "stride_scale_b": "i32", **dict.fromkeys(every, "constexpr"), "BLOCK_CG": "constexpr",
+             "BLOCK_K": "constexpr"},
+            {**every, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
         ))  # fmt: skip
     cases.append(KernelCase(
         "gn_col_sum", _col_sum_kernel,

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops._backend import HAS_TRITON, use_triton
+from fastdiff.ops._backend import HAS_TRITON, cdiv, eager_function, traced, use_triton, wants_grad
 from fastdiff.ops._layout import match_layout, sample_layout
 from fastdiff.ops._philox import randn_like_philox
 
@@ -41,8 +41,15 @@ PREDICTIONS = ("epsilon", "v", "sample")
 
 
 def _coefficients(t: torch.Tensor, alphas_cumprod: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """sqrt(ᾱ_t), sqrt(1 − ᾱ_t) in fp32, shaped (B, 1, ...) to broadcast over a sample."""
-    abar = alphas_cumprod.to(torch.float32)[t.long()].view(-1, *([1] * (ndim - 1)))
+    """sqrt(ᾱ_t), sqrt(1 − ᾱ_t) in fp32, shaped (B, 1, ...) to broadcast over a sample.
+
+    A timestep outside the schedule gives NaN, as in the kernel (no out-of-bounds read on a GPU).
+    """
+    T = alphas_cumprod.shape[0]
+    t = t.long()
+    valid = (t >= 0) & (t < T)
+    abar = alphas_cumprod.to(torch.float32)[t.clamp(0, T - 1)]
+    abar = torch.where(valid, abar, torch.full_like(abar, float("nan"))).view(-1, *([1] * (ndim - 1)))
     return abar.sqrt(), (1 - abar).sqrt()
 
 
@@ -88,6 +95,7 @@ if HAS_TRITON:
         N,  # elements per sample
         C,  # channels (CHANNELS_LAST only)
         S,  # spatial elements per channel (CHANNELS_LAST only)
+        NUM_T,  # schedule length: a timestep outside [0, NUM_T) reads nothing and gives NaN
         DRAW: tl.constexpr,
         V_TARGET: tl.constexpr,
         CHANNELS_LAST: tl.constexpr,
@@ -97,7 +105,8 @@ if HAS_TRITON:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         row = b.to(tl.int64) * N
-        abar = tl.load(ACP + tl.load(T + b))
+        tb = tl.load(T + b)
+        abar = tl.load(ACP + tb, mask=(tb >= 0) & (tb < NUM_T), other=float("nan"))
         a = tl.sqrt(abar)
         s = tl.sqrt(1.0 - abar)
         x0 = tl.load(X0 + row + offs, mask=mask).to(tl.float32)
@@ -180,9 +189,9 @@ def _noising_triton(x0, t, acp, noise, keys, want_v):
     noise_buf = torch.empty_like(x0) if draw else match_layout(noise, x0)
     v = torch.empty_like(x0) if want_v else x_t  # unused pointer when not want_v
     if x0.numel():
-        grid = (triton.cdiv(N, BLOCK), B)
+        grid = (cdiv(N, BLOCK), B)
         _q_sample_kernel[grid](
-            x0, t, acp.to(torch.float32), noise_buf, keys if draw else t, x_t, v, N, C, S,
+            x0, t, acp.to(torch.float32), noise_buf, keys if draw else t, x_t, v, N, C, S, acp.shape[0],
             DRAW=draw, V_TARGET=want_v, CHANNELS_LAST=layout == "channels_last", BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )  # fmt: skip
@@ -192,7 +201,7 @@ def _noising_triton(x0, t, acp, noise, keys, want_v):
 def _sq_err_sum_triton(pred, target):
     B = pred.shape[0]
     N = pred.numel() // B
-    nblk = triton.cdiv(N, BLOCK)
+    nblk = cdiv(N, BLOCK)
     partial = torch.empty(B, nblk, device=pred.device, dtype=torch.float32)
     _sq_err_partial_kernel[(nblk, B)](pred, target, partial, N, nblk, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return partial.sum(1)
@@ -202,7 +211,7 @@ def _sq_err_backward_triton(grad, pred, target, weight):
     B = pred.shape[0]
     N = pred.numel() // B
     dpred = torch.empty_like(pred)
-    grid = (triton.cdiv(N, BLOCK), B)
+    grid = (cdiv(N, BLOCK), B)
     _sq_err_backward_kernel[grid](
         grad.to(torch.float32).reshape(()), pred, target, weight, dpred, N, 1.0 / (B * N), BLOCK=BLOCK,
         num_warps=NUM_WARPS,
@@ -213,8 +222,7 @@ def _sq_err_backward_triton(grad, pred, target, weight):
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("fastdiff::noising", mutates_args=())
-def _noising_op(
+def _noising_impl(
     x0: torch.Tensor,
     t: torch.Tensor,
     alphas_cumprod: torch.Tensor,
@@ -233,18 +241,23 @@ def _noising_op(
     return x_t, (x0.new_empty(0) if drawn is None else drawn), (x0.new_empty(0) if v is None else v)
 
 
+_noising_op = torch.library.custom_op("fastdiff::noising", _noising_impl, mutates_args=())
+
+
 @_noising_op.register_fake
 def _(x0, t, alphas_cumprod, noise, keys, want_v):
     drawn = torch.empty_like(x0) if noise is None else x0.new_empty(0)
     return torch.empty_like(x0), drawn, (torch.empty_like(x0) if want_v else x0.new_empty(0))
 
 
-@torch.library.custom_op("fastdiff::weighted_mse", mutates_args=())
-def _weighted_mse_op(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _weighted_mse_impl(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if use_triton(pred):
         per_sample = _sq_err_sum_triton(pred, target) / (pred.numel() // pred.shape[0])
         return (weight * per_sample).mean()
     return weighted_mse_ref(pred, target, weight)
+
+
+_weighted_mse_op = torch.library.custom_op("fastdiff::weighted_mse", _weighted_mse_impl, mutates_args=())
 
 
 @_weighted_mse_op.register_fake
@@ -252,8 +265,7 @@ def _(pred, target, weight):
     return pred.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastdiff::weighted_mse_backward", mutates_args=())
-def _weighted_mse_backward_op(
+def _weighted_mse_backward_impl(
     grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
     if use_triton(pred):
@@ -261,6 +273,11 @@ def _weighted_mse_backward_op(
     B, N = pred.shape[0], pred.numel() // pred.shape[0]
     w = weight.view(-1, *([1] * (pred.ndim - 1)))
     return (2.0 * grad * w * (pred.float() - target.float()) / (B * N)).to(pred.dtype)
+
+
+_weighted_mse_backward_op = torch.library.custom_op(
+    "fastdiff::weighted_mse_backward", _weighted_mse_backward_impl, mutates_args=()
+)
 
 
 @_weighted_mse_backward_op.register_fake
@@ -276,12 +293,15 @@ def _mse_setup_context(ctx, inputs, output):
 
 def _mse_backward(ctx, grad):
     pred, target, weight = ctx.saved_tensors
-    dpred = _weighted_mse_backward_op(grad, pred, target, weight)
+    backward = _weighted_mse_backward_op if traced(pred) else _weighted_mse_backward_impl
+    dpred = backward(grad, pred, target, weight)
     dtarget = -dpred.to(target.dtype) if ctx.target_needs_grad else None
     return dpred, dtarget, None
 
 
 _weighted_mse_op.register_autograd(_mse_backward, setup_context=_mse_setup_context)
+# eager mode (``_backend.traced``): the same forward, context and backward without the dispatcher
+_EagerWeightedMSE = eager_function(_weighted_mse_impl, _mse_setup_context, _mse_backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -324,7 +344,7 @@ def _noising(x0, t, alphas_cumprod, noise, generator, want_v):
         x_t, v = noising_ref(x0, t, alphas_cumprod, noise, want_v)
         return x_t, noise, v
     keys = draw_keys(x0.shape[0], x0.device, generator) if noise is None else None
-    x_t, drawn, v = _noising_op(x0, t, alphas_cumprod, noise, keys, want_v)
+    x_t, drawn, v = (_noising_op if traced(x0) else _noising_impl)(x0, t, alphas_cumprod, noise, keys, want_v)
     return x_t, (drawn if noise is None else noise), (v if want_v else None)
 
 
@@ -410,7 +430,10 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if sample_layout(pred) is None:
         pred = pred.contiguous()
     target = match_layout(target.to(pred.dtype) if target.dtype != pred.dtype else target, pred)
-    return _weighted_mse_op(pred, target, weight.detach().to(torch.float32))
+    args = (pred, target, weight.detach().to(torch.float32))
+    if traced(pred):
+        return _weighted_mse_op(*args)
+    return _EagerWeightedMSE.apply(*args) if wants_grad(pred, target) else _weighted_mse_impl(*args)
 
 
 # ----------------------------------------------------------------------------- audit
@@ -427,7 +450,7 @@ def audit_cases():
                     name = f"q_sample[{dt},{'draw' if draw else 'given'}{',v' if v else ''}{',cl' if cl else ''}]"
                     sig = {
                         "X0": f"*{dt}", "T": "*i64", "ACP": "*fp32", "NOISE": f"*{dt}", "KEYS": "*i64",
-                        "XT": f"*{dt}", "V": f"*{dt}", "N": "i32", "C": "i32", "S": "i32",
+                        "XT": f"*{dt}", "V": f"*{dt}", "N": "i32", "C": "i32", "S": "i32", "NUM_T": "i32",
                         "DRAW": "constexpr", "V_TARGET": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr",
                     }  # fmt: skip
                     cx = {"DRAW": draw, "V_TARGET": v, "CHANNELS_LAST": cl, "BLOCK": BLOCK}

@@ -64,7 +64,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops._backend import HAS_TRITON, use_triton
+from fastdiff.ops._backend import HAS_TRITON, cdiv, traced, use_triton
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
 from fastdiff.ops._layout import match_layout, sample_layout
 
@@ -395,7 +395,7 @@ def _sampler_step_triton(
             out_c, out_u, stats, N, num_chunks, chunk, float(guidance_scale), BLOCK=STATS_BLOCK,
             num_warps=STATS_WARPS,
         )  # fmt: skip
-    grid = (triton.cdiv(N, BLOCK), B)
+    grid = (cdiv(N, BLOCK), B)
     _sampler_step_kernel[grid](
         x, out_c, out_u if out_u is not None else out_c, stats, coeffs,
         x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
@@ -413,8 +413,7 @@ def _sampler_step_triton(
 # ----------------------------------------------------------------------------- torch.library op
 
 
-@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
-def _sampler_step_op(
+def _sampler_step_impl(
     x: torch.Tensor,
     model_output: torch.Tensor,
     coeffs: torch.Tensor,
@@ -442,6 +441,9 @@ def _sampler_step_op(
             step, add_noise, known, mask,
         )  # fmt: skip
     return x_next, (x0 if return_x0 else x.new_empty(0))
+
+
+_sampler_step_op = torch.library.custom_op("fastdiff::sampler_step", _sampler_step_impl, mutates_args=())
 
 
 @_sampler_step_op.register_fake
@@ -553,7 +555,8 @@ def sampler_step(
         x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds, step,
         add_noise, known, mask,
     )  # fmt: skip
-    x_next, x0 = _sampler_step_op(
+    step_fn = _sampler_step_op if traced(x) else _sampler_step_impl  # no autograd: the step is never differentiated
+    x_next, x0 = step_fn(
         x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, float(guidance_scale),
         float(guidance_rescale), None if clip_x0 is None else float(clip_x0), step, bool(add_noise),
         bool(return_x0),
