@@ -18,7 +18,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Case, compile_baselines
+from benchmarks.harness import Case, compile_baselines, forward_backward
 from fastdiff.ops import group_norm_silu, use_backend
 
 GROUPS = 32
@@ -67,15 +67,6 @@ def _reference(x, w, b, scale, shift):
         return group_norm_silu(x, GROUPS, w, b, scale=scale, shift=shift)
 
 
-def _fwd_bwd(fn, inputs, dy):
-    def run():
-        for t in inputs:
-            t.grad = None
-        fn(*inputs).backward(dy)
-
-    return run
-
-
 def cases(device: str, quick: bool) -> list[Case]:
     on_gpu = device == "cuda"
     batches = [1] if quick else [1, 2, 8]
@@ -108,10 +99,10 @@ def cases(device: str, quick: bool) -> list[Case]:
 
         leaves = [t.detach().clone().requires_grad_() for t in args]
         dy = torch.randn_like(x)
-        impls = {"fastdiff": _fwd_bwd(ours, leaves, dy)}
+        impls = {"fastdiff": forward_backward(ours, leaves, dy)}
         if on_gpu:
-            impls["eager"] = _fwd_bwd(_eager, leaves, dy)
+            impls["eager"] = forward_backward(_eager, leaves, dy)
             if compile_baselines():
-                impls["torch.compile"] = _fwd_bwd(lambda *a: _compiled_eager()(*a), leaves, dy)
+                impls["torch.compile"] = forward_backward(lambda *a: _compiled_eager()(*a), leaves, dy)
         out.append(Case("group_norm_silu.fwd+bwd", shape, dt, impls, bytes=5 * nbytes, note=layout))
     return out

@@ -99,6 +99,17 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     return statistics.median(times)
 
 
+def forward_backward(fn: Callable, leaves: list[torch.Tensor], grad_out: torch.Tensor) -> Callable[[], None]:
+    """A call of ``fn(*leaves)`` and its backward from ``grad_out``, the leaves' gradients cleared first."""
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        fn(*leaves).backward(grad_out)
+
+    return run
+
+
 def cuda_graph(fn: Callable[[], object]) -> Callable[[], object] | None:
     """``fn`` captured once in a CUDA graph, as a replay callable; None (with the reason printed) if it cannot be.
 

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from benchmarks.harness import forward_backward
+
 OP_MODULES = ("group_norm", "attention", "noising", "sampler_step")
 
 
@@ -53,15 +55,6 @@ def time_us(fn, calls: int = 300, repeats: int = 5) -> float:
     return best * 1e6
 
 
-def _with_grad(op, leaves, grad_out):
-    def run():
-        for t in leaves:
-            t.grad = None
-        op(*leaves).backward(grad_out)
-
-    return run
-
-
 def cases(m) -> dict[str, callable]:
     """Op calls at SD-like shapes (the host path does not depend on the size)."""
     from fastdiff.ops.sampler_step import step_coefficients
@@ -89,8 +82,8 @@ def cases(m) -> dict[str, callable]:
             x0, x0, coeffs, uncond_output=x0, guidance_scale=7.5, seeds=seeds, step=3, add_noise=True
         ),
     }
-    gn_fb = _with_grad(lambda *a: gn(a[0], 32, a[1], a[2], scale=a[3], shift=a[4]), gn_leaves, torch.randn_like(x))
-    attn_fb = _with_grad(m["attention"].attention, q_leaves, torch.randn_like(q))
+    gn_fb = forward_backward(lambda *a: gn(a[0], 32, a[1], a[2], scale=a[3], shift=a[4]), gn_leaves, torch.randn_like(x))
+    attn_fb = forward_backward(m["attention"].attention, q_leaves, torch.randn_like(q))
     return {**plain, "group_norm_silu fwd+bwd": gn_fb, "attention fwd+bwd": attn_fb}
 
 

@@ -882,54 +882,47 @@ def audit_cases():
                     cx, NUM_WARPS,
                 ))  # fmt: skip
     for flags in range(16):
-        w, bi, sc, sh = (bool(flags & (1 << i)) for i in range(4))
-        has = {"HAS_WEIGHT": w, "HAS_BIAS": bi, "HAS_SCALE": sc, "HAS_SHIFT": sh}
+        has = dict(zip(_FLAGS, (bool(flags & (1 << i)) for i in range(4))))
         ftag = ",".join(k[4:].lower() for k, v in has.items() if v) or "plain"
-        cases.append(KernelCase(
-            f"gn_finalize[{ftag}]", _gn_finalize_kernel,
-            {"PMEAN": "*fp32", "PM2": "*fp32", "WEIGHT": "*fp32", "BIAS": "*fp32", "SCALE": "*fp32",
-             "SHIFT": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
-             "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32", "CHUNK_S": "i32",
-             "stride_scale_b": "i32", "stride_shift_b": "i32", "eps": "fp32", **dict.fromkeys(has, "constexpr"),
-             "BLOCK_P": "constexpr", "BLOCK_CG": "constexpr"},
-            {**has, "BLOCK_P": FINAL_BLOCK_P, "BLOCK_CG": FINAL_BLOCK_CG}, FINAL_WARPS,
-        ))  # fmt: skip
-        cases.append(KernelCase(
-            f"gn_bwd_finalize[{ftag}]", _gn_bwd_finalize_kernel,
-            {"PP": "*fp32", "PQ": "*fp32", "WEIGHT": "*fp32", "BIAS": "*fp32", "SCALE": "*fp32", "RSTD": "*fp32",
-             "DX_E": "*fp32", "DX_F": "*fp32", "DSCALE": "*fp32", "DSHIFT": "*fp32", "TERM_W": "*fp32",
-             "TERM_B": "*fp32", "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
-             "stride_scale_b": "i32", **dict.fromkeys(has, "constexpr"), "BLOCK_CG": "constexpr",
-             "BLOCK_K": "constexpr"},
-            {**has, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
-        ))  # fmt: skip
-    # γ, β, scale and shift in the model's half precision (read as is, converted in the kernel)
-    every = dict.fromkeys(("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT"), True)
+        cases += _finalize_cases(ftag, has, "fp32")
+    # γ, β, scale and shift in the model's half precision (read as they are, converted in the kernel)
     for pd in ("fp16", "bf16"):
-        cases.append(KernelCase(
-            f"gn_finalize[all,{pd} params]", _gn_finalize_kernel,
-            {"PMEAN": "*fp32", "PM2": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}",
-             "SHIFT": f"*{pd}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
-             "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32", "CHUNK_S": "i32",
-             "stride_scale_b": "i32", "stride_shift_b": "i32", "eps": "fp32", **dict.fromkeys(every, "constexpr"),
-             "BLOCK_P": "constexpr", "BLOCK_CG": "constexpr"},
-            {**every, "BLOCK_P": FINAL_BLOCK_P, "BLOCK_CG": FINAL_BLOCK_CG}, FINAL_WARPS,
-        ))  # fmt: skip
-        cases.append(KernelCase(
-            f"gn_bwd_finalize[all,{pd} params]", _gn_bwd_finalize_kernel,
-            {"PP": "*fp32", "PQ": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}", "RSTD": "*fp32",
-             "DX_E": "*fp32", "DX_F": "*fp32", "DSCALE": "*fp32", "DSHIFT": "*fp32", "TERM_W": "*fp32",
-             "TERM_B": "*fp32", "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
-             "stride_scale_b": "i32", **dict.fromkeys(every, "constexpr"), "BLOCK_CG": "constexpr",
-             "BLOCK_K": "constexpr"},
-            {**every, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
-        ))  # fmt: skip
+        cases += _finalize_cases(f"all,{pd} params", dict.fromkeys(_FLAGS, True), pd)
     cases.append(KernelCase(
         "gn_col_sum", _col_sum_kernel,
         {"TW": "*fp32", "TB": "*fp32", "DW": "*fp32", "DB": "*fp32", "B": "i32", "C": "i32", "BLOCK": "constexpr"},
         {"BLOCK": COLSUM_BLOCK}, FINAL_WARPS,
     ))  # fmt: skip
     return cases
+
+
+_FLAGS = ("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT")
+
+
+def _finalize_cases(tag: str, has: dict, pd: str) -> list:
+    """Audit cases of the two per-group kernels with the optional inputs ``has``, γ/β/scale/shift in ``pd``."""
+    from fastdiff.audit import KernelCase
+
+    flags = dict.fromkeys(has, "constexpr")
+    return [
+        KernelCase(
+            f"gn_finalize[{tag}]", _gn_finalize_kernel,
+            {"PMEAN": "*fp32", "PM2": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}",
+             "SHIFT": f"*{pd}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
+             "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32", "CHUNK_S": "i32",
+             "stride_scale_b": "i32", "stride_shift_b": "i32", "eps": "fp32", **flags,
+             "BLOCK_P": "constexpr", "BLOCK_CG": "constexpr"},
+            {**has, "BLOCK_P": FINAL_BLOCK_P, "BLOCK_CG": FINAL_BLOCK_CG}, FINAL_WARPS,
+        ),
+        KernelCase(
+            f"gn_bwd_finalize[{tag}]", _gn_bwd_finalize_kernel,
+            {"PP": "*fp32", "PQ": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}", "RSTD": "*fp32",
+             "DX_E": "*fp32", "DX_F": "*fp32", "DSCALE": "*fp32", "DSHIFT": "*fp32", "TERM_W": "*fp32",
+             "TERM_B": "*fp32", "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
+             "stride_scale_b": "i32", **flags, "BLOCK_CG": "constexpr", "BLOCK_K": "constexpr"},
+            {**has, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
+        ),
+    ]  # fmt: skip
 
 
 def _audit_tile_shapes(channels_last: bool) -> set[tuple[int, int]]:
