@@ -7,6 +7,7 @@ with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -91,6 +92,12 @@ def _train(args) -> int:
 
     _threads(args.threads)
     trainer_cls = _load(TASKS[args.task])
+    if args.init_from is not None:
+        if not hasattr(trainer_cls, "init_from"):
+            raise UsageError(f"--init-from is not supported by --task {args.task}")
+        if not os.path.isdir(args.init_from):
+            raise UsageError(f"--init-from {args.init_from!r} is not a pipeline folder or checkpoint")
+        trainer_cls = type(trainer_cls.__name__, (trainer_cls,), {"init_from": args.init_from})
     # Unset options keep TrainConfig's defaults (the shipped model's recipe).
     names = (
         "output_dir", "model", "text_encoder", "resolution", "steps", "batch_size", "grad_accum", "lr", "warmup_steps",
@@ -190,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help="(default: bf16 on CUDA, fp32 on CPU)")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--no-resume", action="store_true", help="start afresh even if --output-dir has checkpoints")
+    train.add_argument("--init-from", help="start from this pipeline folder or checkpoint (tasks that fine-tune: video)")
     train.add_argument("--export", help="also write the final EMA weights as a pipeline folder here")
     common(train)
     train.set_defaults(func=_train)

@@ -105,6 +105,32 @@ def test_image_weights_must_match():
         model.load_image_weights(other.state_dict())
 
 
+def test_text_pooling_starts_at_zero_and_reads_the_tokens():
+    """A model with text pooling loads a video model without it and computes the same; trained, it reads tokens."""
+    cfg = small_config()
+    old = randomise(VideoUNet(cfg, VideoConfig(max_frames=FRAMES)))
+    new = VideoUNet(cfg, VideoConfig(max_frames=FRAMES, text_pool_heads=2))
+    assert new.load_video_weights(old.state_dict()) == [
+        "temporal_frame_embed.token_proj.bias", "temporal_frame_embed.token_proj.weight",
+        "temporal_frame_embed.token_queries",
+    ]  # fmt: skip
+    x, t, ctx, pooled = inputs(2, 3)
+    with fastdiff.use_backend("reference"), torch.no_grad():
+        torch.testing.assert_close(new(x, t, ctx, pooled), old(x, t, ctx, pooled), rtol=0, atol=0)
+        embed = new.temporal_frame_embed
+        torch.nn.init.normal_(embed.token_proj.weight, std=0.5)
+        swapped = ctx.clone()
+        swapped[:, [0, 1]] = ctx[:, [1, 0]]  # the same tokens in another order: pooling is order-free
+        torch.testing.assert_close(embed(3, 2, pooled, swapped), embed(3, 2, pooled, ctx))
+        other = ctx.clone()
+        other[:, 2] += 1.0  # one token changed (a direction word): the frame embedding changes
+        assert (embed(3, 2, pooled, other) - embed(3, 2, pooled, ctx)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="do not fit this model"):
+        old.load_video_weights(new.state_dict())
+    with pytest.raises(ValueError, match="text_pool_heads"):
+        VideoConfig(text_pool_heads=-1)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_clip_group_norm_uses_clip_statistics(device, channels_last):
     B, n, C, H, W = 2, 3, 16, 5, 7
@@ -242,6 +268,23 @@ def test_trainer_starts_from_the_image_model_and_resumes_exactly(tmp_path):
     assert spec["video"]["max_frames"] == FRAMES and spec["frames"] == FRAMES
     with pytest.raises(ValueError, match="--data for the video task"):
         video.VideoTrainer.open_dataset("shapes", full.config)
+
+
+def test_trainer_continues_from_a_video_checkpoint(tmp_path, capsys):
+    """--init-from a video checkpoint: every weight it has is taken; other settings are refused."""
+    with fastdiff.use_backend("reference"):
+        first = small_trainer(tmp_path / "first", steps=2).train()
+        second = small_trainer(tmp_path / "second", first, steps=1)
+        theirs = video.load_weights(first)
+        assert all(torch.equal(second.model.state_dict()[k], v) for k, v in theirs.items())
+        longer = type("Longer", (video.VideoTrainer,), {"frames": FRAMES + 1, "init_from": first})
+        cfg = second.config
+        with pytest.raises(ValueError, match="video settings"):
+            longer(cfg, longer.open_dataset(None, cfg), text_encoder=HashEncoder())
+    assert cli.main(["train", "--task", "text2image", "--init-from", str(first)]) == 2
+    assert "--init-from is not supported by --task text2image" in capsys.readouterr().err
+    assert cli.main(["train", "--task", "video", "--init-from", str(tmp_path / "nothing")]) == 2
+    assert "is not a pipeline folder or checkpoint" in capsys.readouterr().err
 
 
 def test_pipeline_from_an_exported_checkpoint(tmp_path):

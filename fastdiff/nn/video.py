@@ -33,6 +33,10 @@ frames.  With a clip x of shape (B, C, F, H, W):
   so a ResBlock knows which frame it draws and which way the prompt says to move:
   the displacement of the shape is a function of (frame, prompt) the spatial layers
   can apply directly, while the temporal attention keeps the frames consistent.
+  With ``text_pool_heads`` = k > 0 the MLP's hidden layer also gets an attention
+  pooling of the text tokens (k learned queries, a softmax over the tokens each;
+  its projection zero-initialised): a pooled sentence embedding barely tells
+  "moving left" from "moving right", the token of the direction word does.
 
 Noise prior (``noise_correlation`` ρ; Ge et al. 2023 "Preserve Your Own Correlation",
 the "mixed" prior): the noise of frame f is ε_f = √ρ·ε_shared + √(1−ρ)·ε_f^ind, still
@@ -66,16 +70,19 @@ class VideoConfig:
     max_frames: int = 16  # longest clip accepted (= the trained clip length)
     temporal_dim_head: int = 32  # channels per head of the temporal attention (must divide every level's width)
     noise_correlation: float = 0.0  # ρ: share of the noise variance common to all frames of a clip
+    text_pool_heads: int = 0  # attention-pooling queries over the text tokens for the frame embedding (0: none)
 
     def __post_init__(self):
         if not isinstance(self.max_frames, int) or self.max_frames < 1:
             raise ValueError(f"max_frames must be an int >= 1, got {self.max_frames!r}")
         if not 0.0 <= self.noise_correlation < 1.0:
             raise ValueError(f"noise_correlation must be in [0, 1), got {self.noise_correlation}")
+        if not isinstance(self.text_pool_heads, int) or self.text_pool_heads < 0:
+            raise ValueError(f"text_pool_heads must be an int >= 0, got {self.text_pool_heads!r}")
 
     def to_dict(self) -> dict:
         return {"max_frames": self.max_frames, "temporal_dim_head": self.temporal_dim_head,
-                "noise_correlation": self.noise_correlation}  # fmt: skip
+                "noise_correlation": self.noise_correlation, "text_pool_heads": self.text_pool_heads}  # fmt: skip
 
 
 def correlated_noise(noise: torch.Tensor, rho: float) -> torch.Tensor:
@@ -125,20 +132,39 @@ def unfold_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 class FrameEmbedding(nn.Module):
-    """MLP([sinusoid(f), pooled text]) → (B·F, emb_dim), added to each frame's time embedding; starts at zero."""
+    """MLP([sinusoid(f), pooled text]) → (B·F, emb_dim), added to each frame's time embedding; starts at zero.
 
-    def __init__(self, frame_dim: int, pooled_dim: int, emb_dim: int):
+    With ``pool_heads`` > 0 the hidden layer also gets ``token_proj`` of an attention pooling of
+    the text tokens (``pool_heads`` learned queries); ``token_proj`` starts at zero, so adding it
+    to a trained model changes nothing until it is trained.
+    """
+
+    def __init__(self, frame_dim: int, pooled_dim: int, emb_dim: int, context_dim: int = 0, pool_heads: int = 0):
         super().__init__()
-        self.frame_dim, self.pooled_dim = frame_dim, pooled_dim
+        self.frame_dim, self.pooled_dim, self.pool_heads = frame_dim, pooled_dim, pool_heads
         self.linear_1 = nn.Linear(frame_dim + pooled_dim, emb_dim)
         self.linear_2 = _zero(nn.Linear(emb_dim, emb_dim))
+        if pool_heads:
+            self.token_queries = nn.Parameter(torch.randn(pool_heads, context_dim) / context_dim**0.5)
+            self.token_proj = _zero(nn.Linear(pool_heads * context_dim, emb_dim))
 
-    def forward(self, frames: int, batch: int, pooled: torch.Tensor | None) -> torch.Tensor:
+    def pool_tokens(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) text tokens → (B, heads·D): per head, the tokens averaged with softmax(q·token/√D) weights."""
+        q = self.token_queries.to(context.dtype)
+        weights = torch.softmax(context @ q.T * context.shape[-1] ** -0.5, dim=1)  # (B, L, heads)
+        return (weights.transpose(1, 2) @ context).flatten(1)
+
+    def forward(
+        self, frames: int, batch: int, pooled: torch.Tensor | None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         f = timestep_embedding(torch.arange(frames, device=self.linear_1.weight.device), self.frame_dim)
         h = f.to(self.linear_1.weight.dtype).expand(batch, -1, -1)  # (B, F, frame_dim)
         if self.pooled_dim:
             h = torch.cat([h, pooled.to(h.dtype)[:, None].expand(-1, frames, -1)], dim=-1)
-        return self.linear_2(F.silu(self.linear_1(h))).flatten(0, 1)  # (B·F, emb_dim)
+        h = self.linear_1(h)
+        if self.pool_heads:
+            h = h + self.token_proj(self.pool_tokens(context.to(h.dtype)))[:, None]
+        return self.linear_2(F.silu(h)).flatten(0, 1)  # (B·F, emb_dim)
 
 
 class TemporalAttention(nn.Module):
@@ -188,7 +214,9 @@ class VideoUNet(UNet):
             return TemporalAttention(stage.res.conv2.out_channels, v.temporal_dim_head, c.num_groups)
 
         emb_dim = c.time_embed_dim or 4 * c.model_channels
-        self.temporal_frame_embed = FrameEmbedding(c.model_channels, c.pooled_dim or 0, emb_dim)
+        self.temporal_frame_embed = FrameEmbedding(
+            c.model_channels, c.pooled_dim or 0, emb_dim, c.context_dim, v.text_pool_heads
+        )
         self.temporal_down = nn.ModuleList(nn.ModuleList(temporal(s) for s in stages) for stages in self.down)
         self.temporal_mid = TemporalAttention(self.mid_res2.conv2.out_channels, v.temporal_dim_head, c.num_groups)
         self.temporal_up = nn.ModuleList(nn.ModuleList(temporal(s) for s in stages) for stages in self.up)
@@ -205,6 +233,20 @@ class VideoUNet(UNet):
             diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             raise ValueError(f"the image weights do not match this model's spatial layers: {diff[:5]} differ")
         self.load_state_dict(state, strict=False)
+
+    def load_video_weights(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Initialise from a video checkpoint whose model lacks some temporal layers; returns those left new.
+
+        Every tensor of ``state`` must exist here with its shape; only temporal parameters may be missing
+        (e.g. the text pooling of a model trained without it), and they keep their initial values.
+        """
+        mine = {k: v.shape for k, v in self.state_dict().items()}
+        wrong = sorted(k for k, v in state.items() if mine.get(k) != v.shape)
+        missing = sorted(set(mine) - set(state))
+        if wrong or any(not k.startswith("temporal_") for k in missing):
+            raise ValueError(f"the video weights do not fit this model: {(wrong + missing)[:5]} differ")
+        self.load_state_dict(state, strict=False)
+        return missing
 
     def _check(self, x, t, context, pooled) -> torch.Tensor:
         c, v = self.config, self.video
@@ -235,7 +277,7 @@ class VideoUNet(UNet):
             m.frames = n
         # Conditioning is per clip; the spatial layers see B·F images (frame-major within a clip).
         emb = self.time_embed(t, pooled).repeat_interleave(n, dim=0)
-        emb = emb + self.temporal_frame_embed(n, x.shape[0], pooled)
+        emb = emb + self.temporal_frame_embed(n, x.shape[0], pooled, context)
         context = context.repeat_interleave(n, dim=0)
         h = fold_frames(x)
         h = self.conv_in(F.pixel_unshuffle(h, c.patch_size) if c.patch_size > 1 else h)
