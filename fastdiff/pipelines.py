@@ -81,8 +81,10 @@ def _seeds(seeds, n: int) -> list[int]:
     return seeds
 
 
-class Text2Image:
-    """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
+class Pipeline:
+    """What every pipeline holds: a network, its text encoder (with its prompt cache), the
+    schedule, prediction and resolution of its ``pipeline.json``.  A subclass says which
+    network a folder holds (`build_unet`) and what it does with it."""
 
     CHANNELS_LAST = True  # NHWC weights on CUDA (faster convolutions on tensor cores)
 
@@ -105,9 +107,7 @@ class Text2Image:
         return next(self.unet.parameters()).device
 
     @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike = DEFAULT_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
-    ) -> "Text2Image":
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None, text_encoder=None):
         """Load a pipeline folder (or a training checkpoint folder: its EMA weights)."""
         from fastdiff.text import load_text_encoder
 
@@ -121,6 +121,22 @@ class Text2Image:
         if text_encoder is None:
             text_encoder = load_text_encoder(spec["text_encoder"], device)
         return cls(unet, text_encoder, spec)
+
+    @classmethod
+    def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
+        """The network ``spec`` (``pipeline.json`` of ``path``) describes, before its weights are loaded."""
+        raise NotImplementedError
+
+
+class Text2Image(Pipeline):
+    """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike = DEFAULT_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
+    ) -> "Text2Image":
+        """Load a pipeline folder (or a training checkpoint folder: its EMA weights)."""
+        return super().from_pretrained(path, device, text_encoder)
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:

@@ -50,7 +50,7 @@ from fastdiff.data import COLOURS, JITTER, POSITIONS, SHAPES, SIZES, ShapesDatas
 from fastdiff.data import load_image, to_pil, to_tensor
 from fastdiff.nn.style import StyleConfig, StyleUNet
 from fastdiff.nn.unet import UNet, UNetConfig
-from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, _seeds, load_weights, read_spec
+from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Pipeline, _seeds, load_weights, read_spec
 from fastdiff.training import Trainer, pipeline_spec
 
 STYLE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-style"
@@ -244,49 +244,33 @@ def check_strength(strength) -> None:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
 
 
-class Stylizer:
+class Stylizer(Pipeline):
     """A restyling pipeline: a `StyleUNet` (or a text-only `UNet`), its text encoder and schedule."""
 
-    def __init__(self, model: UNet, text_encoder, spec: dict, prompt_cache=None):
-        from fastdiff.text import PromptCache
-
-        self.model = model.eval()
-        self.text_encoder = text_encoder
-        self.prompts = prompt_cache if prompt_cache is not None else PromptCache(text_encoder)
-        self.spec = spec
-        sch = spec["schedule"]
-        self.schedule = schedules.make_schedule(
-            sch["kind"], sch["num_timesteps"], zero_terminal_snr=sch.get("zero_terminal_snr", False)
-        )
-        self.prediction = spec["prediction"]
-        self.resolution = spec["resolution"]
+    CHANNELS_LAST = False
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def model(self) -> UNet:
+        """The network (``unet``): a `StyleUNet` takes a style image, a `UNet` only the prompt."""
+        return self.unet
 
     @property
     def takes_style_image(self) -> bool:
-        return isinstance(self.model, StyleUNet)
+        return isinstance(self.unet, StyleUNet)
 
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike = STYLE_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
     ) -> "Stylizer":
         """Load a pipeline folder or training checkpoint; the model type comes from ``pipeline.json``."""
-        from fastdiff.text import load_text_encoder
+        return super().from_pretrained(path, device, text_encoder)
 
-        spec = read_spec(path)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_model(spec)
-        model.load_state_dict(load_weights(Path(path)))
-        model = model.to(device)
-        if text_encoder is None:
-            text_encoder = load_text_encoder(spec["text_encoder"], device)
-        return cls(model, text_encoder, spec)
+    @classmethod
+    def build_unet(cls, spec: dict, path: str | os.PathLike) -> UNet:
+        return build_model(spec)
 
     def _check_images(self, name: str, x: torch.Tensor, n: int | None) -> torch.Tensor:
-        R, C = self.resolution, self.model.config.in_channels
+        R, C = self.resolution, self.unet.config.in_channels
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1] != C or x.shape[2:] != (R, R):
@@ -304,7 +288,7 @@ class Stylizer:
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = self.model(x, t, context, pooled, **extra)
+                out = self.unet(x, t, context, pooled, **extra)
             if bar is not None:
                 bar.update(1)
             return out
