@@ -91,23 +91,28 @@ def _train_inputs():
     return torch.randn(2, 3, 5, 7), torch.tensor([3, 70]), acp, torch.randn(2, 3, 5, 7)
 
 
-# The registered ops of each module: eager calls must not reach them (the dispatcher's round
+# Every op's call path: eager calls must not reach the registered op (the dispatcher's round
 # trips cost more host time than the kernels), traced calls must (see test_every_op_traces...).
-REGISTERED_OPS = {
-    "fastdiff.ops.group_norm": ("_group_norm_silu_op", "_group_norm_silu_backward_op"),
-    "fastdiff.ops.attention": ("_attention_fwd_op", "_attention_bwd_op"),
-    "fastdiff.ops.noising": ("_noising_op", "_weighted_mse_op", "_weighted_mse_backward_op"),
-    "fastdiff.ops.sampler_step": ("_sampler_step_op",),
+OP_CALLS = {
+    "fastdiff.ops.group_norm": ("_group_norm_silu_call", "_group_norm_silu_backward_call"),
+    "fastdiff.ops.attention": ("_attention_fwd_call", "_attention_bwd_call"),
+    "fastdiff.ops.noising": ("_noising_call", "_weighted_mse_call", "_weighted_mse_backward_call"),
+    "fastdiff.ops.sampler_step": ("_sampler_step_call",),
 }
 
 
 def test_eager_calls_skip_the_dispatcher(monkeypatch):
     """Eager forward and backward run the ops' implementations directly, with the numbers of the ops."""
+    from fastdiff.ops import _backend
+
+    calls = [getattr(importlib.import_module(m), name) for m, names in OP_CALLS.items() for name in names]
+    for module in OP_CALLS:  # the list above names every op call path of the op modules
+        found = {n for n, v in vars(importlib.import_module(module)).items() if isinstance(v, _backend.Op)}
+        assert found == set(OP_CALLS[module]), module
     model, (x0, t, acp, noise) = AllOps(), _train_inputs()
     coeffs = step_coefficients(x0_from_x=1.1, x0_from_out=-0.4, eps_from_out=1.0, x=0.9, x0=0.1)
     with monkeypatch.context() as through_ops:  # as if traced: every call goes through the registered ops
-        for module in REGISTERED_OPS:
-            through_ops.setattr(importlib.import_module(module), "traced", lambda x: True)
+        through_ops.setattr(_backend, "traced", lambda x: True)
         via_ops_loss = _training_loss(model, x0, t, acp, noise)
         via_ops_loss.backward()
         via_ops_grads = [p.grad.clone() for p in model.parameters()]
@@ -117,9 +122,8 @@ def test_eager_calls_skip_the_dispatcher(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("an eager call went through the registered op")
 
-    for module, names in REGISTERED_OPS.items():
-        for name in names:
-            monkeypatch.setattr(importlib.import_module(module), name, refuse)
+    for call in calls:
+        monkeypatch.setattr(call, "registered", refuse)
     model.zero_grad()
     loss = _training_loss(model, x0, t, acp, noise)
     loss.backward()

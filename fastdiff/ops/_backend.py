@@ -89,23 +89,39 @@ def cdiv(a: int, b: int) -> int:
 
 
 def traced(x: torch.Tensor) -> bool:
-    """True while torch.compile or export traces the call, or for a tensor subclass (fake, functional, DTensor).
-
-    There an op must call its registered ``torch.library`` op: that is what tracers understand.
-    In plain eager mode the ops call their implementation directly (through an
-    ``autograd.Function`` where gradients are needed): a ``custom_op`` call makes several
-    Python round trips through the dispatcher, 50-100 µs on the host, more than the kernels
-    of a diffusion step take on an H200 at these sizes.
-    """
+    """True while torch.compile or export traces the call, or for a tensor subclass (fake, functional, DTensor)."""
     return torch.compiler.is_compiling() or type(x) is not torch.Tensor
 
 
-def wants_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether autograd must record this call."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def wants_grad(*args) -> bool:
+    """Whether autograd must record a call with these arguments."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
-def eager_function(forward, setup_context, backward) -> type[torch.autograd.Function]:
+class Op:
+    """One fastdiff op as its public function calls it: ``Op(registered, impl, setup_context, backward)(*args)``.
+
+    Traced (``traced(args[0])``) it calls the registered ``torch.library`` op, which is what
+    tracers understand.  In plain eager mode it calls ``impl`` directly, through an
+    ``autograd.Function`` built from ``setup_context`` and ``backward`` when a gradient is
+    needed: a ``custom_op`` call makes several Python round trips through the dispatcher,
+    50-100 µs on the host, more than the kernels of a diffusion step take on an H200.
+    An op without a backward (``backward=None``) always calls ``impl`` in eager mode.
+    """
+
+    def __init__(self, registered, impl, setup_context=None, backward=None):
+        self.registered, self.impl = registered, impl
+        self.function = None if backward is None else _eager_function(impl, setup_context, backward)
+
+    def __call__(self, *args):
+        if traced(args[0]):
+            return self.registered(*args)
+        if self.function is not None and wants_grad(*args):
+            return self.function.apply(*args)
+        return self.impl(*args)
+
+
+def _eager_function(forward, setup_context, backward) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` running an op's implementation, context and backward without the dispatcher.
 
     Its ``forward`` takes ``ctx`` itself: with a separate ``setup_context``,

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops._backend import HAS_TRITON, INTERPRET, cdiv, eager_function, traced, use_triton, wants_grad
+from fastdiff.ops._backend import HAS_TRITON, INTERPRET, Op, cdiv, use_triton
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
 LOG2E = 1.4426950408889634
@@ -651,16 +651,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    backward = _attention_bwd_op if traced(q) else _backward_impl
-    dq, dk, dv = backward(do, q, k, v, o, lse, ctx.scale)
+    dq, dk, dv = _attention_bwd_call(do, q, k, v, o, lse, ctx.scale)
     return dq, dk, dv, None
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# eager mode (``_backend.traced``): the same forward, context and backward without the dispatcher
-_EagerAttention = eager_function(_forward_impl, _setup_context, _backward)
+_attention_fwd_call = Op(_attention_fwd_op, _forward_impl, _setup_context, _backward)
+_attention_bwd_call = Op(_attention_bwd_op, _backward_impl)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -712,11 +711,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     q, k and v.  Returns (B, H, Lq, D) in q's dtype, stored as (B, Lq, H, D).
     """
     scale = _validate(q, k, v, scale)
-    if traced(q):
-        return _attention_fwd_op(q, k, v, scale)[0]
-    if wants_grad(q, k, v):
-        return _EagerAttention.apply(q, k, v, scale)[0]
-    return _forward_impl(q, k, v, scale)[0]
+    return _attention_fwd_call(q, k, v, scale)[0]
 
 
 # ----------------------------------------------------------------------------- audit

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops._backend import HAS_TRITON, cdiv, eager_function, traced, use_triton, wants_grad
+from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
 from fastdiff.ops._layout import sample_layout
 
 # ----------------------------------------------------------------------------- reference
@@ -749,8 +749,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd, _dcoef):
     x, mean, rstd, coef, weight, bias, scale, shift = ctx.saved_tensors
-    backward = _group_norm_silu_backward_op if traced(x) else _backward_impl
-    dx, dw, db, ds, dsh = backward(dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu)
+    dx, dw, db, ds, dsh = _group_norm_silu_backward_call(
+        dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu
+    )
     grads = [dx if ctx.needs_input_grad[0] else None]
     for t, g, i in ((weight, dw, 1), (bias, db, 2), (scale, ds, 3), (shift, dsh, 4)):
         grads.append(g if t is not None and ctx.needs_input_grad[i] else None)
@@ -760,8 +761,8 @@ def _backward(ctx, dy, _dmean, _drstd, _dcoef):
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# eager mode (``_backend.traced``): the same forward, context and backward without the dispatcher
-_EagerGroupNormSiLU = eager_function(_forward_impl, _setup_context, _backward)
+_group_norm_silu_call = Op(_group_norm_silu_op, _forward_impl, _setup_context, _backward)
+_group_norm_silu_backward_call = Op(_group_norm_silu_backward_op, _backward_impl)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -829,11 +830,7 @@ def group_norm_silu(
         x, _unit_stride_rows(weight), _unit_stride_rows(bias), _unit_stride_rows(scale), _unit_stride_rows(shift),
         num_groups, float(eps), silu,
     )  # fmt: skip
-    if traced(x):
-        return _group_norm_silu_op(*args)[0]
-    if wants_grad(*args[:5]):
-        return _EagerGroupNormSiLU.apply(*args)[0]
-    return _forward_impl(*args)[0]
+    return _group_norm_silu_call(*args)[0]
 
 
 # ----------------------------------------------------------------------------- audit

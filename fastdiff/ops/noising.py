@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops._backend import HAS_TRITON, cdiv, eager_function, traced, use_triton, wants_grad
+from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
 from fastdiff.ops._layout import match_layout, sample_layout
 from fastdiff.ops._philox import randn_like_philox
 
@@ -293,15 +293,15 @@ def _mse_setup_context(ctx, inputs, output):
 
 def _mse_backward(ctx, grad):
     pred, target, weight = ctx.saved_tensors
-    backward = _weighted_mse_backward_op if traced(pred) else _weighted_mse_backward_impl
-    dpred = backward(grad, pred, target, weight)
+    dpred = _weighted_mse_backward_call(grad, pred, target, weight)
     dtarget = -dpred.to(target.dtype) if ctx.target_needs_grad else None
     return dpred, dtarget, None
 
 
 _weighted_mse_op.register_autograd(_mse_backward, setup_context=_mse_setup_context)
-# eager mode (``_backend.traced``): the same forward, context and backward without the dispatcher
-_EagerWeightedMSE = eager_function(_weighted_mse_impl, _mse_setup_context, _mse_backward)
+_noising_call = Op(_noising_op, _noising_impl)  # no backward: q_sample with gradients runs the reference math
+_weighted_mse_call = Op(_weighted_mse_op, _weighted_mse_impl, _mse_setup_context, _mse_backward)
+_weighted_mse_backward_call = Op(_weighted_mse_backward_op, _weighted_mse_backward_impl)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -344,7 +344,7 @@ def _noising(x0, t, alphas_cumprod, noise, generator, want_v):
         x_t, v = noising_ref(x0, t, alphas_cumprod, noise, want_v)
         return x_t, noise, v
     keys = draw_keys(x0.shape[0], x0.device, generator) if noise is None else None
-    x_t, drawn, v = (_noising_op if traced(x0) else _noising_impl)(x0, t, alphas_cumprod, noise, keys, want_v)
+    x_t, drawn, v = _noising_call(x0, t, alphas_cumprod, noise, keys, want_v)
     return x_t, (drawn if noise is None else noise), (v if want_v else None)
 
 
@@ -430,10 +430,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if sample_layout(pred) is None:
         pred = pred.contiguous()
     target = match_layout(target.to(pred.dtype) if target.dtype != pred.dtype else target, pred)
-    args = (pred, target, weight.detach().to(torch.float32))
-    if traced(pred):
-        return _weighted_mse_op(*args)
-    return _EagerWeightedMSE.apply(*args) if wants_grad(pred, target) else _weighted_mse_impl(*args)
+    return _weighted_mse_call(pred, target, weight.detach().to(torch.float32))
 
 
 # ----------------------------------------------------------------------------- audit

@@ -64,7 +64,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops._backend import HAS_TRITON, cdiv, traced, use_triton
+from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
 from fastdiff.ops._layout import match_layout, sample_layout
 
@@ -452,6 +452,10 @@ def _(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guida
     return torch.empty_like(x), (torch.empty_like(x) if return_x0 else x.new_empty(0))
 
 
+# no backward: the step is never differentiated
+_sampler_step_call = Op(_sampler_step_op, _sampler_step_impl)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -555,8 +559,7 @@ def sampler_step(
         x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds, step,
         add_noise, known, mask,
     )  # fmt: skip
-    step_fn = _sampler_step_op if traced(x) else _sampler_step_impl  # no autograd: the step is never differentiated
-    x_next, x0 = step_fn(
+    x_next, x0 = _sampler_step_call(
         x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, float(guidance_scale),
         float(guidance_rescale), None if clip_x0 is None else float(clip_x0), step, bool(add_noise),
         bool(return_x0),
