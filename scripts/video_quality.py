@@ -17,6 +17,14 @@ The measure is first checked on real clips of the training distribution (it must
 read them back perfectly), then one clip per caption of the whole vocabulary (6
 colours × 3 shapes × 5 motions = 90 prompts; ``--per-caption`` more seeds each) is
 generated and the rates are printed.
+
+It also prints the **direction prior**: what the model expects from the prompt alone.
+At t = T − 1 (the first evaluation of every sampler) x_t is noise, and the best
+prediction of x_0 is the average clip of the prompt.  For prompt pairs that differ
+only in the direction word (right/left, down/up), the difference of the model's
+x̂_0 is compared with the difference of the average real clips: its cosine (1 when
+the model moves the shape the prompted way, 0 when the direction word changes nothing
+useful) and its norm relative to the real one.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import time
 import numpy as np
 import torch
 
-from fastdiff.data import BACKGROUND, COLOURS, analyse_shape_image
+from fastdiff.data import BACKGROUND, COLOURS, SHAPES, SIZES, analyse_shape_image
 
 MIN_TRAVEL = 0.15  # fraction of the side; "still" below it
 # Half the smallest palette-to-background distance, as the shapes analyser uses.
@@ -100,6 +108,49 @@ def real_clip_rates(n: int = 200, seed: int = 4321) -> dict[str, float]:
     return rates(torch.stack([it["image"] for it in items]), [it["text"] for it in items])
 
 
+def mean_clip(colour: str, shape: str, direction: str, frames: int, resolution: int, n: int, rng) -> torch.Tensor:
+    """(3, F, R, R): the average of ``n`` real clips of one prompt (sizes, starts and offsets drawn from ``rng``)."""
+    from fastdiff.apps.video import clip_path, render_clip
+
+    return torch.stack([render_clip(colour, shape, rng.choice(list(SIZES)), clip_path(direction, frames, rng), resolution)
+                        for _ in range(n)]).mean(0)  # fmt: skip
+
+
+def direction_prior(pipe, kinds: int = 6, clips: int = 32, seeds: int = 2) -> dict[str, float]:
+    """Mean cosine and norm ratio of x̂_0(direction A) − x̂_0(direction B) at t = T − 1 against the real difference.
+
+    ``kinds`` colour/shape pairs × (right − left, down − up) × ``seeds`` noise draws; the real difference
+    is that of the average of ``clips`` rendered clips per prompt.  Needs a v-predicting model.
+    """
+    import random
+
+    from fastdiff.apps.video import correlated_noise, video_caption
+
+    if pipe.prediction != "v":
+        raise ValueError(f"the direction prior needs a v-predicting model, got {pipe.prediction!r}")
+    rng = random.Random(0)
+    t = pipe.schedule.num_timesteps - 1
+    a = pipe.schedule.alphas_cumprod[t].float()
+    F, R = pipe.default_frames, pipe.resolution
+    colours = list(COLOURS)
+    cosines, ratios = [], []
+    for i in range(kinds):
+        colour, shape = colours[i % len(colours)], SHAPES[i % len(SHAPES)]
+        for pair in (("right", "left"), ("down", "up")):
+            real = mean_clip(colour, shape, pair[0], F, R, clips, rng) - mean_clip(colour, shape, pair[1], F, R, clips, rng)
+            context, pooled = pipe.prompts.encode([video_caption(colour, shape, d) for d in pair], pipe.device)
+            for seed in range(seeds):
+                noise = torch.randn((1, 3, F + 1, R, R), generator=torch.Generator().manual_seed(seed))
+                x_t = correlated_noise(noise, pipe.rho).expand(2, -1, -1, -1, -1).to(pipe.device)
+                with torch.no_grad():
+                    v = pipe.unet(x_t, torch.full((2,), t, device=pipe.device), context, pooled).float()
+                x0 = (a.sqrt() * x_t - (1 - a).sqrt() * v).cpu()  # v = √ᾱ·ε − √(1−ᾱ)·x_0
+                diff = (x0[0] - x0[1]).flatten()
+                cosines.append(torch.nn.functional.cosine_similarity(diff, real.flatten(), dim=0).item())
+                ratios.append((diff.norm() / real.norm()).item())
+    return {"cosine": sum(cosines) / len(cosines), "norm_ratio": sum(ratios) / len(ratios)}
+
+
 def main() -> None:
     from fastdiff.apps.video import VIDEO_CHECKPOINT, VideoPipeline, all_video_captions
 
@@ -120,6 +171,9 @@ def main() -> None:
     real = real_clip_rates()
     print("measure on 200 real clips: " + ", ".join(f"{k} {v:.1%}" for k, v in real.items()))
     pipe = VideoPipeline.from_pretrained(args.checkpoint)
+    prior = direction_prior(pipe)
+    print(f"direction prior at t = T-1: cosine with the real direction difference {prior['cosine']:+.3f}, "
+          f"norm {prior['norm_ratio']:.2f} of the real one")  # fmt: skip
     prompts = [c for c in all_video_captions() for _ in range(args.per_caption)]
     seeds = [args.seed + i for i in range(len(prompts))]
     t0 = time.perf_counter()
@@ -134,7 +188,7 @@ def main() -> None:
     print(f"direction AND every frame matching: {gen['all']:.1%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"real_clips": real, "generated": gen, "n": len(prompts), **vars(args)}, f, indent=2)
+            json.dump({"real_clips": real, "direction_prior": prior, "generated": gen, "n": len(prompts), **vars(args)}, f, indent=2)
 
 
 if __name__ == "__main__":
