@@ -59,6 +59,7 @@ TASKS = {
     "text2image": "fastdiff.training:Trainer",
     "style": "fastdiff.apps.stylize:StyleTrainer",
     "video": "fastdiff.apps.video:VideoTrainer",
+    "video-layout": "fastdiff.apps.video:VideoLayoutTrainer",
 }
 
 # Application sub-commands: modules with HELP, add_arguments(parser) and run(args) -> int.

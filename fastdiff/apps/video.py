@@ -19,7 +19,9 @@ triangle staying still" (the size word is present in half of the captions, so
 prompts with or without it both work).  Clip i is a pure function of (seed, i).
 
 Training (`VideoTrainer`, the project's `Trainer` through its hooks) runs on
-batch["image"] of shape (B, C, F, H, W); ``fastdiff train --task video``.
+batch["image"] of shape (B, C, F, H, W); ``fastdiff train --task video``.  Then
+``fastdiff train --task video-layout`` (`VideoLayoutTrainer`) adds the layout maps that
+make the shape move the prompted way, every other weight frozen.
 
 Output: GIF through Pillow (every frame a palette image, looping forever) or MP4
 through imageio-ffmpeg (H.264, ``pip install 'fastdiff[video]'``).
@@ -48,6 +50,7 @@ FRAMES = 16  # the training clip length (and the model's max_frames)
 FPS = 8
 NOISE_CORRELATION = 0.75  # ρ of the clip noise prior (fastdiff.nn.video): frames share 75% of the noise variance
 FORMATS = (".gif", ".mp4")
+ADDABLE_LAYERS = ("text_pool_heads", "layout_maps")  # VideoConfig layers a fine-tune may add (they start as no-ops)
 
 # Motion of a moving clip, as fractions of the image side: the centre starts in
 # [START_LO, START_HI] from the edge it leaves and travels TRAVEL_LO…TRAVEL_HI.
@@ -80,9 +83,10 @@ def parse_video_caption(text: str) -> dict:
     return {"colour": m["colour"], "shape": m["shape"], "size": m["size"], "direction": m["direction"] or "still"}
 
 
-def all_video_captions() -> list[str]:
-    """Every caption without a size word: 6 colours × 3 shapes × 5 directions = 90."""
-    return [video_caption(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+def all_video_captions(sizes: bool = False) -> list[str]:
+    """Every caption without a size word: 6 colours × 3 shapes × 5 directions = 90; ``sizes``: also with each size word."""
+    size_words = (None, *SIZES) if sizes else (None,)
+    return [video_caption(c, s, d, z) for c in COLOURS for s in SHAPES for d in DIRECTIONS for z in size_words]
 
 
 def clip_path(direction: str, frames: int, rng: random.Random) -> list[tuple[float, float]]:
@@ -187,6 +191,9 @@ class VideoTrainer(Trainer):
     # Attention pooling of the text tokens into the frame embedding (fastdiff.nn.video); off in the
     # shipped recipe: a 2000-step fine-tune with 4 heads did not move the measured motion direction (README).
     text_pool_heads: int = 0
+    layout_maps: int = 0  # per-frame layout maps from the whitened prompt (fastdiff.nn.video.FrameLayout)
+    trainable: tuple[str, ...] = ()  # names of the parameters that train, by prefix; () trains all
+    timestep_shift: float = 1.0  # s > 1 trains more at high noise: u = t/T → s·u / (1 + (s − 1)·u)
 
     @classmethod
     def open_dataset(cls, spec: str | None, config: TrainConfig) -> Dataset:
@@ -195,19 +202,30 @@ class VideoTrainer(Trainer):
         return MovingShapesDataset(resolution=config.resolution, frames=cls.frames, seed=config.seed)
 
     def build_model(self) -> torch.nn.Module:
-        video = VideoConfig(self.frames, noise_correlation=self.noise_correlation, text_pool_heads=self.text_pool_heads)
+        video = VideoConfig(self.frames, noise_correlation=self.noise_correlation, text_pool_heads=self.text_pool_heads,
+                            layout_maps=self.layout_maps)  # fmt: skip
         model = VideoUNet(self.unet_config, video)
+        if self.trainable:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith(self.trainable))
+        new = self._load_init(model, video)
+        if video.layout_maps and "temporal_layout.text_mean" in new:  # a new layout: whiten with our captions
+            _, pooled = self.prompts.encode(all_video_captions(sizes=True), "cpu")
+            model.temporal_layout.set_text_statistics(pooled.float())
+        return model
+
+    def _load_init(self, model: VideoUNet, video: VideoConfig) -> list[str]:
+        """Load ``init_from`` into ``model``; returns the names of the tensors it did not provide."""
         if self.init_from is None:
-            return model
+            return list(model.state_dict())
         path = Path(self.init_from)
         spec = read_spec(path)
         if "video" not in spec:
             model.load_image_weights(_pipeline_weights(path, self.unet_config))
-        elif {**spec["video"], "text_pool_heads": video.text_pool_heads} != video.to_dict():
+            return [k for k in model.state_dict() if k.startswith("temporal_")]
+        if {**spec["video"], **{k: getattr(video, k) for k in ADDABLE_LAYERS}} != video.to_dict():
             raise ValueError(f"--init-from {str(path)!r}: its video settings {spec['video']} differ from {video.to_dict()}")
-        else:
-            model.load_video_weights(_pipeline_weights(path, self.unet_config))
-        return model
+        return model.load_video_weights(_pipeline_weights(path, self.unet_config))
 
     def pipeline_spec(self) -> dict:
         return {**super().pipeline_spec(), "video": self.ema.video.to_dict(), "frames": self.frames, "fps": FPS}
@@ -216,6 +234,7 @@ class VideoTrainer(Trainer):
         # The clip prior (frames correlated, ρ) instead of the base's per-element noise, drawn
         # from the micro-batch's generator after the timesteps and dropout flags.
         B, C, n, H, W = x0.shape
+        t = shift_timesteps(t, self.timestep_shift, self.config.num_timesteps)
         eps = torch.randn((B, C, n + 1, H, W), generator=g).to(self.device)
         noise = correlated_noise(eps, self.noise_correlation)
         x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, noise, prediction=self.config.prediction)
@@ -228,6 +247,39 @@ class VideoTrainer(Trainer):
         path = self.out / "samples" / f"step_{self.step:07d}.gif"
         path.parent.mkdir(parents=True, exist_ok=True)
         return save_video(tile_clips(clips), path, fps=FPS)
+
+
+class VideoLayoutTrainer(VideoTrainer):
+    """Trains the layout maps (`fastdiff.nn.video.FrameLayout`) of a trained video model, every other weight frozen.
+
+    ``fastdiff train --task video-layout --init-from DIR``: DIR is the video model (default: the
+    shipped one, whose maps it then trains further; the recipe starts from a model without
+    maps, ``scripts/train_video.sh``).  New maps are whitened with the training captions.  The maps decide where the shape is in each frame at high noise, so training
+    samples mostly high noise (``timestep_shift``) with the plain v-MSE; the frozen layers keep
+    what the video model learned about drawing and keeping the shape.
+    """
+
+    DEFAULTS = dict(
+        output_dir="runs/tiny-video-layout", batch_size=4, steps=600, lr=1e-2, warmup_steps=20, checkpoint_every=100,
+        min_snr_gamma=None,
+    )  # fmt: skip
+    init_from: Path | None = VIDEO_CHECKPOINT
+    layout_maps: int = 4
+    trainable = ("temporal_layout.",)
+    timestep_shift: float = 20.0
+
+
+def shift_timesteps(t: torch.Tensor, shift: float, num_timesteps: int) -> torch.Tensor:
+    """Uniform training timesteps moved toward high noise (the resolution shift of Esser et al. 2024).
+
+    u = (t + ½)/T ↦ s·u / (1 + (s − 1)·u): s = 1 keeps t; s = 3 sends the median from T/2 to 3T/4.
+    A clip's layout (where the shape is in each frame, hence its motion) is decided at high noise.
+    """
+    if shift == 1.0:
+        return t
+    u = (t.double() + 0.5) / num_timesteps
+    u = shift * u / (1 + (shift - 1) * u)
+    return (u * num_timesteps).long().clamp(0, num_timesteps - 1).to(t.dtype)
 
 
 # ----------------------------------------------------------------------------- sampling

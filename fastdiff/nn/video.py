@@ -38,6 +38,13 @@ frames.  With a clip x of shape (B, C, F, H, W):
   its projection zero-initialised): a pooled sentence embedding barely tells
   "moving left" from "moving right", the token of the direction word does.
 
+Layout maps (``layout_maps`` = k > 0, `FrameLayout`): an MLP of the whitened pooled text
+embedding and the frame position draws k coarse maps per frame, projected into a bias of
+the first feature map (projection zero-initialised).  They give the spatial layers the
+place where the prompt's motion puts the shape in frame f; the whitening (statistics of
+the training captions) makes the motion word, a small part of the raw sentence
+embedding, as readable as the colour.
+
 Noise prior (``noise_correlation`` ρ; Ge et al. 2023 "Preserve Your Own Correlation",
 the "mixed" prior): the noise of frame f is ε_f = √ρ·ε_shared + √(1−ρ)·ε_f^ind, still
 N(0, I) per frame, so the image model's per-frame statistics hold, but the frames of a
@@ -71,6 +78,7 @@ class VideoConfig:
     temporal_dim_head: int = 32  # channels per head of the temporal attention (must divide every level's width)
     noise_correlation: float = 0.0  # ρ: share of the noise variance common to all frames of a clip
     text_pool_heads: int = 0  # attention-pooling queries over the text tokens for the frame embedding (0: none)
+    layout_maps: int = 0  # coarse per-frame layout maps from the prompt, added after conv_in (`FrameLayout`; 0: none)
 
     def __post_init__(self):
         if not isinstance(self.max_frames, int) or self.max_frames < 1:
@@ -79,10 +87,13 @@ class VideoConfig:
             raise ValueError(f"noise_correlation must be in [0, 1), got {self.noise_correlation}")
         if not isinstance(self.text_pool_heads, int) or self.text_pool_heads < 0:
             raise ValueError(f"text_pool_heads must be an int >= 0, got {self.text_pool_heads!r}")
+        if not isinstance(self.layout_maps, int) or self.layout_maps < 0:
+            raise ValueError(f"layout_maps must be an int >= 0, got {self.layout_maps!r}")
 
     def to_dict(self) -> dict:
         return {"max_frames": self.max_frames, "temporal_dim_head": self.temporal_dim_head,
-                "noise_correlation": self.noise_correlation, "text_pool_heads": self.text_pool_heads}  # fmt: skip
+                "noise_correlation": self.noise_correlation, "text_pool_heads": self.text_pool_heads,
+                "layout_maps": self.layout_maps}  # fmt: skip
 
 
 def correlated_noise(noise: torch.Tensor, rho: float) -> torch.Tensor:
@@ -167,6 +178,53 @@ class FrameEmbedding(nn.Module):
         return self.linear_2(F.silu(h)).flatten(0, 1)  # (B·F, emb_dim)
 
 
+class FrameLayout(nn.Module):
+    """Per-frame coarse layout from the prompt: a bias of the first feature map; starts at zero.
+
+        w   = W·(pooled − μ)                           whitened sentence embedding (Su et al. 2021)
+        m_f = Linear(SiLU(Linear([w, sinusoid(f)])))  ``maps`` maps of SIZE×SIZE for frame f
+        out = Conv1×1(bilinear(m_f) to H×W)           C channels; zero-initialised
+
+    At high noise the best prediction of a clip is the average clip of its prompt, whose
+    shape sits where the motion puts it in frame f.  The image layers place a shape from
+    the evidence in x_t, so a layout bias at the input steers them, but only if it can
+    tell the directions apart: in the raw sentence embedding "moving left" and "moving
+    right" differ by a few percent (cosine 0.97), under the colour and shape words.
+    Whitening with the statistics of the training captions (μ, W = Σ^-½, `set_text_statistics`)
+    gives every direction of variation of the captions unit scale, the motion word's included.
+    """
+
+    SIZE = 8
+    EPS = 1e-2  # added to each standard deviation of the whitening (directions the captions barely use)
+
+    def __init__(self, pooled_dim: int, frame_dim: int, channels: int, maps: int, hidden: int = 128):
+        super().__init__()
+        self.maps, self.frame_dim = maps, frame_dim
+        self.register_buffer("text_mean", torch.zeros(pooled_dim))
+        self.register_buffer("text_whiten", torch.eye(pooled_dim))
+        self.linear_1 = nn.Linear(pooled_dim + frame_dim, hidden)
+        self.to_maps = nn.Linear(hidden, maps * self.SIZE**2)
+        self.to_channels = _zero(nn.Conv2d(maps, channels, 1))
+
+    @torch.no_grad()
+    def set_text_statistics(self, pooled: torch.Tensor) -> None:
+        """μ and W = V·diag(1/(σ + EPS))·Vᵀ from (N, D) pooled embeddings of the training captions."""
+        mean = pooled.double().mean(0)
+        _, s, vt = torch.linalg.svd(pooled.double() - mean, full_matrices=False)
+        std = s / max(len(pooled) - 1, 1) ** 0.5
+        self.text_mean.copy_(mean)
+        self.text_whiten.copy_(vt.T @ torch.diag(1 / (std + self.EPS)) @ vt)
+
+    def forward(self, pooled: torch.Tensor, frames: int, size: tuple[int, int]) -> torch.Tensor:
+        """pooled (B, D) per clip → (B·F, C, *size), frame-major within a clip."""
+        dtype = self.linear_1.weight.dtype
+        w = (pooled.to(dtype) - self.text_mean.to(dtype)) @ self.text_whiten.to(dtype)  # W is symmetric
+        f = timestep_embedding(torch.arange(frames, device=pooled.device), self.frame_dim).to(dtype)
+        h = torch.cat([w[:, None].expand(-1, frames, -1), f.expand(len(w), -1, -1)], dim=-1).flatten(0, 1)
+        m = self.to_maps(F.silu(self.linear_1(h))).view(-1, self.maps, self.SIZE, self.SIZE)
+        return self.to_channels(F.interpolate(m, size=size, mode="bilinear", align_corners=False))
+
+
 class TemporalAttention(nn.Module):
     """x + proj_out(Attn_frames(proj_in(GN(x)) + e_f)) on a frame-folded (B·F, C, H, W) map."""
 
@@ -217,6 +275,10 @@ class VideoUNet(UNet):
         self.temporal_frame_embed = FrameEmbedding(
             c.model_channels, c.pooled_dim or 0, emb_dim, c.context_dim, v.text_pool_heads
         )
+        if v.layout_maps:
+            if not c.pooled_dim:
+                raise ValueError("layout_maps needs a pooled text embedding (UNetConfig.pooled_dim)")
+            self.temporal_layout = FrameLayout(c.pooled_dim, c.model_channels, c.model_channels, v.layout_maps)
         self.temporal_down = nn.ModuleList(nn.ModuleList(temporal(s) for s in stages) for stages in self.down)
         self.temporal_mid = TemporalAttention(self.mid_res2.conv2.out_channels, v.temporal_dim_head, c.num_groups)
         self.temporal_up = nn.ModuleList(nn.ModuleList(temporal(s) for s in stages) for stages in self.up)
@@ -281,6 +343,8 @@ class VideoUNet(UNet):
         context = context.repeat_interleave(n, dim=0)
         h = fold_frames(x)
         h = self.conv_in(F.pixel_unshuffle(h, c.patch_size) if c.patch_size > 1 else h)
+        if self.video.layout_maps:
+            h = h + self.temporal_layout(pooled, n, h.shape[-2:]).to(h.dtype)
         skips = [h]
         for stages, temporals, down in zip(self.down, self.temporal_down, self.downsamplers):
             for s, tmp in zip(stages, temporals):
