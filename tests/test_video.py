@@ -384,6 +384,8 @@ def test_trainer_continues_from_a_video_checkpoint(tmp_path, capsys):
     assert "--init-from is not supported by --task text2image" in capsys.readouterr().err
     assert cli.main(["train", "--task", "video", "--init-from", str(tmp_path / "nothing")]) == 2
     assert "is not a pipeline folder or checkpoint" in capsys.readouterr().err
+    assert cli.main(["train", "--task", "video-layout", "--init-from", str(tmp_path / "nothing")]) == 2
+    assert "is not a pipeline folder or checkpoint" in capsys.readouterr().err
 
 
 def test_layout_trainer_trains_only_the_layout_and_resumes_exactly(tmp_path):
