@@ -650,20 +650,25 @@ def _finish(out: Path, jobs: list[Job], rank: int, world: int, image_format: str
 # ----------------------------------------------------------------------------- command line
 
 
-def add_arguments(parser) -> None:
+def add_sampling_arguments(parser) -> None:
+    """--batch --checkpoint --sampler --steps --guidance --negative-prompt: what every bulk writer samples with."""
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
 
-    parser.add_argument(
-        "--prompts", required=True, help='prompt file: .txt (one per line) or .jsonl ({"prompt": ...} per line)'
-    )
-    parser.add_argument("--out", required=True, help="output folder (a rerun into it resumes)")
-    parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=16, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
     parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
     parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--prompts", required=True, help='prompt file: .txt (one per line) or .jsonl ({"prompt": ...} per line)'
+    )
+    parser.add_argument("--out", required=True, help="output folder (a rerun into it resumes)")
+    parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default: %(default)s)")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i (in prompt-major order) uses seed + i")
     parser.add_argument("--format", choices=FORMATS, default="png", help="image format (default: %(default)s)")
     parser.add_argument("--no-overlap", action="store_true", help="write images inline, not in a writer thread")

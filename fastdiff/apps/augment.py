@@ -222,7 +222,7 @@ def regenerate(out_dir: str | os.PathLike, file: str, pipe=None, device: str | N
 
 
 def add_arguments(parser) -> None:
-    from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
+    from fastdiff.bulk import add_sampling_arguments
 
     parser.add_argument("--classes", nargs="+", required=True, help="class names (quote free text: \"red ball\")")
     parser.add_argument("--per-class", type=int, required=True, help="images per class")
@@ -230,12 +230,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE,
                         help="prompt of each image: {class} plus any of {colour} {size} {position}, drawn per image "
                              "(default: %(default)r)")  # fmt: skip
-    parser.add_argument("--batch", type=int, default=16, help="images per sampling batch (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
-    parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="dataset seed: image i of class c depends on (seed, c, i)")
 
 
