@@ -21,7 +21,6 @@ with the same ``--out`` reuses it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 
 from fastdiff.data import SHAPES, ShapesDataset
+from measure_cli import measurement_parser, parse  # scripts/measure_cli.py, beside this file
 
 CLASSES = list(SHAPES)
 
@@ -126,7 +126,7 @@ def compare(synthetic, *, real_per_class: int, held: tuple, seeds: int, train_st
 def main() -> None:
     from fastdiff.apps.augment import augment
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = measurement_parser(__doc__)
     parser.add_argument("--real-per-class", type=int, default=5)
     parser.add_argument("--synthetic-per-class", type=int, default=100)
     parser.add_argument("--held-out", type=int, default=300)
@@ -134,12 +134,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300, help="classifier training steps (batch 32)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps of the synthetic set")
     parser.add_argument("--out", default="runs/augment-shapes", help="the synthetic set's folder (resumable)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--picture", help="also save a grid of synthetic images per class here (PNG)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
 
     t0 = time.perf_counter()
     augment(CLASSES, args.synthetic_per_class, args.out, steps=args.steps, batch_size=50)

@@ -14,7 +14,6 @@ the input's 8-bit value.  Runs once without RePaint resampling and once with it.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from fastdiff.data import COLOURS, POSITIONS, SHAPES, ShapesDataset, analyse_shape_image, caption, to_pil
+from measure_cli import add_sampling_options, measurement_parser, parse  # scripts/measure_cli.py, beside this file
 
 MASK_SIDE = 0.6  # fraction of the image side
 
@@ -122,21 +122,14 @@ def _line(name: str, r: dict, n: int) -> str:
 def main() -> None:
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, Text2Image
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser = measurement_parser(__doc__)
+    add_sampling_options(parser, DEFAULT_CHECKPOINT)
     parser.add_argument("--n", type=int, default=150, help="cases")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--resample", type=int, default=2, help="RePaint jumps back per block for the second run")
     parser.add_argument("--jump", type=int, default=2, help="RePaint block length for the second run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cases and of the sampler noise")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--picture", help="also save a grid of the first cases here (PNG)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
 
     pipe = Text2Image.from_pretrained(args.checkpoint)
     cases = make_cases(args.n, args.seed, pipe.resolution)

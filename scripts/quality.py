@@ -13,13 +13,13 @@ Prints the fraction of generated images whose colour AND shape match the prompt
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
 from fastdiff.data import ShapesDataset, all_captions, analyse_shape_image, parse_caption
+from measure_cli import add_sampling_options, measurement_parser, parse  # scripts/measure_cli.py, beside this file
 
 ATTRS = ("colour", "shape", "size", "position")
 
@@ -52,18 +52,11 @@ def prompt_match(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
 def main() -> None:
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, Text2Image
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser = measurement_parser(__doc__)
+    add_sampling_options(parser, DEFAULT_CHECKPOINT)
     parser.add_argument("--per-caption", type=int, default=1, help="images per caption (seeds)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--seed", type=int, default=10_000)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
 
     real = analyser_accuracy()
     print("analyser accuracy on 1000 real synthetic images: " + ", ".join(f"{a} {v:.1%}" for a, v in real.items()))

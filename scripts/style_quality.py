@@ -18,7 +18,6 @@ shape: the shape rate is a lower bound on what a person would see.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -26,6 +25,7 @@ import time
 import torch
 
 from fastdiff.data import COLOURS, POSITIONS, SHAPES, SIZES, analyse_shape_image, render_shape, to_tensor
+from measure_cli import add_sampling_options, measurement_parser, parse  # scripts/measure_cli.py, beside this file
 
 
 def make_cases(n: int, seed: int = 0, resolution: int = 32) -> list[dict]:
@@ -79,22 +79,15 @@ def main() -> None:
     from fastdiff.apps.stylize import STYLE_CHECKPOINT, Stylizer
     from fastdiff.pipelines import DEFAULT_CHECKPOINT
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(STYLE_CHECKPOINT), help="the style model")
+    parser = measurement_parser(__doc__)
+    add_sampling_options(parser, STYLE_CHECKPOINT, help="the style model")
     parser.add_argument("--text-checkpoint", default=str(DEFAULT_CHECKPOINT), help="a text model, for SDEdit alone")
     parser.add_argument("--n", type=int, default=150, help="cases per style mode")
     parser.add_argument("--strength", type=float, default=0.4)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cases (the noise uses 10000 + i)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--grid", help="also save a picture of the first 8 cases here: content | style image | result "
                         "(style image) | result (style prompt), 4× nearest-neighbour")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
 
     pipe = Stylizer.from_pretrained(args.checkpoint)
     cases = make_cases(args.n, args.seed, pipe.resolution)

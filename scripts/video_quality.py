@@ -28,7 +28,6 @@ useful) and its norm relative to the real one.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from fastdiff.data import BACKGROUND, COLOURS, SHAPES, SIZES, analyse_shape_image
+from measure_cli import add_sampling_options, measurement_parser, parse  # scripts/measure_cli.py, beside this file
 
 MIN_TRAVEL = 0.15  # fraction of the side; "still" below it
 # Half the smallest palette-to-background distance, as the shapes analyser uses.
@@ -154,19 +154,12 @@ def direction_prior(pipe, kinds: int = 6, clips: int = 32, seeds: int = 2) -> di
 def main() -> None:
     from fastdiff.apps.video import VIDEO_CHECKPOINT, VideoPipeline, all_video_captions
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default=str(VIDEO_CHECKPOINT))
+    parser = measurement_parser(__doc__)
+    add_sampling_options(parser, VIDEO_CHECKPOINT)
     parser.add_argument("--per-caption", type=int, default=1, help="clips per caption (seeds)")
     parser.add_argument("--frames", type=int, default=None, help="clip length (default: the trained one)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--seed", type=int, default=10_000)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
 
     real = real_clip_rates()
     print("measure on 200 real clips: " + ", ".join(f"{k} {v:.1%}" for k, v in real.items()))
