@@ -273,11 +273,10 @@ class _PriorModel(torch.nn.Module):
         for i in pooled[:, 0].long().tolist():
             a = video.parse_video_caption(self.captions[i])
             rng = random.Random(a["colour"] + a["shape"])  # the same draws for both directions of a pair
-            m = video_quality.mean_clip(a["colour"], a["shape"], a["direction"], self.frames, self.res, 16, rng)
-            if not self.knows:  # the average over the two opposite directions: no preference
-                rng = random.Random(a["colour"] + a["shape"])
-                pair = sorted([a["direction"], flip[a["direction"]]])
-                m = sum(video_quality.mean_clip(a["colour"], a["shape"], d, self.frames, self.res, 16, rng) for d in pair) / 2
+            # not knowing: the average over the direction and its opposite, the same for both prompts
+            directions = [a["direction"]] if self.knows else sorted([a["direction"], flip[a["direction"]]])
+            m = sum(video_quality.mean_clip(a["colour"], a["shape"], d, self.frames, self.res, 16, rng)
+                    for d in directions) / len(directions)  # fmt: skip
             targets.append(m)
         a = self.acp[t].view(-1, 1, 1, 1, 1)
         return (a.sqrt() * x - torch.stack(targets)) / (1 - a).sqrt()  # x̂_0 = √ᾱ·x − √(1−ᾱ)·v
