@@ -254,9 +254,10 @@ class VideoLayoutTrainer(VideoTrainer):
 
     ``fastdiff train --task video-layout --init-from DIR``: DIR is the video model (default: the
     shipped one, whose maps it then trains further; the recipe starts from a model without
-    maps, ``scripts/train_video.sh``).  New maps are whitened with the training captions.  The maps decide where the shape is in each frame at high noise, so training
-    samples mostly high noise (``timestep_shift``) with the plain v-MSE; the frozen layers keep
-    what the video model learned about drawing and keeping the shape.
+    maps, ``scripts/train_video.sh``).  New maps are whitened with the training captions.
+    The maps decide where the shape is in each frame at high noise, so training samples
+    mostly high noise (``timestep_shift``) with the plain v-MSE; the frozen layers keep what
+    the video model learned about drawing and keeping the shape.
     """
 
     DEFAULTS = dict(

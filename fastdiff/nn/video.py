@@ -58,7 +58,7 @@ never seen.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -85,15 +85,13 @@ class VideoConfig:
             raise ValueError(f"max_frames must be an int >= 1, got {self.max_frames!r}")
         if not 0.0 <= self.noise_correlation < 1.0:
             raise ValueError(f"noise_correlation must be in [0, 1), got {self.noise_correlation}")
-        if not isinstance(self.text_pool_heads, int) or self.text_pool_heads < 0:
-            raise ValueError(f"text_pool_heads must be an int >= 0, got {self.text_pool_heads!r}")
-        if not isinstance(self.layout_maps, int) or self.layout_maps < 0:
-            raise ValueError(f"layout_maps must be an int >= 0, got {self.layout_maps!r}")
+        for name in ("text_pool_heads", "layout_maps"):  # optional layers: 0 leaves them out
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
     def to_dict(self) -> dict:
-        return {"max_frames": self.max_frames, "temporal_dim_head": self.temporal_dim_head,
-                "noise_correlation": self.noise_correlation, "text_pool_heads": self.text_pool_heads,
-                "layout_maps": self.layout_maps}  # fmt: skip
+        return asdict(self)
 
 
 def correlated_noise(noise: torch.Tensor, rho: float) -> torch.Tensor:
