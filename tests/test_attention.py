@@ -25,6 +25,13 @@ attn_mod = importlib.import_module("fastdiff.ops.attention")
 from tests.conftest import DTYPES, real_size, rel_err
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# Gradients follow flash attention's recipe: P is recomputed as exp(S − L) from the saved
+# log-sum-exp and dS = P ∘ (dP − δ) with δ = rowsum(dO ∘ O). Where a row's dP ≈ δ this
+# cancels, and in fp32 a single-row case reaches about 100 ulp (worst 1.1e-5 over 9000
+# draws), while autograd differentiates the softmax directly and stays near 10 ulp.
+# The bugs these tests are for (a wrong equation, a lost chunk, a mis-scaled term)
+# cost 1e-3 or more, far above a 3e-5 floor.
+GRAD_FLOOR = {**FLOOR, torch.float32: 3e-5}
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 
 
@@ -73,8 +80,8 @@ def _check_against_float64(leaves, views, scale=None, check_grads=True):
     low = _lowp_attention(*runs["low"][1], tau)
     ref = attention_ref(*runs["f64"][1], scale=tau)
 
-    def tol(lo, hi):
-        return 2 * rel_err(lo, hi) + FLOOR[dtype]
+    def tol(lo, hi, floor=FLOOR):
+        return 2 * rel_err(lo, hi) + floor[dtype]
 
     assert rel_err(out, ref) <= tol(low, ref), (rel_err(out, ref), rel_err(low, ref))
     if not check_grads:
@@ -85,7 +92,7 @@ def _check_against_float64(leaves, views, scale=None, check_grads=True):
     g64 = torch.autograd.grad(ref, runs["f64"][0], do.double())
     for i, (a, lo, hi) in enumerate(zip(g, glow, g64)):
         assert a.shape == hi.shape and a.dtype == dtype
-        assert rel_err(a, hi) <= tol(lo, hi), (i, rel_err(a, hi), rel_err(lo, hi))
+        assert rel_err(a, hi) <= tol(lo, hi, GRAD_FLOOR), (i, rel_err(a, hi), rel_err(lo, hi))
 
 
 # ----------------------------------------------------------------------------- reference
