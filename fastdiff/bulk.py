@@ -550,12 +550,11 @@ def run_jobs(
     UNet in CUDA graphs (None: on for a CUDA pipeline).  Returns a summary: written,
     skipped (already done), seconds, images_per_s, batches (sampled here), rank, world_size.
     """
-    from fastdiff.pipelines import make_plan
+    from fastdiff.pipelines import check_batching, make_plan
 
     rank, world = _rank_world(rank, world_size)
     _check_jobs(jobs)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_batching(batch_size, guidance_scale)
     if image_format not in FORMATS:
         raise ValueError(f"image_format must be one of {FORMATS}, got {image_format!r}")
     if image_format == "webp":
@@ -563,8 +562,6 @@ def run_jobs(
 
         if not features.check("webp"):
             raise ValueError("image_format 'webp' needs Pillow built with WebP support; use 'png'")
-    if not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
     make_plan(sampler, pipe.schedule, steps, pipe.prediction)  # validates sampler and steps
     out = prepare_out(out_dir)
     settings = {

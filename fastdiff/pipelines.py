@@ -81,6 +81,36 @@ def _seeds(seeds, n: int) -> list[int]:
     return seeds
 
 
+def check_batching(batch_size, guidance_scale) -> None:
+    """The settings every generating call takes: raise naming the bad one, before any work."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+
+
+def progress_bar(enabled: bool, total: int, desc: str, unit: str):
+    """A tqdm bar of ``total`` ``unit``s, or None when progress is off."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+def counting(model, bar, per_call: int = 1):
+    """``model(x, t)`` that advances ``bar`` by ``per_call`` per evaluation (``model`` itself without a bar)."""
+    if bar is None:
+        return model
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = model(x, t)
+        bar.update(per_call)
+        return out
+
+    return counted
+
+
 class Pipeline:
     """What every pipeline holds: a network, its text encoder (with its prompt cache), the
     schedule, prediction and resolution of its ``pipeline.json``.  A subclass says which
@@ -127,6 +157,16 @@ class Pipeline:
         """The network ``spec`` (``pipeline.json`` of ``path``) describes, before its weights are loaded."""
         raise NotImplementedError
 
+    def _model(self, context: torch.Tensor, pooled: torch.Tensor, **conditions):
+        """The sampler's ``model(x, t)`` with the conditioning bound (bf16 autocast on CUDA)."""
+        use_bf16 = self.device.type == "cuda"
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                return self.unet(x, t, context, pooled, **conditions)
+
+        return model
+
 
 class Text2Image(Pipeline):
     """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
@@ -146,15 +186,9 @@ class Text2Image(Pipeline):
             raise ValueError(f"{str(path)!r} holds a {kind!r} model, not a text-to-image UNet")
         return UNet(UNetConfig.from_dict(spec["unet"]))
 
-    def _model(self, context: torch.Tensor, pooled: torch.Tensor):
-        """The sampler's ``model(x, t)`` with the text conditioning bound (bf16 autocast on CUDA)."""
-        use_bf16 = self.device.type == "cuda"
-
-        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                return self.unet(x, t, context, pooled)
-
-        return model
+    def _text_model(self, prompts: list[str], negatives: list[str], guided: bool):
+        """``model(x, t)`` with one batch's prompts bound; guided, the negatives come first (the unconditional half)."""
+        return self._model(*self.prompts.encode(negatives + prompts if guided else prompts, self.device))
 
     @torch.no_grad()
     def generate_tensors(
@@ -178,30 +212,20 @@ class Text2Image(Pipeline):
         negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != n:
             raise ValueError(f"negative_prompt must be a string or one per prompt ({n}), got {len(negatives)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not isinstance(guidance_scale, (int, float)):
-            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+        check_batching(batch_size, guidance_scale)
         seed_list = _seeds(seeds, n)
         plan = make_plan(sampler, self.schedule, steps, self.prediction).to(self.device)
         guided = guidance_scale != 1.0
         c = self.unet.config
         shape = (c.in_channels, self.resolution, self.resolution)
         out = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, desc=f"sample ({sampler}, {steps} steps)", unit="img", dynamic_ncols=True)
+        bar = progress_bar(progress, n, f"sample ({sampler}, {steps} steps)", "img")
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
-            texts = prompts[sl] if not guided else negatives[sl] + prompts[sl]  # uncond half first
-            context, pooled = self.prompts.encode(texts, self.device)
             seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=self.device)
             x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *shape))
-            x = samplers.sample(
-                self._model(context, pooled), x_T, seeds_t, plan, guidance_scale=guidance_scale if guided else None
-            )
+            model = self._text_model(prompts[sl], negatives[sl], guided)
+            x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=guidance_scale if guided else None)
             out.append(x.float())
             if bar is not None:
                 bar.update(len(seeds_t))

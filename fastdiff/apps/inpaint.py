@@ -248,7 +248,7 @@ def inpaint_tensors(
 ) -> torch.Tensor:
     """Batched inpainting: known (N, 3, R, R) in [−1, 1], mask (N, 1, R, R) of 0/1 (1 = repaint),
     one prompt and one seed per image → (N, 3, R, R) in [−1, 1], equal to ``known`` where mask is 0."""
-    from fastdiff.pipelines import make_plan
+    from fastdiff.pipelines import counting, make_plan, progress_bar
 
     n = len(prompts)
     if known.shape[0] != n or mask.shape[0] != n or len(seeds) != n:
@@ -256,13 +256,13 @@ def inpaint_tensors(
     check_settings(steps, 1, resample, jump, batch_size)
     plan = make_plan(sampler, pipe.schedule, steps, pipe.prediction)
     guided = guidance_scale != 1.0
-    bar = _progress_bar(n * len(plan) * (resample + 1), sampler, steps, resample, jump) if progress else None
+    how = f"{sampler}, {steps} steps" + (f", resample {resample} every {jump}" if resample else "")
+    bar = progress_bar(progress, n * len(plan) * (resample + 1), f"inpaint ({how})", "img·eval")
     out = []
     for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
-        texts = prompts[sl] if not guided else [negative_prompt] * len(prompts[sl]) + prompts[sl]
-        context, pooled = pipe.prompts.encode(texts, pipe.device)
-        model = _counting(pipe._model(context, pooled), bar, len(prompts[sl]))
+        batch = len(prompts[sl])
+        model = counting(pipe._text_model(prompts[sl], [negative_prompt] * batch, guided), bar, per_call=batch)
         seeds_t = torch.tensor(seeds[sl], dtype=torch.int64, device=pipe.device)
         x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *known.shape[1:]))
         kn, m = known[sl].to(pipe.device), mask[sl].to(pipe.device)
@@ -278,26 +278,6 @@ def inpaint_tensors(
     if bar is not None:
         bar.close()
     return torch.cat(out)
-
-
-def _progress_bar(total: int, sampler: str, steps: int, resample: int, jump: int):
-    from tqdm.auto import tqdm
-
-    how = f"{sampler}, {steps} steps" + (f", resample {resample} every {jump}" if resample else "")
-    return tqdm(total=total, desc=f"inpaint ({how})", unit="img·eval", dynamic_ncols=True)
-
-
-def _counting(model, bar, images: int):
-    """The model, advancing the progress bar by one evaluation of ``images`` images per call."""
-    if bar is None:
-        return model
-
-    def counted(x, t):
-        out = model(x, t)
-        bar.update(images)
-        return out
-
-    return counted
 
 
 def inpaint(

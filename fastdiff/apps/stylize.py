@@ -50,7 +50,8 @@ from fastdiff.data import COLOURS, JITTER, POSITIONS, SHAPES, SIZES, ShapesDatas
 from fastdiff.data import load_image, to_pil, to_tensor
 from fastdiff.nn.style import StyleConfig, StyleUNet
 from fastdiff.nn.unet import UNet, UNetConfig
-from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Pipeline, _seeds, load_weights, read_spec
+from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Pipeline, _seeds, check_batching, counting
+from fastdiff.pipelines import load_weights, progress_bar, read_spec
 from fastdiff.training import Trainer, pipeline_spec
 
 STYLE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-style"
@@ -284,16 +285,7 @@ class Stylizer(Pipeline):
         """The sampler's ``model(x, t)`` with the conditions bound; ticks ``bar`` once per evaluation."""
         context, pooled = self.prompts.encode(texts, self.device)
         extra = {"style": style, "style_keep": keep} if style is not None else {}
-        use_bf16 = self.device.type == "cuda"
-
-        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = self.unet(x, t, context, pooled, **extra)
-            if bar is not None:
-                bar.update(1)
-            return out
-
-        return model
+        return counting(self._model(context, pooled, **extra), bar)
 
     @torch.no_grad()
     def stylize_tensors(
@@ -328,20 +320,14 @@ class Stylizer(Pipeline):
         prompts = [style_prompt or ""] * n if one_prompt else list(style_prompt)
         if len(prompts) != n:
             raise ValueError(f"style_prompt must be a string or one per content image ({n}), got {len(prompts)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not isinstance(guidance_scale, (int, float)):
-            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+        check_batching(batch_size, guidance_scale)
         seed_list = _seeds(seeds, n)
         plan = img2img_plan(sampler, self.schedule, strength, steps, self.prediction).to(self.device)
         acp = self.schedule.alphas_cumprod.to(self.device, torch.float32)
         batches = [slice(i, i + batch_size) for i in range(0, n, batch_size)]
-        bar = None
-        if progress:  # one tick per model evaluation: a single image shows its progress too
-            from tqdm.auto import tqdm
-
-            desc = f"stylize {n} image(s) ({sampler}, from t={int(plan.timesteps[0])})"
-            bar = tqdm(total=len(batches) * len(plan), desc=desc, unit="step", dynamic_ncols=True)
+        # one tick per model evaluation: a single image shows its progress too
+        desc = f"stylize {n} image(s) ({sampler}, from t={int(plan.timesteps[0])})"
+        bar = progress_bar(progress, len(batches) * len(plan), desc, "step")
         try:
             out = [
                 self._batch(content[sl], style_image, sl, prompts[sl], seed_list[sl], plan, acp, guidance_scale, bar)

@@ -40,7 +40,10 @@ from fastdiff import ops, samplers
 from fastdiff.data import COLOURS, POSITIONS, SHAPES, SIZES, JITTER, Skipped, render_shape, to_pil, to_tensor
 from fastdiff.nn.unet import UNetConfig
 from fastdiff.nn.video import VideoConfig, VideoUNet, correlated_noise
-from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS, Text2Image, _seeds, load_weights, make_plan, read_spec
+from fastdiff.pipelines import (
+    DEFAULT_CHECKPOINT, SAMPLERS, Text2Image, _seeds, check_batching, counting, load_weights, make_plan, progress_bar,
+    read_spec,
+)
 from fastdiff.training import Trainer, TrainConfig
 
 HELP = "text to a short video clip (GIF or MP4) with the video model"
@@ -341,31 +344,20 @@ class VideoPipeline(Text2Image):
         if not prompts:
             raise ValueError("prompts must not be empty")
         frames = self.check_frames(self.default_frames if frames is None else frames)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not isinstance(guidance_scale, (int, float)):
-            raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+        check_batching(batch_size, guidance_scale)
         seed_list = _seeds(seeds, len(prompts))
         plan = make_plan(sampler, self.schedule, steps, self.prediction).to(self.device)
         guided = guidance_scale != 1.0
-        shape = (self.unet.config.in_channels, frames, self.resolution, self.resolution)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            total = len(plan) * -(-len(prompts) // batch_size)
-            bar = tqdm(total=total, desc=f"video ({sampler}, {steps} steps, {frames} frames)", unit="eval",
-                       dynamic_ncols=True)  # fmt: skip
+        C, R = self.unet.config.in_channels, self.resolution
+        total = len(plan) * -(-len(prompts) // batch_size)
+        bar = progress_bar(progress, total, f"video ({sampler}, {steps} steps, {frames} frames)", "eval")
         out = []
         for start in range(0, len(prompts), batch_size):
-            texts = prompts[start : start + batch_size]
-            if guided:
-                texts = [negative_prompt] * len(texts) + texts  # uncond half first
-            context, pooled = self.prompts.encode(texts, self.device)
-            seeds_t = torch.tensor(seed_list[start : start + batch_size], dtype=torch.int64, device=self.device)
-            C, n, H, W = shape  # one draw of F + 1 frames per seed: the shared part and each frame's own
-            x_T = correlated_noise(samplers.initial_noise(seeds_t, (len(seeds_t), C, n + 1, H, W)), self.rho)
-            model = _counting(self._model(context, pooled), bar)
+            sl = slice(start, start + batch_size)
+            seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=self.device)
+            # one draw of F + 1 frames per seed: the shared part and each frame's own
+            x_T = correlated_noise(samplers.initial_noise(seeds_t, (len(seeds_t), C, frames + 1, R, R)), self.rho)
+            model = counting(self._text_model(prompts[sl], [negative_prompt] * len(seeds_t), guided), bar)
             x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=guidance_scale if guided else None)
             out.append(x.float())
         if bar is not None:
@@ -375,19 +367,6 @@ class VideoPipeline(Text2Image):
     def __call__(self, prompts: list[str], **kwargs) -> list[list]:
         """Clips as lists of PIL frames, one per prompt; keyword arguments as `generate_tensors`."""
         return [clip_to_pil(x) for x in self.generate_tensors(prompts, **kwargs)]
-
-
-def _counting(model, bar):
-    """``model`` that advances ``bar`` by one per evaluation (the long loop of a clip)."""
-    if bar is None:
-        return model
-
-    def counted(x, t):
-        y = model(x, t)
-        bar.update(1)
-        return y
-
-    return counted
 
 
 def clip_to_pil(clip: torch.Tensor) -> list:
