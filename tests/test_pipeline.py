@@ -71,6 +71,12 @@ def test_errors(pipe, tmp_path):
         pipe(["a", "b"], negative_prompt=["x"], progress=False)
     with pytest.raises(ValueError, match="prompts"):
         pipe([], progress=False)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            pipe(["a"], batch_size=bad, progress=False)
+    for bad in ("4", None, True):
+        with pytest.raises(TypeError, match="guidance_scale"):
+            pipe(["a"], guidance_scale=bad, progress=False)
     with pytest.raises(FileNotFoundError, match="pipeline.json"):
         pipelines.Text2Image.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="output_type"):
