@@ -117,6 +117,7 @@ class Pipeline:
     network a folder holds (`build_unet`) and what it does with it."""
 
     CHANNELS_LAST = True  # NHWC weights on CUDA (faster convolutions on tensor cores)
+    SHIPPED: Path | None = None  # the checkpoint `from_pretrained()` loads when given no path
 
     def __init__(self, unet: UNet, text_encoder, spec: dict, prompt_cache=None):
         from fastdiff.text import PromptCache
@@ -137,10 +138,16 @@ class Pipeline:
         return next(self.unet.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None, text_encoder=None):
-        """Load a pipeline folder (or a training checkpoint folder: its EMA weights)."""
+    def from_pretrained(
+        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, text_encoder=None
+    ):
+        """Load a pipeline folder (or a training checkpoint: its EMA weights); no path: the shipped model."""
         from fastdiff.text import load_text_encoder
 
+        if path is None:
+            if cls.SHIPPED is None:
+                raise ValueError(f"{cls.__name__} has no shipped model: pass the path of a pipeline folder")
+            path = cls.SHIPPED
         spec = read_spec(path)
         unet = cls.build_unet(spec, path)
         unet.load_state_dict(load_weights(path))
@@ -171,12 +178,7 @@ class Pipeline:
 class Text2Image(Pipeline):
     """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
 
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike = DEFAULT_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
-    ) -> "Text2Image":
-        """Load a pipeline folder (or a training checkpoint folder: its EMA weights)."""
-        return super().from_pretrained(path, device, text_encoder)
+    SHIPPED = DEFAULT_CHECKPOINT
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:

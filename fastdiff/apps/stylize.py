@@ -249,6 +249,7 @@ class Stylizer(Pipeline):
     """A restyling pipeline: a `StyleUNet` (or a text-only `UNet`), its text encoder and schedule."""
 
     CHANNELS_LAST = False
+    SHIPPED = STYLE_CHECKPOINT  # the model type (text-only or style-image) comes from its pipeline.json
 
     @property
     def model(self) -> UNet:
@@ -258,13 +259,6 @@ class Stylizer(Pipeline):
     @property
     def takes_style_image(self) -> bool:
         return isinstance(self.unet, StyleUNet)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike = STYLE_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
-    ) -> "Stylizer":
-        """Load a pipeline folder or training checkpoint; the model type comes from ``pipeline.json``."""
-        return super().from_pretrained(path, device, text_encoder)
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> UNet:

@@ -293,13 +293,7 @@ class VideoPipeline(Text2Image):
     """Text to clips: a `VideoUNet`, its text encoder and schedule; ``pipeline.json`` has a ``video`` entry."""
 
     CHANNELS_LAST = False  # the clip GroupNorm reads the folded frames as they come
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike = VIDEO_CHECKPOINT, device: str | torch.device | None = None, text_encoder=None
-    ) -> "VideoPipeline":
-        """Load a video pipeline folder or a training checkpoint of the video task."""
-        return super().from_pretrained(path, device, text_encoder)
+    SHIPPED = VIDEO_CHECKPOINT
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
