@@ -1,12 +1,14 @@
 """Kernel audit: compile every Triton kernel of fastdiff for real GPUs, on any machine.
 
-Each op module lists the launch configurations it can use in ``audit_cases()``.
-The audit compiles each for sm_80 (A100) and sm_90 (H100) with ``triton.compile``
-and an explicit ``GPUTarget`` (no GPU needed), reads the cubin's resource use with
+Each op module declares the launch configurations it can use once, in its launch
+tables (``LAUNCH_TABLES``, see ``fastdiff.ops._launch``).  The audit compiles every
+case of every table for its archs — sm_80 (A100) and sm_90 (H100) — with
+``triton.compile`` and an explicit ``GPUTarget`` (no GPU needed), exactly as the
+ahead-of-time build does, reads the cubin's resource use with
 ``cuobjdump --dump-resource-usage`` (registers, stack/local memory = spills, shared
 memory) and, on sm_90, looks for Hopper's warp-group MMA (HGMMA) in the SASS of
 kernels that should use tensor cores.  It fails when a kernel does not compile,
-spills, lacks HGMMA where expected, or is not covered by any case.
+spills, lacks HGMMA where expected, or is not covered by any table.
 
     python -m fastdiff.audit            # table + exit status
     fastdiff audit
@@ -22,23 +24,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-ARCHS = (80, 90)
-
-
-@dataclass(frozen=True)
-class KernelCase:
-    """One compile-able launch configuration of a Triton kernel."""
-
-    name: str  # label shown in the table, e.g. "q_sample[bf16,draw]"
-    fn: object  # the @triton.jit function
-    signature: dict  # argument name -> Triton type ("*fp16", "i32", "constexpr", ...)
-    constexprs: dict = field(default_factory=dict)  # constexpr name -> value
-    num_warps: int = 4
-    num_stages: int = 3
-    expect_mma: bool = False  # sm_90 SASS must contain HGMMA
-    archs: tuple[int, ...] = ARCHS  # the architectures whose launcher can pick this config
+from fastdiff.ops._launch import ARCHS, KernelCase, compile_case  # noqa: F401  (KernelCase: the case type)
 
 
 @dataclass
@@ -68,7 +56,7 @@ def _tool(name: str) -> str:
 
 
 def op_modules(only: tuple[str, ...] = ()) -> list:
-    """Every module of fastdiff.ops that has Triton kernels (those defining audit_cases)."""
+    """Every module of fastdiff.ops that has Triton kernels (those declaring LAUNCH_TABLES)."""
     import fastdiff.ops
 
     mods = []
@@ -76,7 +64,7 @@ def op_modules(only: tuple[str, ...] = ()) -> list:
         if only and info.name not in only:
             continue
         mod = importlib.import_module(f"fastdiff.ops.{info.name}")
-        if hasattr(mod, "audit_cases"):
+        if getattr(mod, "LAUNCH_TABLES", None):
             mods.append(mod)
     return mods
 
@@ -108,16 +96,21 @@ def _parse_resources(text: str) -> tuple[int, int, int]:
     return reg, stack + local, shared
 
 
-def compile_case(case: KernelCase, arch: int) -> AuditRow:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def table_cases(mod) -> list[KernelCase]:
+    """Every distinct case of a module's launch tables."""
+    seen, cases = set(), []
+    for table in mod.LAUNCH_TABLES:
+        for case in table.cases():
+            if id(case) not in seen:
+                seen.add(id(case))
+                cases.append(case)
+    return cases
 
-    row = AuditRow(case.name, case.fn.fn.__name__, arch)
+
+def audit_case(case: KernelCase, arch: int) -> AuditRow:
+    row = AuditRow(case.name, case.kernel_name, arch)
     try:
-        src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs)
-        options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = compile_case(case, arch)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
@@ -145,7 +138,7 @@ _JOBS: list[tuple[KernelCase, int]] = []  # filled before the worker processes f
 
 def _compile_job(index: int) -> AuditRow:
     case, arch = _JOBS[index]
-    return compile_case(case, arch)
+    return audit_case(case, arch)
 
 
 def run_audit(
@@ -154,9 +147,9 @@ def run_audit(
     problems = []
     _JOBS.clear()
     for mod in op_modules(modules):
-        cases = [c for c in mod.audit_cases() if match in c.name]
+        cases = [c for c in table_cases(mod) if match in c.name]
         if not match:
-            problems += [f"{mod.__name__}.{k} has no audit case" for k in uncovered_kernels(mod, cases)]
+            problems += [f"{mod.__name__}.{k} is in no launch table" for k in uncovered_kernels(mod, cases)]
         _JOBS.extend((case, arch) for case in cases for arch in archs if arch in case.archs)
     if jobs > 1 and len(_JOBS) > 1:
         import multiprocessing

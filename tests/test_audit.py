@@ -31,7 +31,7 @@ def _kernel_modules() -> list[str]:
     names = []
     for info in pkgutil.iter_modules([os.path.join(ROOT, "fastdiff", "ops")]):
         with open(os.path.join(ROOT, "fastdiff", "ops", f"{info.name}.py")) as f:
-            if "def audit_cases(" in f.read():
+            if "LAUNCH_TABLES =" in f.read():
                 names.append(info.name)
     return names
 
@@ -49,11 +49,20 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(module):
 
 
 def test_audit_lists_the_noising_kernels():
-    from fastdiff.audit import op_modules
+    from fastdiff.audit import op_modules, table_cases
 
     (mod,) = op_modules(("noising",))
-    kernels = {case.fn.fn.__name__ for case in mod.audit_cases()}
-    assert kernels == {"_q_sample_kernel", "_sq_err_partial_kernel", "_sq_err_backward_kernel"}
+    kernels = {case.kernel_name for case in table_cases(mod)}
+    assert kernels == {"_q_sample_kernel", "_sq_err_partial_kernel", "_sum_kernel", "_sq_err_backward_kernel"}
+
+
+def test_audit_compiles_exactly_the_launch_tables():
+    """What the audit compiles is what the launchers pick and the library ships: every table's cases."""
+    from fastdiff.audit import op_modules, table_cases
+
+    for mod in op_modules():
+        in_tables = {id(c) for table in mod.LAUNCH_TABLES for c in table.entries.values()}
+        assert {id(c) for c in table_cases(mod)} == in_tables, mod.__name__
 
 
 def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
@@ -61,7 +70,8 @@ def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
     proc = _run(
         """
         import triton, triton.language as tl, types
-        from fastdiff.audit import KernelCase, compile_case, uncovered_kernels
+        from fastdiff.audit import audit_case, uncovered_kernels
+        from fastdiff.ops._launch import KernelCase
 
         @triton.jit
         def hog_kernel(X, BLOCK: tl.constexpr):
@@ -73,7 +83,7 @@ def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
             tl.store(X + offs, acc)
 
         case = KernelCase("hog", hog_kernel, {"X": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128}, num_warps=1)
-        row = compile_case(case, 90)
+        row = audit_case(case, 90)
         print("SPILL", row.spill_bytes, row.ok, row.error)
         mod = types.ModuleType("fake_ops")
         hog_kernel.fn.__module__ = "fake_ops"

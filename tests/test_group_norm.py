@@ -228,15 +228,17 @@ def test_parameters_in_mixed_float_dtypes(device, kernel_path, poisoned_alloc):
 
 @pytest.mark.parametrize("sms", [1, 132])
 @pytest.mark.parametrize("shape", [(1, 4, 70, 70), (2, 4, 70, 70), (2, 64, 33, 31)])
-def test_split_and_multi_tile_chunks(shape, sms, device, kernel_path, monkeypatch, poisoned_alloc):
+def test_split_and_multi_tile_chunks(shape, sms, device, kernel_path, monkeypatch, poisoned_alloc, request):
     """Groups split over several programs, chunks of several tiles, a short last chunk."""
     monkeypatch.setattr(gn, "_num_sms", lambda index: sms)
+    gn._geometry.cache_clear()  # geometries are cached per shape: this one must see the patched SM count
+    request.addfinalizer(gn._geometry.cache_clear)
     x, w, b, sc, sh = make_inputs(shape, "wbss", torch.float32, device)
     if shape[1] == 64:
         x = channels_last(x)
     layout = sample_layout(x)
     block_c, block_s = gn._tile_shape(layout, shape[1], shape[2] * shape[3])
-    split, tiles = gn._split(x, shape[0], -(-shape[1] // block_c), shape[2] * shape[3], block_s)
+    split, tiles = gn._split(None, shape[0], -(-shape[1] // block_c), shape[2] * shape[3], block_s)
     leaves = [t.requires_grad_() for t in (x, w, b, sc, sh)]
     got = fastdiff.ops.group_norm_silu(leaves[0], 2, leaves[1], leaves[2], scale=leaves[3], shift=leaves[4])
     want = gn.group_norm_silu_ref(leaves[0], 2, leaves[1], leaves[2], scale=leaves[3], shift=leaves[4])
@@ -274,15 +276,13 @@ def test_split_fills_the_gpu():
     pytest.importorskip("triton")
     for C, S in ((320, 64 * 64), (640, 32 * 32), (1280, 16 * 16)):
         for layout in ("contiguous", "channels_last"):
-            x = torch.empty(0)
             block_c, block_s = gn._tile_shape(layout, C, S)
             c_blocks = -(-C // block_c)
-            split, tiles = gn._split(x, 1, c_blocks, S, block_s)
+            split, tiles = gn._split(None, 1, c_blocks, S, block_s)
             n_tiles = -(-S // block_s)
             assert c_blocks * split >= min(2 * 132, c_blocks * n_tiles), (C, S, layout)
     # a large batch keeps each channel block's reduction in one program
-    x = torch.empty(0)
-    assert gn._split(x, 64, 80, 4096, 1024) == (1, 4)
+    assert gn._split(None, 64, 80, 4096, 1024) == (1, 4)
 
 
 # ----------------------------------------------------------------------------- compile, errors, module

@@ -56,6 +56,7 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops._backend import HAS_TRITON, INTERPRET, Op, cdiv, use_triton
+from fastdiff.ops._launch import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, dtype_code
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
 LOG2E = 1.4426950408889634
@@ -146,7 +147,11 @@ if HAS_TRITON:
             b = b.to(tl.float32)
         return tl.dot(a, b, input_precision=DOT_PRECISION)
 
-    @triton.jit
+    # Integers are never specialised (see _launch): the kernels' pointer hints carry the alignment.
+    @triton.jit(do_not_specialize=[
+        "stride_q_b", "stride_q_h", "stride_q_m", "stride_k_b", "stride_k_h", "stride_k_n", "stride_v_b",
+        "stride_v_h", "stride_v_n", "stride_o_b", "stride_o_h", "stride_o_m", "H", "Lq", "Lk", "head_dim"
+    ])  # fmt: skip
     def _attn_fwd_kernel(
         Q,  # (B, H, Lq, D)
         K,  # (B, H, Lk, D)
@@ -221,7 +226,10 @@ if HAS_TRITON:
         tl.store(tl.multiple_of(o_ptrs, [1, 16]), o.to(O.dtype.element_ty), mask=mask_q)
         tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Lq)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=[
+        "stride_o_b", "stride_o_h", "stride_o_m", "stride_do_b", "stride_do_h", "stride_do_m", "H", "Lq",
+        "head_dim"
+    ])  # fmt: skip
     def _attn_bwd_preprocess_kernel(
         O,  # (B, H, Lq, D)
         DO,  # (B, H, Lq, D)
@@ -251,7 +259,11 @@ if HAS_TRITON:
         do = tl.load(tl.multiple_of(do_ptrs, [1, 16]), mask=mask, other=0.0).to(tl.float32)
         tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=[
+        "stride_q_b", "stride_q_h", "stride_q_m", "stride_k_b", "stride_k_h", "stride_k_n", "stride_v_b",
+        "stride_v_h", "stride_v_n", "stride_do_b", "stride_do_h", "stride_do_m", "stride_dk_b", "stride_dk_h",
+        "stride_dk_n", "stride_dv_b", "stride_dv_h", "stride_dv_n", "H", "Lq", "Lk", "head_dim"
+    ])  # fmt: skip
     def _attn_bwd_dkdv_kernel(
         Q,  # (B, H, Lq, D)
         K,  # (B, H, Lk, D)
@@ -340,7 +352,11 @@ if HAS_TRITON:
             dv_ptrs = DV + b * stride_dv_b + h * stride_dv_h + offs_n[:, None] * stride_dv_n + offs_d[None, :]
             tl.store(tl.multiple_of(dv_ptrs, [1, 16]), dv.to(DV.dtype.element_ty), mask=mask_kv)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=[
+        "stride_q_b", "stride_q_h", "stride_q_m", "stride_k_b", "stride_k_h", "stride_k_n", "stride_v_b",
+        "stride_v_h", "stride_v_n", "stride_do_b", "stride_do_h", "stride_do_m", "stride_dq_b", "stride_dq_h",
+        "stride_dq_m", "H", "Lq", "Lk", "head_dim"
+    ])  # fmt: skip
     def _attn_bwd_dq_kernel(
         Q,  # (B, H, Lq, D)
         K,  # (B, H, Lk, D)
@@ -486,20 +502,9 @@ def _arch(device_index: int | None) -> int:
     return 90 if major >= 9 else 80
 
 
-def config_for(head_dim: int, dtype: torch.dtype, arch: int) -> AttnConfig:
-    if dtype == torch.float32:
-        return CONFIGS_FP32[_block_d(head_dim)]
-    return CONFIGS_16BIT[arch][head_dim]
-
-
-def _device_config(x: torch.Tensor) -> AttnConfig:
-    index = x.device.index if x.is_cuda else None
-    return config_for(x.shape[-1], x.dtype, _arch(index))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # "ieee" keeps fp32 inputs in true fp32; 16-bit inputs ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _key(x: torch.Tensor) -> tuple[int, int, int]:
+    """The launch tables' key of a call: (arch, dtype code, head dim)."""
+    return _arch(x.device.index if x.is_cuda else None), dtype_code(x.dtype), x.shape[-1]
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -535,16 +540,12 @@ def _forward_triton(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _device_config(q).fwd
+    case = ATTN_FWD.pick(_key(q))
     o = _empty_out(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    grid = (B * H, cdiv(Lq, cfg.block_m))
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse,
-        *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(o),
-        H, Lq, Lk, D, scale * LOG2E,
-        BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    case.launch(
+        (B * H, cdiv(Lq, case.constexprs["BLOCK_M"])), q, k, v, o, lse,
+        *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(o), H, Lq, Lk, D, scale * LOG2E,
     )  # fmt: skip
     return o, lse
 
@@ -558,35 +559,27 @@ def _backward_triton(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, t
     do, q, k, v, o = (_kernel_layout(x) for x in (do, q, k, v, o))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    cfg = _device_config(q)
-    block_d = _block_d(D)
-    precision = _precision(q.dtype)
+    key = _key(q)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess_kernel[(B * H, cdiv(Lq, cfg.pre_block_m))](
-        o, do, delta, *_bhl_strides(o), *_bhl_strides(do), H, Lq, D,
-        BLOCK_D=block_d, BLOCK_M=cfg.pre_block_m, num_warps=PRE_TILES.num_warps, num_stages=PRE_TILES.num_stages,
-    )  # fmt: skip
-
-    kv = cfg.bwd_kv
-    for compute_dk, compute_dv in ((True, False), (False, True)) if cfg.split_dkdv else ((True, True),):
-        _attn_bwd_dkdv_kernel[(B * H, cdiv(Lk, kv.block_n))](
-            q, k, v, do, lse, delta, dk, dv,
+    pre = ATTN_BWD_PRE.pick(key)
+    pre.launch(
+        (B * H, cdiv(Lq, pre.constexprs["BLOCK_M"])), o, do, delta, *_bhl_strides(o), *_bhl_strides(do), H, Lq, D
+    )
+    # one launch computing dK and dV, or (head dim 160) one launch for each
+    passes = [ATTN_BWD_DKDV.pick(key + (1, 1))] if ATTN_BWD_DKDV.pick(key + (1, 1)) else [
+        ATTN_BWD_DKDV.pick(key + (1, 0)), ATTN_BWD_DKDV.pick(key + (0, 1))]  # fmt: skip
+    for kv in passes:
+        kv.launch(
+            (B * H, cdiv(Lk, kv.constexprs["BLOCK_N"])), q, k, v, do, lse, delta, dk, dv,
             *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(do),
-            *_bhl_strides(dk), *_bhl_strides(dv),
-            H, Lq, Lk, D, scale, scale * LOG2E,
-            BLOCK_D=block_d, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, DOT_PRECISION=precision,
-            COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
-            num_warps=kv.num_warps, num_stages=kv.num_stages,
+            *_bhl_strides(dk), *_bhl_strides(dv), H, Lq, Lk, D, scale, scale * LOG2E,
         )  # fmt: skip
-
-    qc = cfg.bwd_q
-    _attn_bwd_dq_kernel[(B * H, cdiv(Lq, qc.block_m))](
-        q, k, v, do, lse, delta, dq,
+    qc = ATTN_BWD_DQ.pick(key)
+    qc.launch(
+        (B * H, cdiv(Lq, qc.constexprs["BLOCK_M"])), q, k, v, do, lse, delta, dq,
         *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(do), *_bhl_strides(dq),
         H, Lq, Lk, D, scale, scale * LOG2E,
-        BLOCK_D=block_d, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, DOT_PRECISION=precision,
-        num_warps=qc.num_warps, num_stages=qc.num_stages,
     )  # fmt: skip
     for g, buf in zip(grads, bufs):
         if buf is not g:
@@ -714,78 +707,81 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return _attention_fwd_call(q, k, v, scale)[0]
 
 
-# ----------------------------------------------------------------------------- audit
-
-
-def _launch_configs() -> list[tuple[str, int, torch.dtype, AttnConfig]]:
-    """Every (table, head dim, dtype, config) the launcher can pick."""
-    out = []
-    for arch, table in CONFIGS_16BIT.items():
-        for D, cfg in table.items():
-            for dt in (torch.float16, torch.bfloat16):
-                out.append((f"sm{arch}", D, dt, cfg))
-    for D in HEAD_DIMS:
-        out.append(("any", D, torch.float32, config_for(D, torch.float32, 90)))
-    return out
+# ----------------------------------------------------------------------------- launch tables
 
 
 def _tiles_tag(t: Tiles) -> str:
     return f"{t.block_m}x{t.block_n}w{t.num_warps}s{t.num_stages}"
 
 
-def audit_cases():
-    """One case per distinct compilation: head dims sharing a BLOCK_D and a config compile once."""
-    from fastdiff.audit import KernelCase
-
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+def _launch_tables() -> tuple[LaunchTable, ...]:
+    """The four kernels' tables, keyed by (arch, dtype, head dim) (+ which of dK/dV a pass computes),
+    built from the config tables above; head dims sharing a BLOCK_D and a config share one case."""
     scalars = {"H": "i32", "Lq": "i32", "Lk": "i32", "head_dim": "i32"}
 
     def strides(**tensors):  # tensor name -> name of its token axis
         return {f"stride_{t}_{a}": "i32" for t, tok in tensors.items() for a in ("b", "h", tok)}
 
-    cases, seen = [], set()
+    shared: dict[tuple, KernelCase] = {}
 
-    def add(label, fn, sig, cx, tiles, mma):
+    def case(label, fn, sig, cx, tiles, mma, archs):
         sig = sig | {c: "constexpr" for c in cx}
         key = (fn, tuple(sorted(cx.items())), tuple(sig.values()), tiles.num_warps, tiles.num_stages, archs)
-        if key not in seen:
-            seen.add(key)
-            cases.append(KernelCase(label, fn, sig, cx, tiles.num_warps, tiles.num_stages, mma, archs))
+        if key not in shared:
+            shared[key] = KernelCase(label, fn, sig, cx, tiles.num_warps, tiles.num_stages, mma, archs)
+        return shared[key]
 
-    for table, D, dtype, cfg in _launch_configs():
-        # a table's configs are compiled for its architecture only; fp32's for both
-        archs = (int(table[2:]),) if table.startswith("sm") else (80, 90)
-        dt = names[dtype]
-        mma = dtype != torch.float32  # 16-bit tiles must reach the tensor cores (HGMMA on sm_90)
-        bd = _block_d(D)
-        prec = _precision(dtype)
-        tag = f"{table},{dt},bd{bd}"
-        ins = {n: f"*{dt}" for n in ("Q", "K", "V")}
+    fwd, pre, dkdv, dq = {}, {}, {}, {}
+    for arch in ARCHS:
+        for dt, code in DTYPE_CODES.items():
+            for D in HEAD_DIMS:
+                if dt == "fp32":  # one fp32 table for every architecture
+                    cfg, archs, table = CONFIGS_FP32[_block_d(D)], ARCHS, "any"
+                else:
+                    cfg, archs, table = CONFIGS_16BIT[arch][D], (arch,), f"sm{arch}"
+                mma = dt != "fp32"  # 16-bit tiles must reach the tensor cores (HGMMA on sm_90)
+                bd = _block_d(D)
+                prec = "ieee" if dt == "fp32" else "tf32"  # true fp32 FMA for fp32; 16-bit inputs ignore it
+                tag = f"{table},{dt},bd{bd}"
+                ins = {n: f"*{dt}" for n in ("Q", "K", "V")}
+                key = (arch, code, D)
 
-        t = cfg.fwd
-        sig = ins | {"O": f"*{dt}", "LSE": "*fp32"} | strides(q="m", k="n", v="n", o="m")
-        sig |= scalars | {"qk_scale": "fp32"}
-        cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec}
-        add(f"attention_fwd[{tag},{_tiles_tag(t)}]", _attn_fwd_kernel, sig, cx, t, mma)
+                t = cfg.fwd
+                sig = ins | {"O": f"*{dt}", "LSE": "*fp32"} | strides(q="m", k="n", v="n", o="m")
+                sig |= scalars | {"qk_scale": "fp32"}
+                cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec}
+                fwd[key] = case(f"attention_fwd[{tag},{_tiles_tag(t)}]", _attn_fwd_kernel, sig, cx, t, mma, archs)
 
-        grads = ins | {"DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32"}
-        t = cfg.bwd_kv
-        sig = grads | {"DK": f"*{dt}", "DV": f"*{dt}"}
-        sig |= strides(q="m", k="n", v="n", do="m", dk="n", dv="n") | scalars | {"sm_scale": "fp32", "qk_scale": "fp32"}
-        for dk, dv in ((True, False), (False, True)) if cfg.split_dkdv else ((True, True),):
-            cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec}
-            cx |= {"COMPUTE_DK": dk, "COMPUTE_DV": dv}
-            which = "dkdv" if dk and dv else ("dk" if dk else "dv")
-            add(f"attention_bwd_{which}[{tag},{_tiles_tag(t)}]", _attn_bwd_dkdv_kernel, sig, cx, t, mma)
+                grads = ins | {"DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32"}
+                t = cfg.bwd_kv
+                sig = grads | {"DK": f"*{dt}", "DV": f"*{dt}"} | strides(q="m", k="n", v="n", do="m", dk="n", dv="n")
+                sig |= scalars | {"sm_scale": "fp32", "qk_scale": "fp32"}
+                for dk, dv in ((1, 0), (0, 1)) if cfg.split_dkdv else ((1, 1),):
+                    cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec,
+                          "COMPUTE_DK": bool(dk), "COMPUTE_DV": bool(dv)}  # fmt: skip
+                    which = "dkdv" if dk and dv else ("dk" if dk else "dv")
+                    label = f"attention_bwd_{which}[{tag},{_tiles_tag(t)}]"
+                    dkdv[key + (dk, dv)] = case(label, _attn_bwd_dkdv_kernel, sig, cx, t, mma, archs)
 
-        t = cfg.bwd_q
-        sig = grads | {"DQ": f"*{dt}"}
-        sig |= strides(q="m", k="n", v="n", do="m", dq="m") | scalars | {"sm_scale": "fp32", "qk_scale": "fp32"}
-        cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec}
-        add(f"attention_bwd_dq[{tag},{_tiles_tag(t)}]", _attn_bwd_dq_kernel, sig, cx, t, mma)
+                t = cfg.bwd_q
+                sig = grads | {"DQ": f"*{dt}"} | strides(q="m", k="n", v="n", do="m", dq="m") | scalars
+                sig |= {"sm_scale": "fp32", "qk_scale": "fp32"}
+                cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec}
+                dq[key] = case(f"attention_bwd_dq[{tag},{_tiles_tag(t)}]", _attn_bwd_dq_kernel, sig, cx, t, mma, archs)
 
-        sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"} | strides(o="m", do="m")
-        sig |= {"H": "i32", "Lq": "i32", "head_dim": "i32"}
-        cx = {"BLOCK_D": bd, "BLOCK_M": cfg.pre_block_m}
-        add(f"attention_bwd_pre[{dt},bd{bd}]", _attn_bwd_preprocess_kernel, sig, cx, PRE_TILES, False)
-    return cases
+                sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"} | strides(o="m", do="m")
+                sig |= {"H": "i32", "Lq": "i32", "head_dim": "i32"}
+                cx = {"BLOCK_D": bd, "BLOCK_M": cfg.pre_block_m}
+                label = f"attention_bwd_pre[{dt},bd{bd},m{cfg.pre_block_m}]"
+                pre[key] = case(label, _attn_bwd_preprocess_kernel, sig, cx, PRE_TILES, False, ARCHS)
+    fields = ("arch", "dtype", "head_dim")
+    return (
+        LaunchTable("attention_fwd", fields, fwd),
+        LaunchTable("attention_bwd_pre", fields, pre),
+        LaunchTable("attention_bwd_dkdv", fields + ("compute_dk", "compute_dv"), dkdv),
+        LaunchTable("attention_bwd_dq", fields, dq),
+    )
+
+
+LAUNCH_TABLES = _launch_tables() if HAS_TRITON else ()
+ATTN_FWD, ATTN_BWD_PRE, ATTN_BWD_DKDV, ATTN_BWD_DQ = LAUNCH_TABLES or (None,) * 4

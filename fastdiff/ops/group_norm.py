@@ -49,12 +49,15 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from fastdiff.ops import _checks
+from fastdiff.ops import _backend
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code
 from fastdiff.ops._layout import sample_layout
 
 # ----------------------------------------------------------------------------- reference
@@ -193,7 +196,9 @@ if HAS_TRITON:
         """dy · d SiLU(z)/dz = dy · σ(z)·(1 + z·(1 − σ(z)))."""
         return dy * _sigmoid(z) * (1.0 + z * (1.0 - _sigmoid(z)))
 
-    @triton.jit
+    # C and S may be specialised (cases for both multiples of 16: vector loads); other
+    # integers never are, as in the compiled library (see _launch).
+    @triton.jit(do_not_specialize=["CHUNK_S", "TILES", "SPLIT"])
     def _gn_stats_kernel(
         X,  # (B, C, S) or (B, S, C) input
         PMEAN,  # (B, C, SPLIT) fp32 out: per-channel mean of one spatial chunk
@@ -234,7 +239,7 @@ if HAS_TRITON:
         tl.store(PMEAN + out, mean, mask=c < C)
         tl.store(PM2 + out, m2, mask=c < C)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "S", "G", "CG", "SPLIT", "CHUNK_S", "stride_scale_b", "stride_shift_b"])
     def _gn_finalize_kernel(
         PMEAN,  # (B, C, SPLIT) fp32 partial means
         PM2,  # (B, C, SPLIT) fp32 partial M2
@@ -306,7 +311,7 @@ if HAS_TRITON:
             tl.store(COEF_A + b * C + c, rstd * a, mask=m)
             tl.store(COEF_D + b * C + c, d, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["G", "CG"])
     def _gn_apply_kernel(
         X,  # (B, C, S) or (B, S, C) input
         Y,  # same layout, out
@@ -337,7 +342,7 @@ if HAS_TRITON:
             z = z * _sigmoid(z)
         tl.store(Y + sample + offs, z.to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["G", "CG", "CHUNK_S", "TILES", "SPLIT"])
     def _gn_bwd_reduce_kernel(
         X,  # (B, C, S) or (B, S, C) input of the forward
         DY,  # same layout: upstream gradient
@@ -386,7 +391,7 @@ if HAS_TRITON:
         tl.store(PP + out, p, mask=cm)
         tl.store(PQ + out, q, mask=cm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["C", "S", "G", "CG", "SPLIT", "stride_scale_b"])
     def _gn_bwd_finalize_kernel(
         PP,  # (B, C, SPLIT) fp32 partial Σ dz
         PQ,  # (B, C, SPLIT) fp32 partial Σ dz·x̂
@@ -451,7 +456,7 @@ if HAS_TRITON:
         tl.store(DX_E + pid, -r * r * tl.sum(m2, axis=0) / n_total)
         tl.store(DX_F + pid, -r * tl.sum(m1, axis=0) / n_total)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["G", "CG"])
     def _gn_dx_kernel(
         X,  # (B, C, S) or (B, S, C) input of the forward
         DY,  # same layout
@@ -489,7 +494,7 @@ if HAS_TRITON:
         dx = dz * A + xc * E + F
         tl.store(DX + sample + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["B", "C"])
     def _col_sum_kernel(
         TW,  # (B, C) fp32 per-sample dγ terms
         TB,  # (B, C) fp32 per-sample dβ terms
@@ -545,7 +550,7 @@ def _num_sms(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _split(x: torch.Tensor, B: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
+def _split(device_index: int | None, B: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
     """(SPLIT, TILES): spatial chunks per channel block and tiles per chunk.
 
     Just enough chunks that B·c_blocks·SPLIT programs give every SM a few; a
@@ -553,102 +558,128 @@ def _split(x: torch.Tensor, B: int, c_blocks: int, S: int, block_s: int) -> tupl
     block, no merge overhead).
     """
     n_tiles = cdiv(S, block_s)
-    sms = _num_sms(x.device.index if x.is_cuda else None)
-    want = cdiv(PROGRAMS_PER_SM * sms, B * c_blocks)
+    want = cdiv(PROGRAMS_PER_SM * _num_sms(device_index), B * c_blocks)
     split = max(1, min(want, n_tiles, MAX_SPLIT))
     tiles = cdiv(n_tiles, split)
     return cdiv(n_tiles, tiles), tiles
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the kernels cut one input: computed once per shape, saved by the forward for the backward."""
+
+    channels_last: bool
+    block_c: int
+    block_s: int
+    c_blocks: int  # channel blocks per sample
+    split: int  # spatial chunks per channel block
+    tiles: int  # tiles of block_s positions per chunk
+    divisible: int  # C and S multiples of 16: the vector-load cases apply
+
+    @property
+    def chunk_s(self) -> int:
+        return self.tiles * self.block_s
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry(channels_last: bool, B: int, C: int, S: int, device_index: int | None) -> Geometry:
+    block_c, block_s = _tile_shape("channels_last" if channels_last else "contiguous", C, S)
+    c_blocks = cdiv(C, block_c)
+    split, tiles = _split(device_index, B, c_blocks, S, block_s)
+    return Geometry(channels_last, block_c, block_s, c_blocks, split, tiles, divisible_key(C, S))
+
+
+def geometry_of(x: torch.Tensor) -> Geometry:
+    B, C = x.shape[:2]
+    S = math.prod(x.shape[2:])
+    return _geometry(sample_layout(x) == "channels_last", B, C, S, x.device.index if x.is_cuda else None)
+
+
+def _tile_key(x: torch.Tensor, geo: Geometry) -> tuple[int, ...]:
+    return dtype_code(x.dtype), int(geo.channels_last), geo.block_c, geo.block_s
+
+
+def _params(weight, bias, scale, shift, fallback: torch.Tensor):
+    """(γ, β, scale, shift, dtype code, stand-in): the present parameters in one dtype (cast to fp32 when
+    they mix dtypes, which the tables do not cover), its code, and the tensor passed for absent ones."""
+    present = [t for t in (weight, bias, scale, shift) if t is not None]
+    if len({t.dtype for t in present}) > 1:
+        weight, bias, scale, shift = (None if t is None else t.float() for t in (weight, bias, scale, shift))
+        present = [t for t in (weight, bias, scale, shift) if t is not None]
+    stand_in = present[0] if present else fallback
+    return weight, bias, scale, shift, dtype_code(stand_in.dtype), stand_in
+
+
+def _flags(weight, bias, scale, shift) -> tuple[int, int, int, int]:
+    return tuple(int(t is not None) for t in (weight, bias, scale, shift))
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
 def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
-    layout = sample_layout(x)
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     G, CG = num_groups, C // num_groups
-    block_c, block_s = _tile_shape(layout, C, S)
-    c_blocks = cdiv(C, block_c)
-    split, tiles = _split(x, B, c_blocks, S, block_s)
-    cl = layout == "channels_last"
+    geo = geometry_of(x)
+    tile = _tile_key(x, geo)
     f32 = dict(device=x.device, dtype=torch.float32)
-    pmean = torch.empty(B, C, split, **f32)
-    pm2 = torch.empty(B, C, split, **f32)
-    _gn_stats_kernel[(split, c_blocks, B)](
-        x, pmean, pm2, C, S, tiles * block_s, tiles, split,
-        CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
-    )  # fmt: skip
-    mean = torch.empty(B, G, **f32)
-    rstd = torch.empty(B, G, **f32)
-    coef = torch.empty(2, B, C, **f32)
-    coef_a, coef_d = coef.unbind(0)
-    _gn_finalize_kernel[(B * G,)](
-        pmean, pm2, _ptr(weight, x), _ptr(bias, x), _ptr(scale, x), _ptr(shift, x), mean, rstd, coef_a, coef_d,
-        C, S, G, CG, split, tiles * block_s, _row_stride(scale), _row_stride(shift), eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, BLOCK_P=FINAL_BLOCK_P, BLOCK_CG=FINAL_BLOCK_CG, num_warps=FINAL_WARPS,
+    partials = torch.empty(2, B, C, geo.split, **f32)  # per-chunk means and M2
+    stats = torch.empty(2, B, G, **f32)  # μ, r
+    coef = torch.empty(2, B, C, **f32)  # A, d
+    weight, bias, scale, shift, pd, stand_in = _params(weight, bias, scale, shift, stats)
+    GN_STATS.pick(tile + (geo.divisible,)).launch(
+        (geo.split, geo.c_blocks, B), x, partials[0], partials[1], C, S, geo.chunk_s, geo.tiles, geo.split
+    )
+    GN_FINALIZE.pick((pd, *_flags(weight, bias, scale, shift))).launch(
+        (B * G,), partials[0], partials[1], *(stand_in if t is None else t for t in (weight, bias, scale, shift)),
+        stats[0], stats[1], coef[0], coef[1], C, S, G, CG, geo.split, geo.chunk_s, _row_stride(scale),
+        _row_stride(shift), eps,
     )  # fmt: skip
     y = torch.empty_like(x)
-    _gn_apply_kernel[(cdiv(S, block_s), c_blocks, B)](
-        x, y, mean, coef_a, coef_d, C, S, G, CG,
-        CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
-    )  # fmt: skip
-    return y, mean, rstd, coef
+    GN_APPLY.pick(tile + (int(silu), geo.divisible)).launch(
+        (cdiv(S, geo.block_s), geo.c_blocks, B), x, y, stats[0], coef[0], coef[1], C, S, G, CG
+    )
+    return y, stats[0], stats[1], coef
 
 
-def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu):
-    layout = sample_layout(x)
+def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, geo: Geometry):
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     G = mean.shape[1]
     CG = C // G
-    block_c, block_s = _tile_shape(layout, C, S)
-    c_blocks = cdiv(C, block_c)
-    split, tiles = _split(x, B, c_blocks, S, block_s)
-    cl = layout == "channels_last"
+    tile = _tile_key(x, geo)
     f32 = dict(device=x.device, dtype=torch.float32)
-    coef_a, coef_d = coef.unbind(0)
-    pp = torch.empty(B, C, split, **f32)
-    pq = torch.empty(B, C, split, **f32)
-    _gn_bwd_reduce_kernel[(split, c_blocks, B)](
-        x, dy, mean, rstd, coef_a, coef_d, pp, pq, C, S, G, CG, tiles * block_s, tiles, split,
-        CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
+    sums = torch.empty(2, B, C, geo.split, **f32)  # per-chunk Σ dz and Σ dz·x̂
+    GN_BWD_REDUCE.pick(tile + (int(silu), geo.divisible)).launch(
+        (geo.split, geo.c_blocks, B), x, dy, mean, rstd, coef[0], coef[1], sums[0], sums[1], C, S, G, CG,
+        geo.chunk_s, geo.tiles, geo.split,
     )  # fmt: skip
+    flags = _flags(weight, bias, scale, shift)
+    weight_, bias_, scale_, _, pd, stand_in = _params(weight, bias, scale, shift, rstd)
     dx_ef = torch.empty(2, B, G, **f32)
-    dscale = torch.empty(B, C, **f32) if scale is not None else None
-    dshift = torch.empty(B, C, **f32) if shift is not None else None
+    film = torch.empty(flags[2] + flags[3], B, C, **f32) if scale is not None or shift is not None else None
     affine = weight is not None or bias is not None
     terms = torch.empty(2, B, C, **f32) if affine else None
-    _gn_bwd_finalize_kernel[(B * G,)](
-        pp, pq, _ptr(weight, x), _ptr(bias, x), _ptr(scale, x), rstd, dx_ef[0], dx_ef[1],
-        _ptr(dscale, x), _ptr(dshift, x), _ptr(terms, x, 0), _ptr(terms, x, 1),
-        C, S, G, CG, split, _row_stride(scale),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, BLOCK_CG=FINAL_BLOCK_CG, BLOCK_K=MAX_SPLIT, num_warps=FINAL_WARPS,
+    dscale = film[0] if scale is not None else None
+    dshift = film[-1] if shift is not None else None
+    GN_BWD_FINALIZE.pick((pd, *flags)).launch(
+        (B * G,), sums[0], sums[1], *(stand_in if t is None else t for t in (weight_, bias_, scale_)), rstd,
+        dx_ef[0], dx_ef[1], *(rstd if t is None else t for t in (dscale, dshift)),
+        *((rstd, rstd) if terms is None else terms), C, S, G, CG, geo.split, _row_stride(scale_),
     )  # fmt: skip
     dweight = dbias = None
     if affine:
         # both sums in one pass; a row of terms that was not written only feeds an output dropped here
-        dweight, dbias = torch.empty(C, **f32), torch.empty(C, **f32)
-        _col_sum_kernel[(cdiv(C, COLSUM_BLOCK),)](
-            terms[0], terms[1], dweight, dbias, B, C, BLOCK=COLSUM_BLOCK, num_warps=FINAL_WARPS
-        )
-        dweight = dweight if weight is not None else None
-        dbias = dbias if bias is not None else None
+        sums_wb = torch.empty(2, C, **f32)
+        GN_COL_SUM.pick(()).launch((cdiv(C, COLSUM_BLOCK),), terms[0], terms[1], sums_wb[0], sums_wb[1], B, C)
+        dweight = sums_wb[0] if weight is not None else None
+        dbias = sums_wb[1] if bias is not None else None
     dx = torch.empty_like(x)
-    _gn_dx_kernel[(cdiv(S, block_s), c_blocks, B)](
-        x, dy, dx, mean, coef_a, coef_d, dx_ef[0], dx_ef[1], C, S, G, CG,
-        CHANNELS_LAST=cl, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    GN_DX.pick(tile + (int(silu), geo.divisible)).launch(
+        (cdiv(S, geo.block_s), geo.c_blocks, B), x, dy, dx, mean, coef[0], coef[1], dx_ef[0], dx_ef[1], C, S, G, CG
+    )
     return dx, dweight, dbias, dscale, dshift
-
-
-def _ptr(t: torch.Tensor | None, x: torch.Tensor, row: int | None = None) -> torch.Tensor:
-    """The tensor (or one row of it) to hand the kernel; an absent one is replaced by x, never read."""
-    if t is None:
-        return x
-    return t if row is None else t[row]
 
 
 def _row_stride(t: torch.Tensor | None) -> int:
@@ -709,20 +740,41 @@ def _backward_impl(
     shift: Optional[torch.Tensor],
     eps: float,
     silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias, dscale, dshift); an empty tensor stands for an absent input's gradient."""
+    geometry: Optional[Geometry] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dx, dweight, dbias, dscale, dshift), None for an absent input's gradient.
+
+    ``geometry``: the forward's (`geometry_of`), saved with it; computed here when not given.
+    """
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # the kernels read dy with x's strides
     if use_triton(x):
-        grads = _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu)
-    else:
-        grads = group_norm_silu_backward_ref(dy, x, mean.shape[1], weight, bias, eps, scale, shift, silu)
-        grads = (torch.empty_like(x).copy_(grads[0]), *grads[1:])
+        geo = geometry if geometry is not None else geometry_of(x)
+        return _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, geo)
+    grads = group_norm_silu_backward_ref(dy, x, mean.shape[1], weight, bias, eps, scale, shift, silu)
+    return (torch.empty_like(x).copy_(grads[0]), *grads[1:])
+
+
+def _backward_registered(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    coef: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    eps: float,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The registered backward: an empty tensor stands for an absent input's gradient (custom ops return no None)."""
+    grads = _backward_impl(dy, x, mean, rstd, coef, weight, bias, scale, shift, eps, silu)
     return tuple(x.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
 
 
 _group_norm_silu_backward_op = torch.library.custom_op(
-    "fastdiff::group_norm_silu_backward", _backward_impl, mutates_args=()
+    "fastdiff::group_norm_silu_backward", _backward_registered, mutates_args=()
 )
 
 
@@ -744,14 +796,18 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd, coef = output
     ctx.save_for_backward(x, mean, rstd, coef, weight, bias, scale, shift)
     ctx.eps, ctx.silu = eps, silu
+    # the forward's geometry (cached per shape), for the eager kernel path
+    ctx.geometry = geometry_of(x) if use_triton(x) and not _backend.traced(x) else None
     ctx.mark_non_differentiable(mean, rstd, coef)
 
 
 def _backward(ctx, dy, _dmean, _drstd, _dcoef):
     x, mean, rstd, coef, weight, bias, scale, shift = ctx.saved_tensors
-    dx, dw, db, ds, dsh = _group_norm_silu_backward_call(
-        dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu
-    )
+    args = (dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu)
+    if ctx.geometry is None:
+        dx, dw, db, ds, dsh = _group_norm_silu_backward_call(*args)
+    else:  # eager kernel path: no dispatcher, and the forward's geometry
+        dx, dw, db, ds, dsh = _backward_impl(*args, ctx.geometry)
     grads = [dx if ctx.needs_input_grad[0] else None]
     for t, g, i in ((weight, dw, 1), (bias, db, 2), (scale, ds, 3), (shift, dsh, 4)):
         grads.append(g if t is not None and ctx.needs_input_grad[i] else None)
@@ -833,96 +889,115 @@ def group_norm_silu(
     return _group_norm_silu_call(*args)[0]
 
 
-# ----------------------------------------------------------------------------- audit
-
-
-def audit_cases():
-    from fastdiff.audit import KernelCase
-
-    tiles = {(cl, shape) for cl in (False, True) for shape in _audit_tile_shapes(cl)}
-    cases = []
-    for dt in ("fp32", "fp16", "bf16"):
-        for cl, (bc, bs) in sorted(tiles):
-            tag = f"{dt},{'cl' if cl else 'nc'},{bc}x{bs}"
-            tile = {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}
-            cases.append(KernelCase(
-                f"gn_stats[{tag}]", _gn_stats_kernel,
-                {"X": f"*{dt}", "PMEAN": "*fp32", "PM2": "*fp32", "C": "i32", "S": "i32", "CHUNK_S": "i32",
-                 "TILES": "i32", "SPLIT": "i32", "CHANNELS_LAST": "constexpr", "BLOCK_C": "constexpr",
-                 "BLOCK_S": "constexpr"},
-                tile, NUM_WARPS,
-            ))  # fmt: skip
-            for silu in (False, True):
-                stag = f"{tag}{',silu' if silu else ''}"
-                cx = {**tile, "SILU": silu}
-                cases.append(KernelCase(
-                    f"gn_apply[{stag}]", _gn_apply_kernel,
-                    {"X": f"*{dt}", "Y": f"*{dt}", "MEAN": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
-                     "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "CHANNELS_LAST": "constexpr",
-                     "SILU": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"},
-                    cx, NUM_WARPS,
-                ))  # fmt: skip
-                cases.append(KernelCase(
-                    f"gn_bwd_reduce[{stag}]", _gn_bwd_reduce_kernel,
-                    {"X": f"*{dt}", "DY": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32",
-                     "COEF_D": "*fp32", "PP": "*fp32", "PQ": "*fp32", "C": "i32", "S": "i32", "G": "i32",
-                     "CG": "i32", "CHUNK_S": "i32", "TILES": "i32", "SPLIT": "i32", "CHANNELS_LAST": "constexpr",
-                     "SILU": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"},
-                    cx, NUM_WARPS,
-                ))  # fmt: skip
-                cases.append(KernelCase(
-                    f"gn_dx[{stag}]", _gn_dx_kernel,
-                    {"X": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "MEAN": "*fp32", "COEF_A": "*fp32",
-                     "COEF_D": "*fp32", "DX_E": "*fp32", "DX_F": "*fp32", "C": "i32", "S": "i32", "G": "i32",
-                     "CG": "i32", "CHANNELS_LAST": "constexpr", "SILU": "constexpr", "BLOCK_C": "constexpr",
-                     "BLOCK_S": "constexpr"},
-                    cx, NUM_WARPS,
-                ))  # fmt: skip
-    for flags in range(16):
-        has = dict(zip(_FLAGS, (bool(flags & (1 << i)) for i in range(4))))
-        ftag = ",".join(k[4:].lower() for k, v in has.items() if v) or "plain"
-        cases += _finalize_cases(ftag, has, "fp32")
-    # γ, β, scale and shift in the model's half precision (read as they are, converted in the kernel)
-    for pd in ("fp16", "bf16"):
-        cases += _finalize_cases(f"all,{pd} params", dict.fromkeys(_FLAGS, True), pd)
-    cases.append(KernelCase(
-        "gn_col_sum", _col_sum_kernel,
-        {"TW": "*fp32", "TB": "*fp32", "DW": "*fp32", "DB": "*fp32", "B": "i32", "C": "i32", "BLOCK": "constexpr"},
-        {"BLOCK": COLSUM_BLOCK}, FINAL_WARPS,
-    ))  # fmt: skip
-    return cases
-
+# ----------------------------------------------------------------------------- launch tables
 
 _FLAGS = ("HAS_WEIGHT", "HAS_BIAS", "HAS_SCALE", "HAS_SHIFT")
 
 
-def _finalize_cases(tag: str, has: dict, pd: str) -> list:
-    """Audit cases of the two per-group kernels with the optional inputs ``has``, γ/β/scale/shift in ``pd``."""
-    from fastdiff.audit import KernelCase
-
-    flags = dict.fromkeys(has, "constexpr")
-    return [
-        KernelCase(
-            f"gn_finalize[{tag}]", _gn_finalize_kernel,
-            {"PMEAN": "*fp32", "PM2": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}",
-             "SHIFT": f"*{pd}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
-             "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32", "CHUNK_S": "i32",
-             "stride_scale_b": "i32", "stride_shift_b": "i32", "eps": "fp32", **flags,
-             "BLOCK_P": "constexpr", "BLOCK_CG": "constexpr"},
-            {**has, "BLOCK_P": FINAL_BLOCK_P, "BLOCK_CG": FINAL_BLOCK_CG}, FINAL_WARPS,
-        ),
-        KernelCase(
-            f"gn_bwd_finalize[{tag}]", _gn_bwd_finalize_kernel,
-            {"PP": "*fp32", "PQ": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}", "RSTD": "*fp32",
-             "DX_E": "*fp32", "DX_F": "*fp32", "DSCALE": "*fp32", "DSHIFT": "*fp32", "TERM_W": "*fp32",
-             "TERM_B": "*fp32", "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32",
-             "stride_scale_b": "i32", **flags, "BLOCK_CG": "constexpr", "BLOCK_K": "constexpr"},
-            {**has, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
-        ),
-    ]  # fmt: skip
-
-
-def _audit_tile_shapes(channels_last: bool) -> set[tuple[int, int]]:
+def _tile_shapes(channels_last: bool) -> set[tuple[int, int]]:
     """Every (BLOCK_C, BLOCK_S) `_tile_shape` can return for a layout."""
     layout = "channels_last" if channels_last else "contiguous"
     return {_tile_shape(layout, C, S) for C in (1, 16, 17, 1280) for S in (1, 1023, 1024, 4096)}
+
+
+def _tiled_tables() -> dict[str, dict]:
+    """The four kernels that walk x in tiles: keyed by (dtype, layout, BLOCK_C, BLOCK_S[, SILU], C and S % 16 == 0)."""
+    out = {"stats": {}, "apply": {}, "reduce": {}, "dx": {}}
+    for dt, code in DTYPE_CODES.items():
+        for cl in (0, 1):
+            for bc, bs in sorted(_tile_shapes(bool(cl))):
+                tile = {"CHANNELS_LAST": bool(cl), "BLOCK_C": bc, "BLOCK_S": bs}
+                for div in (0, 1):
+                    divisible = ("C", "S") if div else ()
+                    tag = f"{dt},{'cl' if cl else 'nc'},{bc}x{bs}{',c16s16' if div else ''}"
+                    out["stats"][(code, cl, bc, bs, div)] = KernelCase(
+                        f"gn_stats[{tag}]", _gn_stats_kernel,
+                        {"X": f"*{dt}", "PMEAN": "*fp32", "PM2": "*fp32", "C": "i32", "S": "i32", "CHUNK_S": "i32",
+                         "TILES": "i32", "SPLIT": "i32", "CHANNELS_LAST": "constexpr", "BLOCK_C": "constexpr",
+                         "BLOCK_S": "constexpr"},
+                        tile, NUM_WARPS, divisible=divisible,
+                    )  # fmt: skip
+                    for silu in (0, 1):
+                        stag = f"{tag}{',silu' if silu else ''}"
+                        cx = {**tile, "SILU": bool(silu)}
+                        key = (code, cl, bc, bs, silu, div)
+                        out["apply"][key] = KernelCase(
+                            f"gn_apply[{stag}]", _gn_apply_kernel,
+                            {"X": f"*{dt}", "Y": f"*{dt}", "MEAN": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
+                             "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "CHANNELS_LAST": "constexpr",
+                             "SILU": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"},
+                            cx, NUM_WARPS, divisible=divisible,
+                        )  # fmt: skip
+                        out["reduce"][key] = KernelCase(
+                            f"gn_bwd_reduce[{stag}]", _gn_bwd_reduce_kernel,
+                            {"X": f"*{dt}", "DY": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32",
+                             "COEF_D": "*fp32", "PP": "*fp32", "PQ": "*fp32", "C": "i32", "S": "i32", "G": "i32",
+                             "CG": "i32", "CHUNK_S": "i32", "TILES": "i32", "SPLIT": "i32",
+                             "CHANNELS_LAST": "constexpr", "SILU": "constexpr", "BLOCK_C": "constexpr",
+                             "BLOCK_S": "constexpr"},
+                            cx, NUM_WARPS, divisible=divisible,
+                        )  # fmt: skip
+                        out["dx"][key] = KernelCase(
+                            f"gn_dx[{stag}]", _gn_dx_kernel,
+                            {"X": f"*{dt}", "DY": f"*{dt}", "DX": f"*{dt}", "MEAN": "*fp32", "COEF_A": "*fp32",
+                             "COEF_D": "*fp32", "DX_E": "*fp32", "DX_F": "*fp32", "C": "i32", "S": "i32", "G": "i32",
+                             "CG": "i32", "CHANNELS_LAST": "constexpr", "SILU": "constexpr", "BLOCK_C": "constexpr",
+                             "BLOCK_S": "constexpr"},
+                            cx, NUM_WARPS, divisible=divisible,
+                        )  # fmt: skip
+    return out
+
+
+def _finalize_tables() -> tuple[dict, dict]:
+    """The two per-group kernels, keyed by (dtype of γ/β/scale/shift, which of them are given)."""
+    forward, backward = {}, {}
+    for pd, code in DTYPE_CODES.items():
+        for bits in range(16):
+            has = tuple(int(bool(bits & (1 << i))) for i in range(4))
+            flags = dict(zip(_FLAGS, map(bool, has)))
+            tag = ",".join(k[4:].lower() for k, v in flags.items() if v) or "plain"
+            tag = f"{tag},{pd} params"
+            cx = dict.fromkeys(flags, "constexpr")
+            forward[(code, *has)] = KernelCase(
+                f"gn_finalize[{tag}]", _gn_finalize_kernel,
+                {"PMEAN": "*fp32", "PM2": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}",
+                 "SHIFT": f"*{pd}", "MEAN": "*fp32", "RSTD": "*fp32", "COEF_A": "*fp32", "COEF_D": "*fp32",
+                 "C": "i32", "S": "i32", "G": "i32", "CG": "i32", "SPLIT": "i32", "CHUNK_S": "i32",
+                 "stride_scale_b": "i32", "stride_shift_b": "i32", "eps": "fp32", **cx,
+                 "BLOCK_P": "constexpr", "BLOCK_CG": "constexpr"},
+                {**flags, "BLOCK_P": FINAL_BLOCK_P, "BLOCK_CG": FINAL_BLOCK_CG}, FINAL_WARPS,
+            )  # fmt: skip
+            backward[(code, *has)] = KernelCase(
+                f"gn_bwd_finalize[{tag}]", _gn_bwd_finalize_kernel,
+                {"PP": "*fp32", "PQ": "*fp32", "WEIGHT": f"*{pd}", "BIAS": f"*{pd}", "SCALE": f"*{pd}",
+                 "RSTD": "*fp32", "DX_E": "*fp32", "DX_F": "*fp32", "DSCALE": "*fp32", "DSHIFT": "*fp32",
+                 "TERM_W": "*fp32", "TERM_B": "*fp32", "C": "i32", "S": "i32", "G": "i32", "CG": "i32",
+                 "SPLIT": "i32", "stride_scale_b": "i32", **cx, "BLOCK_CG": "constexpr", "BLOCK_K": "constexpr"},
+                {**flags, "BLOCK_CG": FINAL_BLOCK_CG, "BLOCK_K": MAX_SPLIT}, FINAL_WARPS,
+            )  # fmt: skip
+    return forward, backward
+
+
+def _launch_tables() -> tuple[LaunchTable, ...]:
+    tiled = _tiled_tables()
+    finalize, bwd_finalize = _finalize_tables()
+    col_sum = KernelCase(
+        "gn_col_sum", _col_sum_kernel,
+        {"TW": "*fp32", "TB": "*fp32", "DW": "*fp32", "DB": "*fp32", "B": "i32", "C": "i32", "BLOCK": "constexpr"},
+        {"BLOCK": COLSUM_BLOCK}, FINAL_WARPS,
+    )  # fmt: skip
+    tile = ("dtype", "channels_last", "block_c", "block_s")
+    params = ("params_dtype", "has_weight", "has_bias", "has_scale", "has_shift")
+    return (
+        LaunchTable("gn_stats", tile + ("c16s16",), tiled["stats"]),
+        LaunchTable("gn_finalize", params, finalize),
+        LaunchTable("gn_apply", tile + ("silu", "c16s16"), tiled["apply"]),
+        LaunchTable("gn_bwd_reduce", tile + ("silu", "c16s16"), tiled["reduce"]),
+        LaunchTable("gn_bwd_finalize", params, bwd_finalize),
+        LaunchTable("gn_col_sum", (), {(): col_sum}),
+        LaunchTable("gn_dx", tile + ("silu", "c16s16"), tiled["dx"]),
+    )
+
+
+LAUNCH_TABLES = _launch_tables() if HAS_TRITON else ()
+GN_STATS, GN_FINALIZE, GN_APPLY, GN_BWD_REDUCE, GN_BWD_FINALIZE, GN_COL_SUM, GN_DX = LAUNCH_TABLES or (None,) * 7

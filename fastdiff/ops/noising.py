@@ -31,6 +31,7 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code
 from fastdiff.ops._layout import match_layout, sample_layout
 from fastdiff.ops._philox import randn_like_philox
 
@@ -69,10 +70,10 @@ def noising_ref(
     return x_t, v
 
 
-def weighted_mse_ref(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(1/B) Σ_b w_b · mean_i (pred − target)², in fp32.  Differentiable."""
+def weighted_mse_ref(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """(1/B) Σ_b w_b · mean_i (pred − target)², in fp32 (w_b = 1 without ``weight``).  Differentiable."""
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    return (weight.float() * per_sample).mean()
+    return (per_sample if weight is None else weight.float() * per_sample).mean()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -83,7 +84,9 @@ if HAS_TRITON:
 
     from fastdiff.ops._philox import philox_normal
 
-    @triton.jit
+    # N may be specialised (the launch table has cases for N a multiple of 16: vector loads);
+    # the other integers never are, as in the compiled library (see _launch).
+    @triton.jit(do_not_specialize=["C", "S", "NUM_T"])
     def _q_sample_kernel(
         X0,  # (B, N) x_0, one sample per row of memory
         T,  # (B,) int timesteps
@@ -126,13 +129,16 @@ if HAS_TRITON:
         if V_TARGET:
             tl.store(V + row + offs, (a * eps - s * x0).to(V.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_blocks"])
     def _sq_err_partial_kernel(
         PRED,  # (B, N)
         TARGET,  # (B, N)
-        PARTIAL,  # (B, num_blocks) fp32 out: Σ (pred − target)² over one block
+        WEIGHT,  # (B,) fp32 (HAS_WEIGHT)
+        PARTIAL,  # (B, num_blocks) fp32 out: w_b/(B·N) · Σ (pred − target)² over one block
         N,
         num_blocks,
+        inv_count,  # 1 / (B·N)
+        HAS_WEIGHT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -143,33 +149,102 @@ if HAS_TRITON:
         d = tl.load(PRED + row + offs, mask=mask).to(tl.float32) - tl.load(TARGET + row + offs, mask=mask).to(
             tl.float32
         )
-        tl.store(PARTIAL + b * num_blocks + pid, tl.sum(d * d, axis=0))
+        scale = inv_count
+        if HAS_WEIGHT:
+            scale = scale * tl.load(WEIGHT + b)
+        tl.store(PARTIAL + b * num_blocks + pid, scale * tl.sum(d * d, axis=0))
+
+    @triton.jit(do_not_specialize=["count"])
+    def _sum_kernel(
+        PARTIAL,  # (count,) fp32
+        OUT,  # () fp32 out: Σ PARTIAL, always added in the same order (deterministic)
+        count,
+        BLOCK: tl.constexpr,
+    ):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, count, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(PARTIAL + offs, mask=offs < count, other=0.0)
+        tl.store(OUT, tl.sum(acc, axis=0))
 
     @triton.jit
     def _sq_err_backward_kernel(
         GRAD,  # () fp32 upstream gradient of the loss
         PRED,  # (B, N)
         TARGET,  # (B, N)
-        WEIGHT,  # (B,) fp32
+        WEIGHT,  # (B,) fp32 (HAS_WEIGHT)
         DPRED,  # (B, N) out
         N,
         inv_count,  # 1 / (B·N)
+        HAS_WEIGHT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         b = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         row = b.to(tl.int64) * N
-        scale = 2.0 * tl.load(GRAD) * tl.load(WEIGHT + b) * inv_count
+        scale = 2.0 * tl.load(GRAD) * inv_count
+        if HAS_WEIGHT:
+            scale = scale * tl.load(WEIGHT + b)
         d = tl.load(PRED + row + offs, mask=mask).to(tl.float32) - tl.load(TARGET + row + offs, mask=mask).to(
             tl.float32
         )
         tl.store(DPRED + row + offs, (scale * d).to(DPRED.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- launch tables
+
 # Elementwise config: 16-byte loads per thread at fp32 x 4 warps; enough work per program.
 BLOCK = 1024
 NUM_WARPS = 4
+SUM_BLOCK = 1024  # partials added per step by the loss's final sum
+
+
+def _elementwise_tables() -> tuple[LaunchTable, ...]:
+    """q_sample, the loss's partial sums and its backward, for every dtype and flag; each twice:
+    N a multiple of 16 (vector loads) or not."""
+    q_sample, partial, backward = {}, {}, {}
+    for dt, code in DTYPE_CODES.items():
+        for n16 in (0, 1):
+            div = ("N",) if n16 else ()
+            tag = f"{dt}{',n16' if n16 else ''}"
+            for draw, v, cl in ((0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (1, 0, 1), (1, 1, 1)):
+                name = f"q_sample[{tag},{'draw' if draw else 'given'}{',v' if v else ''}{',cl' if cl else ''}]"
+                sig = {
+                    "X0": f"*{dt}", "T": "*i64", "ACP": "*fp32", "NOISE": f"*{dt}", "KEYS": "*i64",
+                    "XT": f"*{dt}", "V": f"*{dt}", "N": "i32", "C": "i32", "S": "i32", "NUM_T": "i32",
+                    "DRAW": "constexpr", "V_TARGET": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr",
+                }  # fmt: skip
+                cx = {"DRAW": bool(draw), "V_TARGET": bool(v), "CHANNELS_LAST": bool(cl), "BLOCK": BLOCK}
+                q_sample[(code, draw, v, cl, n16)] = KernelCase(name, _q_sample_kernel, sig, cx, NUM_WARPS, divisible=div)
+            for w in (0, 1):
+                wtag = f"{tag}{',weight' if w else ''}"
+                partial[(code, w, n16)] = KernelCase(
+                    f"sq_err_partial[{wtag}]", _sq_err_partial_kernel,
+                    {"PRED": f"*{dt}", "TARGET": f"*{dt}", "WEIGHT": "*fp32", "PARTIAL": "*fp32", "N": "i32",
+                     "num_blocks": "i32", "inv_count": "fp32", "HAS_WEIGHT": "constexpr", "BLOCK": "constexpr"},
+                    {"HAS_WEIGHT": bool(w), "BLOCK": BLOCK}, NUM_WARPS, divisible=div,
+                )  # fmt: skip
+                backward[(code, w, n16)] = KernelCase(
+                    f"sq_err_backward[{wtag}]", _sq_err_backward_kernel,
+                    {"GRAD": "*fp32", "PRED": f"*{dt}", "TARGET": f"*{dt}", "WEIGHT": "*fp32", "DPRED": f"*{dt}",
+                     "N": "i32", "inv_count": "fp32", "HAS_WEIGHT": "constexpr", "BLOCK": "constexpr"},
+                    {"HAS_WEIGHT": bool(w), "BLOCK": BLOCK}, NUM_WARPS, divisible=div,
+                )  # fmt: skip
+    total = KernelCase(
+        "sum", _sum_kernel, {"PARTIAL": "*fp32", "OUT": "*fp32", "count": "i32", "BLOCK": "constexpr"},
+        {"BLOCK": SUM_BLOCK}, NUM_WARPS,
+    )  # fmt: skip
+    return (
+        LaunchTable("q_sample", ("dtype", "draw", "v_target", "channels_last", "n16"), q_sample),
+        LaunchTable("sq_err_partial", ("dtype", "has_weight", "n16"), partial),
+        LaunchTable("sum", (), {(): total}),
+        LaunchTable("sq_err_backward", ("dtype", "has_weight", "n16"), backward),
+    )
+
+
+LAUNCH_TABLES = _elementwise_tables() if HAS_TRITON else ()
+Q_SAMPLE, SQ_ERR_PARTIAL, SUM, SQ_ERR_BACKWARD = LAUNCH_TABLES or (None,) * 4
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -189,32 +264,39 @@ def _noising_triton(x0, t, acp, noise, keys, want_v):
     noise_buf = torch.empty_like(x0) if draw else match_layout(noise, x0)
     v = torch.empty_like(x0) if want_v else x_t  # unused pointer when not want_v
     if x0.numel():
-        grid = (cdiv(N, BLOCK), B)
-        _q_sample_kernel[grid](
-            x0, t, acp.to(torch.float32), noise_buf, keys if draw else t, x_t, v, N, C, S, acp.shape[0],
-            DRAW=draw, V_TARGET=want_v, CHANNELS_LAST=layout == "channels_last", BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+        # the layout only changes where drawn noise goes: given noise is read in memory order
+        cl = int(draw and layout == "channels_last")
+        case = Q_SAMPLE.pick((dtype_code(x0.dtype), int(draw), int(want_v), cl, divisible_key(N)))
+        case.launch(
+            (cdiv(N, BLOCK), B), x0, t, acp.to(torch.float32), noise_buf, keys if draw else t, x_t, v, N, C, S,
+            acp.shape[0],
         )  # fmt: skip
     return x_t, (noise_buf if draw else None), (v if want_v else None)
 
 
-def _sq_err_sum_triton(pred, target):
+def _weighted_mse_triton(pred, target, weight):
+    """The loss in two launches: weighted per-block sums, then their sum in a fixed order (deterministic)."""
     B = pred.shape[0]
     N = pred.numel() // B
     nblk = cdiv(N, BLOCK)
-    partial = torch.empty(B, nblk, device=pred.device, dtype=torch.float32)
-    _sq_err_partial_kernel[(nblk, B)](pred, target, partial, N, nblk, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return partial.sum(1)
+    partial = torch.empty(B * nblk, device=pred.device, dtype=torch.float32)
+    loss = torch.empty((), device=pred.device, dtype=torch.float32)
+    key = (dtype_code(pred.dtype), int(weight is not None), divisible_key(N))
+    SQ_ERR_PARTIAL.pick(key).launch(
+        (nblk, B), pred, target, pred if weight is None else weight, partial, N, nblk, 1.0 / (B * N)
+    )
+    SUM.pick(()).launch((1,), partial, loss, B * nblk)
+    return loss
 
 
 def _sq_err_backward_triton(grad, pred, target, weight):
     B = pred.shape[0]
     N = pred.numel() // B
     dpred = torch.empty_like(pred)
-    grid = (cdiv(N, BLOCK), B)
-    _sq_err_backward_kernel[grid](
-        grad.to(torch.float32).reshape(()), pred, target, weight, dpred, N, 1.0 / (B * N), BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+    key = (dtype_code(pred.dtype), int(weight is not None), divisible_key(N))
+    SQ_ERR_BACKWARD.pick(key).launch(
+        (cdiv(N, BLOCK), B), grad.to(torch.float32).reshape(()), pred, target, pred if weight is None else weight,
+        dpred, N, 1.0 / (B * N),
     )  # fmt: skip
     return dpred
 
@@ -229,19 +311,30 @@ def _noising_impl(
     noise: Optional[torch.Tensor],
     keys: Optional[torch.Tensor],
     want_v: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, drawn noise or empty, v or empty)."""
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(x_t, drawn noise or None, v or None): the eager path allocates nothing it does not return."""
     _checks.check_timesteps("t", t, alphas_cumprod.shape[0])
     if use_triton(x0):
-        x_t, drawn, v = _noising_triton(x0, t, alphas_cumprod, noise, keys, want_v)
-    else:
-        drawn = draw_noise_ref(keys, x0) if noise is None else None
-        x_t, v = noising_ref(x0, t, alphas_cumprod, drawn if noise is None else noise, want_v)
-    # Absent outputs are fresh empty tensors: custom ops may not return aliases.
+        return _noising_triton(x0, t, alphas_cumprod, noise, keys, want_v)
+    drawn = draw_noise_ref(keys, x0) if noise is None else None
+    x_t, v = noising_ref(x0, t, alphas_cumprod, drawn if noise is None else noise, want_v)
+    return x_t, drawn, v
+
+
+def _noising_registered(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    noise: Optional[torch.Tensor],
+    keys: Optional[torch.Tensor],
+    want_v: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The registered op: absent outputs become fresh empty tensors (custom ops return no None, no alias)."""
+    x_t, drawn, v = _noising_impl(x0, t, alphas_cumprod, noise, keys, want_v)
     return x_t, (x0.new_empty(0) if drawn is None else drawn), (x0.new_empty(0) if v is None else v)
 
 
-_noising_op = torch.library.custom_op("fastdiff::noising", _noising_impl, mutates_args=())
+_noising_op = torch.library.custom_op("fastdiff::noising", _noising_registered, mutates_args=())
 
 
 @_noising_op.register_fake
@@ -250,10 +343,9 @@ def _(x0, t, alphas_cumprod, noise, keys, want_v):
     return torch.empty_like(x0), drawn, (torch.empty_like(x0) if want_v else x0.new_empty(0))
 
 
-def _weighted_mse_impl(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _weighted_mse_impl(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
     if use_triton(pred):
-        per_sample = _sq_err_sum_triton(pred, target) / (pred.numel() // pred.shape[0])
-        return (weight * per_sample).mean()
+        return _weighted_mse_triton(pred, target, weight)
     return weighted_mse_ref(pred, target, weight)
 
 
@@ -266,12 +358,12 @@ def _(pred, target, weight):
 
 
 def _weighted_mse_backward_impl(
-    grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+    grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]
 ) -> torch.Tensor:
     if use_triton(pred):
         return _sq_err_backward_triton(grad, pred, target, weight)
     B, N = pred.shape[0], pred.numel() // pred.shape[0]
-    w = weight.view(-1, *([1] * (pred.ndim - 1)))
+    w = 1.0 if weight is None else weight.view(-1, *([1] * (pred.ndim - 1)))
     return (2.0 * grad * w * (pred.float() - target.float()) / (B * N)).to(pred.dtype)
 
 
@@ -411,8 +503,9 @@ def min_snr_weight(
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Fused weighted MSE: (1/B) Σ_b w_b · mean_i (pred − target)², fp32 scalar.
 
-    Forward and backward are one pass each.  ``weight`` (B,) is treated as a
-    constant (no gradient), e.g. `min_snr_weight`.
+    The forward reads pred and target once (per-block sums, then one small program adds them
+    in a fixed order: deterministic, no atomics); the backward is one pass.  ``weight`` (B,) is
+    treated as a constant (no gradient), e.g. `min_snr_weight`.
     """
     _checks.check_float("pred", pred)
     _checks.check_tensor("target", target)
@@ -420,56 +513,14 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     _checks.check_shape("target", target, tuple(pred.shape), " (the shape of pred)")
     _checks.check_device("target", target, pred.device, "pred")
     B = pred.shape[0]
-    if weight is None:
-        weight = torch.ones(B, device=pred.device, dtype=torch.float32)
-    _checks.check_float("weight", weight, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
-    _checks.check_shape("weight", weight, (B,), " (one weight per sample)")
-    _checks.check_device("weight", weight, pred.device, "pred")
+    if weight is not None:
+        _checks.check_float("weight", weight, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        _checks.check_shape("weight", weight, (B,), " (one weight per sample)")
+        _checks.check_device("weight", weight, pred.device, "pred")
+        weight = weight.detach().to(torch.float32)
     if B == 0 or pred.numel() == 0:
         raise ValueError(f"pred must not be empty, got shape {tuple(pred.shape)}")
     if sample_layout(pred) is None:
         pred = pred.contiguous()
     target = match_layout(target.to(pred.dtype) if target.dtype != pred.dtype else target, pred)
-    return _weighted_mse_call(pred, target, weight.detach().to(torch.float32))
-
-
-# ----------------------------------------------------------------------------- audit
-
-
-def audit_cases():
-    from fastdiff.audit import KernelCase
-
-    cases = []
-    for dt in ("fp32", "fp16", "bf16"):
-        for draw in (False, True):
-            for v in (False, True):
-                for cl in (False, True) if draw else (False,):
-                    name = f"q_sample[{dt},{'draw' if draw else 'given'}{',v' if v else ''}{',cl' if cl else ''}]"
-                    sig = {
-                        "X0": f"*{dt}", "T": "*i64", "ACP": "*fp32", "NOISE": f"*{dt}", "KEYS": "*i64",
-                        "XT": f"*{dt}", "V": f"*{dt}", "N": "i32", "C": "i32", "S": "i32", "NUM_T": "i32",
-                        "DRAW": "constexpr", "V_TARGET": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr",
-                    }  # fmt: skip
-                    cx = {"DRAW": draw, "V_TARGET": v, "CHANNELS_LAST": cl, "BLOCK": BLOCK}
-                    cases.append(KernelCase(name, _q_sample_kernel, sig, cx, NUM_WARPS))
-        cases.append(
-            KernelCase(
-                f"sq_err_partial[{dt}]",
-                _sq_err_partial_kernel,
-                {"PRED": f"*{dt}", "TARGET": f"*{dt}", "PARTIAL": "*fp32", "N": "i32", "num_blocks": "i32",
-                 "BLOCK": "constexpr"},
-                {"BLOCK": BLOCK},
-                NUM_WARPS,
-            )
-        )  # fmt: skip
-        cases.append(
-            KernelCase(
-                f"sq_err_backward[{dt}]",
-                _sq_err_backward_kernel,
-                {"GRAD": "*fp32", "PRED": f"*{dt}", "TARGET": f"*{dt}", "WEIGHT": "*fp32", "DPRED": f"*{dt}",
-                 "N": "i32", "inv_count": "fp32", "BLOCK": "constexpr"},
-                {"BLOCK": BLOCK},
-                NUM_WARPS,
-            )
-        )  # fmt: skip
-    return cases
+    return _weighted_mse_call(pred, target, weight)

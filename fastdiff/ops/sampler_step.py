@@ -59,12 +59,14 @@ Precision: everything in fp32 inside; x_next and x̂0 are stored in x_t's dtype.
 """
 from __future__ import annotations
 
+from dataclasses import astuple, dataclass, fields
 from typing import Optional
 
 import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code, dtype_name
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
 from fastdiff.ops._layout import match_layout, sample_layout
 
@@ -188,7 +190,9 @@ if HAS_TRITON:
 
     from fastdiff.ops._philox import philox_normal
 
-    @triton.jit
+    # N may be specialised (cases for N a multiple of 16: vector loads) and chunk always is (a
+    # multiple of STATS_BLOCK); other integers never are, as in the compiled library (see _launch).
+    @triton.jit(do_not_specialize=["num_chunks"])
     def _guidance_stats_kernel(
         OUT_C,  # (B, N) conditional model output
         OUT_U,  # (B, N) unconditional model output
@@ -243,8 +247,8 @@ if HAS_TRITON:
         tl.store(out + 2, mean_g)
         tl.store(out + 3, m2_g)
 
-    # `step` changes every call: do not specialise on its value (no recompiles, no constexpr 1).
-    @triton.jit(do_not_specialize=["step"])
+    # `step` changes every call: never specialised on its value (no recompiles, no constexpr 1).
+    @triton.jit(do_not_specialize=["C", "S", "stride_coef_b", "num_chunks", "chunk", "step"])
     def _sampler_step_kernel(
         X,  # (B, N) x_t
         OUT_C,  # (B, N) model output: conditional, or the only one
@@ -388,24 +392,26 @@ def _sampler_step_triton(
     stride_coef_b = NUM_COEFFICIENTS if coeffs.ndim == 2 else 0
     rescale = out_u is not None and guidance_rescale > 0
     num_chunks, chunk = _chunking(N)
+    n16 = divisible_key(N)
     stats = x_next  # unused pointer unless RESCALE
     if rescale:
         stats = torch.empty(B, num_chunks, 4, device=x.device, dtype=torch.float32)
-        _guidance_stats_kernel[(num_chunks, B)](
-            out_c, out_u, stats, N, num_chunks, chunk, float(guidance_scale), BLOCK=STATS_BLOCK,
-            num_warps=STATS_WARPS,
-        )  # fmt: skip
-    grid = (cdiv(N, BLOCK), B)
-    _sampler_step_kernel[grid](
-        x, out_c, out_u if out_u is not None else out_c, stats, coeffs,
+        STEP_STATS.pick((dtype_code(out_c.dtype), n16)).launch(
+            (num_chunks, B), out_c, out_u, stats, N, num_chunks, chunk, float(guidance_scale)
+        )
+    flags = StepFlags(
+        guidance=out_u is not None, rescale=rescale, clip=clip_x0 is not None, multistep=x0_prev is not None,
+        write_x0=return_x0, noise=add_noise, inpaint=known is not None, mask_per_pixel=per_pixel,
+        channels_last=layout == "channels_last",
+    )  # fmt: skip
+    key = (dtype_code(x.dtype), dtype_code(out_c.dtype), flags.bits(), n16)
+    case = STEP.pick(key) or _step_case(x.dtype, out_c.dtype, flags, n16)  # combinations not shipped: JIT only
+    case.launch(
+        (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, stats, coeffs,
         x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
         known if known is not None else x, mask if mask is not None else x, x_next, x0_out,
         N, C, S, stride_coef_b, num_chunks, chunk, int(step), float(guidance_scale), float(guidance_rescale),
         float(clip_x0) if clip_x0 is not None else 0.0,
-        GUIDANCE=out_u is not None, RESCALE=rescale, CLIP=clip_x0 is not None, MULTISTEP=x0_prev is not None,
-        WRITE_X0=return_x0, NOISE=add_noise, INPAINT=known is not None, MASK_PER_PIXEL=per_pixel,
-        CHANNELS_LAST=layout == "channels_last", KEY_MULT=KEY_STRIDE, MAX_CHUNKS_=MAX_CHUNKS, BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
     )  # fmt: skip
     return x_next, (x0_out if return_x0 else None)
 
@@ -428,8 +434,8 @@ def _sampler_step_impl(
     step: int,
     add_noise: bool,
     return_x0: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_next, x̂0 or an empty tensor)."""
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(x_next, x̂0 or None): the eager path allocates nothing it does not return."""
     if use_triton(x):
         x_next, x0 = _sampler_step_triton(
             x, model_output, uncond_output, coeffs, x0_prev, seeds, known, mask, guidance_scale,
@@ -440,10 +446,34 @@ def _sampler_step_impl(
             x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds,
             step, add_noise, known, mask,
         )  # fmt: skip
-    return x_next, (x0 if return_x0 else x.new_empty(0))
+    return x_next, (x0 if return_x0 else None)
 
 
-_sampler_step_op = torch.library.custom_op("fastdiff::sampler_step", _sampler_step_impl, mutates_args=())
+def _sampler_step_registered(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coeffs: torch.Tensor,
+    uncond_output: Optional[torch.Tensor],
+    x0_prev: Optional[torch.Tensor],
+    seeds: Optional[torch.Tensor],
+    known: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    guidance_scale: float,
+    guidance_rescale: float,
+    clip_x0: Optional[float],
+    step: int,
+    add_noise: bool,
+    return_x0: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The registered op: an empty tensor stands for an x̂0 not asked for (custom ops return no None)."""
+    x_next, x0 = _sampler_step_impl(
+        x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
+        clip_x0, step, add_noise, return_x0,
+    )  # fmt: skip
+    return x_next, (x.new_empty(0) if x0 is None else x0)
+
+
+_sampler_step_op = torch.library.custom_op("fastdiff::sampler_step", _sampler_step_registered, mutates_args=())
 
 
 @_sampler_step_op.register_fake
@@ -567,47 +597,82 @@ def sampler_step(
     return x_next, (x0 if return_x0 else None)
 
 
-# ----------------------------------------------------------------------------- audit
+# ----------------------------------------------------------------------------- launch tables
 
 
-def audit_cases():
-    """Every dtype with no option and with every option on (the options only remove code from
-    that case), the DDIM/DDPM-shaped guided + noise case, and fp32 state with bf16 model output."""
-    from fastdiff.audit import KernelCase
+@dataclass(frozen=True)
+class StepFlags:
+    """The step kernel's compile-time options, in the kernel's order."""
 
-    def step_case(name, x_dt, out_dt, **flags):
-        sig = {
-            "X": f"*{x_dt}", "OUT_C": f"*{out_dt}", "OUT_U": f"*{out_dt}", "STATS": "*fp32", "COEF": "*fp32",
-            "X0_PREV": f"*{x_dt}", "SEEDS": "*i64", "KNOWN": f"*{x_dt}", "MASK": f"*{x_dt}", "X_NEXT": f"*{x_dt}",
-            "X0_OUT": f"*{x_dt}", "N": "i32", "C": "i32", "S": "i32", "stride_coef_b": "i32", "num_chunks": "i32",
-            "chunk": "i32", "step": "i32", "guidance_scale": "fp32", "guidance_rescale": "fp32", "clip": "fp32",
-        }  # fmt: skip
-        names = ("GUIDANCE", "RESCALE", "CLIP", "MULTISTEP", "WRITE_X0", "NOISE", "INPAINT", "MASK_PER_PIXEL",
-                 "CHANNELS_LAST")  # fmt: skip
-        cx = {n: bool(flags.get(n.lower(), False)) for n in names}
-        cx.update(KEY_MULT=KEY_STRIDE, MAX_CHUNKS_=MAX_CHUNKS, BLOCK=BLOCK)
-        sig.update({n: "constexpr" for n in cx})
-        return KernelCase(name, _sampler_step_kernel, sig, cx, NUM_WARPS)
+    guidance: bool = False
+    rescale: bool = False
+    clip: bool = False
+    multistep: bool = False
+    write_x0: bool = False
+    noise: bool = False
+    inpaint: bool = False
+    mask_per_pixel: bool = False
+    channels_last: bool = False
 
-    everything = dict(guidance=True, rescale=True, clip=True, multistep=True, write_x0=True, noise=True,
-                      inpaint=True, mask_per_pixel=True, channels_last=True)  # fmt: skip
-    cases = []
-    for dt in ("fp32", "fp16", "bf16"):
-        cases.append(step_case(f"sampler_step[{dt},plain]", dt, dt))
-        cases.append(step_case(f"sampler_step[{dt},all]", dt, dt, **everything))
-        cases.append(step_case(f"sampler_step[{dt},cfg,noise]", dt, dt, guidance=True, noise=True))
-        cases.append(
-            KernelCase(
-                f"sampler_step_stats[{dt}]",
-                _guidance_stats_kernel,
+    def bits(self) -> int:
+        """The flags as one integer key (bit i = the i-th field)."""
+        return sum(int(v) << i for i, v in enumerate(astuple(self)))
+
+    def tag(self) -> str:
+        return ",".join(f.name for f in fields(self) if getattr(self, f.name)) or "plain"
+
+
+_SHIPPED_STEPS = (  # the flag combinations the samplers use, plus every option at once
+    StepFlags(),  # DDIM
+    StepFlags(noise=True),  # DDPM, Euler ancestral
+    StepFlags(write_x0=True),  # the first step of a multistep solver
+    StepFlags(multistep=True, write_x0=True),  # DPM-Solver++(2M), Heun's corrector
+    StepFlags(guidance=True),
+    StepFlags(guidance=True, noise=True),
+    StepFlags(guidance=True, write_x0=True),
+    StepFlags(guidance=True, multistep=True, write_x0=True),
+    StepFlags(*[True] * 9),
+)
+
+
+def _step_case(x_dtype, out_dtype, flags: StepFlags, n16: int) -> KernelCase:
+    """The step kernel for one dtype pair and set of options (N a multiple of 16 when ``n16``)."""
+    x_dt, out_dt = dtype_name(x_dtype), dtype_name(out_dtype)
+    sig = {
+        "X": f"*{x_dt}", "OUT_C": f"*{out_dt}", "OUT_U": f"*{out_dt}", "STATS": "*fp32", "COEF": "*fp32",
+        "X0_PREV": f"*{x_dt}", "SEEDS": "*i64", "KNOWN": f"*{x_dt}", "MASK": f"*{x_dt}", "X_NEXT": f"*{x_dt}",
+        "X0_OUT": f"*{x_dt}", "N": "i32", "C": "i32", "S": "i32", "stride_coef_b": "i32", "num_chunks": "i32",
+        "chunk": "i32", "step": "i32", "guidance_scale": "fp32", "guidance_rescale": "fp32", "clip": "fp32",
+    }  # fmt: skip
+    cx = {f.name.upper(): getattr(flags, f.name) for f in fields(flags)}
+    cx.update(KEY_MULT=KEY_STRIDE, MAX_CHUNKS_=MAX_CHUNKS, BLOCK=BLOCK)
+    sig.update({n: "constexpr" for n in cx})
+    dts = x_dt if x_dt == out_dt else f"{x_dt} state,{out_dt} out"
+    name = f"sampler_step[{dts},{flags.tag()}{',n16' if n16 else ''}]"
+    return KernelCase(name, _sampler_step_kernel, sig, cx, NUM_WARPS, divisible=("N",) if n16 else ())
+
+
+def _launch_tables() -> tuple[LaunchTable, LaunchTable]:
+    """Every dtype with the shipped options, N a multiple of 16 or not; and fp32 state with bf16
+    model output (DDIM and DPM-Solver++).  Other combinations compile on demand (JIT only)."""
+    steps, stats = {}, {}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for dt, code in DTYPE_CODES.items():
+        for n16 in (0, 1):
+            for flags in _SHIPPED_STEPS:
+                steps[(code, code, flags.bits(), n16)] = _step_case(dtypes[dt], dtypes[dt], flags, n16)
+            stats[(code, n16)] = KernelCase(
+                f"sampler_step_stats[{dt}{',n16' if n16 else ''}]", _guidance_stats_kernel,
                 {"OUT_C": f"*{dt}", "OUT_U": f"*{dt}", "STATS": "*fp32", "N": "i32", "num_chunks": "i32",
                  "chunk": "i32", "guidance_scale": "fp32", "BLOCK": "constexpr"},
-                {"BLOCK": STATS_BLOCK},
-                STATS_WARPS,
-            )
-        )  # fmt: skip
-    cases.append(step_case("sampler_step[fp32 state,bf16 out,all]", "fp32", "bf16", **everything))
-    cases.append(
-        step_case("sampler_step[fp32 state,bf16 out,dpm++]", "fp32", "bf16", multistep=True, write_x0=True)
-    )
-    return cases
+                {"BLOCK": STATS_BLOCK}, STATS_WARPS, divisible=("N", "chunk") if n16 else ("chunk",),
+            )  # fmt: skip
+    for flags in (StepFlags(), StepFlags(multistep=True, write_x0=True)):
+        key = (DTYPE_CODES["fp32"], DTYPE_CODES["bf16"], flags.bits(), 1)
+        steps[key] = _step_case(torch.float32, torch.bfloat16, flags, 1)
+    fields_ = ("x_dtype", "out_dtype", "flags", "n16")
+    return LaunchTable("sampler_step", fields_, steps), LaunchTable("sampler_step_stats", ("dtype", "n16"), stats)
+
+
+LAUNCH_TABLES = _launch_tables() if HAS_TRITON else ()
+STEP, STEP_STATS = LAUNCH_TABLES or (None, None)

@@ -1,0 +1,157 @@
+"""Launch tables: every kernel configuration of an op, declared once.
+
+Each op module declares its configurations as `KernelCase`s (specialisation, block sizes,
+warps, stages, target archs) gathered in `LaunchTable`s, one per kernel, keyed by what the
+launcher decides from its arguments (dtype, flags, head dim, ...).  Three readers:
+
+* the launcher picks its case (`LaunchTable.pick`) and launches it (`KernelCase.launch`);
+* the audit (``fastdiff.audit``) compiles every case for its archs and reads its resources;
+* the ahead-of-time build (``kernels/build.py``) compiles every case into libfastdiff_kernels,
+  whose C dispatcher looks its case up in the same tables by the same keys.
+
+Adding a configuration, or a tuned default for one arch, is a data edit: a row of a table.
+
+Specialisation contract, the same for Triton's JIT and the compiled library (so that both
+run the same machine code):
+
+* every pointer argument is 16-byte aligned — torch allocates so; a view that is not makes
+  the library decline (the JIT then compiles for it);
+* integer arguments named in ``KernelCase.divisible`` are multiples of 16, and the launcher
+  only picks such a case when they are (``divisible_key``); every other integer argument is
+  unspecialised — the kernels list them in ``do_not_specialize``, so the JIT neither marks
+  them divisible by 16 nor folds the value 1 into the code;
+* FP fusion (a·b + c contracted to one FMA) is on, set explicitly: Triton's default flips in 3.10.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ARCHS = (80, 90)  # compute capabilities the library ships cubins for
+FP_FUSION = True
+# Integer codes of the key fields the C dispatcher shares with the launchers.
+DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
+# The value of a divisibility flag in a key: whether every `divisible` argument is a multiple of 16.
+DIVISOR = 16
+
+
+@dataclass(frozen=True)
+class KernelCase:
+    """One compilable launch configuration of a Triton kernel."""
+
+    name: str  # label shown by the audit and the library, e.g. "q_sample[bf16,draw]"
+    fn: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict = field(default_factory=dict)  # constexpr name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    expect_mma: bool = False  # sm_90 SASS must contain HGMMA
+    archs: tuple[int, ...] = ARCHS  # the architectures whose launcher can pick this case
+    divisible: tuple[str, ...] = ()  # integer arguments assumed to be multiples of 16
+
+    @property
+    def kernel_name(self) -> str:
+        return self.fn.fn.__name__
+
+    def runtime_args(self) -> list[str]:
+        """Names of the arguments a launch passes, in order (the signature without constexprs)."""
+        return [n for n, ty in self.signature.items() if ty != "constexpr"]
+
+    def specialised(self) -> list[str]:
+        """Arguments compiled as 16-byte aligned / multiples of 16: every pointer and ``divisible``."""
+        return [n for n, ty in self.signature.items() if ty.startswith("*") or n in self.divisible]
+
+    def launch(self, grid: tuple[int, ...], *args) -> None:
+        """Launch through Triton's JIT (the fallback of the compiled library)."""
+        if _recorder is not None:
+            _recorder(self, grid, args)
+            return
+        self.fn[grid](
+            *args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=FP_FUSION
+        )
+
+
+class LaunchTable:
+    """The cases of one kernel, keyed by a tuple of small integers named by ``key_fields``.
+
+    ``entries`` maps key -> case; several keys may share a case (e.g. head dims with one
+    config).  Keys are integers only (dtypes as ``DTYPE_CODES``, flags as 0/1) because the C
+    dispatcher searches the same rows.
+    """
+
+    def __init__(self, name: str, key_fields: tuple[str, ...], entries: dict[tuple[int, ...], KernelCase]):
+        for key in entries:
+            if len(key) != len(key_fields) or not all(isinstance(k, int) for k in key):
+                raise ValueError(f"launch table {name}: key {key} must be {len(key_fields)} ints {key_fields}")
+        self.name, self.key_fields, self.entries = name, key_fields, dict(entries)
+
+    def pick(self, key: tuple[int, ...]) -> KernelCase | None:
+        """The case for ``key``, or None when the table has none (the caller compiles on demand)."""
+        return self.entries.get(key)
+
+    def cases(self) -> list[KernelCase]:
+        """Every distinct case, in table order."""
+        seen, out = set(), []
+        for case in self.entries.values():
+            if id(case) not in seen:
+                seen.add(id(case))
+                out.append(case)
+        return out
+
+
+def divisible_key(*values: int) -> int:
+    """1 when every value is a multiple of 16 (the `divisible` cases apply), else 0."""
+    return int(all(v % DIVISOR == 0 for v in values))
+
+
+def dtype_name(dtype) -> str:
+    """'fp32' | 'fp16' | 'bf16' for a torch dtype."""
+    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(dtype)]
+
+
+def dtype_code(dtype) -> int:
+    return DTYPE_CODES[dtype_name(dtype)]
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def compile_case(case: KernelCase, arch: int):
+    """``triton.compile`` of ``case`` for sm_``arch``, without a GPU: the audit's and the build's one way.
+
+    The same source, attributes and options give the same Triton cache key, so the audit reuses
+    what the build compiled (and the reverse).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    names = list(case.signature)
+    aligned = backend.parse_attr("D") if hasattr(backend, "parse_attr") else [["tt.divisibility", 16]]
+    attrs = {(names.index(n),): aligned for n in case.specialised()}
+    src = ASTSource(fn=case.fn, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages, "enable_fp_fusion": FP_FUSION}
+    return triton.compile(src, target=target, options=options)
+
+
+# ----------------------------------------------------------------------------- recording (tests)
+
+_recorder = None
+
+
+class record_launches:
+    """``with record_launches() as log:`` — launches append ``(case, grid, args)`` to ``log`` instead of running.
+
+    The tests compare these with the launches the C dispatcher plans in dry-run mode.
+    """
+
+    def __enter__(self) -> list:
+        global _recorder
+        self.log, self.previous = [], _recorder
+        _recorder = lambda case, grid, args: self.log.append((case, tuple(grid), tuple(args)))  # noqa: E731
+        return self.log
+
+    def __exit__(self, *exc) -> None:
+        global _recorder
+        _recorder = self.previous
