@@ -135,6 +135,21 @@ def compile_case(case: KernelCase, arch: int):
     return triton.compile(src, target=target, options=options)
 
 
+def source_hash(tables) -> str:
+    """A hash of every shipped case: kernel sources (Triton's cache key of each function), keys,
+    constexprs, signatures and options.  The library carries the hash of what it was built from;
+    Python launches through it only when the hash of its own tables is the same."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for table in tables:
+        h.update(f"{table.name}{table.key_fields}".encode())
+        for key, case in table.entries.items():
+            h.update(f"{key}{case.name}{case.fn.cache_key}{sorted(case.constexprs.items())}".encode())
+            h.update(f"{case.signature}{case.num_warps}{case.num_stages}{case.divisible}{case.archs}".encode())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- recording (tests)
 
 _recorder = None

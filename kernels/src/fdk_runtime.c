@@ -1,0 +1,277 @@
+/* The library's runtime: the CUDA driver loaded at run time, errors, table look-ups, launches
+   and the dry run.  The driver API is reached only through dlopen/dlsym, so the library loads
+   on a machine without a GPU or CUDA toolkit (cuda.h comes with Triton's wheel). */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda.h>
+
+#include "fdk_internal.h"
+
+/* ---------------------------------------------------------------------------- errors */
+
+static __thread char last_error[512];
+
+fdk_status fdk_fail(fdk_status status, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(last_error, sizeof last_error, fmt, ap);
+  va_end(ap);
+  return status;
+}
+
+const char *fdk_last_error(void) { return last_error; }
+
+const char *fdk_status_name(fdk_status status) {
+  switch (status) {
+    case FDK_SUCCESS: return "FDK_SUCCESS";
+    case FDK_ERROR_INVALID_ARGUMENT: return "FDK_ERROR_INVALID_ARGUMENT";
+    case FDK_ERROR_UNSUPPORTED: return "FDK_ERROR_UNSUPPORTED";
+    case FDK_ERROR_NO_DRIVER: return "FDK_ERROR_NO_DRIVER";
+    case FDK_ERROR_CUDA: return "FDK_ERROR_CUDA";
+  }
+  return "FDK_UNKNOWN_STATUS";
+}
+
+const char *fdk_source_hash(void) { return FDK_SOURCE_HASH; }
+
+fdk_status fdk_check_ptr(const void *p, const char *name) {
+  if (p == NULL) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "%s must not be NULL", name);
+  if ((uintptr_t)p % 16)
+    return fdk_fail(FDK_ERROR_UNSUPPORTED, "%s must be 16-byte aligned (the kernels assume it), got %p", name, p);
+  return FDK_SUCCESS;
+}
+
+fdk_status fdk_check_size(int64_t v, const char *name, int64_t min) {
+  if (v < min) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "%s must be >= %lld, got %lld", name, (long long)min,
+                               (long long)v);
+  if (v >= INT32_MAX) return fdk_fail(FDK_ERROR_UNSUPPORTED, "%s must be < 2**31, got %lld", name, (long long)v);
+  return FDK_SUCCESS;
+}
+
+fdk_status fdk_check_dtype(fdk_dtype dtype) {
+  if ((int)dtype < FDK_FLOAT32 || (int)dtype > FDK_BFLOAT16)
+    return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "dtype must be FDK_FLOAT32, FDK_FLOAT16 or FDK_BFLOAT16, got %d",
+                    (int)dtype);
+  return FDK_SUCCESS;
+}
+
+/* ---------------------------------------------------------------------------- the driver */
+
+#define FDK_DRIVER_FUNCTIONS(X)                                                                      \
+  X(cuInit) X(cuGetErrorName) X(cuCtxGetCurrent) X(cuCtxGetDevice) X(cuDeviceGetAttribute)           \
+  X(cuModuleLoadData) X(cuModuleGetFunction) X(cuFuncSetAttribute) X(cuLaunchKernel)
+
+static struct {
+#define FDK_FIELD(name) __typeof__(&name) name;
+  FDK_DRIVER_FUNCTIONS(FDK_FIELD)
+#undef FDK_FIELD
+} cu;
+static pthread_once_t driver_once = PTHREAD_ONCE_INIT;
+static fdk_status driver_status;
+static char driver_error[256];
+
+static void load_driver(void) {
+  void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    driver_status = FDK_ERROR_NO_DRIVER;
+    snprintf(driver_error, sizeof driver_error, "no CUDA driver: cannot load libcuda.so.1 (%s)", dlerror());
+    return;
+  }
+#define FDK_LOAD(name)                                                                               \
+  if (!(cu.name = (__typeof__(&name))dlsym(lib, #name))) {                                           \
+    driver_status = FDK_ERROR_NO_DRIVER;                                                             \
+    snprintf(driver_error, sizeof driver_error, "no CUDA driver: libcuda.so.1 lacks " #name);        \
+    return;                                                                                          \
+  }
+  FDK_DRIVER_FUNCTIONS(FDK_LOAD)
+#undef FDK_LOAD
+  CUresult r = cu.cuInit(0);
+  if (r != CUDA_SUCCESS) {
+    const char *name = "?";
+    cu.cuGetErrorName(r, &name);
+    driver_status = FDK_ERROR_NO_DRIVER;
+    snprintf(driver_error, sizeof driver_error, "no CUDA driver: cuInit failed with %s", name);
+  }
+}
+
+fdk_status fdk_init(void) {
+  pthread_once(&driver_once, load_driver);
+  return driver_status ? fdk_fail(driver_status, "%s", driver_error) : FDK_SUCCESS;
+}
+
+static fdk_status cuda_fail(CUresult r, const char *what) {
+  const char *name = "?";
+  cu.cuGetErrorName(r, &name);
+  return fdk_fail(FDK_ERROR_CUDA, "%s failed: %s", what, name);
+}
+
+/* ---------------------------------------------------------------------------- dry run */
+
+#define FDK_LOG_SIZE 64
+static int dry_arch, dry_sms;
+static fdk_launch_record dry_log[FDK_LOG_SIZE];
+static int dry_count;
+static pthread_mutex_t dry_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void fdk_set_dry_run(int arch, int num_sms) {
+  pthread_mutex_lock(&dry_lock);
+  dry_arch = arch;
+  dry_sms = num_sms > 0 ? num_sms : 132;
+  dry_count = 0;
+  pthread_mutex_unlock(&dry_lock);
+}
+
+int fdk_dry_run_take(fdk_launch_record *out, int max) {
+  pthread_mutex_lock(&dry_lock);
+  int n = dry_count < FDK_LOG_SIZE ? dry_count : FDK_LOG_SIZE;
+  int first = dry_count - n, copied = 0;
+  for (int i = 0; i < n && copied < max; i++) out[copied++] = dry_log[(first + i) % FDK_LOG_SIZE];
+  dry_count = 0;
+  pthread_mutex_unlock(&dry_lock);
+  return copied;
+}
+
+static void record(int entry, const unsigned grid[3], const fdk_arg *args, int nargs) {
+  pthread_mutex_lock(&dry_lock);
+  fdk_launch_record *r = &dry_log[dry_count++ % FDK_LOG_SIZE];
+  r->case_name = fdk_entries[entry].case_name;
+  memcpy(r->grid, grid, sizeof r->grid);
+  r->num_args = nargs;
+  for (int i = 0; i < nargs && i < 48; i++) {
+    char kind = fdk_entries[entry].arg_kinds[i];
+    if (kind == 'p') r->args[i] = (int64_t)(uintptr_t)args[i].p;
+    else if (kind == 'f') { int32_t bits; memcpy(&bits, &args[i].f, 4); r->args[i] = bits; }
+    else r->args[i] = args[i].l;
+  }
+  pthread_mutex_unlock(&dry_lock);
+}
+
+/* ---------------------------------------------------------------------------- devices, tables */
+
+#define FDK_MAX_DEVICES 64
+
+static int table_arch(int major) { return major == 9 ? 90 : major == 8 ? 80 : 0; }
+
+fdk_status fdk_device(int *arch, int *num_sms) {
+  if (dry_arch) {
+    *arch = dry_arch;
+    *num_sms = dry_sms;
+    return FDK_SUCCESS;
+  }
+  fdk_status s = fdk_init();
+  if (s) return s;
+  CUcontext ctx;
+  CUdevice dev;
+  CUresult r = cu.cuCtxGetCurrent(&ctx);
+  if (r != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetCurrent");
+  if (!ctx) return fdk_fail(FDK_ERROR_CUDA, "no current CUDA context on this thread (e.g. call cudaSetDevice first)");
+  if ((r = cu.cuCtxGetDevice(&dev)) != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetDevice");
+  int major = 0;
+  cu.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
+  cu.cuDeviceGetAttribute(num_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev);
+  *arch = table_arch(major);
+  if (!*arch) return fdk_fail(FDK_ERROR_UNSUPPORTED, "no kernels for compute capability %d.x (sm_80 and sm_90 ship)",
+                              major);
+  return FDK_SUCCESS;
+}
+
+int fdk_find(int table, const int *key, int arch) {
+  int a = 0;
+  while (a < FDK_NUM_ARCHS && fdk_archs[a] != arch) a++;
+  if (a == FDK_NUM_ARCHS) return -1;
+  const fdk_table *t = &fdk_tables[table];
+  for (int row = 0; row < t->nrows; row++) {
+    if (!memcmp(t->keys + row * t->nkey, key, sizeof(int) * t->nkey)) return t->ids[row * FDK_NUM_ARCHS + a];
+  }
+  return -1;
+}
+
+/* ---------------------------------------------------------------------------- launching */
+
+/* Loaded functions per (context, entry): the context is the device's primary one in practice. */
+typedef struct { CUcontext ctx; CUfunction *functions; } loaded_context;
+static loaded_context loaded[FDK_MAX_DEVICES];
+static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static fdk_status function_of(int entry, CUfunction *out) {
+  CUcontext ctx;
+  CUresult r = cu.cuCtxGetCurrent(&ctx);
+  if (r != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetCurrent");
+  pthread_mutex_lock(&load_lock);
+  fdk_status status = FDK_SUCCESS;
+  int slot = 0;
+  while (slot < FDK_MAX_DEVICES && loaded[slot].ctx && loaded[slot].ctx != ctx) slot++;
+  if (slot == FDK_MAX_DEVICES) {
+    status = fdk_fail(FDK_ERROR_UNSUPPORTED, "more than %d CUDA contexts", FDK_MAX_DEVICES);
+    goto done;
+  }
+  if (!loaded[slot].ctx) {
+    loaded[slot].functions = calloc(fdk_num_entries, sizeof(CUfunction));
+    if (!loaded[slot].functions) { status = fdk_fail(FDK_ERROR_CUDA, "out of host memory"); goto done; }
+    loaded[slot].ctx = ctx;
+  }
+  CUfunction *fn = &loaded[slot].functions[entry];
+  if (!*fn) {
+    const fdk_entry *e = &fdk_entries[entry];
+    CUmodule module;
+    if ((r = cu.cuModuleLoadData(&module, e->cubin)) != CUDA_SUCCESS) { status = cuda_fail(r, "cuModuleLoadData"); goto done; }
+    if ((r = cu.cuModuleGetFunction(fn, module, e->kernel)) != CUDA_SUCCESS) {
+      status = cuda_fail(r, "cuModuleGetFunction");
+      goto done;
+    }
+    if (e->shared > 48 * 1024 &&
+        (r = cu.cuFuncSetAttribute(*fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, e->shared)) != CUDA_SUCCESS) {
+      *fn = NULL;
+      status = cuda_fail(r, "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)");
+      goto done;
+    }
+  }
+  *out = *fn;
+done:
+  pthread_mutex_unlock(&load_lock);
+  return status;
+}
+
+fdk_status fdk_launch(int entry, const unsigned grid[3], const fdk_arg *args, int nargs, struct CUstream_st *stream) {
+  const fdk_entry *e = &fdk_entries[entry];
+  if ((int)strlen(e->arg_kinds) != nargs)
+    return fdk_fail(FDK_ERROR_UNSUPPORTED, "%s takes %d arguments, the library passed %d (stale build?)",
+                    e->case_name, (int)strlen(e->arg_kinds), nargs);
+  for (int i = 0; i < nargs; i++) {
+    if (e->arg_kinds[i] == 'i' && (args[i].l < INT32_MIN || args[i].l > INT32_MAX))
+      return fdk_fail(FDK_ERROR_UNSUPPORTED, "%s: argument %d = %lld does not fit 32 bits", e->case_name, i,
+                      (long long)args[i].l);
+  }
+  if ((uint64_t)grid[0] * grid[1] * grid[2] == 0) return FDK_SUCCESS;
+  if (grid[1] > 65535 || grid[2] > 65535)
+    return fdk_fail(FDK_ERROR_UNSUPPORTED, "%s: grid (%u, %u, %u) exceeds 65535 in y or z", e->case_name, grid[0],
+                    grid[1], grid[2]);
+  if (dry_arch) {
+    record(entry, grid, args, nargs);
+    return FDK_SUCCESS;
+  }
+  CUfunction fn;
+  fdk_status s = function_of(entry, &fn);
+  if (s) return s;
+  void *params[64];
+  int32_t ints[64];
+  void *scratch = NULL;
+  for (int i = 0; i < nargs; i++) {
+    switch (e->arg_kinds[i]) {
+      case 'i': ints[i] = (int32_t)args[i].l; params[i] = &ints[i]; break;
+      case 'l': params[i] = (void *)&args[i].l; break;
+      case 'f': params[i] = (void *)&args[i].f; break;
+      default: params[i] = (void *)&args[i].p; break;
+    }
+  }
+  for (int i = 0; i < e->extra_pointers; i++) params[nargs + i] = &scratch;
+  CUresult r = cu.cuLaunchKernel(fn, grid[0], grid[1], grid[2], 32 * e->num_warps, 1, 1, e->shared, (CUstream)stream,
+                                 params, NULL);
+  return r == CUDA_SUCCESS ? FDK_SUCCESS : cuda_fail(r, e->case_name);
+}
