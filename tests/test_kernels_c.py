@@ -23,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "kernels", "include", "fastdiff_kernels.h")
 # the cases the dry-run comparisons need (sm_90; fp32 and bf16)
 MATCH = ["q_sample[fp32", "q_sample[bf16", "attention_fwd[any,fp32", "attention_fwd[sm90,bf16",
-         "attention_bwd_pre[fp32", "attention_bwd_pre[bf16", "[sm90,bf16", "[any,fp32"]  # fmt: skip
+         "attention_bwd_pre[fp32", "attention_bwd_pre[bf16", "[sm90,bf16", "[any,fp32", "sq_err_partial[fp32",
+         "sq_err_backward[fp32", "sum", "gn_stats[fp32", "gn_apply[fp32", "gn_bwd_reduce[fp32", "gn_dx[fp32",
+         "fp32 params", "sampler_step[fp32,", "sampler_step_stats[fp32"]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("cc") is None, reason="needs cmake, cc")
 
@@ -46,7 +48,9 @@ def build_dir():
 
 @pytest.fixture(scope="session")
 def lib(build_dir):
-    return ctypes.CDLL(os.path.join(build_dir, "libfastdiff_kernels.so"))
+    lib = ctypes.CDLL(os.path.join(build_dir, "libfastdiff_kernels.so"))
+    lib.fdk_sampler_step_chunks.restype = lib.fdk_diffusion_loss_partials.restype = ctypes.c_int64
+    return lib
 
 
 def test_header_compiles_as_c11(tmp_path):
@@ -147,11 +151,15 @@ def _python_launches(fn, *args):
             for case, grid, launch_args in log]  # fmt: skip
 
 
-def _library_launches(lib, call):
+def _library_launches(lib, call, unsupported=False):
+    """The launches the library plans for ``call`` in dry run (None when it has no case, as expected)."""
     lib.fdk_set_dry_run(90, 132)
     lib.fdk_last_error.restype = ctypes.c_char_p
     try:
         status = call()
+        if unsupported:
+            assert status == 2 and lib.fdk_dry_run_take(None, 0) == 0, lib.fdk_last_error()
+            return None
         assert status == 0, lib.fdk_last_error()
         records = (LaunchRecord * 64)()
         n = lib.fdk_dry_run_take(records, 64)
@@ -219,3 +227,139 @@ def test_dry_run_attention_matches_the_python_launcher(lib, dtype, head_dim, B, 
                      stride_o=_strides(out), stride_dq=_S4(*dq_launch[19:22], 1), stride_dk=_S4(*kv_launch[20:23], 1),
                      stride_dv=_S4(*kv_launch[23:26], 1))  # fmt: skip
     assert _library_launches(lib, lambda: lib.fdk_attention_bwd(ctypes.byref(bw), None)) == want
+
+
+def _struct(*fields):
+    """A ctypes mirror of one of the header's argument structs: (name, 'dtype'|'p'|'i'|'l'|'d'|'s4')."""
+    kinds = {"dtype": ctypes.c_int, "p": ctypes.c_void_p, "i": ctypes.c_int, "l": ctypes.c_int64,
+             "d": ctypes.c_double, "s4": _S4}  # fmt: skip
+    return type("Args", (ctypes.Structure,), {"_fields_": [(n, kinds[k]) for n, k in fields]})
+
+
+LossArgs = _struct(("dtype", "dtype"), ("pred", "p"), ("target", "p"), ("weight", "p"), ("loss", "p"),
+                   ("partial", "p"), ("batch", "l"), ("per_sample", "l"))  # fmt: skip
+LossBwdArgs = _struct(("dtype", "dtype"), ("grad", "p"), ("pred", "p"), ("target", "p"), ("weight", "p"),
+                      ("d_pred", "p"), ("batch", "l"), ("per_sample", "l"))  # fmt: skip
+GnFwdArgs = _struct(("dtype", "dtype"), ("params_dtype", "dtype"), ("x", "p"), ("y", "p"), ("weight", "p"),
+                    ("bias", "p"), ("scale", "p"), ("shift", "p"), ("stride_scale", "l"), ("stride_shift", "l"),
+                    ("mean", "p"), ("rstd", "p"), ("coef_a", "p"), ("coef_d", "p"), ("partial_mean", "p"),
+                    ("partial_m2", "p"), ("batch", "l"), ("channels", "l"),
+                    ("spatial", "l"), ("groups", "l"), ("channels_last", "i"), ("silu", "i"), ("eps", "d"))  # fmt: skip
+GnBwdArgs = _struct(("dtype", "dtype"), ("params_dtype", "dtype"), ("dy", "p"), ("x", "p"), ("mean", "p"),
+                    ("rstd", "p"), ("coef_a", "p"), ("coef_d", "p"), ("weight", "p"), ("bias", "p"), ("scale", "p"),
+                    ("has_shift", "i"), ("stride_scale", "l"), ("dx", "p"), ("dweight", "p"), ("dbias", "p"),
+                    ("dscale", "p"), ("dshift", "p"), ("sum_dz", "p"), ("sum_dzx", "p"), ("dx_e", "p"), ("dx_f", "p"),
+                    ("term_w", "p"), ("term_b", "p"), ("batch", "l"), ("channels", "l"),
+                    ("spatial", "l"), ("groups", "l"), ("channels_last", "i"), ("silu", "i"))  # fmt: skip
+StepArgs = _struct(("dtype", "dtype"), ("out_dtype", "dtype"), ("x", "p"), ("model_output", "p"),
+                   ("uncond_output", "p"), ("coeffs", "p"), ("per_sample_coeffs", "i"), ("x0_prev", "p"),
+                   ("seeds", "p"), ("known", "p"), ("mask", "p"), ("mask_per_pixel", "i"), ("x_next", "p"),
+                   ("x0_out", "p"), ("stats", "p"), ("batch", "l"), ("channels", "l"), ("spatial", "l"),
+                   ("channels_last", "i"), ("add_noise", "i"), ("step", "l"), ("guidance_scale", "d"),
+                   ("guidance_rescale", "d"), ("clip_x0", "d"))  # fmt: skip
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (3, 3, 5, 7), (2, 16, 40, 40)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dry_run_diffusion_loss_matches_the_python_launcher(lib, shape, weighted):
+    from fastdiff.ops import noising
+
+    pred, target = torch.randn(shape), torch.randn(shape)
+    weight = torch.rand(shape[0]) if weighted else None
+    B, N = shape[0], pred[0].numel()
+    want = _python_launches(noising._weighted_mse_triton, pred, target, weight)
+    partial, loss = want[1][2][0], want[1][2][1]
+    assert lib.fdk_diffusion_loss_partials(ctypes.c_int64(B), ctypes.c_int64(N)) == want[1][2][2]
+    args = LossArgs(dtype=0, pred=_ptr(pred), target=_ptr(target), weight=_ptr(weight), loss=loss, partial=partial,
+                    batch=B, per_sample=N)  # fmt: skip
+    assert _library_launches(lib, lambda: lib.fdk_diffusion_loss_fwd(ctypes.byref(args), None)) == want
+    grad = torch.ones(())
+    want = _python_launches(noising._sq_err_backward_triton, grad, pred, target, weight)
+    args = LossBwdArgs(dtype=0, grad=want[0][2][0], pred=_ptr(pred), target=_ptr(target), weight=_ptr(weight),
+                       d_pred=want[0][2][4], batch=B, per_sample=N)  # fmt: skip
+    assert _library_launches(lib, lambda: lib.fdk_diffusion_loss_bwd(ctypes.byref(args), None)) == want
+
+
+@pytest.mark.parametrize("shape,groups", [((1, 4, 8, 8), 2), ((3, 6, 5, 7), 3), ((2, 64, 40, 40), 32),
+                                          ((1, 32, 64, 64), 8), ((4, 20, 1, 1), 20)])  # fmt: skip
+@pytest.mark.parametrize("params", ["", "wb", "ss", "wbss", "w"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dry_run_group_norm_matches_the_python_launcher(lib, shape, groups, params, channels_last):
+    gn = importlib.import_module("fastdiff.ops.group_norm")
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    B, C = shape[:2]
+    S = shape[2] * shape[3]
+    w, b = (torch.randn(C) if "w" in params else None), (torch.randn(C) if "b" in params else None)
+    film = torch.randn(B, 2 * C)
+    sc, sh = (film[:, :C], film[:, C:]) if "ss" in params else (None, None)
+    cl = int(gn.geometry_of(x).channels_last)
+    fwd = _python_launches(gn._forward_triton, x, w, b, sc, sh, groups, 1e-5, True)
+    (_, _, stats), (_, _, final), (_, _, apply) = fwd
+    args = GnFwdArgs(dtype=0, params_dtype=0, x=_ptr(x), y=apply[1], weight=_ptr(w), bias=_ptr(b), scale=_ptr(sc),
+                     shift=_ptr(sh), stride_scale=2 * C, stride_shift=2 * C, mean=final[6], rstd=final[7],
+                     coef_a=final[8], coef_d=final[9], partial_mean=stats[1], partial_m2=stats[2], batch=B,
+                     channels=C, spatial=S, groups=groups,
+                     channels_last=cl, silu=1, eps=1e-5)  # fmt: skip
+    # a FiLM half that starts off a 16-byte boundary: the library declines, the JIT compiles for it
+    misaligned = any(t is not None and t.data_ptr() % 16 for t in (w, b, sc, sh))
+    call = lambda: lib.fdk_group_norm_silu_fwd(ctypes.byref(args), None)  # noqa: E731
+    assert _library_launches(lib, call, unsupported=misaligned) == (None if misaligned else fwd)
+    split = ctypes.c_int64()
+    lib.fdk_set_dry_run(90, 132)
+    assert lib.fdk_group_norm_silu_split(B, C, S, cl, ctypes.byref(split)) == 0
+    lib.fdk_set_dry_run(0, 0)
+    assert split.value == gn.geometry_of(x).split
+
+    mean, rstd, coef = torch.randn(B, groups), torch.rand(B, groups), gn.aligned_rows(2, (B, C), "cpu", torch.float32)
+    dy = torch.empty_like(x)
+    bwd = _python_launches(gn._backward_triton, dy, x, mean, rstd, coef, w, b, sc, sh, True, gn.geometry_of(x))
+    reduce, final, *rest = [launch[2] for launch in bwd]
+    affine = w is not None or b is not None
+    args = GnBwdArgs(dtype=0, params_dtype=0, dy=_ptr(dy), x=_ptr(x), mean=_ptr(mean), rstd=_ptr(rstd),
+                     coef_a=_ptr(coef[0]), coef_d=_ptr(coef[1]), weight=_ptr(w), bias=_ptr(b), scale=_ptr(sc),
+                     has_shift=sh is not None, stride_scale=2 * C, dx=rest[-1][2],
+                     dweight=rest[0][2] if affine else None, dbias=rest[0][3] if affine else None,
+                     dscale=final[8] if sc is not None else None, dshift=final[9] if sh is not None else None,
+                     sum_dz=reduce[6], sum_dzx=reduce[7], dx_e=final[6], dx_f=final[7],
+                     term_w=final[10] if affine else None, term_b=final[11] if affine else None, batch=B,
+                     channels=C, spatial=S, groups=groups, channels_last=cl, silu=1)  # fmt: skip
+    misaligned = any(t is not None and t.data_ptr() % 16 for t in (w, b, sc))  # the backward reads no shift
+    call = lambda: lib.fdk_group_norm_silu_bwd(ctypes.byref(args), None)  # noqa: E731
+    assert _library_launches(lib, call, unsupported=misaligned) == (None if misaligned else bwd)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (2, 3, 5, 7), (2, 4, 130, 130)])
+@pytest.mark.parametrize("options", ["", "noise", "x0", "multistep", "cfg", "cfg,noise", "cfg,rescale,clip,inpaint"])
+def test_dry_run_sampler_step_matches_the_python_launcher(lib, shape, options):
+    step_mod = importlib.import_module("fastdiff.ops.sampler_step")
+    x, out_c, out_u = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    B = shape[0]
+    coeffs = torch.randn(B, step_mod.NUM_COEFFICIENTS) if "cfg" in options else torch.randn(step_mod.NUM_COEFFICIENTS)
+    seeds = torch.arange(B)
+    uncond = out_u if "cfg" in options else None
+    x0_prev = torch.randn(shape) if "multistep" in options else None
+    known = torch.randn(shape) if "inpaint" in options else None
+    mask = torch.rand(B, 1, *shape[2:]) if "inpaint" in options else None
+    rescale, clip = (0.7 if "rescale" in options else 0.0), (1.5 if "clip" in options else None)
+    noise, return_x0 = "noise" in options, "x0" in options or "multistep" in options
+    want = _python_launches(step_mod._sampler_step_triton, x, out_c, uncond, coeffs, x0_prev, seeds, known, mask,
+                            3.5, rescale, clip, 7, noise, return_x0)  # fmt: skip
+    p = want[-1][2]
+    args = StepArgs(dtype=0, out_dtype=0, x=_ptr(x), model_output=_ptr(out_c), uncond_output=_ptr(uncond),
+                    coeffs=p[4], per_sample_coeffs=coeffs.ndim == 2, x0_prev=_ptr(x0_prev),
+                    seeds=_ptr(seeds), known=_ptr(known), mask=p[8] if
+                    known is not None else None, mask_per_pixel=known is not None, x_next=p[9],
+                    x0_out=p[10] if return_x0 else None, stats=p[3] if rescale else None, batch=B,
+                    channels=shape[1], spatial=shape[2] * shape[3], channels_last=0, add_noise=noise, step=7,
+                    guidance_scale=3.5, guidance_rescale=rescale, clip_x0=clip or 0.0)  # fmt: skip
+    shipped = any(case.name == want[-1][0] for case in step_mod.STEP.cases())
+    got = _library_launches(lib, lambda: lib.fdk_sampler_step(ctypes.byref(args), None), unsupported=not shipped)
+    assert got == (want if shipped else None)  # a combination not shipped: the library declines, the JIT runs it
+    chunks = lib.fdk_sampler_step_chunks(ctypes.c_int64(x[0].numel()))
+    assert chunks == step_mod._chunking(x[0].numel())[0]

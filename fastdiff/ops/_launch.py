@@ -112,6 +112,19 @@ def dtype_code(dtype) -> int:
     return DTYPE_CODES[dtype_name(dtype)]
 
 
+def aligned_rows(n: int, shape: tuple[int, ...], device, dtype) -> "torch.Tensor":
+    """(n, *shape) scratch in one allocation whose every row starts 16-byte aligned (rows padded),
+    so that ``rows[i]`` can be passed where a kernel assumes an aligned pointer."""
+    import torch
+
+    numel = 1
+    for d in shape:
+        numel *= d
+    per_16 = 16 // torch.empty((), dtype=dtype).element_size()
+    padded = -(-numel // per_16) * per_16
+    return torch.empty(n, padded, device=device, dtype=dtype)[:, :numel].view(n, *shape)
+
+
 # ----------------------------------------------------------------------------- compiling
 
 

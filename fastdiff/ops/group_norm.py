@@ -57,7 +57,7 @@ import torch
 from fastdiff.ops import _checks
 from fastdiff.ops import _backend
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, aligned_rows, divisible_key, dtype_code
 from fastdiff.ops._layout import sample_layout
 
 # ----------------------------------------------------------------------------- reference
@@ -624,9 +624,9 @@ def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
     geo = geometry_of(x)
     tile = _tile_key(x, geo)
     f32 = dict(device=x.device, dtype=torch.float32)
-    partials = torch.empty(2, B, C, geo.split, **f32)  # per-chunk means and M2
-    stats = torch.empty(2, B, G, **f32)  # μ, r
-    coef = torch.empty(2, B, C, **f32)  # A, d
+    partials = aligned_rows(2, (B, C, geo.split), **f32)  # per-chunk means and M2
+    stats = aligned_rows(2, (B, G), **f32)  # μ, r
+    coef = aligned_rows(2, (B, C), **f32)  # A, d
     weight, bias, scale, shift, pd, stand_in = _params(weight, bias, scale, shift, stats)
     GN_STATS.pick(tile + (geo.divisible,)).launch(
         (geo.split, geo.c_blocks, B), x, partials[0], partials[1], C, S, geo.chunk_s, geo.tiles, geo.split
@@ -650,17 +650,17 @@ def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, 
     CG = C // G
     tile = _tile_key(x, geo)
     f32 = dict(device=x.device, dtype=torch.float32)
-    sums = torch.empty(2, B, C, geo.split, **f32)  # per-chunk Σ dz and Σ dz·x̂
+    sums = aligned_rows(2, (B, C, geo.split), **f32)  # per-chunk Σ dz and Σ dz·x̂
     GN_BWD_REDUCE.pick(tile + (int(silu), geo.divisible)).launch(
         (geo.split, geo.c_blocks, B), x, dy, mean, rstd, coef[0], coef[1], sums[0], sums[1], C, S, G, CG,
         geo.chunk_s, geo.tiles, geo.split,
     )  # fmt: skip
     flags = _flags(weight, bias, scale, shift)
     weight_, bias_, scale_, _, pd, stand_in = _params(weight, bias, scale, shift, rstd)
-    dx_ef = torch.empty(2, B, G, **f32)
-    film = torch.empty(flags[2] + flags[3], B, C, **f32) if scale is not None or shift is not None else None
+    dx_ef = aligned_rows(2, (B, G), **f32)
+    film = aligned_rows(flags[2] + flags[3], (B, C), **f32) if scale is not None or shift is not None else None
     affine = weight is not None or bias is not None
-    terms = torch.empty(2, B, C, **f32) if affine else None
+    terms = aligned_rows(2, (B, C), **f32) if affine else None
     dscale = film[0] if scale is not None else None
     dshift = film[-1] if shift is not None else None
     GN_BWD_FINALIZE.pick((pd, *flags)).launch(
@@ -671,7 +671,7 @@ def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, 
     dweight = dbias = None
     if affine:
         # both sums in one pass; a row of terms that was not written only feeds an output dropped here
-        sums_wb = torch.empty(2, C, **f32)
+        sums_wb = aligned_rows(2, (C,), **f32)
         GN_COL_SUM.pick(()).launch((cdiv(C, COLSUM_BLOCK),), terms[0], terms[1], sums_wb[0], sums_wb[1], B, C)
         dweight = sums_wb[0] if weight is not None else None
         dbias = sums_wb[1] if bias is not None else None

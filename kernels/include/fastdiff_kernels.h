@@ -119,6 +119,103 @@ typedef struct fdk_attention_bwd_args {
 } fdk_attention_bwd_args;
 FDK_API fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *args, struct CUstream_st *stream);
 
+/* ---------------------------------------------------------------------------- diffusion loss */
+
+/* loss = (1/B) Σ_b w_b · mean_i (pred − target)² in fp32 (w_b = 1 without weight): per-block sums,
+   then one program adds them in a fixed order (deterministic).  pred, target: (batch, per_sample)
+   dense; partial: fdk_diffusion_loss_partials(...) floats of scratch. */
+typedef struct fdk_diffusion_loss_args {
+  fdk_dtype dtype;
+  const void *pred, *target;
+  const float *weight;           /* (batch,) or NULL */
+  float *loss;                   /* one float */
+  float *partial;
+  int64_t batch, per_sample;
+} fdk_diffusion_loss_args;
+FDK_API int64_t fdk_diffusion_loss_partials(int64_t batch, int64_t per_sample);
+FDK_API fdk_status fdk_diffusion_loss_fwd(const fdk_diffusion_loss_args *args, struct CUstream_st *stream);
+
+/* d_pred = 2·grad·w_b·(pred − target)/(B·N), in pred's dtype. */
+typedef struct fdk_diffusion_loss_bwd_args {
+  fdk_dtype dtype;
+  const float *grad;             /* one float: the loss's upstream gradient */
+  const void *pred, *target;
+  const float *weight;           /* (batch,) or NULL */
+  void *d_pred;
+  int64_t batch, per_sample;
+} fdk_diffusion_loss_bwd_args;
+FDK_API fdk_status fdk_diffusion_loss_bwd(const fdk_diffusion_loss_bwd_args *args, struct CUstream_st *stream);
+
+/* ---------------------------------------------------------------------------- group_norm_silu */
+
+/* y = SiLU(GroupNorm(x)·(1 + scale) + shift) (silu = 0: without the SiLU).  x, y: (batch,
+   channels, spatial) contiguous, or channels-last (channels_last = 1).  weight, bias: (channels,);
+   scale, shift: (batch, channels) with row strides; all four optional (NULL) and in params_dtype.
+   Outputs for the backward: mean, rstd (batch, groups) and the per-channel coefficients coef_a,
+   coef_d (batch, channels), fp32.  partial_mean, partial_m2: batch·channels·split floats of
+   scratch each, split from fdk_group_norm_silu_split.  Every buffer 16-byte aligned. */
+typedef struct fdk_group_norm_silu_fwd_args {
+  fdk_dtype dtype, params_dtype;
+  const void *x;
+  void *y;
+  const void *weight, *bias, *scale, *shift;
+  int64_t stride_scale, stride_shift;
+  float *mean, *rstd, *coef_a, *coef_d, *partial_mean, *partial_m2;
+  int64_t batch, channels, spatial, groups;
+  int channels_last, silu;
+  double eps;
+} fdk_group_norm_silu_fwd_args;
+/* How many spatial chunks each channel's reduction is split into on this device (or the dry run's). */
+FDK_API fdk_status fdk_group_norm_silu_split(int64_t batch, int64_t channels, int64_t spatial, int channels_last,
+                                             int64_t *split);
+FDK_API fdk_status fdk_group_norm_silu_fwd(const fdk_group_norm_silu_fwd_args *args, struct CUstream_st *stream);
+
+/* Gradients from dy (laid out like x) and the forward's mean, rstd, coef_a, coef_d.  dx like x;
+   dweight, dbias (channels,) fp32, both given when weight or bias is (both are written); dscale,
+   dshift (batch, channels) fp32, given exactly when scale / shift are.  Scratch, fp32: sum_dz,
+   sum_dzx batch·channels·split each; dx_e, dx_f batch·groups each; term_w, term_b batch·channels
+   each (when weight or bias is given). */
+typedef struct fdk_group_norm_silu_bwd_args {
+  fdk_dtype dtype, params_dtype;
+  const void *dy, *x;
+  const float *mean, *rstd, *coef_a, *coef_d;
+  const void *weight, *bias, *scale;
+  int has_shift;
+  int64_t stride_scale;
+  void *dx;
+  float *dweight, *dbias, *dscale, *dshift;
+  float *sum_dz, *sum_dzx, *dx_e, *dx_f, *term_w, *term_b;
+  int64_t batch, channels, spatial, groups;
+  int channels_last, silu;
+} fdk_group_norm_silu_bwd_args;
+FDK_API fdk_status fdk_group_norm_silu_bwd(const fdk_group_norm_silu_bwd_args *args, struct CUstream_st *stream);
+
+/* ---------------------------------------------------------------------------- sampler_step */
+
+/* One fused denoising step (fastdiff.ops.sampler_step): guidance, prediction conversion, the
+   update x_next = a·x + b·x̂0 + c·ε̂ + d·x̂0_prev + e·z, and the inpainting blend.  All (batch,
+   channels, spatial) tensors share x's layout.  coeffs: (11,) or (batch, 11) fp32.  stats:
+   batch·fdk_sampler_step_chunks(...)·4 floats of scratch when guidance_rescale > 0. */
+typedef struct fdk_sampler_step_args {
+  fdk_dtype dtype;               /* x, x0_prev, known, mask, x_next, x0_out */
+  fdk_dtype out_dtype;           /* model_output, uncond_output */
+  const void *x, *model_output, *uncond_output; /* uncond_output NULL: no guidance */
+  const float *coeffs;
+  int per_sample_coeffs;
+  const void *x0_prev;           /* or NULL */
+  const int64_t *seeds;          /* (batch,): with add_noise or known */
+  const void *known, *mask;      /* inpainting, or NULL; mask (batch, spatial) when mask_per_pixel */
+  int mask_per_pixel;
+  void *x_next, *x0_out;         /* x0_out NULL: x̂0 not written */
+  float *stats;
+  int64_t batch, channels, spatial;
+  int channels_last, add_noise;
+  int64_t step;
+  double guidance_scale, guidance_rescale, clip_x0; /* clip_x0 0: no clipping */
+} fdk_sampler_step_args;
+FDK_API int64_t fdk_sampler_step_chunks(int64_t per_sample);
+FDK_API fdk_status fdk_sampler_step(const fdk_sampler_step_args *args, struct CUstream_st *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -2,6 +2,7 @@
    Python launcher uses (fastdiff/ops/<op>.py), compute the grid and launch.  The tests compare
    the launches planned here with the Python launcher's over a grid of shapes (dry run). */
 #include <stdio.h>
+#include <string.h>
 
 #include "fdk_internal.h"
 
@@ -177,4 +178,307 @@ fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *a, struct CUstream_st
                       STRIDES(a->stride_do), STRIDES(a->stride_dq), {.l = a->heads}, {.l = a->len_q},
                       {.l = a->len_k}, {.l = a->head_dim}, {.f = scale}, {.f = scale2}};
   return fdk_launch(dq, grid_dq, args, 28, stream);
+}
+
+/* ---------------------------------------------------------------------------- diffusion loss */
+
+static fdk_status check_loss_sizes(fdk_dtype dtype, int64_t batch, int64_t per_sample) {
+  CHECK(fdk_check_dtype(dtype));
+  CHECK(fdk_check_size(batch, "batch", 1));
+  CHECK(fdk_check_size(per_sample, "per_sample", 1));
+  return FDK_SUCCESS;
+}
+
+/* the elementwise block of the loss kernels, from the table (the same for every case and arch) */
+static int loss_block(void) {
+  for (int e = 0; e < fdk_num_entries; e++)
+    if (!strncmp(fdk_entries[e].case_name, "sq_err_partial[", 15)) return cx(e, FDK_CX_BLOCK);
+  return 0;
+}
+
+int64_t fdk_diffusion_loss_partials(int64_t batch, int64_t per_sample) {
+  int block = loss_block();
+  return block ? batch * cdiv(per_sample, block) : -1;
+}
+
+fdk_status fdk_diffusion_loss_fwd(const fdk_diffusion_loss_args *a, struct CUstream_st *stream) {
+  if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
+  CHECK(check_loss_sizes(a->dtype, a->batch, a->per_sample));
+  CHECK(fdk_check_ptr(a->pred, "pred"));
+  CHECK(fdk_check_ptr(a->target, "target"));
+  CHECK(fdk_check_ptr(a->loss, "loss"));
+  CHECK(fdk_check_ptr(a->partial, "partial"));
+  if (a->weight) CHECK(fdk_check_ptr(a->weight, "weight"));
+  int key[3] = {a->dtype, a->weight != NULL, divisible16(a->per_sample)}, partial, total;
+  CHECK(pick(FDK_TABLE_sq_err_partial, key, 3, &partial));
+  CHECK(pick(FDK_TABLE_sum, key, 0, &total));
+  int64_t blocks = cdiv(a->per_sample, cx(partial, FDK_CX_BLOCK));
+  unsigned grid[3] = {(unsigned)blocks, (unsigned)a->batch, 1}, one[3] = {1, 1, 1};
+  fdk_arg args[7] = {{.p = a->pred}, {.p = a->target}, {.p = a->weight ? (const void *)a->weight : a->pred},
+                     {.p = a->partial}, {.l = a->per_sample}, {.l = blocks},
+                     {.f = (float)(1.0 / (double)(a->batch * a->per_sample))}};
+  CHECK(fdk_launch(partial, grid, args, 7, stream));
+  fdk_arg sum_args[3] = {{.p = a->partial}, {.p = a->loss}, {.l = a->batch * blocks}};
+  return fdk_launch(total, one, sum_args, 3, stream);
+}
+
+fdk_status fdk_diffusion_loss_bwd(const fdk_diffusion_loss_bwd_args *a, struct CUstream_st *stream) {
+  if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
+  CHECK(check_loss_sizes(a->dtype, a->batch, a->per_sample));
+  CHECK(fdk_check_ptr(a->grad, "grad"));
+  CHECK(fdk_check_ptr(a->pred, "pred"));
+  CHECK(fdk_check_ptr(a->target, "target"));
+  CHECK(fdk_check_ptr(a->d_pred, "d_pred"));
+  if (a->weight) CHECK(fdk_check_ptr(a->weight, "weight"));
+  int key[3] = {a->dtype, a->weight != NULL, divisible16(a->per_sample)}, entry;
+  CHECK(pick(FDK_TABLE_sq_err_backward, key, 3, &entry));
+  unsigned grid[3] = {(unsigned)cdiv(a->per_sample, cx(entry, FDK_CX_BLOCK)), (unsigned)a->batch, 1};
+  fdk_arg args[7] = {{.p = a->grad}, {.p = a->pred}, {.p = a->target},
+                     {.p = a->weight ? (const void *)a->weight : a->pred}, {.p = a->d_pred}, {.l = a->per_sample},
+                     {.f = (float)(1.0 / (double)(a->batch * a->per_sample))}};
+  return fdk_launch(entry, grid, args, 7, stream);
+}
+
+/* ---------------------------------------------------------------------------- group_norm_silu */
+
+/* As fastdiff/ops/group_norm.py: _tile_shape, _split and Geometry. */
+enum { GN_TILE = 4096, GN_MAX_SPLIT = 64, GN_PROGRAMS_PER_SM = 4 };
+
+typedef struct { int block_c, block_s, c_blocks, split, tiles, divisible; } gn_geometry;
+
+static gn_geometry gn_geometry_of(int64_t B, int64_t C, int64_t S, int channels_last, int num_sms) {
+  gn_geometry g;
+  if (channels_last) {
+    g.block_c = C <= 16 ? 16 : 64;
+    g.block_s = C <= 16 ? 128 : GN_TILE / 64;
+  } else {
+    g.block_c = S < 1024 ? 32 : GN_TILE / 1024;
+    g.block_s = S < 1024 ? 64 : 1024;
+  }
+  g.c_blocks = (int)cdiv(C, g.block_c);
+  int64_t n_tiles = cdiv(S, g.block_s), want = cdiv((int64_t)GN_PROGRAMS_PER_SM * num_sms, B * g.c_blocks);
+  int64_t split = want < n_tiles ? want : n_tiles;
+  split = split < GN_MAX_SPLIT ? split : GN_MAX_SPLIT;
+  split = split > 1 ? split : 1;
+  g.tiles = (int)cdiv(n_tiles, split);
+  g.split = (int)cdiv(n_tiles, g.tiles);
+  g.divisible = divisible16(C) && divisible16(S);
+  return g;
+}
+
+static fdk_status gn_check(fdk_dtype dtype, fdk_dtype params_dtype, int64_t B, int64_t C, int64_t S, int64_t G,
+                           int channels_last) {
+  CHECK(fdk_check_dtype(dtype));
+  CHECK(fdk_check_dtype(params_dtype));
+  CHECK(fdk_check_size(B, "batch", 1));
+  CHECK(fdk_check_size(C, "channels", 1));
+  CHECK(fdk_check_size(S, "spatial", 1));
+  CHECK(fdk_check_size(G, "groups", 1));
+  CHECK(fdk_check_size(C * S, "channels * spatial", 1));
+  if (C % G) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "groups (%lld) must divide channels (%lld)", (long long)G,
+                             (long long)C);
+  if (channels_last != 0 && channels_last != 1)
+    return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "channels_last must be 0 or 1, got %d", channels_last);
+  return FDK_SUCCESS;
+}
+
+fdk_status fdk_group_norm_silu_split(int64_t batch, int64_t channels, int64_t spatial, int channels_last,
+                                     int64_t *split) {
+  CHECK(gn_check(FDK_FLOAT32, FDK_FLOAT32, batch, channels, spatial, 1, channels_last));
+  CHECK(fdk_check_ptr(split, "split"));
+  int arch, sms;
+  CHECK(fdk_device(&arch, &sms));
+  *split = gn_geometry_of(batch, channels, spatial, channels_last, sms).split;
+  return FDK_SUCCESS;
+}
+
+static const void *first_present(const void *a, const void *b, const void *c, const void *d, const void *fallback) {
+  return a ? a : b ? b : c ? c : d ? d : fallback;
+}
+
+static fdk_status check_optional(const void *p, const char *name) { return p ? fdk_check_ptr(p, name) : FDK_SUCCESS; }
+
+fdk_status fdk_group_norm_silu_fwd(const fdk_group_norm_silu_fwd_args *a, struct CUstream_st *stream) {
+  if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
+  int64_t B = a->batch, C = a->channels, S = a->spatial, G = a->groups;
+  CHECK(gn_check(a->dtype, a->params_dtype, B, C, S, G, a->channels_last));
+  CHECK(fdk_check_ptr(a->x, "x"));
+  CHECK(fdk_check_ptr(a->y, "y"));
+  CHECK(fdk_check_ptr(a->mean, "mean"));
+  CHECK(fdk_check_ptr(a->rstd, "rstd"));
+  CHECK(fdk_check_ptr(a->coef_a, "coef_a"));
+  CHECK(fdk_check_ptr(a->coef_d, "coef_d"));
+  CHECK(fdk_check_ptr(a->partial_mean, "partial_mean"));
+  CHECK(fdk_check_ptr(a->partial_m2, "partial_m2"));
+  CHECK(check_optional(a->weight, "weight"));
+  CHECK(check_optional(a->bias, "bias"));
+  CHECK(check_optional(a->scale, "scale"));
+  CHECK(check_optional(a->shift, "shift"));
+  if (!(a->eps >= 0)) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "eps must be >= 0");
+  int arch, sms;
+  CHECK(fdk_device(&arch, &sms));
+  gn_geometry g = gn_geometry_of(B, C, S, a->channels_last, sms);
+  int silu = a->silu != 0;
+  int stats_key[5] = {a->dtype, a->channels_last, g.block_c, g.block_s, g.divisible};
+  int apply_key[6] = {a->dtype, a->channels_last, g.block_c, g.block_s, silu, g.divisible};
+  int final_key[5] = {a->params_dtype, a->weight != NULL, a->bias != NULL, a->scale != NULL, a->shift != NULL};
+  int stats, finalize, apply;
+  CHECK(pick(FDK_TABLE_gn_stats, stats_key, 5, &stats));
+  CHECK(pick(FDK_TABLE_gn_finalize, final_key, 5, &finalize));
+  CHECK(pick(FDK_TABLE_gn_apply, apply_key, 6, &apply));
+  int64_t chunk_s = (int64_t)g.tiles * g.block_s;
+  const void *stand_in = first_present(a->weight, a->bias, a->scale, a->shift, a->mean);
+  unsigned grid_stats[3] = {(unsigned)g.split, (unsigned)g.c_blocks, (unsigned)B};
+  fdk_arg stats_args[8] = {{.p = a->x}, {.p = a->partial_mean}, {.p = a->partial_m2}, {.l = C}, {.l = S},
+                           {.l = chunk_s}, {.l = g.tiles}, {.l = g.split}};
+  CHECK(fdk_launch(stats, grid_stats, stats_args, 8, stream));
+  unsigned grid_final[3] = {(unsigned)(B * G), 1, 1};
+  fdk_arg final_args[19] = {{.p = a->partial_mean}, {.p = a->partial_m2}, {.p = a->weight ? a->weight : stand_in},
+                            {.p = a->bias ? a->bias : stand_in}, {.p = a->scale ? a->scale : stand_in},
+                            {.p = a->shift ? a->shift : stand_in}, {.p = a->mean}, {.p = a->rstd}, {.p = a->coef_a},
+                            {.p = a->coef_d}, {.l = C}, {.l = S}, {.l = G}, {.l = C / G}, {.l = g.split},
+                            {.l = chunk_s}, {.l = a->scale ? a->stride_scale : 0},
+                            {.l = a->shift ? a->stride_shift : 0}, {.f = (float)a->eps}};
+  CHECK(fdk_launch(finalize, grid_final, final_args, 19, stream));
+  unsigned grid_apply[3] = {(unsigned)cdiv(S, g.block_s), (unsigned)g.c_blocks, (unsigned)B};
+  fdk_arg apply_args[9] = {{.p = a->x}, {.p = a->y}, {.p = a->mean}, {.p = a->coef_a}, {.p = a->coef_d},
+                           {.l = C}, {.l = S}, {.l = G}, {.l = C / G}};
+  return fdk_launch(apply, grid_apply, apply_args, 9, stream);
+}
+
+fdk_status fdk_group_norm_silu_bwd(const fdk_group_norm_silu_bwd_args *a, struct CUstream_st *stream) {
+  if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
+  int64_t B = a->batch, C = a->channels, S = a->spatial, G = a->groups;
+  CHECK(gn_check(a->dtype, a->params_dtype, B, C, S, G, a->channels_last));
+  const void *required[] = {a->dy, a->x, a->mean, a->rstd, a->coef_a, a->coef_d, a->dx, a->sum_dz, a->sum_dzx,
+                            a->dx_e, a->dx_f};
+  const char *names[] = {"dy", "x", "mean", "rstd", "coef_a", "coef_d", "dx", "sum_dz", "sum_dzx", "dx_e", "dx_f"};
+  for (int i = 0; i < 11; i++) CHECK(fdk_check_ptr(required[i], names[i]));
+  int affine = a->weight || a->bias;
+  CHECK(check_optional(a->weight, "weight"));
+  CHECK(check_optional(a->bias, "bias"));
+  CHECK(check_optional(a->scale, "scale"));
+  if (affine) {
+    CHECK(fdk_check_ptr(a->dweight, "dweight (weight or bias given)"));
+    CHECK(fdk_check_ptr(a->dbias, "dbias (weight or bias given)"));
+    CHECK(fdk_check_ptr(a->term_w, "term_w (weight or bias given)"));
+    CHECK(fdk_check_ptr(a->term_b, "term_b (weight or bias given)"));
+  }
+  if (!a->scale != !a->dscale) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "dscale must be given exactly with scale");
+  if (!a->has_shift != !a->dshift) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "dshift must be given exactly with has_shift");
+  CHECK(check_optional(a->dscale, "dscale"));
+  CHECK(check_optional(a->dshift, "dshift"));
+  int arch, sms;
+  CHECK(fdk_device(&arch, &sms));
+  gn_geometry g = gn_geometry_of(B, C, S, a->channels_last, sms);
+  int silu = a->silu != 0;
+  int tile_key[6] = {a->dtype, a->channels_last, g.block_c, g.block_s, silu, g.divisible};
+  int final_key[5] = {a->params_dtype, a->weight != NULL, a->bias != NULL, a->scale != NULL, a->has_shift != 0};
+  int reduce, finalize, col_sum = -1, dx;
+  CHECK(pick(FDK_TABLE_gn_bwd_reduce, tile_key, 6, &reduce));
+  CHECK(pick(FDK_TABLE_gn_bwd_finalize, final_key, 5, &finalize));
+  if (affine) CHECK(pick(FDK_TABLE_gn_col_sum, tile_key, 0, &col_sum));
+  CHECK(pick(FDK_TABLE_gn_dx, tile_key, 6, &dx));
+  int64_t chunk_s = (int64_t)g.tiles * g.block_s;
+  unsigned grid_tiles[3] = {(unsigned)g.split, (unsigned)g.c_blocks, (unsigned)B};
+  fdk_arg reduce_args[15] = {{.p = a->x}, {.p = a->dy}, {.p = a->mean}, {.p = a->rstd}, {.p = a->coef_a},
+                             {.p = a->coef_d}, {.p = a->sum_dz}, {.p = a->sum_dzx}, {.l = C}, {.l = S},
+                             {.l = G}, {.l = C / G}, {.l = chunk_s}, {.l = g.tiles}, {.l = g.split}};
+  CHECK(fdk_launch(reduce, grid_tiles, reduce_args, 15, stream));
+  const void *stand_in = first_present(a->weight, a->bias, a->scale, NULL, a->rstd);
+  unsigned grid_final[3] = {(unsigned)(B * G), 1, 1};
+  fdk_arg final_args[18] = {{.p = a->sum_dz}, {.p = a->sum_dzx}, {.p = a->weight ? a->weight : stand_in},
+                            {.p = a->bias ? a->bias : stand_in}, {.p = a->scale ? a->scale : stand_in},
+                            {.p = a->rstd}, {.p = a->dx_e}, {.p = a->dx_f},
+                            {.p = a->dscale ? (const void *)a->dscale : a->rstd},
+                            {.p = a->dshift ? (const void *)a->dshift : a->rstd},
+                            {.p = affine ? (const void *)a->term_w : a->rstd},
+                            {.p = affine ? (const void *)a->term_b : a->rstd}, {.l = C}, {.l = S}, {.l = G},
+                            {.l = C / G}, {.l = g.split}, {.l = a->scale ? a->stride_scale : 0}};
+  CHECK(fdk_launch(finalize, grid_final, final_args, 18, stream));
+  if (affine) {
+    unsigned grid_sum[3] = {(unsigned)cdiv(C, cx(col_sum, FDK_CX_BLOCK)), 1, 1};
+    fdk_arg sum_args[6] = {{.p = a->term_w}, {.p = a->term_b}, {.p = a->dweight}, {.p = a->dbias}, {.l = B},
+                           {.l = C}};
+    CHECK(fdk_launch(col_sum, grid_sum, sum_args, 6, stream));
+  }
+  unsigned grid_dx[3] = {(unsigned)cdiv(S, g.block_s), (unsigned)g.c_blocks, (unsigned)B};
+  fdk_arg dx_args[12] = {{.p = a->x}, {.p = a->dy}, {.p = a->dx}, {.p = a->mean}, {.p = a->coef_a},
+                         {.p = a->coef_d}, {.p = a->dx_e}, {.p = a->dx_f}, {.l = C}, {.l = S},
+                         {.l = G}, {.l = C / G}};
+  return fdk_launch(dx, grid_dx, dx_args, 12, stream);
+}
+
+/* ---------------------------------------------------------------------------- sampler_step */
+
+enum { STEP_MAX_CHUNKS = 64 };
+
+/* As _chunking in fastdiff/ops/sampler_step.py: at most 64 chunks, each a multiple of the stats block. */
+static int64_t step_chunk(int64_t n, int stats_block) {
+  int64_t per = cdiv(n, STEP_MAX_CHUNKS);
+  return cdiv(per, stats_block) * stats_block;
+}
+
+static int stats_block(void) {
+  for (int e = 0; e < fdk_num_entries; e++)
+    if (!strncmp(fdk_entries[e].case_name, "sampler_step_stats[", 19)) return cx(e, FDK_CX_BLOCK);
+  return 0;
+}
+
+int64_t fdk_sampler_step_chunks(int64_t per_sample) {
+  int block = stats_block();
+  return block && per_sample > 0 ? cdiv(per_sample, step_chunk(per_sample, block)) : -1;
+}
+
+fdk_status fdk_sampler_step(const fdk_sampler_step_args *a, struct CUstream_st *stream) {
+  if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
+  CHECK(fdk_check_dtype(a->dtype));
+  CHECK(fdk_check_dtype(a->out_dtype));
+  CHECK(fdk_check_size(a->batch, "batch", 1));
+  CHECK(fdk_check_size(a->channels, "channels", 1));
+  CHECK(fdk_check_size(a->spatial, "spatial", 1));
+  int64_t n = a->channels * a->spatial;
+  CHECK(fdk_check_size(n, "channels * spatial", 1));
+  CHECK(fdk_check_ptr(a->x, "x"));
+  CHECK(fdk_check_ptr(a->model_output, "model_output"));
+  CHECK(fdk_check_ptr(a->coeffs, "coeffs"));
+  CHECK(fdk_check_ptr(a->x_next, "x_next"));
+  CHECK(check_optional(a->uncond_output, "uncond_output"));
+  CHECK(check_optional(a->x0_prev, "x0_prev"));
+  CHECK(check_optional(a->x0_out, "x0_out"));
+  int inpaint = a->known != NULL;
+  if (inpaint != (a->mask != NULL)) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "known and mask go together");
+  CHECK(check_optional(a->known, "known"));
+  CHECK(check_optional(a->mask, "mask"));
+  if (a->add_noise || inpaint) CHECK(fdk_check_ptr(a->seeds, "seeds (add_noise or inpainting)"));
+  int rescale = a->uncond_output && a->guidance_rescale > 0;
+  if (rescale) CHECK(fdk_check_ptr(a->stats, "stats (guidance_rescale > 0)"));
+  if (a->step < 0) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "step must be >= 0, got %lld", (long long)a->step);
+  /* bit i: the i-th option of the kernel, as StepFlags.bits() */
+  int flags[9] = {a->uncond_output != NULL, rescale, a->clip_x0 > 0, a->x0_prev != NULL, a->x0_out != NULL,
+                  a->add_noise != 0, inpaint, inpaint && a->mask_per_pixel, a->channels_last != 0};
+  int bits = 0;
+  for (int i = 0; i < 9; i++) bits |= flags[i] << i;
+  int step_key[4] = {a->dtype, a->out_dtype, bits, divisible16(n)}, stats_key[2] = {a->out_dtype, divisible16(n)};
+  int step, stats = -1;
+  CHECK(pick(FDK_TABLE_sampler_step, step_key, 4, &step));
+  if (rescale) CHECK(pick(FDK_TABLE_sampler_step_stats, stats_key, 2, &stats));
+  int64_t chunk = step_chunk(n, stats_block()), num_chunks = cdiv(n, chunk);
+  if (rescale) {
+    unsigned grid[3] = {(unsigned)num_chunks, (unsigned)a->batch, 1};
+    fdk_arg args[7] = {{.p = a->model_output}, {.p = a->uncond_output}, {.p = a->stats}, {.l = n},
+                       {.l = num_chunks}, {.l = chunk}, {.f = (float)a->guidance_scale}};
+    CHECK(fdk_launch(stats, grid, args, 7, stream));
+  }
+  unsigned grid[3] = {(unsigned)cdiv(n, cx(step, FDK_CX_BLOCK)), (unsigned)a->batch, 1};
+  fdk_arg args[21] = {{.p = a->x}, {.p = a->model_output},
+                      {.p = a->uncond_output ? a->uncond_output : a->model_output},
+                      {.p = rescale ? (const void *)a->stats : a->x_next}, {.p = a->coeffs},
+                      {.p = a->x0_prev ? a->x0_prev : a->x}, {.p = a->seeds ? (const void *)a->seeds : a->coeffs},
+                      {.p = inpaint ? a->known : a->x}, {.p = inpaint ? a->mask : a->x}, {.p = a->x_next},
+                      {.p = a->x0_out ? a->x0_out : a->x_next}, {.l = n}, {.l = a->channels}, {.l = a->spatial},
+                      {.l = a->per_sample_coeffs ? 11 : 0}, {.l = num_chunks}, {.l = chunk}, {.l = a->step},
+                      {.f = (float)a->guidance_scale}, {.f = (float)a->guidance_rescale},
+                      {.f = a->clip_x0 > 0 ? (float)a->clip_x0 : 0.0f}};
+  return fdk_launch(step, grid, args, 21, stream);
 }
