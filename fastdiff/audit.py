@@ -63,6 +63,8 @@ def op_modules(only: tuple[str, ...] = ()) -> list:
     for info in pkgutil.iter_modules(fastdiff.ops.__path__):
         if only and info.name not in only:
             continue
+        if not os.path.exists(os.path.join(info.module_finder.path, f"{info.name}.py")):
+            continue  # the compiled library and its binding
         mod = importlib.import_module(f"fastdiff.ops.{info.name}")
         if getattr(mod, "LAUNCH_TABLES", None):
             mods.append(mod)

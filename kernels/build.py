@@ -107,7 +107,7 @@ def write_outputs(out: str, tables, archs, entries: list[dict], index: dict) -> 
             f'    .incbin "{os.path.join(os.path.abspath(out), "fdk_cubins.bin")}"\n'
             '    .section .note.GNU-stack,"",@progbits\n'
         )
-    digest = source_hash(tables)
+    digest = source_hash()
     # integer constexprs (block sizes) the dispatcher needs for grids, by one index per name
     # (every table's, not only the compiled ones': the dispatcher's code does not depend on --match)
     cx_names = sorted({n for t in tables for c in t.cases() for n, v in c.constexprs.items()

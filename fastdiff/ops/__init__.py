@@ -5,8 +5,11 @@ Triton kernel, CPU tensors the reference, ``FASTDIFF_BACKEND=interpret`` runs th
 kernels on the CPU through Triton's interpreter, and ``use_backend("reference")``
 forces the reference anywhere.
 
-One module per hot path: noising, group_norm, attention, sampler_step.
+One module per hot path: noising, group_norm, attention, sampler_step.  On CUDA the kernels
+launch through libfastdiff_kernels, their ahead-of-time build, when it is installed (``info()``
+says which path each op takes; ``dry_run()`` plans launches without a GPU).
 """
+from fastdiff.ops._aot import dry_run, info
 from fastdiff.ops._backend import current_backend, use_backend
 from fastdiff.ops.group_norm import group_norm_silu
 from fastdiff.ops.noising import diffusion_loss, min_snr_weight, q_sample, training_target
@@ -17,6 +20,8 @@ from fastdiff.ops.sampler_step import sampler_step
 from fastdiff.ops.attention import attention  # noqa: E402  (isort: skip)
 
 __all__ = [
+    "info",
+    "dry_run",
     "current_backend",
     "use_backend",
     "q_sample",

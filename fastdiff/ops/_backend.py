@@ -41,6 +41,7 @@ except ImportError:  # e.g. macOS / Windows: the reference path still works
 
 INTERPRET = _env_backend == "interpret"
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdiff_backend", default=None)
+_dry_run: contextvars.ContextVar[bool] = contextvars.ContextVar("fastdiff_dry_run", default=False)
 
 
 def current_backend() -> str:
@@ -67,8 +68,25 @@ def use_backend(name: str):
         _override.reset(token)
 
 
+def dry_run_active() -> bool:
+    """Inside ``fastdiff.ops.dry_run()``: kernel paths are planned through the library, never run."""
+    return _dry_run.get()
+
+
+@contextlib.contextmanager
+def dry_run_mode():
+    """Every op takes its kernel path, on any device (see ``_aot.dry_run``, which also switches the library)."""
+    token = _dry_run.set(True)
+    try:
+        yield
+    finally:
+        _dry_run.reset(token)
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """True when this call should run the Triton kernel for these tensors."""
+    if _dry_run.get():
+        return True
     mode = current_backend()
     if mode == "reference":
         return False

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff.ops import _checks
+from fastdiff.ops import _aot, _checks
 from fastdiff.ops._backend import HAS_TRITON, INTERPRET, Op, cdiv, use_triton
 from fastdiff.ops._launch import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, dtype_code
 
@@ -540,9 +540,14 @@ def _forward_triton(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    case = ATTN_FWD.pick(_key(q))
     o = _empty_out(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if _aot.active(q) and _aot.launch(
+        "attention_fwd", dtype_code(q.dtype), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+        B, H, Lq, Lk, D, *q.stride(), *k.stride(), *v.stride(), *o.stride(), scale, _aot.stream(q),
+    ):  # fmt: skip
+        return o, lse
+    case = ATTN_FWD.pick(_key(q))
     case.launch(
         (B * H, cdiv(Lq, case.constexprs["BLOCK_M"])), q, k, v, o, lse,
         *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(o), H, Lq, Lk, D, scale * LOG2E,
@@ -562,6 +567,22 @@ def _backward_triton(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, t
     key = _key(q)
 
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if not (_aot.active(q) and _aot.launch(
+        "attention_bwd", key[1], do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
+        lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(), B, H, Lq, Lk, D,
+        *do.stride(), *q.stride(), *k.stride(), *v.stride(), *o.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        scale, _aot.stream(q),
+    )):  # fmt: skip
+        _backward_jit(do, q, k, v, o, lse, dq, dk, dv, delta, scale, key)
+    for g, buf in zip(grads, bufs):
+        if buf is not g:
+            g.copy_(buf)
+    return tuple(grads)
+
+
+def _backward_jit(do, q, k, v, o, lse, dq, dk, dv, delta, scale: float, key: tuple[int, int, int]) -> None:
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
     pre = ATTN_BWD_PRE.pick(key)
     pre.launch(
         (B * H, cdiv(Lq, pre.constexprs["BLOCK_M"])), o, do, delta, *_bhl_strides(o), *_bhl_strides(do), H, Lq, D
@@ -581,10 +602,6 @@ def _backward_triton(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, t
         *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(do), *_bhl_strides(dq),
         H, Lq, Lk, D, scale, scale * LOG2E,
     )  # fmt: skip
-    for g, buf in zip(grads, bufs):
-        if buf is not g:
-            g.copy_(buf)
-    return tuple(grads)
 
 
 # ----------------------------------------------------------------------------- torch.library ops

@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _checks
-from fastdiff.ops import _backend
+from fastdiff.ops import _aot, _backend
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, aligned_rows, divisible_key, dtype_code
 from fastdiff.ops._layout import sample_layout
@@ -628,6 +628,13 @@ def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
     stats = aligned_rows(2, (B, G), **f32)  # μ, r
     coef = aligned_rows(2, (B, C), **f32)  # A, d
     weight, bias, scale, shift, pd, stand_in = _params(weight, bias, scale, shift, stats)
+    y = torch.empty_like(x)
+    if _aot.active(x) and _aot.launch(
+        "group_norm_silu_fwd", tile[0], pd, x.data_ptr(), y.data_ptr(), *map(_aot.ptr, (weight, bias, scale, shift)),
+        _row_stride(scale), _row_stride(shift), *_row_ptrs(stats), *_row_ptrs(coef), *_row_ptrs(partials), B, C, S, G,
+        int(geo.channels_last), int(silu), eps, _aot.stream(x),
+    ):  # fmt: skip
+        return y, stats[0], stats[1], coef
     GN_STATS.pick(tile + (geo.divisible,)).launch(
         (geo.split, geo.c_blocks, B), x, partials[0], partials[1], C, S, geo.chunk_s, geo.tiles, geo.split
     )
@@ -636,7 +643,6 @@ def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
         stats[0], stats[1], coef[0], coef[1], C, S, G, CG, geo.split, geo.chunk_s, _row_stride(scale),
         _row_stride(shift), eps,
     )  # fmt: skip
-    y = torch.empty_like(x)
     GN_APPLY.pick(tile + (int(silu), geo.divisible)).launch(
         (cdiv(S, geo.block_s), geo.c_blocks, B), x, y, stats[0], coef[0], coef[1], C, S, G, CG
     )
@@ -647,39 +653,51 @@ def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, 
     B, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     G = mean.shape[1]
-    CG = C // G
-    tile = _tile_key(x, geo)
     f32 = dict(device=x.device, dtype=torch.float32)
-    sums = aligned_rows(2, (B, C, geo.split), **f32)  # per-chunk Σ dz and Σ dz·x̂
-    GN_BWD_REDUCE.pick(tile + (int(silu), geo.divisible)).launch(
-        (geo.split, geo.c_blocks, B), x, dy, mean, rstd, coef[0], coef[1], sums[0], sums[1], C, S, G, CG,
-        geo.chunk_s, geo.tiles, geo.split,
-    )  # fmt: skip
     flags = _flags(weight, bias, scale, shift)
-    weight_, bias_, scale_, _, pd, stand_in = _params(weight, bias, scale, shift, rstd)
+    weight, bias, scale, _, pd, stand_in = _params(weight, bias, scale, shift, rstd)
+    sums = aligned_rows(2, (B, C, geo.split), **f32)  # per-chunk Σ dz and Σ dz·x̂
     dx_ef = aligned_rows(2, (B, G), **f32)
-    film = aligned_rows(flags[2] + flags[3], (B, C), **f32) if scale is not None or shift is not None else None
-    affine = weight is not None or bias is not None
-    terms = aligned_rows(2, (B, C), **f32) if affine else None
-    dscale = film[0] if scale is not None else None
-    dshift = film[-1] if shift is not None else None
-    GN_BWD_FINALIZE.pick((pd, *flags)).launch(
-        (B * G,), sums[0], sums[1], *(stand_in if t is None else t for t in (weight_, bias_, scale_)), rstd,
-        dx_ef[0], dx_ef[1], *(rstd if t is None else t for t in (dscale, dshift)),
-        *((rstd, rstd) if terms is None else terms), C, S, G, CG, geo.split, _row_stride(scale_),
-    )  # fmt: skip
-    dweight = dbias = None
-    if affine:
-        # both sums in one pass; a row of terms that was not written only feeds an output dropped here
-        sums_wb = aligned_rows(2, (C,), **f32)
-        GN_COL_SUM.pick(()).launch((cdiv(C, COLSUM_BLOCK),), terms[0], terms[1], sums_wb[0], sums_wb[1], B, C)
-        dweight = sums_wb[0] if weight is not None else None
-        dbias = sums_wb[1] if bias is not None else None
+    film = aligned_rows(flags[2] + flags[3], (B, C), **f32) if flags[2] or flags[3] else None
+    dscale = film[0] if flags[2] else None
+    dshift = film[-1] if flags[3] else None
+    affine = flags[0] or flags[1]
+    terms = aligned_rows(2, (B, C), **f32) if affine else None  # per-sample dγ, dβ terms
+    sums_wb = aligned_rows(2, (C,), **f32) if affine else None  # dγ, dβ
     dx = torch.empty_like(x)
-    GN_DX.pick(tile + (int(silu), geo.divisible)).launch(
-        (cdiv(S, geo.block_s), geo.c_blocks, B), x, dy, dx, mean, coef[0], coef[1], dx_ef[0], dx_ef[1], C, S, G, CG
-    )
+    if not (_aot.active(x) and _aot.launch(
+        "group_norm_silu_bwd", dtype_code(x.dtype), pd, dy.data_ptr(), x.data_ptr(), mean.data_ptr(),
+        rstd.data_ptr(), coef[0].data_ptr(), coef[1].data_ptr(), *map(_aot.ptr, (weight, bias, scale)), flags[3],
+        _row_stride(scale), dx.data_ptr(), *_row_ptrs(sums_wb), _aot.ptr(dscale), _aot.ptr(dshift),
+        *_row_ptrs(sums), *_row_ptrs(dx_ef), *_row_ptrs(terms), B, C, S, G, int(geo.channels_last), int(silu), _aot.stream(x),
+    )):  # fmt: skip
+        tile = _tile_key(x, geo) + (int(silu), geo.divisible)
+        GN_BWD_REDUCE.pick(tile).launch(
+            (geo.split, geo.c_blocks, B), x, dy, mean, rstd, coef[0], coef[1], sums[0], sums[1], C, S, G, C // G,
+            geo.chunk_s, geo.tiles, geo.split,
+        )  # fmt: skip
+        GN_BWD_FINALIZE.pick((pd, *flags)).launch(
+            (B * G,), sums[0], sums[1], *(stand_in if t is None else t for t in (weight, bias, scale)), rstd,
+            dx_ef[0], dx_ef[1], *(rstd if t is None else t for t in (dscale, dshift)),
+            *((rstd, rstd) if terms is None else terms), C, S, G, C // G, geo.split, _row_stride(scale),
+        )  # fmt: skip
+        if affine:
+            # both sums in one pass; a row of terms that was not written only feeds an output dropped here
+            GN_COL_SUM.pick(()).launch(
+                (cdiv(C, COLSUM_BLOCK),), terms[0], terms[1], sums_wb[0], sums_wb[1], B, C
+            )
+        GN_DX.pick(tile).launch(
+            (cdiv(S, geo.block_s), geo.c_blocks, B), x, dy, dx, mean, coef[0], coef[1], dx_ef[0], dx_ef[1], C, S, G,
+            C // G,
+        )  # fmt: skip
+    dweight = sums_wb[0] if flags[0] else None
+    dbias = sums_wb[1] if flags[1] else None
     return dx, dweight, dbias, dscale, dshift
+
+
+def _row_ptrs(rows: torch.Tensor | None) -> tuple[int, int]:
+    """Data pointers of the two rows of ``aligned_rows`` scratch (0, 0 when absent)."""
+    return (0, 0) if rows is None else (rows[0].data_ptr(), rows[1].data_ptr())
 
 
 def _row_stride(t: torch.Tensor | None) -> int:

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from fastdiff.ops import _checks
+from fastdiff.ops import _aot, _checks
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code
 from fastdiff.ops._layout import match_layout, sample_layout
@@ -263,14 +263,19 @@ def _noising_triton(x0, t, acp, noise, keys, want_v):
     draw = noise is None
     noise_buf = torch.empty_like(x0) if draw else match_layout(noise, x0)
     v = torch.empty_like(x0) if want_v else x_t  # unused pointer when not want_v
-    if x0.numel():
+    acp = acp.to(torch.float32)
+    code = dtype_code(x0.dtype)
+    if x0.numel() and not (_aot.active(x0) and _aot.launch(
+        "q_sample", code, x0.data_ptr(), t.data_ptr(), acp.data_ptr(), acp.shape[0], noise_buf.data_ptr(),
+        _aot.ptr(keys) if draw else 0, x_t.data_ptr(), v.data_ptr() if want_v else 0, B, C, S,
+        int(layout == "channels_last"), _aot.stream(x0),
+    )):  # fmt: skip
         # the layout only changes where drawn noise goes: given noise is read in memory order
         cl = int(draw and layout == "channels_last")
-        case = Q_SAMPLE.pick((dtype_code(x0.dtype), int(draw), int(want_v), cl, divisible_key(N)))
+        case = Q_SAMPLE.pick((code, int(draw), int(want_v), cl, divisible_key(N)))
         case.launch(
-            (cdiv(N, BLOCK), B), x0, t, acp.to(torch.float32), noise_buf, keys if draw else t, x_t, v, N, C, S,
-            acp.shape[0],
-        )  # fmt: skip
+            (cdiv(N, BLOCK), B), x0, t, acp, noise_buf, keys if draw else t, x_t, v, N, C, S, acp.shape[0]
+        )
     return x_t, (noise_buf if draw else None), (v if want_v else None)
 
 
@@ -281,8 +286,13 @@ def _weighted_mse_triton(pred, target, weight):
     nblk = cdiv(N, BLOCK)
     partial = torch.empty(B * nblk, device=pred.device, dtype=torch.float32)
     loss = torch.empty((), device=pred.device, dtype=torch.float32)
-    key = (dtype_code(pred.dtype), int(weight is not None), divisible_key(N))
-    SQ_ERR_PARTIAL.pick(key).launch(
+    code = dtype_code(pred.dtype)
+    if _aot.active(pred) and _aot.launch(
+        "diffusion_loss_fwd", code, pred.data_ptr(), target.data_ptr(), _aot.ptr(weight), loss.data_ptr(),
+        partial.data_ptr(), B, N, _aot.stream(pred),
+    ):  # fmt: skip
+        return loss
+    SQ_ERR_PARTIAL.pick((code, int(weight is not None), divisible_key(N))).launch(
         (nblk, B), pred, target, pred if weight is None else weight, partial, N, nblk, 1.0 / (B * N)
     )
     SUM.pick(()).launch((1,), partial, loss, B * nblk)
@@ -293,11 +303,16 @@ def _sq_err_backward_triton(grad, pred, target, weight):
     B = pred.shape[0]
     N = pred.numel() // B
     dpred = torch.empty_like(pred)
-    key = (dtype_code(pred.dtype), int(weight is not None), divisible_key(N))
-    SQ_ERR_BACKWARD.pick(key).launch(
-        (cdiv(N, BLOCK), B), grad.to(torch.float32).reshape(()), pred, target, pred if weight is None else weight,
-        dpred, N, 1.0 / (B * N),
-    )  # fmt: skip
+    grad = grad.to(torch.float32).reshape(())
+    code = dtype_code(pred.dtype)
+    if _aot.active(pred) and _aot.launch(
+        "diffusion_loss_bwd", code, grad.data_ptr(), pred.data_ptr(), target.data_ptr(), _aot.ptr(weight),
+        dpred.data_ptr(), B, N, _aot.stream(pred),
+    ):  # fmt: skip
+        return dpred
+    SQ_ERR_BACKWARD.pick((code, int(weight is not None), divisible_key(N))).launch(
+        (cdiv(N, BLOCK), B), grad, pred, target, pred if weight is None else weight, dpred, N, 1.0 / (B * N)
+    )
     return dpred
 
 

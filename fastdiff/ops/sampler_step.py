@@ -64,7 +64,7 @@ from typing import Optional
 
 import torch
 
-from fastdiff.ops import _checks
+from fastdiff.ops import _aot, _checks
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code, dtype_name
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
@@ -393,9 +393,16 @@ def _sampler_step_triton(
     rescale = out_u is not None and guidance_rescale > 0
     num_chunks, chunk = _chunking(N)
     n16 = divisible_key(N)
-    stats = x_next  # unused pointer unless RESCALE
+    stats = torch.empty(B, num_chunks, 4, device=x.device, dtype=torch.float32) if rescale else None
+    if _aot.active(x) and _aot.launch(
+        "sampler_step", dtype_code(x.dtype), dtype_code(out_c.dtype), x.data_ptr(), out_c.data_ptr(),
+        _aot.ptr(out_u), coeffs.data_ptr(), int(coeffs.ndim == 2), _aot.ptr(x0_prev), _aot.ptr(seeds), _aot.ptr(known),
+        _aot.ptr(mask), int(per_pixel), x_next.data_ptr(), x0_out.data_ptr() if return_x0 else 0, _aot.ptr(stats), B,
+        C, S, int(layout == "channels_last"), int(add_noise), int(step), float(guidance_scale),
+        float(guidance_rescale), float(clip_x0) if clip_x0 is not None else 0.0, _aot.stream(x),
+    ):  # fmt: skip
+        return x_next, (x0_out if return_x0 else None)
     if rescale:
-        stats = torch.empty(B, num_chunks, 4, device=x.device, dtype=torch.float32)
         STEP_STATS.pick((dtype_code(out_c.dtype), n16)).launch(
             (num_chunks, B), out_c, out_u, stats, N, num_chunks, chunk, float(guidance_scale)
         )
@@ -407,7 +414,7 @@ def _sampler_step_triton(
     key = (dtype_code(x.dtype), dtype_code(out_c.dtype), flags.bits(), n16)
     case = STEP.pick(key) or _step_case(x.dtype, out_c.dtype, flags, n16)  # combinations not shipped: JIT only
     case.launch(
-        (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, stats, coeffs,
+        (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, x_next if stats is None else stats, coeffs,
         x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
         known if known is not None else x, mask if mask is not None else x, x_next, x0_out,
         N, C, S, stride_coef_b, num_chunks, chunk, int(step), float(guidance_scale), float(guidance_rescale),

@@ -1,0 +1,52 @@
+"""Builds libfastdiff_kernels with CMake while the package installs (``pip install [-e] .``).
+
+The library and its Python binding land in ``fastdiff/ops/`` (in the source tree for an editable
+install), where ``fastdiff.ops._aot`` finds them.  The kernels are compiled by the interpreter that
+installs fastdiff (it has torch and triton).  A build that fails, or a machine without cmake or a
+C compiler, leaves the package installed without the library: fastdiff then launches every
+kernel through Triton's JIT (``fastdiff.ops.info()`` says so).
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        out = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))  # .../fastdiff/ops
+        build = os.path.join(ROOT, "build", "kernels")
+        # the interpreter, outside pip's isolated build environment: it has torch and triton
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "TRITON_INTERPRET")}
+        try:
+            cmake = shutil.which("cmake") or _pip_tool("cmake")
+            generator = ["-G", "Ninja"] if shutil.which("ninja") or _pip_tool("ninja") else []
+            subprocess.run([cmake, "-S", ROOT, "-B", build, *generator, f"-DFASTDIFF_PYTHON={sys.executable}",
+                            "-DCMAKE_BUILD_TYPE=Release"], check=True, env=env)  # fmt: skip
+            subprocess.run([cmake, "--build", build], check=True, env=env)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"warning: libfastdiff_kernels was not built ({exc}); fastdiff will use Triton's JIT", file=sys.stderr)
+            return
+        os.makedirs(out, exist_ok=True)
+        for path in [os.path.join(build, "libfastdiff_kernels.so"), *glob.glob(os.path.join(build, "_aot_binding*.so"))]:
+            shutil.copy2(path, out)
+
+
+def _pip_tool(name: str) -> str | None:
+    """cmake / ninja from their PyPI wheels (build requirements) when the system has none."""
+    try:
+        module = __import__(name)
+    except ImportError:
+        return None
+    folder = getattr(module, "CMAKE_BIN_DIR", None) or getattr(module, "BIN_DIR", os.path.dirname(module.__file__))
+    binary = os.path.join(folder, name)
+    return binary if os.path.exists(binary) else None
+
+
+setup(ext_modules=[Extension("fastdiff.ops._aot_binding", sources=[])], cmdclass={"build_ext": CMakeBuild})

@@ -1,0 +1,116 @@
+"""Python launching through libfastdiff_kernels (fastdiff.ops._aot), without a GPU.
+
+In dry-run mode every op's eager path runs through the binding and the library down to the
+driver call; the launches the library plans must be the ones the Python launchers make through
+the JIT (same cases, grids and scalar arguments).  Needs the library installed with the package
+(``pip install -e .`` builds it); skipped, with the reason, where it is not.
+"""
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.ops import _aot, _launch
+from fastdiff.ops.sampler_step import step_coefficients
+
+
+@pytest.fixture
+def library():
+    if _aot.binding() is None:
+        pytest.skip(_aot._load()[1])
+    return _aot.binding()
+
+
+def _scalars(case_name: str, args) -> list:
+    """The non-pointer arguments of a launch, as the library records them."""
+    case = next(c for t in _all_tables() for c in t.cases() if c.name == case_name)
+    out = []
+    for name, value in zip(case.runtime_args(), args):
+        if not case.signature[name].startswith("*"):
+            out.append(value)
+    return out
+
+
+def _all_tables():
+    from fastdiff.audit import op_modules
+
+    return [t for m in op_modules() for t in m.LAUNCH_TABLES]
+
+
+def _jit_launches(fn):
+    from tests.test_kernels_c import _as_int
+
+    with _launch.record_launches() as log:
+        fn()
+    return [(c.name, g + (1,) * (3 - len(g)), [_as_int(a) for a in args]) for c, g, args in log]
+
+
+def _library_launches(fn):
+    with fastdiff.ops.dry_run():
+        fn()
+        return _aot.recorded()
+
+
+def _same(jit, lib):
+    assert [(n, g) for n, g, _ in lib] == [(n, g) for n, g, _ in jit]
+    for (name, _, a), (_, _, b) in zip(jit, lib):
+        assert _scalars(name, b) == _scalars(name, a), name
+
+
+def _calls():
+    x = torch.randn(2, 4, 8, 8)
+    t, acp = torch.tensor([3, 70]), torch.linspace(0.99, 0.01, 100)
+    q = torch.randn(2, 3, 33, 64)
+    coeffs = step_coefficients(x0_from_x=1.1, x0_from_out=-0.4, eps_from_out=1.0, x=0.9, x0=0.1, noise=0.1)
+    w, b = torch.randn(4), torch.randn(4)
+    ops = fastdiff.ops
+    return {
+        "q_sample": lambda: ops.q_sample(x, t, acp, torch.randn_like(x)),
+        "training_target": lambda: ops.training_target(x, t, acp, torch.randn_like(x), prediction="v"),
+        "diffusion_loss": lambda: ops.diffusion_loss(x, torch.randn_like(x), torch.rand(2)),
+        "attention": lambda: ops.attention(q, q, q),
+        "group_norm_silu": lambda: ops.group_norm_silu(x, 2, w, b),
+        "sampler_step": lambda: ops.sampler_step(x, x, coeffs, uncond_output=x, guidance_scale=2.0,
+                                                 seeds=torch.arange(2), add_noise=True),  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize("op", list(_calls()))
+def test_every_op_launches_through_the_library_as_the_jit_would(library, op):
+    call = _calls()[op]
+    torch.manual_seed(0)
+    lib = _library_launches(call)
+    torch.manual_seed(0)
+    jit = _jit_launches(call)
+    assert lib, f"{op} planned no launch through the library"
+    _same(jit, lib)
+
+
+def test_backward_passes_launch_through_the_library(library):
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    q = torch.randn(1, 2, 17, 40, requires_grad=True)
+
+    def run():
+        fastdiff.ops.group_norm_silu(x, 2).sum().backward()
+        fastdiff.ops.attention(q, q, q).sum().backward()
+
+    lib = _library_launches(run)
+    jit = _jit_launches(run)
+    _same(jit, lib)
+
+
+def test_info_names_each_ops_path(library):
+    paths = fastdiff.ops.info()
+    assert set(paths) >= {"q_sample", "attention", "group_norm_silu", "sampler_step", "diffusion_loss"}
+    assert all(p.startswith("library (") and "libfastdiff_kernels.so" in p for p in paths.values())
+
+
+def test_a_stale_library_is_not_used(monkeypatch):
+    """Built from other kernel sources: the JIT path, and info() says why."""
+    monkeypatch.setattr(_launch, "source_hash", lambda: "not the library's")
+    _aot._load.cache_clear()
+    try:
+        assert all(p.startswith("triton jit (") for p in fastdiff.ops.info().values())
+        assert not _aot.active(torch.empty(1))
+    finally:
+        monkeypatch.undo()
+        _aot._load.cache_clear()
