@@ -19,23 +19,46 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext):
-        out = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))  # .../fastdiff/ops
+    def run(self):
+        self.built = self._cmake()
+        if self.built is None:
+            self.extensions = []  # installed without the library: fastdiff uses Triton's JIT
+        super().run()
+
+    def _cmake(self) -> list[str] | None:
+        """Build the library and its binding; their paths, or None (with a warning) when the build fails."""
         build = os.path.join(ROOT, "build", "kernels")
-        # the interpreter, outside pip's isolated build environment: it has torch and triton
+        # the interpreter outside pip's isolated build environment: it has torch and triton
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "TRITON_INTERPRET")}
+        cmake, ninja = _tool("cmake"), _tool("ninja")
+        generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
         try:
-            cmake = shutil.which("cmake") or _pip_tool("cmake")
-            generator = ["-G", "Ninja"] if shutil.which("ninja") or _pip_tool("ninja") else []
+            if not cmake:
+                raise OSError("no cmake")
             subprocess.run([cmake, "-S", ROOT, "-B", build, *generator, f"-DFASTDIFF_PYTHON={sys.executable}",
                             "-DCMAKE_BUILD_TYPE=Release"], check=True, env=env)  # fmt: skip
             subprocess.run([cmake, "--build", build], check=True, env=env)
         except (OSError, subprocess.CalledProcessError) as exc:
-            print(f"warning: libfastdiff_kernels was not built ({exc}); fastdiff will use Triton's JIT", file=sys.stderr)
-            return
-        os.makedirs(out, exist_ok=True)
-        for path in [os.path.join(build, "libfastdiff_kernels.so"), *glob.glob(os.path.join(build, "_aot_binding*.so"))]:
-            shutil.copy2(path, out)
+            print(f"warning: libfastdiff_kernels not built ({exc}); fastdiff will use Triton's JIT", file=sys.stderr)
+            return None
+        return [os.path.join(build, "libfastdiff_kernels.so"), *glob.glob(os.path.join(build, "_aot_binding*.so"))]
+
+    def build_extension(self, ext):
+        """The library next to its binding in fastdiff/ops: in the wheel, and in the source tree when editable."""
+        binding = self.get_ext_fullpath(ext.name)
+        folders = {os.path.dirname(os.path.abspath(binding))}
+        if getattr(self, "editable_mode", False) or self.inplace:
+            folders.add(os.path.join(ROOT, "fastdiff", "ops"))
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            for path in self.built:
+                shutil.copy2(path, os.path.join(folder, os.path.basename(path)))
+        shutil.copy2(next(p for p in self.built if "_aot_binding" in p), binding)
+
+
+def _tool(name: str) -> str | None:
+    """cmake / ninja: the real binary of their PyPI wheels (build requirements), else the system's."""
+    return _pip_tool(name) or shutil.which(name)
 
 
 def _pip_tool(name: str) -> str | None:

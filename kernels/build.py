@@ -77,11 +77,11 @@ def _compile(index: int) -> dict:
         raise RuntimeError(f"{case.name} sm_{arch}: PTX parameters {params} do not start with the arguments {args}")
     for what in ("global_scratch_size", "profile_scratch_size"):
         if getattr(md, what, 0):
-            raise RuntimeError(f"{case.name} sm_{arch}: needs {what}={getattr(md, what)}, which the library does not provide")
+            raise RuntimeError(f"{case.name} sm_{arch}: needs {what}={getattr(md, what)} (the library passes none)")
     if getattr(md, "tensordesc_meta", None):
         raise RuntimeError(f"{case.name} sm_{arch}: tensor descriptors are not supported by the library")
-    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", False) or getattr(md, "launch_pdl", False):
-        raise RuntimeError(f"{case.name} sm_{arch}: clusters, cooperative or PDL launches are not supported by the library")
+    if getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_cooperative_grid", 0) or getattr(md, "launch_pdl", 0):
+        raise RuntimeError(f"{case.name} sm_{arch}: clusters, cooperative or PDL launches are not supported")
     return {
         "case": case.name, "kernel": md.name, "arch": arch, "cubin": compiled.asm["cubin"],
         "shared": int(md.shared), "num_warps": int(md.num_warps), "args": args, "extra": len(extra),

@@ -61,6 +61,10 @@ def test_header_compiles_as_c11(tmp_path):
          str(src)], capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    if shutil.which("c++"):  # and as C++
+        proc = subprocess.run(["c++", "-std=c++11", "-Wall", "-Werror", "-fsyntax-only", "-x", "c++", "-I",
+                               os.path.dirname(HEADER), str(src)], capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_exported_symbols_match_the_header(build_dir):

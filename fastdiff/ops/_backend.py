@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
+import typing
 
 import torch
 
@@ -114,6 +116,26 @@ def traced(x: torch.Tensor) -> bool:
 def wants_grad(*args) -> bool:
     """Whether autograd must record a call with these arguments."""
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def custom_op_filling_none(name: str, impl, returns, empty, eager_only: tuple[str, ...] = ()):
+    """``torch.library.custom_op`` of ``impl``, which returns None for the outputs a call did not ask for
+    (so the eager path allocates nothing it does not return).  The registered op returns ``empty(*args)``
+    in their place instead: custom ops return tensors only, never None or an alias.  ``returns``: the
+    registered op's return annotation; ``eager_only``: trailing parameters of ``impl`` (with defaults)
+    that only eager calls pass."""
+
+    def registered(*args):
+        return tuple(empty(*args) if out is None else out for out in impl(*args))
+
+    signature, hints = inspect.signature(impl), typing.get_type_hints(impl)  # types resolved in impl's module
+    params = [
+        p.replace(annotation=hints[name]) for name, p in signature.parameters.items() if name not in eager_only
+    ]
+    registered.__signature__ = signature.replace(parameters=params, return_annotation=returns)
+    registered.__name__ = registered.__qualname__ = impl.__name__
+    registered.__module__ = impl.__module__
+    return torch.library.custom_op(name, registered, mutates_args=())
 
 
 class Op:

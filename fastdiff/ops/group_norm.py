@@ -56,7 +56,7 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops import _aot, _backend
-from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
+from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, aligned_rows, divisible_key, dtype_code
 from fastdiff.ops._layout import sample_layout
 
@@ -669,7 +669,8 @@ def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, 
         "group_norm_silu_bwd", dtype_code(x.dtype), pd, dy.data_ptr(), x.data_ptr(), mean.data_ptr(),
         rstd.data_ptr(), coef[0].data_ptr(), coef[1].data_ptr(), *map(_aot.ptr, (weight, bias, scale)), flags[3],
         _row_stride(scale), dx.data_ptr(), *_row_ptrs(sums_wb), _aot.ptr(dscale), _aot.ptr(dshift),
-        *_row_ptrs(sums), *_row_ptrs(dx_ef), *_row_ptrs(terms), B, C, S, G, int(geo.channels_last), int(silu), _aot.stream(x),
+        *_row_ptrs(sums), *_row_ptrs(dx_ef), *_row_ptrs(terms), B, C, S, G, int(geo.channels_last), int(silu),
+        _aot.stream(x),
     )):  # fmt: skip
         tile = _tile_key(x, geo) + (int(silu), geo.divisible)
         GN_BWD_REDUCE.pick(tile).launch(
@@ -759,7 +760,7 @@ def _backward_impl(
     eps: float,
     silu: bool,
     geometry: Optional[Geometry] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, ...]:
     """(dx, dweight, dbias, dscale, dshift), None for an absent input's gradient.
 
     ``geometry``: the forward's (`geometry_of`), saved with it; computed here when not given.
@@ -773,27 +774,10 @@ def _backward_impl(
     return (torch.empty_like(x).copy_(grads[0]), *grads[1:])
 
 
-def _backward_registered(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    coef: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor],
-    eps: float,
-    silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The registered backward: an empty tensor stands for an absent input's gradient (custom ops return no None)."""
-    grads = _backward_impl(dy, x, mean, rstd, coef, weight, bias, scale, shift, eps, silu)
-    return tuple(x.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
-
-
-_group_norm_silu_backward_op = torch.library.custom_op(
-    "fastdiff::group_norm_silu_backward", _backward_registered, mutates_args=()
-)
+_group_norm_silu_backward_op = custom_op_filling_none(
+    "fastdiff::group_norm_silu_backward", _backward_impl, tuple[(torch.Tensor,) * 5],
+    lambda dy, x, *_: x.new_empty(0, dtype=torch.float32), eager_only=("geometry",),
+)  # fmt: skip
 
 
 @_group_norm_silu_backward_op.register_fake

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _aot, _checks
-from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
+from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code
 from fastdiff.ops._layout import match_layout, sample_layout
 from fastdiff.ops._philox import randn_like_philox
@@ -216,7 +216,8 @@ def _elementwise_tables() -> tuple[LaunchTable, ...]:
                     "DRAW": "constexpr", "V_TARGET": "constexpr", "CHANNELS_LAST": "constexpr", "BLOCK": "constexpr",
                 }  # fmt: skip
                 cx = {"DRAW": bool(draw), "V_TARGET": bool(v), "CHANNELS_LAST": bool(cl), "BLOCK": BLOCK}
-                q_sample[(code, draw, v, cl, n16)] = KernelCase(name, _q_sample_kernel, sig, cx, NUM_WARPS, divisible=div)
+                case = KernelCase(name, _q_sample_kernel, sig, cx, NUM_WARPS, divisible=div)
+                q_sample[(code, draw, v, cl, n16)] = case
             for w in (0, 1):
                 wtag = f"{tag}{',weight' if w else ''}"
                 partial[(code, w, n16)] = KernelCase(
@@ -336,20 +337,9 @@ def _noising_impl(
     return x_t, drawn, v
 
 
-def _noising_registered(
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    noise: Optional[torch.Tensor],
-    keys: Optional[torch.Tensor],
-    want_v: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The registered op: absent outputs become fresh empty tensors (custom ops return no None, no alias)."""
-    x_t, drawn, v = _noising_impl(x0, t, alphas_cumprod, noise, keys, want_v)
-    return x_t, (x0.new_empty(0) if drawn is None else drawn), (x0.new_empty(0) if v is None else v)
-
-
-_noising_op = torch.library.custom_op("fastdiff::noising", _noising_registered, mutates_args=())
+_noising_op = custom_op_filling_none(
+    "fastdiff::noising", _noising_impl, tuple[torch.Tensor, torch.Tensor, torch.Tensor], lambda x0, *_: x0.new_empty(0)
+)
 
 
 @_noising_op.register_fake

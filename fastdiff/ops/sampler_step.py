@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _aot, _checks
-from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, use_triton
+from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code, dtype_name
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
 from fastdiff.ops._layout import match_layout, sample_layout
@@ -414,7 +414,8 @@ def _sampler_step_triton(
     key = (dtype_code(x.dtype), dtype_code(out_c.dtype), flags.bits(), n16)
     case = STEP.pick(key) or _step_case(x.dtype, out_c.dtype, flags, n16)  # combinations not shipped: JIT only
     case.launch(
-        (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, x_next if stats is None else stats, coeffs,
+        (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, x_next if stats is None else stats,
+        coeffs,
         x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
         known if known is not None else x, mask if mask is not None else x, x_next, x0_out,
         N, C, S, stride_coef_b, num_chunks, chunk, int(step), float(guidance_scale), float(guidance_rescale),
@@ -456,31 +457,9 @@ def _sampler_step_impl(
     return x_next, (x0 if return_x0 else None)
 
 
-def _sampler_step_registered(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    coeffs: torch.Tensor,
-    uncond_output: Optional[torch.Tensor],
-    x0_prev: Optional[torch.Tensor],
-    seeds: Optional[torch.Tensor],
-    known: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    guidance_scale: float,
-    guidance_rescale: float,
-    clip_x0: Optional[float],
-    step: int,
-    add_noise: bool,
-    return_x0: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The registered op: an empty tensor stands for an x̂0 not asked for (custom ops return no None)."""
-    x_next, x0 = _sampler_step_impl(
-        x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
-        clip_x0, step, add_noise, return_x0,
-    )  # fmt: skip
-    return x_next, (x.new_empty(0) if x0 is None else x0)
-
-
-_sampler_step_op = torch.library.custom_op("fastdiff::sampler_step", _sampler_step_registered, mutates_args=())
+_sampler_step_op = custom_op_filling_none(
+    "fastdiff::sampler_step", _sampler_step_impl, tuple[torch.Tensor, torch.Tensor], lambda x, *_: x.new_empty(0)
+)
 
 
 @_sampler_step_op.register_fake
