@@ -30,7 +30,10 @@ def _kernel_modules() -> list[str]:
     """Op modules with Triton kernels, found by the same rule the audit uses."""
     names = []
     for info in pkgutil.iter_modules([os.path.join(ROOT, "fastdiff", "ops")]):
-        with open(os.path.join(ROOT, "fastdiff", "ops", f"{info.name}.py")) as f:
+        path = os.path.join(ROOT, "fastdiff", "ops", f"{info.name}.py")
+        if not os.path.exists(path):
+            continue  # the compiled library's binding
+        with open(path) as f:
             if "LAUNCH_TABLES =" in f.read():
                 names.append(info.name)
     return names

@@ -42,8 +42,11 @@ def binding():
 
 
 def active(x: torch.Tensor) -> bool:
-    """Whether this call launches through the library."""
-    return (x.is_cuda or _backend.dry_run_active()) and binding() is not None
+    """Whether this call launches through the library: on the current CUDA device (the library uses the
+    thread's current context), or in dry run."""
+    if x.is_cuda:
+        return x.device.index == torch._C._cuda_getDevice() and binding() is not None
+    return _backend.dry_run_active() and binding() is not None
 
 
 def stream(x: torch.Tensor) -> int:
