@@ -56,7 +56,8 @@ def stream(x: torch.Tensor) -> int:
 
 def launch(op: str, *args) -> bool:
     """Run the library's ``op`` on ``args`` (the op's argument struct, then the stream): True when it
-    launched, False when it declined and the caller should launch through the JIT."""
+    launched, False when it declined and the caller should launch through the JIT.  Any other failure,
+    and a declined call in dry run (there is no JIT to fall back on), raises with the library's message."""
     lib = binding()
     status = getattr(lib, op)(*args)
     if status == SUCCESS:
