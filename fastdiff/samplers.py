@@ -189,14 +189,18 @@ def ddim_plan(
     eta: float = 0.0,
     prediction: str = "epsilon",
     final_alpha_one: bool = True,
+    prev_timesteps: torch.Tensor | None = None,
 ) -> Plan:
     """DDIM (Song et al. 2021, Eq. 12 and 16):
 
         σ_η = η·sqrt((1−ᾱ')/(1−ᾱ_t))·sqrt(1 − ᾱ_t/ᾱ')
         x'  = sqrt(ᾱ')·x̂0 + sqrt(1 − ᾱ' − σ_η²)·ε̂ + σ_η·z
 
-    η = 0 is the deterministic sampler, η = 1 DDPM-like.  After the last timestep ᾱ' = 1
-    (``final_alpha_one``) or ᾱ_0 (Stable Diffusion's ``set_alpha_to_one=False``).
+    η = 0 is the deterministic sampler, η = 1 DDPM-like.  ᾱ' is that of the next timestep,
+    or of ``prev_timesteps[i]`` when given (diffusers' DDIMScheduler lands on t − ⌊T/N⌋,
+    which is not the next timestep when N does not divide T).  After the last timestep, or
+    at a negative ``prev_timesteps`` entry, ᾱ' = 1 (``final_alpha_one``) or ᾱ_0 (Stable
+    Diffusion's ``set_alpha_to_one=False``).
     """
     _check_prediction(prediction)
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
@@ -204,11 +208,14 @@ def ddim_plan(
     ts = _check_timesteps(timesteps, schedule, integer=True)
     acp = schedule.alphas_cumprod.tolist()
     N = ts.shape[0]
+    lands = [int(t) for t in ts[1:]] + [-1] if prev_timesteps is None else [int(t) for t in prev_timesteps]
+    if len(lands) != N or max(lands) >= schedule.num_timesteps:
+        raise ValueError(f"prev_timesteps must be {N} timesteps below {schedule.num_timesteps}, got {lands}")
     rows, noise = [], []
     for i in range(N):
         last = i == N - 1
         ab = acp[int(ts[i])]
-        ab_next = (1.0 if final_alpha_one else acp[0]) if last else acp[int(ts[i + 1])]
+        ab_next = acp[lands[i]] if lands[i] >= 0 else (1.0 if final_alpha_one else acp[0])
         std = eta * math.sqrt((1 - ab_next) / (1 - ab) * (1 - ab / ab_next))
         rows.append(
             step_coefficients(
