@@ -56,7 +56,7 @@ class UNetConfig:
     num_res_blocks: int = 2  # ResBlocks per level on the way down (up: one more, for the extra skip)
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) that get transformer blocks
     transformer_depth: int = 1  # transformer blocks per attention site
-    dim_head: int = 40  # channels per attention head (heads = width / dim_head): 40/80/160 are SD's
+    dim_head: int | tuple[int, ...] = 40  # channels per attention head (heads = width / dim_head), one or one per level
     ff_mult: int = 4  # inner width of the transformer feed-forward, as a multiple of the width
     context_dim: int = 768  # width of the text tokens fed to cross-attention
     pooled_dim: int | None = None  # width of a pooled text embedding added to the time embedding (None: unused)
@@ -69,6 +69,11 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
+        if not isinstance(self.dim_head, int):
+            self.dim_head = tuple(self.dim_head)
+            if len(self.dim_head) != len(self.channel_mult):
+                levels = len(self.channel_mult)
+                raise ValueError(f"dim_head must be an int or one per level ({levels}), got {self.dim_head}")
         for lvl in self.attention_levels:
             if not 0 <= lvl < len(self.channel_mult):
                 raise ValueError(f"attention_levels must index channel_mult (0…{len(self.channel_mult) - 1}), got {lvl}")
@@ -79,8 +84,12 @@ class UNetConfig:
             width = self.model_channels * mult
             if width % self.num_groups:
                 raise ValueError(f"every level width must be divisible by num_groups={self.num_groups}, got {width}")
-            if (level in self.attention_levels or level == last) and width % self.dim_head:
-                raise ValueError(f"attention widths must be divisible by dim_head={self.dim_head}, got {width}")
+            if (level in self.attention_levels or level == last) and width % self.head_dim(level):
+                raise ValueError(f"attention widths must be divisible by dim_head={self.head_dim(level)}, got {width}")
+
+    def head_dim(self, level: int) -> int:
+        """Channels per attention head at ``level`` (the middle block uses the last level's)."""
+        return self.dim_head if isinstance(self.dim_head, int) else self.dim_head[level]
 
     @staticmethod
     def preset(name: str, **overrides) -> "UNetConfig":
@@ -120,7 +129,8 @@ PRESETS: dict[str, dict] = {
         scale_shift=True,
     ),
     # Stable Diffusion 1.5's UNet shape (Rombach et al. 2022; 860 M parameters):
-    # 4-channel latents, CLIP ViT-L/14 text tokens (768), 8 heads at every level.
+    # 4-channel latents, CLIP ViT-L/14 text tokens (768), 8 heads at every level
+    # (SD 2.x keeps 64 channels per head instead: dim_head=64).
     "sd15": dict(
         in_channels=4,
         out_channels=4,
@@ -128,7 +138,7 @@ PRESETS: dict[str, dict] = {
         channel_mult=(1, 2, 4, 4),
         num_res_blocks=2,
         attention_levels=(0, 1, 2),
-        dim_head=40,  # 320/8, 640/8 = 80, 1280/8 = 160
+        dim_head=(40, 80, 160, 160),  # 320/8, 640/8, 1280/8, 1280/8
         context_dim=768,
         pooled_dim=None,
         num_groups=32,
@@ -266,7 +276,9 @@ class UNet(nn.Module):
             res = ResBlock(cin, cout, emb_dim, c.num_groups, c.scale_shift, c.dropout)
             attn = None
             if level in c.attention_levels:
-                attn = SpatialTransformer(cout, c.context_dim, c.dim_head, c.transformer_depth, c.num_groups, c.ff_mult)
+                attn = SpatialTransformer(
+                    cout, c.context_dim, c.head_dim(level), c.transformer_depth, c.num_groups, c.ff_mult
+                )
             return Stage(res, attn)
 
         widths = [c.model_channels * m for m in c.channel_mult]
@@ -287,7 +299,8 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
 
         self.mid_res1 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
-        self.mid_attn = SpatialTransformer(ch, c.context_dim, c.dim_head, c.transformer_depth, c.num_groups, c.ff_mult)
+        mid_head = c.head_dim(len(widths) - 1)
+        self.mid_attn = SpatialTransformer(ch, c.context_dim, mid_head, c.transformer_depth, c.num_groups, c.ff_mult)
         self.mid_res2 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
 
         self.up = nn.ModuleList()
