@@ -13,7 +13,13 @@ function of (prompt_b, seed_b) only: the same seed gives the same image in any b
 
 A pipeline folder holds ``pipeline.json`` (UNet config, text encoder, schedule,
 prediction, resolution) and ``model.safetensors`` — or, for a training checkpoint,
-``ema.safetensors``, which is used instead.
+``ema.safetensors``, which is used instead.  A diffusers Stable Diffusion folder
+(``model_index.json``) loads as a `fastdiff.sd.StableDiffusion`, a Text2Image on latents.
+
+Generating is three public steps, which applications compose:
+`Text2Image.encode_prompt` (text → cross-attention context), `Text2Image.denoise`
+(the sampling loop from x_T) and `Text2Image.decode` (sample → image: the identity for
+pixel models, the VAE decoder for latent ones).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import functools
 import json
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +37,7 @@ from fastdiff.data import to_pil
 from fastdiff.nn.unet import UNet, UNetConfig
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "heun")
+OUTPUT_TYPES = ("pil", "np", "pt")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "tiny-shapes"
 PIPELINE_FILE = "pipeline.json"
 
@@ -53,6 +61,36 @@ def make_plan(name: str, schedule: schedules.Schedule, steps: int, prediction: s
         raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
     ts = schedules.timesteps(steps, T, "trailing") if integer else schedules.continuous_timesteps(steps, T, "trailing")
     return fn(schedule, ts, prediction=prediction)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sampler setting made concrete for one pipeline: what `Text2Image.denoise` runs."""
+
+    plan: samplers.Plan  # the unrolled sampler
+    noise_scale: float = 1.0  # x_T = noise_scale·(N(0, I) draw or given latents), in the VP state
+    clip_x0: float | None = None  # clamp x̂0 to [−clip_x0, clip_x0] at every step (None: no clipping)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def to_output(x: torch.Tensor, output_type: str):
+    """Images (N, 3, H, W) in [−1, 1] as ``output_type``: "pil" a list of PIL images, "np" a
+    (N, H, W, 3) float32 array in [0, 1] (diffusers' "np"), "pt" the tensor itself."""
+    check_output_type(output_type)
+    if output_type == "pil":
+        return [to_pil(xi) for xi in x]
+    if output_type == "np":
+        return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return x
 
 
 def make_grid(images: list, cols: int | None = None, pad: int = 2):
@@ -128,8 +166,9 @@ class Pipeline:
         self.spec = spec
         sch = spec["schedule"]
         self.schedule = schedules.make_schedule(
-            sch["kind"], sch["num_timesteps"], zero_terminal_snr=sch.get("zero_terminal_snr", False)
-        )
+            sch["kind"], sch["num_timesteps"], beta_start=sch.get("beta_start"), beta_end=sch.get("beta_end"),
+            zero_terminal_snr=sch.get("zero_terminal_snr", False),
+        )  # fmt: skip
         self.prediction = spec["prediction"]
         self.resolution = spec["resolution"]
 
@@ -141,23 +180,38 @@ class Pipeline:
     def from_pretrained(
         cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, text_encoder=None
     ):
-        """Load a pipeline folder (or a training checkpoint: its EMA weights); no path: the shipped model."""
+        """Load a pipeline folder (or a training checkpoint: its EMA weights); no path: the shipped model.
+
+        A diffusers Stable Diffusion folder loads as `fastdiff.sd.StableDiffusion` (through
+        `Text2Image` or `Pipeline` only: the other pipelines do not run one yet).
+        """
+        from fastdiff import sd
         from fastdiff.text import load_text_encoder
 
         if path is None:
             if cls.SHIPPED is None:
                 raise ValueError(f"{cls.__name__} has no shipped model: pass the path of a pipeline folder")
             path = cls.SHIPPED
+        if sd.is_diffusers_folder(path):
+            if not issubclass(sd.StableDiffusion, cls):
+                raise ValueError(f"{str(path)!r} is a Stable Diffusion folder, which {cls.__name__} cannot run yet")
+            return sd.StableDiffusion.from_folder(path, device, text_encoder=text_encoder)
         spec = read_spec(path)
         unet = cls.build_unet(spec, path)
         unet.load_state_dict(load_weights(path))
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        unet = unet.to(device)
-        if device.type == "cuda" and cls.CHANNELS_LAST:
-            unet = unet.to(memory_format=torch.channels_last)
+        device = resolve_device(device)
+        unet = cls.place_network(unet, device)
         if text_encoder is None:
             text_encoder = load_text_encoder(spec["text_encoder"], device)
         return cls(unet, text_encoder, spec)
+
+    @classmethod
+    def place_network(cls, network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``network`` on ``device``, channels_last on CUDA."""
+        network = network.to(device)
+        if device.type == "cuda" and cls.CHANNELS_LAST:
+            network = network.to(memory_format=torch.channels_last)
+        return network
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
@@ -179,6 +233,7 @@ class Text2Image(Pipeline):
     """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
 
     SHIPPED = DEFAULT_CHECKPOINT
+    default_sampler = "dpmpp_2m"  # what ``sampler=None`` runs
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
@@ -188,9 +243,46 @@ class Text2Image(Pipeline):
             raise ValueError(f"{str(path)!r} holds a {kind!r} model, not a text-to-image UNet")
         return UNet(UNetConfig.from_dict(spec["unet"]))
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one x_T: the image itself for a pixel model."""
+        return (self.unet.config.in_channels, self.resolution, self.resolution)
+
+    def sampling(self, sampler: str | None, steps: int) -> Sampling:
+        """``sampler`` (None: `default_sampler`) over ``steps`` "trailing" timesteps (`make_plan`)."""
+        return Sampling(make_plan(sampler or self.default_sampler, self.schedule, steps, self.prediction))
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str], guided: bool):
+        """(context (B′, L, D), pooled (B′, P)) for one batch, from the prompt cache; guided, B′ = 2B
+        with the negatives first (the unconditional half, as `samplers.sample` expects)."""
+        return self.prompts.encode(negatives + prompts if guided else prompts, self.device)
+
     def _text_model(self, prompts: list[str], negatives: list[str], guided: bool):
         """``model(x, t)`` with one batch's prompts bound; guided, the negatives come first (the unconditional half)."""
-        return self._model(*self.prompts.encode(negatives + prompts if guided else prompts, self.device))
+        return self._model(*self.encode_prompt(prompts, negatives, guided))
+
+    def denoise(self, x_T, seeds, conditioning, sampling: Sampling, guidance_scale: float | None) -> torch.Tensor:
+        """The sampling loop: x_T (B, C, h, w) → the sample, with ``conditioning`` (`encode_prompt`'s
+        pair) bound and ``guidance_scale`` None for an unguided run.  seeds (B,) int64: per-step noise."""
+        x_T = x_T * sampling.noise_scale if sampling.noise_scale != 1.0 else x_T
+        model = self._model(*conditioning)
+        return samplers.sample(
+            model, x_T, seeds, sampling.plan, guidance_scale=guidance_scale, clip_x0=sampling.clip_x0
+        )
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sample → image (N, C, H, W) in [−1, 1]: a pixel model's sample is the image."""
+        return x
+
+    def _check_latents(self, latents, n: int) -> None:
+        C, multiple = self.sample_shape[0], self.unet.downscale
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise TypeError(f"latents must be a float tensor, got {type(latents).__name__}")
+        shape = tuple(latents.shape)
+        if len(shape) != 4 or shape[:2] != (n, C) or any(d < 1 or d % multiple for d in shape[2:]):
+            raise ValueError(
+                f"latents must have shape ({n}, {C}, h, w) (one per prompt; h, w multiples of {multiple}), got {shape}"
+            )
 
     @torch.no_grad()
     def generate_tensors(
@@ -199,13 +291,20 @@ class Text2Image(Pipeline):
         *,
         negative_prompt: str | list[str] = "",
         guidance_scale: float = 4.0,
-        sampler: str = "dpmpp_2m",
+        sampler: str | None = None,
         steps: int = 20,
         seeds: int | list[int] | None = None,
         batch_size: int = 16,
         progress: bool = True,
+        latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(N, C, R, R) fp32 samples in [−1, 1] (un-clamped), one per prompt."""
+        """(N, C, H, W) fp32 images in [−1, 1] (un-clamped), one per prompt.
+
+        sampler: one of `SAMPLERS`, None for the pipeline's `default_sampler`.  latents:
+        the initial noise x_T (N, C, h, w) instead of the draw from ``seeds`` (which then
+        only key the noise of stochastic samplers); scaled as `sampling` says, as
+        diffusers scales its ``latents`` by the scheduler's ``init_noise_sigma``.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         n = len(prompts)
@@ -215,29 +314,35 @@ class Text2Image(Pipeline):
         if len(negatives) != n:
             raise ValueError(f"negative_prompt must be a string or one per prompt ({n}), got {len(negatives)}")
         check_batching(batch_size, guidance_scale)
+        if latents is not None:
+            self._check_latents(latents, n)
         seed_list = _seeds(seeds, n)
-        plan = make_plan(sampler, self.schedule, steps, self.prediction).to(self.device)
+        run = self.sampling(sampler, steps)
+        run = replace(run, plan=run.plan.to(self.device))
         guided = guidance_scale != 1.0
-        c = self.unet.config
-        shape = (c.in_channels, self.resolution, self.resolution)
         out = []
-        bar = progress_bar(progress, n, f"sample ({sampler}, {steps} steps)", "img")
+        bar = progress_bar(progress, n, f"sample ({sampler or self.default_sampler}, {steps} steps)", "img")
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=self.device)
-            x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *shape))
-            model = self._text_model(prompts[sl], negatives[sl], guided)
-            x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=guidance_scale if guided else None)
-            out.append(x.float())
+            if latents is None:
+                x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *self.sample_shape))
+            else:
+                x_T = latents[sl].to(self.device, torch.float32)
+            conditioning = self.encode_prompt(prompts[sl], negatives[sl], guided)
+            x = self.denoise(x_T, seeds_t, conditioning, run, guidance_scale if guided else None)
+            out.append(self.decode(x).float())
             if bar is not None:
                 bar.update(len(seeds_t))
         if bar is not None:
             bar.close()
         return torch.cat(out)
 
-    def __call__(self, prompts: list[str], **kwargs) -> list:
-        """PIL images, one per prompt; keyword arguments as `generate_tensors`."""
-        return [to_pil(x) for x in self.generate_tensors(prompts, **kwargs)]
+    def __call__(self, prompts: list[str], *, output_type: str = "pil", **kwargs):
+        """Images, one per prompt, as ``output_type`` (`to_output`: "pil", "np" or "pt");
+        keyword arguments as `generate_tensors`."""
+        check_output_type(output_type)
+        return to_output(self.generate_tensors(prompts, **kwargs), output_type)
 
 
 def save_images(images: list, out_dir: str | os.PathLike, prompts: list[str] | None = None, cols: int | None = None):
@@ -306,7 +411,7 @@ def generate(
     checkpoint: str | os.PathLike = DEFAULT_CHECKPOINT,
     negative_prompt: str | list[str] = "",
     guidance_scale: float = 4.0,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int = 20,
     seeds: int | list[int] | None = None,
     batch_size: int = 16,
@@ -315,13 +420,13 @@ def generate(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
-    """Text to images in one call: PIL images (``output_type="pil"``) or a (N, C, H, W) tensor in [−1, 1] ("pt").
+    """Text to images in one call, as ``output_type`` (`to_output`): PIL images ("pil"), a
+    (N, H, W, 3) array in [0, 1] ("np") or a (N, C, H, W) tensor in [−1, 1] ("pt").
 
     The pipeline for (checkpoint, device) is loaded once and reused.  ``out_dir``:
     also save each image and a grid there.
     """
-    if output_type not in ("pil", "pt"):
-        raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+    check_output_type(output_type)
     if isinstance(prompts, str):
         prompts = [prompts]
     pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device)
@@ -329,7 +434,7 @@ def generate(
         prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale, sampler=sampler, steps=steps,
         seeds=seeds, batch_size=batch_size, progress=progress,
     )  # fmt: skip
-    images = [to_pil(xi) for xi in x]
+    result = to_output(x, output_type)
     if out_dir is not None:
-        save_images(images, out_dir, prompts)
-    return images if output_type == "pil" else x
+        save_images(result if output_type == "pil" else to_output(x, "pil"), out_dir, prompts)
+    return result
