@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
     sample.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
     sample.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
-    sample.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    sample.add_argument("--sampler", choices=SAMPLERS, help="(default: the checkpoint's: dpmpp_2m, or an SD folder's)")
     sample.add_argument("--steps", type=int, default=20)
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")

@@ -104,6 +104,21 @@ class CLIPTextEncoder(TextEncoder):
         enc.dim = enc.pooled_dim = model.config.hidden_size
         return enc
 
+    @classmethod
+    def from_diffusers_folder(cls, root: str | os.PathLike, variant: str | None = None) -> "CLIPTextEncoder":
+        """The ``text_encoder/`` (safetensors only; the ``variant`` files when given) and
+        ``tokenizer/`` of a diffusers Stable Diffusion folder, in fp32."""
+        tf = _transformers()
+        root = Path(root)
+        model = _quiet_load(
+            tf.CLIPTextModel.from_pretrained, root / "text_encoder", local_files_only=True, use_safetensors=True,
+            variant=variant,
+        ).float()  # fmt: skip
+        tokenizer = _quiet_load(tf.CLIPTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
+        enc = cls(model, tokenizer, min(tokenizer.model_max_length, model.config.max_position_embeddings), str(root))
+        enc.dim = enc.pooled_dim = model.config.hidden_size
+        return enc
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         # No attention mask into the model: CLIP's causal mask already keeps real tokens
