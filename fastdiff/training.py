@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import shutil
 import time
@@ -50,14 +51,109 @@ from torch.utils.data import Dataset
 
 from fastdiff import distributed, ops
 from fastdiff.data import Skipped, collate, report
-from fastdiff.nn.unet import UNet, UNetConfig
-from fastdiff.schedule import make_schedule
+from fastdiff.nn.unet import PRESETS, UNet, UNetConfig
+from fastdiff.schedule import SCHEDULES, make_schedule
 
 PIPELINE_FILE = "pipeline.json"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# Upper bounds of the numbers a run takes: what lies beyond cannot fit.
+MAX_STEPS = 9_999_999  # checkpoint folders are named step_XXXXXXX (7 digits)
+MAX_BATCH = 65_536  # examples per micro-batch, and micro-batches per step
+MAX_RESOLUTION = 4096  # one 4096² image already fills a GPU's memory with UNet activations
+MAX_TIMESTEPS = 100_000  # T: the schedule's float64 tables stay small
+MAX_SEED = 2**32 - 1  # seed·1_000_003 + micro-batch must stay a 64-bit generator seed
+
+# Integer fields: [low, high] (sample_steps: at most num_timesteps, checked below).
+INT_RANGES = {
+    "resolution": (1, MAX_RESOLUTION),
+    "num_timesteps": (2, MAX_TIMESTEPS),
+    "steps": (1, MAX_STEPS),
+    "batch_size": (1, MAX_BATCH),
+    "grad_accum": (1, MAX_BATCH),
+    "warmup_steps": (0, MAX_STEPS),
+    "seed": (0, MAX_SEED),
+    "checkpoint_every": (1, MAX_STEPS),
+    "keep_checkpoints": (1, MAX_STEPS),
+    "sample_every": (0, MAX_STEPS),
+    "sample_steps": (1, MAX_TIMESTEPS),
+}
+# Real fields: the range each must lie in, besides being finite.  None disables the optional ones.
+REAL_RANGES = {
+    "lr": ("> 0", lambda x: x > 0),
+    "weight_decay": (">= 0", lambda x: x >= 0),
+    "grad_clip": ("> 0 (off: None; 0 on the command line)", lambda x: x > 0),
+    "ema_decay": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "cond_dropout": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "min_snr_gamma": ("> 0 (off: None; 0 on the command line)", lambda x: x > 0),
+}
+OPTIONAL = ("grad_clip", "min_snr_gamma")
+FLAGS = ("zero_terminal_snr", "gradient_checkpointing", "channels_last", "progress")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_numbers(cfg: "TrainConfig") -> None:
+    """Every number of ``cfg`` finite and in its range (ints stored as int, reals as float, for state.json)."""
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(cfg, name)
+        if not _is_int(value) or not low <= value <= high:
+            raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+        setattr(cfg, name, int(value))
+    if cfg.sample_steps > cfg.num_timesteps:
+        raise ValueError(f"sample_steps must be at most num_timesteps ({cfg.num_timesteps}), got {cfg.sample_steps}")
+    for name, (wanted, ok) in REAL_RANGES.items():
+        value = getattr(cfg, name)
+        if value is None and name in OPTIONAL:
+            continue
+        if not _is_real(value) or not ok(value):
+            raise ValueError(f"{name} must be a finite number {wanted}, got {value!r}")
+        setattr(cfg, name, float(value))
+    betas = cfg.adam_betas
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"adam_betas must be two finite numbers in [0, 1), got {betas!r}")
+    cfg.adam_betas = tuple(float(b) for b in betas)
+    for name in FLAGS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+
+
+def _check_choices(cfg: "TrainConfig") -> None:
+    """The named settings of ``cfg``: prediction, precision, schedule, UNet preset and overrides, paths
+    (stored as str, for state.json), sample prompts (stored as a tuple)."""
+    if cfg.prediction not in ops.noising.PREDICTIONS:
+        raise ValueError(f"prediction must be one of {ops.noising.PREDICTIONS}, got {cfg.prediction!r}")
+    if cfg.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {cfg.mixed_precision!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    for name in ("output_dir", "text_encoder"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise ValueError(f"{name} must be a non-empty path or name, got {value!r}")
+        setattr(cfg, name, os.fspath(value))
+    prompts = cfg.sample_prompts
+    if not isinstance(prompts, (tuple, list)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"sample_prompts must be a list of strings, got {prompts!r}")
+    cfg.sample_prompts = tuple(prompts)
+    if cfg.model not in PRESETS:
+        raise ValueError(f"model must be one of {sorted(PRESETS)}, got {cfg.model!r}")
+    if not isinstance(cfg.model_overrides, dict):
+        raise ValueError(f"model_overrides must be a dict of UNetConfig fields, got {cfg.model_overrides!r}")
+    try:
+        UNetConfig.preset(cfg.model, **cfg.model_overrides)
+    except (TypeError, ValueError) as e:  # TypeError: a key that is not a UNetConfig field
+        raise ValueError(f"model_overrides {cfg.model_overrides} do not make a {cfg.model!r} UNet: {e}") from e
 
 
 @dataclass
@@ -99,21 +195,8 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self):
-        self.adam_betas = tuple(self.adam_betas)
-        self.sample_prompts = tuple(self.sample_prompts)
-        if self.prediction not in ops.noising.PREDICTIONS:
-            raise ValueError(f"prediction must be one of {ops.noising.PREDICTIONS}, got {self.prediction!r}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "grad_accum", "resolution"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        _check_choices(self)
+        _check_numbers(self)
 
     def unet_config(self, context_dim: int, pooled_dim: int) -> UNetConfig:
         overrides = {"context_dim": context_dim, "pooled_dim": pooled_dim, **self.model_overrides}
