@@ -105,8 +105,10 @@ def test_killed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_save_tensors", real)
     assert training.latest_checkpoint(tmp_path).name == "step_0000002"
     assert not (tmp_path / "step_0000003").exists()
+    assert [p.name.rsplit("-", 1)[0] for p in tmp_path.glob(".*")] == [".tmp-step_0000003"]
     resumed = trainer(config(tmp_path, steps=2))
     assert resumed.step == 2
+    assert list(tmp_path.glob(".*")) == []  # the unfinished write is removed
     # the pointer file lost too: the newest complete folder still wins
     (tmp_path / "latest").unlink()
     assert training.latest_checkpoint(tmp_path).name == "step_0000002"
