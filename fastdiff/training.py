@@ -35,7 +35,9 @@ and fsynced in a temporary folder that is renamed into place (an atomic rename o
 POSIX), then ``latest`` is replaced atomically: a run killed mid-write, or a power
 loss, leaves the previous checkpoint intact and ``latest`` pointing at it.  Resume
 (`find_checkpoint`) walks back from the folder ``latest`` names to the newest whose
-files match their records.
+files match their records, and refuses a checkpoint whose `MODEL_FIELDS` (what the
+model means: prediction, schedule, shape, resolution, text encoder) differ from the
+run's unless they are allowed.  docs/training.md has the whole contract.
 """
 from __future__ import annotations
 
@@ -221,6 +223,21 @@ def pipeline_spec(cfg: TrainConfig, unet_config: UNetConfig) -> dict:
         "schedule": {"kind": cfg.schedule, "num_timesteps": cfg.num_timesteps, "zero_terminal_snr": cfg.zero_terminal_snr},
         "prediction": cfg.prediction,
     }
+
+
+# TrainConfig fields that decide what the trained model means: the prediction a sampler
+# must undo, its schedule, its shape, its text encoder and the image size it learned.
+# Resuming with one of them changed is refused unless allowed (``--allow-change``).
+MODEL_FIELDS = (
+    "model", "model_overrides", "text_encoder", "resolution", "schedule", "num_timesteps", "zero_terminal_snr",
+    "prediction",
+)  # fmt: skip
+
+
+def recipe_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+    """The `MODEL_FIELDS` that ``config`` changes in a checkpoint's ``train_config``: name → (saved, now)."""
+    now = json.loads(json.dumps(asdict(config)))  # tuples as lists, as state.json holds them
+    return {name: (saved[name], now[name]) for name in MODEL_FIELDS if name in saved and saved[name] != now[name]}
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -446,7 +463,8 @@ class Trainer:
 
     ``text_encoder`` may be any `fastdiff.text.TextEncoder`; by default it is loaded
     from ``config.text_encoder``.  ``resume=True`` continues from the newest checkpoint
-    in ``config.output_dir`` that loads (`find_checkpoint`).
+    in ``config.output_dir`` that loads (`find_checkpoint`); a checkpoint whose
+    `MODEL_FIELDS` differ from ``config`` is refused unless ``allow_changes`` names them.
     """
 
     def __init__(
@@ -457,11 +475,15 @@ class Trainer:
         text_encoder=None,
         device: str | torch.device | None = None,
         resume: bool = True,
+        allow_changes: tuple[str, ...] | list[str] = (),
     ):
         from fastdiff.text import PromptCache, load_text_encoder
 
         self.config = cfg = config
         self.out = Path(cfg.output_dir)
+        unknown = sorted(set(allow_changes) - set(MODEL_FIELDS))
+        if isinstance(allow_changes, str) or unknown:
+            raise ValueError(f"allow_changes must be a list of {MODEL_FIELDS}, got {allow_changes!r}")
         self.dataset = dataset
         if len(dataset) == 0:
             raise ValueError("dataset is empty" + (f" ({report(dataset.skipped)})" if getattr(dataset, "skipped", None) else ""))
@@ -471,7 +493,7 @@ class Trainer:
         if cfg.batch_size < self.world_size:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be >= the number of processes {self.world_size}")
         # Decided before anything is built: a refused resume costs nothing.
-        self.checkpoint: Path | None = self._agreed_checkpoint() if resume else None
+        self.checkpoint: Path | None = self._agreed_checkpoint(set(allow_changes)) if resume else None
         if self.rank == 0:
             for name in remove_unfinished(self.out):
                 print(f"removed {self.out / name}: a checkpoint write that was killed", file=sys.stderr)
@@ -795,13 +817,13 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _agreed_checkpoint(self) -> Path | None:
+    def _agreed_checkpoint(self, allowed: set[str]) -> Path | None:
         """The checkpoint to resume from: rank 0 decides (`_pick_checkpoint`), every rank gets its answer
         or its error (a rank left waiting for an answer would wait until the process group times out)."""
         answer = None
         if self.rank == 0:
             try:
-                answer = self._pick_checkpoint()
+                answer = self._pick_checkpoint(allowed)
             except (ValueError, OSError) as e:
                 answer = e
         answer = distributed.broadcast_object(answer)
@@ -809,8 +831,9 @@ class Trainer:
             raise answer
         return answer
 
-    def _pick_checkpoint(self) -> Path | None:
-        """`find_checkpoint`, said aloud; a folder of checkpoints none of which loads is refused."""
+    def _pick_checkpoint(self, allowed: set[str]) -> Path | None:
+        """`find_checkpoint`, said aloud; a folder of checkpoints none of which loads, or a
+        recipe change not in ``allowed``, is refused."""
         search = find_checkpoint(self.out)
         if search.warning:
             print(f"warning: {search.warning}", file=sys.stderr)
@@ -825,6 +848,14 @@ class Trainer:
                 )
             return None
         state = json.loads((search.path / "state.json").read_text())
+        changes = {k: v for k, v in recipe_changes(state["train_config"], self.config).items() if k not in allowed}
+        if changes:
+            said = ", ".join(f"{k} from {old!r} to {new!r}" for k, (old, new) in changes.items())
+            flags = " ".join(f"--allow-change {k}" for k in changes)
+            raise ValueError(
+                f"resuming {search.path} would change {said}, which changes what the model means; "
+                f"use another --output-dir, or allow it ({flags}; allow_changes={sorted(changes)})"
+            )
         print(f"resuming from {search.path} (step {state['step']} of {self.config.steps})")
         return search.path
 
@@ -832,10 +863,14 @@ class Trainer:
         """Restore weights, EMA, optimiser and step from a checkpoint folder."""
         path = Path(path)
         state = json.loads((path / "state.json").read_text())
-        self.model.load_state_dict(_load_tensors(path / "model.safetensors"))
-        self.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
-        opt = _optimizer_state_dict(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
-        self.optimizer.load_state_dict(opt)
+        try:
+            self.model.load_state_dict(_load_tensors(path / "model.safetensors"))
+            self.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
+            opt = _optimizer_state_dict(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+            self.optimizer.load_state_dict(opt)
+        except (RuntimeError, ValueError, KeyError) as e:  # another model's weights (another task, shape or encoder)
+            said = " ".join(str(e).split())
+            raise ValueError(f"checkpoint {path} does not fit this run's model: {said[:300]}") from e
         self.step = int(state["step"])
         self.last_loss = float(state["loss"])
 
@@ -857,12 +892,12 @@ def train(config: TrainConfig | None = None, dataset: Dataset | None = None, **k
     """Train a model: ``fastdiff.train(output_dir="runs/x", steps=1000)``; the dataset defaults to shapes.
 
     Keyword arguments are `TrainConfig` fields (when ``config`` is None) plus
-    ``text_encoder``, ``device`` and ``resume`` for the `Trainer`.  Returns the final
+    ``text_encoder``, ``device``, ``resume`` and ``allow_changes`` for the `Trainer`.  Returns the final
     checkpoint folder.
     """
     from fastdiff.data import ShapesDataset
 
-    trainer_kw = {k: kwargs.pop(k) for k in ("device", "resume") if k in kwargs}
+    trainer_kw = {k: kwargs.pop(k) for k in ("device", "resume", "allow_changes") if k in kwargs}
     if "text_encoder" in kwargs and not isinstance(kwargs["text_encoder"], str):
         trainer_kw["text_encoder"] = kwargs.pop("text_encoder")
     if config is None:

@@ -1,5 +1,5 @@
 """Training under faults: checkpoint writes killed with SIGKILL, corrupt checkpoints, a
-``latest`` that leads elsewhere.
+``latest`` that leads elsewhere, and recipe changes on resume.
 
 Every run that resumes must end with the bytes of the uninterrupted run (the module's
 `uninterrupted` fixture: 3 steps, a checkpoint after each, all three kept)."""
@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import config, trainer
+import torch
+from test_training import SMALL, HashEncoder, config, trainer
 
 import fastdiff
 from fastdiff import training
+from fastdiff.data import ShapesDataset
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -154,6 +156,7 @@ import json, os, signal, sys
 from pathlib import Path
 import fastdiff
 from fastdiff import training
+from fastdiff.data import ShapesDataset
 from test_training import config, trainer
 
 out, fault, name, nth = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -233,3 +236,52 @@ def test_files_and_latest_are_fsynced_before_their_renames(tmp_path, monkeypatch
     assert pointer[1] in synced_before(renames[1]) and pointer[2] == f"{home}/latest"
     # each rename is made durable by an fsync of the folder that holds it
     assert ("fsync", home) in events[renames[0] : renames[1]] and events[-1] == ("fsync", home)
+
+
+# ----------------------------------------------------------------------------- recipe changes
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(prediction="epsilon"),
+        dict(resolution=32),
+        dict(schedule="linear"),
+        dict(num_timesteps=500),
+        dict(zero_terminal_snr=True),
+        dict(model_overrides={**SMALL, "dropout": 0.1}),
+        dict(text_encoder="another-encoder"),
+        dict(model="sd15", model_overrides={**SMALL, "dim_head": 8}),
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_resume_refuses_a_change_of_what_the_model_means(uninterrupted, change):
+    field = next(iter(change))
+    with pytest.raises(ValueError, match=rf"would change {field} from .*--allow-change {field}"):
+        trainer(config(uninterrupted, **FAULT, **change))
+
+
+def test_an_allowed_change_resumes_and_the_checkpoint_says_the_new_recipe(uninterrupted, tmp_path):
+    run = copy_run(uninterrupted, tmp_path / "run")
+    # lr and steps do not change what the model means: no permission needed for them
+    t = trainer(config(run, **{**FAULT, "steps": 4}, prediction="epsilon", lr=5e-4), allow_changes=["prediction"])
+    assert t.step == 3
+    final = t.train()
+    assert json.loads((final / "pipeline.json").read_text())["prediction"] == "epsilon"
+    with pytest.raises(ValueError, match="would change prediction from 'epsilon' to 'v'"):
+        trainer(config(run, **{**FAULT, "steps": 4}))
+    with pytest.raises(ValueError, match="allow_changes"):
+        trainer(config(run, **FAULT), allow_changes=["lr"])
+
+
+def test_another_tasks_checkpoint_is_refused_in_one_line(uninterrupted):
+    class Wider(training.Trainer):  # stands for a task whose network has other weights
+        def build_model(self):
+            model = super().build_model()
+            model.extra = torch.nn.Linear(2, 2)
+            return model
+
+    data = ShapesDataset(resolution=16, length=7)
+    with pytest.raises(ValueError, match=f"checkpoint {uninterrupted / STEPS[2]} does not fit this run's model") as e:
+        Wider(config(uninterrupted, **FAULT), data, text_encoder=HashEncoder())
+    assert "extra.weight" in str(e.value) and "\n" not in str(e.value)
