@@ -455,6 +455,21 @@ def remove_unfinished(output_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
+def check_output_folder(path: str | os.PathLike, what: str) -> Path:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written.
+
+    ``what`` names the argument in the message (``output_dir``, ``--export``)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folder that would hold the new ones
+    if not existing.is_dir():
+        raise ValueError(f"{what} {str(path)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r}: cannot write in {str(existing)!r}")
+    return path
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -480,7 +495,7 @@ class Trainer:
         from fastdiff.text import PromptCache, load_text_encoder
 
         self.config = cfg = config
-        self.out = Path(cfg.output_dir)
+        self.out = check_output_folder(cfg.output_dir, "output_dir")
         unknown = sorted(set(allow_changes) - set(MODEL_FIELDS))
         if isinstance(allow_changes, str) or unknown:
             raise ValueError(f"allow_changes must be a list of {MODEL_FIELDS}, got {allow_changes!r}")
@@ -503,6 +518,9 @@ class Trainer:
         self.unet_config = cfg.unet_config(self.text_encoder.dim, self.text_encoder.pooled_dim)
         torch.manual_seed(cfg.seed)  # the initial weights
         self.model = self.build_model().to(self.device)
+        downscale = getattr(self.model, "downscale", 1)  # a UNet's H and W are multiples of it
+        if cfg.resolution % downscale:
+            raise ValueError(f"resolution must be a multiple of {downscale} for this UNet, got {cfg.resolution}")
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = self.build_model().to(self.device).requires_grad_(False)
