@@ -115,13 +115,17 @@ def _train(args) -> int:
         fields["gradient_checkpointing"] = True
     try:
         config = training.TrainConfig(**fields)
+        training.check_output_folder(config.output_dir, "--output-dir")
+        if args.export:
+            training.check_output_folder(args.export, "--export")
         dataset = trainer_cls.open_dataset(args.data, config)
     except ValueError as e:
         raise UsageError(str(e)) from e
     device = distributed.init(args.device)  # under torchrun: join the process group (DDP)
     rank = distributed.rank()
     try:
-        final = trainer_cls(config, dataset, device=device, resume=not args.no_resume).train()
+        trainer = trainer_cls(config, dataset, device=device, resume=not args.no_resume, allow_changes=args.allow_change)
+        final = trainer.train()
     except training.TrainingDiverged as e:
         print(f"fastdiff train: {e}", file=sys.stderr)
         return 1
@@ -146,7 +150,7 @@ def _audit(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fastdiff.nn.unet import PRESETS
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
-    from fastdiff.training import TrainConfig
+    from fastdiff.training import MODEL_FIELDS, TrainConfig
 
     parser = argparse.ArgumentParser(prog="fastdiff", description="Diffusion with hand-written Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help="(default: bf16 on CUDA, fp32 on CPU)")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--no-resume", action="store_true", help="start afresh even if --output-dir has checkpoints")
+    train.add_argument(
+        "--allow-change", action="append", default=[], metavar="FIELD", type=lambda name: name.replace("-", "_"),
+        choices=MODEL_FIELDS, help="resume although this field of the model's recipe changed (repeatable): "
+        + ", ".join(MODEL_FIELDS),
+    )  # fmt: skip
     train.add_argument("--init-from", help="start from this pipeline folder or checkpoint (tasks that fine-tune: video)")
     train.add_argument("--export", help="also write the final EMA weights as a pipeline folder here")
     common(train)
