@@ -111,6 +111,19 @@ def test_resume_walks_back_several_and_refuses_when_none_loads(uninterrupted, tm
         assert_same_checkpoint(run / step, uninterrupted / step)
 
 
+def test_checkpoints_written_without_records_have_their_files_parsed(uninterrupted, tmp_path):
+    run = copy_run(uninterrupted, tmp_path / "run")
+    for step in STEPS:  # as written before sizes and hashes were recorded
+        state = json.loads((run / step / "state.json").read_text())
+        del state["files"]
+        (run / step / "state.json").write_text(json.dumps(state))
+    corrupt(run / STEPS[2] / "ema.safetensors", "truncated")
+    search = training.find_checkpoint(run)
+    assert search.path == run / STEPS[1]
+    assert search.skipped == [(run / STEPS[2], "ema.safetensors: Error while deserializing header: "
+                               "incomplete metadata, file not fully covered")]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- `latest`
 
 
