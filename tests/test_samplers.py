@@ -539,6 +539,9 @@ def test_sample_errors(reference):
         samplers.sample(toy_model, x.double(), seeds, plan)
     with pytest.raises(ValueError, match="guidance_rescale"):
         samplers.sample(toy_model, x, seeds, plan, guidance_rescale=0.5)
+    for bad in (float("nan"), float("-inf")):  # every image would be NaN: black once saved
+        with pytest.raises(ValueError, match="guidance_scale must be finite"):
+            samplers.sample(toy_model, x, seeds, plan, guidance_scale=bad)
     with pytest.raises(ValueError, match="mask"):
         samplers.sample(toy_model, x, seeds, plan, known=x)
     with pytest.raises(ValueError, match="model"):

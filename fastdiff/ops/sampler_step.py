@@ -59,6 +59,7 @@ Precision: everything in fp32 inside; x_next and x̂0 are stored in x_t's dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -491,6 +492,8 @@ def _validate(x, model_output, coeffs, uncond_output, guidance_scale, guidance_r
             )
     if not isinstance(guidance_scale, (int, float)):
         raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
+    if not math.isfinite(guidance_scale):  # NaN/inf would make every output element NaN
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
     if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must be a float in [0, 1], got {guidance_rescale!r}")
     if guidance_rescale > 0:
