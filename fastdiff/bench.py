@@ -17,7 +17,6 @@ this from a checkout.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -32,7 +31,7 @@ def _import_benchmarks():
     try:
         from benchmarks import harness, run
     except ImportError as e:
-        raise SystemExit(f"fastdiff bench: the benchmarks/ folder of a fastdiff checkout is needed ({e})") from e
+        raise ImportError(f"the benchmarks/ folder of a fastdiff checkout is needed ({e})") from e
     return harness, run
 
 
@@ -173,25 +172,44 @@ def write_report(results, env: dict, out_dir: str, plots: dict[str, list[str]]) 
 
 
 def load_results(run, harness, out_dir: str):
-    """(Results, environment) from the ``<entry>.json`` files in ``out_dir`` (runs made one entry at a time)."""
-    import json
+    """(Results, environment) from the ``<entry>.json`` files in ``out_dir`` (runs made one entry at a time).
 
+    A file that is not a result (not JSON, not an object, rows missing or of another form) is
+    refused in one line naming it."""
     results, env = run.Results(bandwidth_gbps=0.0), None
     for name in run.entries():
         path = os.path.join(out_dir, f"{name}.json")
         if not os.path.isfile(path):
             continue
-        with open(path) as f:
-            data = json.load(f)
-        results.rows[name] = [harness.row_from_json(row) for row in data["rows"]]
+        data, rows = _read_result(harness, path)
+        results.rows[name] = rows
         if not data.get("complete", True):
             results.partial.add(name)
         results.paths[name] = path
         results.bandwidth_gbps = data.get("copy_bandwidth_gbps", results.bandwidth_gbps)
         env = env or data["environment"]
     if env is None:
-        raise SystemExit(f"fastdiff bench --report-only: no <entry>.json in {out_dir}")
+        raise FileNotFoundError(f"--report-only: no <entry>.json in --out {out_dir!r}")
     return results, env
+
+
+def _read_result(harness, path: str) -> tuple[dict, list]:
+    """One result file's JSON object and its rows (``harness.Row`` objects)."""
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a benchmark result (not valid JSON: {e})") from None
+    shaped = isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("environment"), dict)
+    if not shaped:
+        raise ValueError(f"{path}: not a benchmark result (a JSON object with 'rows' and 'environment')")
+    try:
+        rows = [harness.row_from_json(row) for row in data["rows"]]
+    except (TypeError, ValueError) as e:  # a row that is not an object, or with fields Row does not have
+        raise ValueError(f"{path}: a row is not a benchmark row ({e})") from None
+    return data, rows
 
 
 # ----------------------------------------------------------------------------- command
@@ -200,9 +218,14 @@ def load_results(run, harness, out_dir: str):
 def main(argv: list[str] | None = None) -> int:
     """``fastdiff bench [--only NAME ...] [--quick] [--no-compile] [--out DIR] [--report-only]``.
 
-    Exit status 1 if an entry failed or an implementation disagrees with its reference."""
+    Exit status 1 if an entry failed or an implementation disagrees with its reference.  Bad
+    arguments and unreadable results raise (the command line reports them in one line, exit
+    status 2)."""
+    from fastdiff.checks import check_out_dir
+    from fastdiff.cli import OneLineParser
+
     harness, run = _import_benchmarks()
-    parser = argparse.ArgumentParser(prog="fastdiff bench", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fastdiff bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=run.entries(), metavar="NAME",
                         help=f"run only this entry (repeatable): {', '.join(run.entries())}")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="the smallest shapes of each entry only")
@@ -216,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.COMPILE_BASELINES = False
 
     out_dir = args.out or harness.results_dir()
+    check_out_dir(out_dir, "--out")  # before hours of timing: a file in the way, or a folder that refuses writes
     if args.report_only:
         results, env = load_results(run, harness, out_dir)
     else:
@@ -229,4 +253,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fastdiff.cli import main as cli_main
+
+    raise SystemExit(cli_main(["bench", *sys.argv[1:]]))

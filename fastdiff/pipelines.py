@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from fastdiff import samplers, schedule as schedules
+from fastdiff.checks import MAX_BATCH, check_fits_in_memory, check_int, check_number, check_out_dir, resolve_device
+from fastdiff.checks import SEED_LIMIT
 from fastdiff.data import to_pil
 from fastdiff.nn.unet import UNet, UNetConfig
 
@@ -57,8 +59,7 @@ def make_plan(name: str, schedule: schedules.Schedule, steps: int, prediction: s
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
     fn, integer = _PLANS[name]
     T = schedule.num_timesteps
-    if not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+    check_int(steps, "steps", 1, T)
     ts = schedules.timesteps(steps, T, "trailing") if integer else schedules.continuous_timesteps(steps, T, "trailing")
     return fn(schedule, ts, prediction=prediction)
 
@@ -70,11 +71,6 @@ class Sampling:
     plan: samplers.Plan  # the unrolled sampler
     noise_scale: float = 1.0  # x_T = noise_scale·(N(0, I) draw or given latents), in the VP state
     clip_x0: float | None = None  # clamp x̂0 to [−clip_x0, clip_x0] at every step (None: no clipping)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device``, or CUDA when available, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_output_type(output_type: str) -> None:
@@ -109,22 +105,45 @@ def make_grid(images: list, cols: int | None = None, pad: int = 2):
 
 
 def _seeds(seeds, n: int) -> list[int]:
+    """One seed per image: ``seeds`` itself (a list), or an int s giving s, s + 1, …; each in [0, 2**63)."""
     if seeds is None:
         seeds = int.from_bytes(os.urandom(4), "little")
     if isinstance(seeds, int):
+        check_int(seeds, "seeds", 0, SEED_LIMIT - n)
         return [seeds + i for i in range(n)]
     seeds = [int(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"seeds must be one int per image ({n}), got {len(seeds)}")
+    bad = next((s for s in seeds if not 0 <= s < SEED_LIMIT), None)
+    if bad is not None:
+        raise ValueError(f"seeds must lie in [0, 2**63) (int64 Philox keys), got {bad}")
     return seeds
 
 
 def check_batching(batch_size, guidance_scale) -> None:
-    """The settings every generating call takes: raise naming the bad one, before any work."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    """The settings every generating call takes: raise naming the bad one, before any work.
+
+    A NaN or infinite guidance scale is refused: it makes every image NaN (black once saved).
+    """
+    check_int(batch_size, "batch_size", 1, MAX_BATCH)
+    check_number(guidance_scale, "guidance_scale")
+
+
+# What one image held in memory costs at the least (a PIL image object and its pixels): the
+# bound `check_images_fit` uses before a model says how large its images are.
+MIN_IMAGE_BYTES = 1024
+
+
+def check_images_fit(n: int, what: str, bytes_per_image: int = MIN_IMAGE_BYTES) -> None:
+    """Refuse ``n`` images kept in memory at once (a call that returns them all) when they cannot fit."""
+    hint = "fastdiff generate (fastdiff.bulk) writes any number of images as it goes"
+    check_fits_in_memory(n * bytes_per_image, f"{what} ({n} images at once)", hint)
+
+
+def image_bytes(channels: int, pixels: int) -> int:
+    """Memory of one generated image until it is returned: fp32 samples, twice while batches are
+    concatenated, one byte per value as a PIL image, and the image object itself."""
+    return channels * pixels * (2 * 4 + 1) + MIN_IMAGE_BYTES
 
 
 def progress_bar(enabled: bool, total: int, desc: str, unit: str):
@@ -192,14 +211,17 @@ class Pipeline:
             if cls.SHIPPED is None:
                 raise ValueError(f"{cls.__name__} has no shipped model: pass the path of a pipeline folder")
             path = cls.SHIPPED
+        device = resolve_device(device)
         if sd.is_diffusers_folder(path):
             if not issubclass(sd.StableDiffusion, cls):
                 raise ValueError(f"{str(path)!r} is a Stable Diffusion folder, which {cls.__name__} cannot run yet")
             return sd.StableDiffusion.from_folder(path, device, text_encoder=text_encoder)
         spec = read_spec(path)
-        unet = cls.build_unet(spec, path)
-        unet.load_state_dict(load_weights(path))
-        device = resolve_device(device)
+        try:
+            unet = cls.build_unet(spec, path)
+        except (KeyError, TypeError, ValueError) as e:  # a config field missing, unknown or of the wrong kind
+            raise ValueError(f"{Path(path) / PIPELINE_FILE}: {e}") from None
+        load_matching(unet, path)
         unet = cls.place_network(unet, device)
         if text_encoder is None:
             text_encoder = load_text_encoder(spec["text_encoder"], device)
@@ -310,6 +332,8 @@ class Text2Image(Pipeline):
         n = len(prompts)
         if n == 0:
             raise ValueError("prompts must not be empty")
+        c = self.unet.config
+        check_images_fit(n, "prompts", image_bytes(c.in_channels, self.resolution**2))
         negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != n:
             raise ValueError(f"negative_prompt must be a string or one per prompt ({n}), got {len(negatives)}")
@@ -375,12 +399,37 @@ def export_pipeline(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, d
     return out
 
 
+# What every pipeline.json holds, and the JSON type of each entry.
+SPEC_FIELDS = {"unet": dict, "text_encoder": str, "schedule": dict, "prediction": str, "resolution": int}
+
+
 def read_spec(path: str | os.PathLike) -> dict:
-    """``pipeline.json`` of a pipeline or training-checkpoint folder (cheap: no weights)."""
+    """``pipeline.json`` of a pipeline or training-checkpoint folder (cheap: no weights).
+
+    A file that is not a JSON object with `SPEC_FIELDS` is refused in one line naming it.
+    """
     spec_file = Path(path) / PIPELINE_FILE
     if not spec_file.is_file():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a fastdiff pipeline or checkpoint (no {PIPELINE_FILE})")
-    return json.loads(spec_file.read_text())
+    try:
+        spec = json.loads(spec_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{spec_file}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
+    missing = [k for k in SPEC_FIELDS if k not in spec]
+    if missing:
+        raise ValueError(f"{spec_file}: missing {', '.join(missing)}")
+    for key, kind in SPEC_FIELDS.items():
+        if not isinstance(spec[key], kind) or isinstance(spec[key], bool):
+            raise ValueError(f"{spec_file}: {key!r} must be a JSON {kind.__name__}, got {spec[key]!r}")
+    schedule = spec["schedule"]
+    if schedule.get("kind") not in schedules.SCHEDULES or not isinstance(schedule.get("num_timesteps"), int):
+        want = f"a 'kind' in {schedules.SCHEDULES} and an integer 'num_timesteps'"
+        raise ValueError(f"{spec_file}: 'schedule' needs {want}, got {schedule!r}")
+    if spec["prediction"] not in samplers.PREDICTIONS:
+        raise ValueError(f"{spec_file}: 'prediction' must be one of {samplers.PREDICTIONS}, got {spec['prediction']!r}")
+    return spec
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -393,10 +442,28 @@ def weights_file(path: str | os.PathLike) -> Path:
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A folder's weights (`weights_file`) in fp32."""
+    """A folder's weights (`weights_file`) in fp32; a file safetensors cannot read is refused naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return {k: v.float() for k, v in load_file(str(weights_file(path))).items()}
+    file = weights_file(path)
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as e:  # empty, truncated, or not safetensors at all
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_matching(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a folder's weights into ``model``; weights of another shape than ``pipeline.json``'s model are
+    refused in one line (instead of load_state_dict's list of every mismatched tensor)."""
+    try:
+        model.load_state_dict(load_weights(path))
+    except RuntimeError as e:  # missing / unexpected keys, size mismatches
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+        raise ValueError(
+            f"--checkpoint {str(path)!r}: the weights do not match {PIPELINE_FILE}'s model ({detail})"
+        ) from None
 
 
 @functools.lru_cache(maxsize=2)
@@ -427,6 +494,8 @@ def generate(
     also save each image and a grid there.
     """
     check_output_type(output_type)
+    if out_dir is not None:
+        check_out_dir(out_dir, "out_dir")
     if isinstance(prompts, str):
         prompts = [prompts]
     pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device)

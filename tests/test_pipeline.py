@@ -97,6 +97,25 @@ def test_errors(pipe, tmp_path):
     for bad in ("4", None, True):
         with pytest.raises(TypeError, match="guidance_scale"):
             pipe(["a"], guidance_scale=bad, progress=False)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            pipe(["a"], guidance_scale=bad, progress=False)
+    for bad in ([-1], [2**63]):
+        with pytest.raises(ValueError, match=r"seeds must lie in \[0, 2\*\*63\)"):
+            pipe(["a"], seeds=bad, progress=False)
+    with pytest.raises(ValueError, match="seeds must be an int"):
+        pipe(["a", "b"], seeds=2**63 - 1, progress=False)  # the second image's seed is not an int64
+    class TenTrillionPrompts(list):
+        def __len__(self):
+            return 10**13
+
+    with pytest.raises(ValueError, match=r"prompts \(10000000000000 images at once\): that needs about"):
+        pipe(TenTrillionPrompts(), progress=False)  # refused before anything the size of the request exists
+    with pytest.raises(ValueError, match="device must be cpu, cuda, cuda:N or mps, got 'banana'"):
+        pipelines.Text2Image.from_pretrained(pipelines.DEFAULT_CHECKPOINT, "banana", text_encoder=HashEncoder())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="out_dir .* exists and is not a folder"):
+        pipelines.generate("a", out_dir=tmp_path / "file", checkpoint=tmp_path / "no-model")  # before any loading
     with pytest.raises(FileNotFoundError, match="pipeline.json"):
         pipelines.Text2Image.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="output_type"):

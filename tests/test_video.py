@@ -344,7 +344,9 @@ def image_pipeline(path: Path, unet: UNet) -> Path:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
-    (path / "pipeline.json").write_text(json.dumps({"unet": unet.config.to_dict()}))
+    spec = {"unet": unet.config.to_dict(), "text_encoder": "minilm", "resolution": 16, "prediction": "v",
+            "schedule": {"kind": "cosine", "num_timesteps": 1000}}  # fmt: skip
+    (path / "pipeline.json").write_text(json.dumps(spec))
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path / "model.safetensors"))
     return path
 
@@ -500,13 +502,18 @@ def test_cli_writes_a_gif_and_an_mp4(capsys, tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--frames", "0"], "--frames must be >= 1"),
+        (["--frames", "0"], "argument --frames: must be an int >= 1"),
+        (["--guidance", "nan"], "argument --guidance: must be a finite number"),
+        (["--scale", "100000"], r"--scale 100000 makes 3200000x3200000 frames; a \.gif frame is at most 65535"),
+        (["--out", "{tmp}/folder.gif"], "--out '.*folder.gif' is a folder"),
         (["--out", "clip.avi"], r"--out must end in \.gif or \.mp4"),
         (["--checkpoint", "/nonexistent/video"], "--checkpoint '/nonexistent/video' is not a fastdiff pipeline"),
-        (["--fps", "0"], "--fps must be > 0"),
+        (["--fps", "0"], r"argument --fps: must be a finite number in \(0, 1000.0\]"),
     ],
 )
 def test_cli_bad_inputs_fail_before_work(capsys, tmp_path, argv, message):
+    (tmp_path / "folder.gif").mkdir()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     rc, _, err = run_cli(capsys, "--prompt", "a red circle moving right", "--out", str(tmp_path / "c.gif"), *argv)
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.checks import resolve_device
 from fastdiff.nn.unet import UNet
 from fastdiff.nn.vae import VAE
-from fastdiff.pipelines import Sampling, Text2Image, resolve_device
+from fastdiff.pipelines import Sampling, Text2Image
 from fastdiff.sd import convert
 from fastdiff.sd.folder import find_weights, load_component, read_json, read_model_index
 from fastdiff.sd.scheduler import SchedulerConfig, read_scheduler_config, sampling
