@@ -9,6 +9,7 @@ server process that has imported torch, transformers and fastdiff once (multipro
 of kills affordable.  Kill times are drawn from the test's printed seed.
 """
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import sys
@@ -40,11 +41,13 @@ def forkserver():
     # What a run imports on its way to the first image, imported once in the server.
     apps = [module.partition(":")[0] for module in cli.APPS.values()]  # the parser imports every application
     ctx.set_forkserver_preload([__name__, *apps, "transformers.models.bert.modeling_bert", "safetensors.torch"])
-    os.environ["OMP_NUM_THREADS"] = "1"  # the server's environment is this process's at its start
-    warm = ctx.Process(target=os.getpid)  # starts the server: the imports happen here, once
-    warm.start()
-    warm.join()
-    return ctx
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")  # the server's environment is this process's at its start
+        warm = ctx.Process(target=os.getpid)  # starts the server: the imports happen here, once
+        warm.start()
+        warm.join()
+    yield ctx
+    multiprocessing.forkserver._forkserver._stop()  # its imports hold memory the other tests may want
 
 
 class Runs:
