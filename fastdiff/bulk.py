@@ -72,6 +72,7 @@ import torch
 from fastdiff import distributed
 from fastdiff.checks import MAX_BATCH, SEED_LIMIT, check_fits_in_memory, check_int, check_out_dir, check_seed
 from fastdiff.checks import int_arg, number_arg
+from fastdiff.durable import fsync_path, write_atomic
 from fastdiff.lockfile import LockFile, LockHeld
 
 HELP = "generate images in bulk from a prompt file: resumable, sharded under torchrun"
@@ -451,14 +452,9 @@ def _raise_faults(out: Path, faults: list[str]) -> None:
 
 
 def _rewrite(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text``: a temporary file, fsync, os.replace, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Replace ``path`` by ``text``, durably (the folder is fsynced after the rename)."""
+    write_atomic(path, text.encode("utf-8"))
+    fsync_path(path.parent)
 
 
 def _repair(out: Path, files: set[str], ranks: list[int]) -> None:
@@ -516,14 +512,6 @@ def _write_merged(out: Path, jobs: list[Job], image_format: str) -> Path:
 # ----------------------------------------------------------------------------- image files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_image_atomic(path: Path, pixels: torch.Tensor, image_format: str) -> dict:
     """(H, W, C) uint8 → ``path`` via a temporary file in the same folder, fsync and os.replace.
 
@@ -539,12 +527,7 @@ def write_image_atomic(path: Path, pixels: torch.Tensor, image_format: str) -> d
     else:
         img.save(buffer, format="WEBP", quality=90)
     data = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp")  # one writer per file (batches never share a job)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)  # one writer per file: batches never share a job
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -615,7 +598,7 @@ class _Writer:
             if path is not None:
                 lines.append({**line, **write_image_atomic(path, pixels[b], self.image_format)})
         for folder in folders:
-            _fsync_dir(folder)  # the renames are durable before their manifest lines
+            fsync_path(folder)  # the renames are durable before their manifest lines
         self.manifest.append(lines)
         self.written += len(lines)
         if self.bar is not None:

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from fastdiff.checks import MAX_BATCH, MAX_THREADS, device_arg, int_arg, number_arg
+from fastdiff.checks import MAX_BATCH, MAX_THREADS, check_out_dir, device_arg, int_arg, number_arg
 
 
 class UsageError(Exception):
@@ -52,7 +52,7 @@ def _read_prompts_file(path: str) -> list[str]:
 
 
 def _sample(args) -> int:
-    from fastdiff.checks import check_out_dir, check_seed
+    from fastdiff.checks import check_seed
     from fastdiff.pipelines import Text2Image, check_images_fit, save_images
 
     prompts = list(args.prompt) + (_read_prompts_file(args.prompts_file) if args.prompts_file else [])
@@ -136,9 +136,9 @@ def _train(args) -> int:
         fields["gradient_checkpointing"] = True
     try:
         config = training.TrainConfig(**fields)
-        training.check_output_folder(config.output_dir, "--output-dir")
+        check_out_dir(config.output_dir, "--output-dir")
         if args.export:
-            training.check_output_folder(args.export, "--export")
+            check_out_dir(args.export, "--export")
         dataset = trainer_cls.open_dataset(args.data, config)
     except ValueError as e:
         raise UsageError(str(e)) from e

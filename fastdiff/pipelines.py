@@ -36,6 +36,7 @@ from fastdiff import samplers, schedule as schedules
 from fastdiff.checks import MAX_BATCH, check_fits_in_memory, check_int, check_number, check_out_dir, resolve_device
 from fastdiff.checks import SEED_LIMIT
 from fastdiff.data import to_pil
+from fastdiff.durable import fsync_path, write_atomic
 from fastdiff.nn.unet import UNet, UNetConfig
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "heun")
@@ -394,8 +395,10 @@ def export_pipeline(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, d
     weights = {k: v.to(dtype).contiguous() for k, v in load_file(str(checkpoint / "ema.safetensors")).items()}
     tmp = out / ".model.safetensors.tmp"
     save_file(weights, str(tmp))
+    fsync_path(tmp)
     os.replace(tmp, out / "model.safetensors")
-    (out / PIPELINE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    write_atomic(out / PIPELINE_FILE, (json.dumps(spec, indent=2) + "\n").encode())  # written last: a folder
+    fsync_path(out)  # with a pipeline.json has its weights, after a crash too
     return out
 
 

@@ -57,7 +57,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fastdiff import distributed, ops
+from fastdiff.checks import check_out_dir
 from fastdiff.data import Skipped, collate, report
+from fastdiff.durable import fsync_path, replace_durably
 from fastdiff.nn.unet import PRESETS, UNet, UNetConfig
 from fastdiff.schedule import SCHEDULES, make_schedule
 
@@ -243,21 +245,6 @@ def recipe_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
 # ----------------------------------------------------------------------------- checkpoint files
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's bytes, or a folder's list of names, to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` atomically and make the rename itself durable (fsync of the folder)."""
-    os.replace(src, dst)
-    _fsync(dst.parent)
-
-
 def _write_text(path: Path, text: str) -> None:
     """Write ``text`` and flush it to the disk before returning."""
     with open(path, "w") as f:
@@ -274,7 +261,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    _fsync(path)
+    fsync_path(path)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -455,21 +442,6 @@ def remove_unfinished(output_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def check_output_folder(path: str | os.PathLike, what: str) -> Path:
-    """Refuse, before any work, an output folder that is a file or cannot be created or written.
-
-    ``what`` names the argument in the message (``output_dir``, ``--export``)."""
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent  # the folder that would hold the new ones
-    if not existing.is_dir():
-        raise ValueError(f"{what} {str(path)!r}: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {str(path)!r}: cannot write in {str(existing)!r}")
-    return path
-
-
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -495,7 +467,7 @@ class Trainer:
         from fastdiff.text import PromptCache, load_text_encoder
 
         self.config = cfg = config
-        self.out = check_output_folder(cfg.output_dir, "output_dir")
+        self.out = check_out_dir(cfg.output_dir, "output_dir")
         unknown = sorted(set(allow_changes) - set(MODEL_FIELDS))
         if isinstance(allow_changes, str) or unknown:
             raise ValueError(f"allow_changes must be a list of {MODEL_FIELDS}, got {allow_changes!r}")
@@ -823,13 +795,13 @@ class Trainer:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         _write_json(tmp / "state.json", state)  # written last: its presence marks a complete folder
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
-        _replace(tmp, final)
+        replace_durably(tmp, final)
         pointer_tmp = self.out / f".latest-{os.getpid()}"
         _write_text(pointer_tmp, name)
-        _replace(pointer_tmp, self.out / "latest")
+        replace_durably(pointer_tmp, self.out / "latest")
         older = [f for f in checkpoint_folders(self.out) if _step_of(f) < self.step]
         for old in older[cfg.keep_checkpoints - 1 :]:
             shutil.rmtree(old, ignore_errors=True)

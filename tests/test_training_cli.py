@@ -1,7 +1,6 @@
 """``fastdiff train`` on bad input: one line, exit status 2, before any work (nothing written,
 no text encoder loaded); and a recipe change on resume, refused or allowed (--allow-change)."""
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -61,20 +60,17 @@ def test_bad_training_numbers_are_one_line_before_any_work(capsys, tmp_path, fla
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_output_paths_are_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+def test_bad_output_paths_are_one_line_before_any_work(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     run, file = tmp_path / "run", tmp_path / "file"
     for flags, message in [
-        (["--output-dir", str(file)], f"--output-dir '{file}': '{file}' is a file, not a folder"),
-        (["--output-dir", str(file / "run")], f"--output-dir '{file / 'run'}': '{file}' is a file"),
-        (["--export", str(file)], f"--export '{file}': '{file}' is a file, not a folder"),
+        (["--output-dir", str(file)], f"--output-dir '{file}' exists and is not a folder"),
+        (["--output-dir", str(file / "run")], f"--output-dir '{file / 'run'}' cannot be created: '{file}' is a file"),
+        (["--export", str(file)], f"--export '{file}' exists and is not a folder"),
+        (["--export", "/proc/fastdiff-pipe"], "--export '/proc/fastdiff-pipe' is not writable"),  # even to root
     ]:
         rc, out, err = train(capsys, run, *flags)
         assert_one_line(rc, err, message)
-    # an unwritable folder (os.access: a test run as root may write anywhere)
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
-    rc, out, err = train(capsys, run, "--export", str(tmp_path / "pipe"))
-    assert_one_line(rc, err, f"--output-dir '{run}': cannot write in '{tmp_path}'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
