@@ -206,7 +206,7 @@ def test_checkpoint_writes_killed_with_sigkill_then_resumed_equal_the_uninterrup
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert training.latest_checkpoint(run) == run / STEPS[0] and leftovers() == [".tmp-step_0000002"]
     # 2. killed after step 2's folder was renamed into place, before `latest` moved to it
-    proc = run_killed(script, run, "_replace", 2)
+    proc = run_killed(script, run, "replace_durably", 2)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "removed" in proc.stderr and f"resuming from {run / STEPS[0]}" in proc.stdout
     assert (run / STEPS[1] / "state.json").is_file() and (run / "latest").read_text() == STEPS[0]
