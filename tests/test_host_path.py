@@ -1,9 +1,89 @@
-"""The host path: the ops' unchecked entries give the public ops' numbers bit for bit; the
-layout test that every op runs."""
+"""The host path: loops check their arguments once and call the ops' unchecked entries, which
+give the public ops' numbers bit for bit; the layout test that every op runs.  (The sampling
+loop's own tests are in test_samplers.py.)"""
+import importlib
+
+import pytest
 import torch
 
-from fastdiff.ops import _layout, noising
-from fastdiff.schedule import make_schedule
+from fastdiff import samplers
+from fastdiff.apps import inpaint as ip
+from fastdiff.ops import _layout, noising, use_backend
+from fastdiff.schedule import make_schedule, timesteps
+
+step_mod = importlib.import_module("fastdiff.ops.sampler_step")  # the module: ops.sampler_step is the function
+
+
+def toy_model(x, t):
+    tt = t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return 0.7 * torch.tanh(1.1 * x + 0.002 * tt) + 0.3 * torch.sin(0.5 * x.roll(1, -1))
+
+
+def guided_model(x, t):
+    B = x.shape[0] // 2
+    return torch.cat([toy_model(x[:B], t[:B]), 1.5 * toy_model(x[B:], t[B:]) + 0.2])
+
+
+# ----------------------------------------------------------------------------- the RePaint loop
+
+
+def checked_repaint(model, x_T, seeds, plan, schedule, *, known, mask, guidance_scale, resample, jump):
+    """`repaint_sample` as it was before it checked its arguments once: every step through the public op."""
+    levels, bounds = ip._alpha_levels(plan, schedule), ip._boundaries(plan)
+    plan, mask, B = plan.to(x_T.device), mask.to(x_T.dtype), x_T.shape[0]
+    E, n_steps = len(plan), len(bounds) - 1
+    x, x0, jumps = x_T, None, 0
+    for start in range(0, n_steps, jump):
+        end = min(start + jump, n_steps)
+        x0_start = x0
+        for p in range(resample + 1):
+            if p > 0:
+                x = ip._renoise(x, seeds, levels[end], levels[start], jumps)
+                jumps += 1
+            x0 = x0_start
+            for i in range(bounds[start], bounds[end]):
+                row = plan.coeffs[i]
+                if p > 0 and i == bounds[start] and plan.reads_x0[i]:
+                    row = ip._first_order(row)
+                out_u, out_c = model(torch.cat([x, x]), plan.timesteps[i].expand(2 * B)).chunk(2)
+                x, x0 = step_mod.sampler_step(
+                    x, out_c, row, uncond_output=out_u, guidance_scale=guidance_scale,
+                    x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i], seeds=seeds,
+                    step=i + p * E, add_noise=plan.add_noise[i], known=known if plan.blends[i] else None,
+                    mask=mask if plan.blends[i] else None,
+                )  # fmt: skip
+    return x
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
+def test_repaint_loop_checks_once_and_keeps_its_numbers(sampler, monkeypatch):
+    """RePaint's jumps run the sampler's evaluations: no step goes through the op's own checks, and
+    the samples are the checked loop's, bit for bit (the multistep history reset included)."""
+    schedule = make_schedule("scaled_linear", 1000)
+    make = samplers.dpmpp_2m_plan if sampler == "dpmpp_2m" else samplers.ddpm_plan
+    plan = make(schedule, timesteps(5, 1000, "trailing"))
+    seeds = torch.randint(0, 2**62, (2,))
+    x_T = samplers.initial_noise(seeds, (2, 3, 5, 4))
+    known, mask = torch.randn(2, 3, 5, 4), (torch.rand(2, 1, 5, 4) < 0.5).float()
+    kw = dict(known=known, mask=mask, guidance_scale=3.0, resample=1, jump=2)
+    with use_backend("reference"):
+        expected = checked_repaint(guided_model, x_T, seeds, plan, schedule, **kw)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a RePaint step went through sampler_step's own checks")
+
+        monkeypatch.setattr(step_mod, "_validate", refuse)
+        got = ip.repaint_sample(guided_model, x_T, seeds, plan, schedule, **kw)
+    assert torch.equal(got, expected)
+
+
+def test_repaint_loop_checks_its_arguments():
+    schedule = make_schedule("scaled_linear", 1000)
+    plan = samplers.ddim_plan(schedule, timesteps(3, 1000))
+    seeds = torch.arange(2)
+    x_T = samplers.initial_noise(seeds, (2, 3, 5, 4))
+    with pytest.raises(ValueError, match="known"):
+        ip.repaint_sample(toy_model, x_T, seeds, plan, schedule, known=x_T[:, :2], mask=torch.ones(2, 1, 5, 4))
 
 
 # ----------------------------------------------------------------------------- unchecked entries

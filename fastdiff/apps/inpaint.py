@@ -50,7 +50,7 @@ from fastdiff import samplers
 from fastdiff.checks import MAX_BATCH, check_int, check_out_file, check_seed, int_arg, number_arg
 from fastdiff.data import open_image, to_pil, to_tensor
 from fastdiff.ops._philox import randn_like_philox, step_keys
-from fastdiff.ops.sampler_step import _INDEX, sampler_step
+from fastdiff.ops.sampler_step import _INDEX
 from fastdiff.schedule import sigmas_at
 
 HELP = "repaint the masked region of an image from a prompt (the rest is kept exactly)"
@@ -175,13 +175,10 @@ def repaint_sample(
     jump: int = 1,
 ) -> torch.Tensor:
     """`samplers.sample` with RePaint jumps (see the module docstring); resample=0 is the plain loop."""
-    device, B = x_T.device, x_T.shape[0]
     levels = _alpha_levels(plan, schedule)
     bounds = _boundaries(plan)
-    plan = plan.to(device)
+    loop = samplers.prepare_loop(model, x_T, seeds, plan, guidance_scale=guidance_scale, known=known, mask=mask)
     E, n_steps = len(plan), len(bounds) - 1
-    guided = guidance_scale is not None
-    mask = mask.to(x_T.dtype)
     x, x0, jumps = x_T, None, 0
     for start in range(0, n_steps, jump):
         end = min(start + jump, n_steps)
@@ -192,20 +189,10 @@ def repaint_sample(
                 jumps += 1
             x0 = x0_start
             for i in range(bounds[start], bounds[end]):
-                row = plan.coeffs[i]
+                row = None
                 if p > 0 and i == bounds[start] and plan.reads_x0[i]:
-                    row = _first_order(row)
-                t = plan.timesteps[i].expand(2 * B if guided else B)
-                if guided:
-                    out_u, out_c = model(torch.cat([x, x]), t).chunk(2)
-                else:
-                    out_u, out_c = None, model(x, t)
-                x, x0 = sampler_step(
-                    x, out_c, row, uncond_output=out_u, guidance_scale=guidance_scale if guided else 1.0,
-                    x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i], seeds=seeds,
-                    step=i + p * E, add_noise=plan.add_noise[i], known=known if plan.blends[i] else None,
-                    mask=mask if plan.blends[i] else None,
-                )  # fmt: skip
+                    row = _first_order(loop.coeffs[i])
+                x, x0 = loop.step(i, x, x0, coeffs=row, key=i + p * E)
     return x
 
 
