@@ -1,14 +1,18 @@
 """The UNet: shapes, layouts, checkpointing, autocast, torch.compile tracing, errors, and its
 structure against diffusers' UNet2DConditionModel.  Runs the ops' reference path (a whole
 UNet through the Triton interpreter would take minutes)."""
+import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import rel_err
 
 import fastdiff
 from fastdiff.nn import UNet, UNetConfig, timestep_embedding
+from fastdiff.nn.attention import Attention
 
 # Small but complete: two levels, attention at level 1 and in the middle, scale-shift
 # ResBlocks, patchified input, a pooled embedding, odd context width.
@@ -162,8 +166,9 @@ def test_sd15_shape_matches_diffusers():
     """Same layer shapes as diffusers' UNet2DConditionModel of the same configuration.
 
     A two-level SD-style model (additive time embedding, attention at level 0, none at the
-    last level) is built both ways; every parameter tensor must have a counterpart of the
-    same shape.  The full sd15 preset is built on the meta device and counted.
+    last level) is built both ways; every tensor of the state dicts (where our attention
+    layers show their fused projections as diffusers' to_q, to_k, to_v) must have a
+    counterpart of the same shape.  The full sd15 preset is built on the meta device and counted.
     """
     diffusers = pytest.importorskip("diffusers")
     cfg = UNetConfig.preset(
@@ -176,9 +181,108 @@ def test_sd15_shape_matches_diffusers():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=24, attention_head_dim=1, norm_num_groups=8,
     )  # fmt: skip
-    shapes = lambda m: sorted(tuple(p.shape) for p in m.parameters())  # noqa: E731
+    shapes = lambda m: sorted(tuple(p.shape) for p in m.state_dict().values())  # noqa: E731
     assert shapes(ours) == shapes(theirs)
     with torch.device("meta"):
         n = sum(p.numel() for p in UNet(UNetConfig.preset("sd15")).parameters())
     # Stable Diffusion 1.5's UNet: 859.52 M parameters.
     assert n == 859_520_964
+
+
+# ----------------------------------------------------------------------------- fused q, k, v projections
+
+
+@pytest.mark.parametrize("context_dim", [None, 24])
+def test_attention_loads_and_saves_separate_projections(context_dim):
+    """State dicts hold to_q, to_k, to_v (diffusers' names) whatever the layer stores; a layer loaded
+    from them computes softmax(q kᵀ/√d) v with those weights (float64 reference)."""
+    layer = Attention(16, context_dim=context_dim, heads=2, dim_head=32)
+    c_dim = context_dim or 16
+    state = {
+        "to_q.weight": torch.randn(64, 16), "to_k.weight": torch.randn(64, c_dim), "to_v.weight": torch.randn(64, c_dim),
+        "to_out.weight": torch.randn(16, 64), "to_out.bias": torch.randn(16),
+    }  # fmt: skip
+    given = dict(state)
+    layer.load_state_dict(state)
+    assert state.keys() == given.keys()  # the caller's dict is left alone
+    saved = layer.state_dict()
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(saved[k], state[k]) for k in state)
+    x, c = torch.randn(3, 7, 16), torch.randn(3, 4, c_dim)
+    q = (x.double() @ state["to_q.weight"].double().T).view(3, 7, 2, 32).transpose(1, 2)
+    context = x if context_dim is None else c
+    k, v = ((context.double() @ state[n].double().T).view(3, -1, 2, 32).transpose(1, 2) for n in ("to_k.weight", "to_v.weight"))
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 7, 64)
+    ref = o @ state["to_out.weight"].double().T + state["to_out.bias"].double()
+    with torch.no_grad():
+        out = layer(x) if context_dim is None else layer(x, c)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_fused_projections_start_as_separate_layers():
+    """The fused weights get the draws separate to_q, to_k, to_v layers would get from the same seed."""
+    torch.manual_seed(0)
+    fused = Attention(16, context_dim=24, heads=2, dim_head=32)
+    torch.manual_seed(0)
+    separate = [torch.nn.Linear(n, 64, bias=False).weight for n in (16, 24, 24)]
+    assert all(torch.equal(a, b) for a, b in zip(fused.projection_weights(), separate))
+
+
+CHECKPOINTS = Path(fastdiff.__file__).parent / "checkpoints"
+
+
+def _attention_before(layer, weights, x, context=None):
+    """Attention.forward before its projections were stored fused: the to_q / to_k / to_v weights of
+    the checkpoint file, concatenated on every call."""
+    B, L, _ = x.shape
+    H, D = layer.heads, layer.dim_head
+    w_q, w_k, w_v = weights
+    if context is None:
+        qkv = F.linear(x, torch.cat([w_q, w_k, w_v])).view(B, L, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = F.linear(x, w_q).view(B, L, H, D).transpose(1, 2)
+        k, v = F.linear(context, torch.cat([w_k, w_v])).view(B, -1, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    o = fastdiff.ops.attention(q, k, v)
+    return layer.to_out(o.transpose(1, 2).reshape(B, L, H * D))
+
+
+def _shipped(name: str):
+    """The shipped pipeline folder's network with its weights, and a small input for it."""
+    from fastdiff.pipelines import Text2Image, load_weights, read_spec
+
+    path = CHECKPOINTS / name
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"the shipped checkpoint {name} is not installed")
+    spec = read_spec(path)
+    if name == "tiny-style":
+        from fastdiff.apps.stylize import Stylizer as kind
+    elif name == "tiny-video":
+        from fastdiff.apps.video import VideoPipeline as kind
+    else:
+        kind = Text2Image
+    model = kind.build_unet(spec, path).eval()
+    state = load_weights(path)
+    model.load_state_dict(state)  # strict: every name of the file, and nothing else
+    c = model.config
+    x = torch.randn(1, c.in_channels, *((2,) if name == "tiny-video" else ()), 8, 8)
+    extra = {"style": torch.rand(1, 3, 8, 8) * 2 - 1} if hasattr(model, "style_encoder") else {}
+    args = (x, torch.tensor([600]), torch.randn(1, 5, c.context_dim), torch.randn(1, c.pooled_dim))
+    return model, state, args, extra
+
+
+@pytest.mark.parametrize("name", ["tiny-shapes", "tiny-style", "tiny-video"])
+def test_shipped_checkpoints_give_the_same_outputs(name, monkeypatch):
+    """Each shipped checkpoint loads, saves back to the same tensors, and gives bit for bit the
+    outputs of the attention layers as they were (separate weights, concatenated per call)."""
+    model, state, args, extra = _shipped(name)
+    saved = model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+    with torch.no_grad():
+        out = model(*args, **extra)
+        for prefix, layer in model.named_modules():
+            if isinstance(layer, Attention):
+                weights = [state[f"{prefix}.to_{p}.weight"] for p in "qkv"]
+                monkeypatch.setattr(layer, "forward", functools.partial(_attention_before, layer, weights))
+        before = model(*args, **extra)
+    assert torch.equal(out, before)
