@@ -2,6 +2,7 @@
 structure against diffusers' UNet2DConditionModel.  Runs the ops' reference path (a whole
 UNet through the Triton interpreter would take minutes)."""
 import functools
+import importlib
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from conftest import rel_err
 import fastdiff
 from fastdiff.nn import UNet, UNetConfig, timestep_embedding
 from fastdiff.nn.attention import Attention
+from fastdiff.nn.norm import GroupNormSiLU
 
 # Small but complete: two levels, attention at level 1 and in the middle, scale-shift
 # ResBlocks, patchified input, a pooled embedding, odd context width.
@@ -187,6 +189,92 @@ def test_sd15_shape_matches_diffusers():
         n = sum(p.numel() for p in UNet(UNetConfig.preset("sd15")).parameters())
     # Stable Diffusion 1.5's UNet: 859.52 M parameters.
     assert n == 859_520_964
+
+
+# ----------------------------------------------------------------------------- checks at the door
+
+
+def _count_op_checks(monkeypatch) -> dict[str, int]:
+    """Counts of the argument checks of GroupNorm+SiLU's and attention's public functions."""
+    calls = {}
+    for name in ("group_norm", "attention"):
+        module = importlib.import_module(f"fastdiff.ops.{name}")
+        calls[name] = 0
+
+        def spy(*args, _name=name, _check=module._validate):
+            calls[_name] += 1
+            return _check(*args)
+
+        monkeypatch.setattr(module, "_validate", spy)
+    return calls
+
+
+def _set_layer_checks(model: torch.nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, (GroupNormSiLU, Attention)):
+            m.check_inputs = on
+
+
+def test_layers_skip_their_checks(monkeypatch):
+    """The UNet checks its inputs once; its layers then call the ops' unchecked entries, with the
+    checked path's numbers bit for bit.  A layer on its own still checks its arguments."""
+    cfg = UNetConfig(**SMALL)
+    model = randomise(UNet(cfg)).eval()
+    args = inputs(cfg)
+    calls = _count_op_checks(monkeypatch)
+    with torch.no_grad():
+        fast = model(*args)
+        assert calls == {"group_norm": 0, "attention": 0}
+        _set_layer_checks(model, True)
+        checked = model(*args)
+    assert calls["group_norm"] > 0 and calls["attention"] > 0
+    assert torch.equal(fast, checked)
+    before = dict(calls)
+    GroupNormSiLU(4, 16)(torch.randn(2, 16, 3, 3))
+    Attention(16, heads=1, dim_head=32)(torch.randn(2, 5, 16))
+    assert calls == {name: n + 1 for name, n in before.items()}
+    with pytest.raises(ValueError, match="num_groups must divide"):
+        GroupNormSiLU(4, 16)(torch.randn(2, 10, 3, 3))
+    with pytest.raises(TypeError, match="q must"):
+        Attention(16, heads=1, dim_head=32).double()(torch.randn(2, 5, 16, dtype=torch.float64))
+
+
+def test_checks_at_the_door():
+    cfg = UNetConfig(**SMALL)
+    model = UNet(cfg)
+    x, t, ctx, pooled = inputs(cfg)
+    with pytest.raises(ValueError, match="at least one image"):
+        model(x[:0], t[:0], ctx[:0], pooled[:0])
+    with pytest.raises(ValueError, match="positive multiples"):
+        model(x[..., :0], t, ctx, pooled)
+    with pytest.raises(ValueError, match="context must"):
+        model(x, t, ctx[:, :0], pooled)
+    with pytest.raises(TypeError, match="context"):
+        model(x, t, None, pooled)
+    with pytest.raises(TypeError, match="x"):
+        model(x.long(), t, ctx, pooled)
+    # 32-bit offsets: 2²⁶ positions of 3·32 channels pass 2³¹; nothing is computed (meta tensor)
+    big = torch.empty(1, cfg.in_channels, 8192, 8192, device="meta")
+    with pytest.raises(ValueError, match="too large"):
+        model(big, t[:1], ctx[:1], pooled[:1])
+    with pytest.raises(ValueError, match="dim_head"):
+        Attention(16, heads=1, dim_head=48)
+    with pytest.raises(ValueError, match="eps"):
+        GroupNormSiLU(4, 16, eps=-1.0)
+
+
+def test_video_size_check_counts_the_frames():
+    """A GroupNorm of a video model normalises a whole clip: the frames multiply the extent."""
+    from fastdiff.nn.video import VideoConfig, VideoUNet
+
+    cfg = UNetConfig(**{**SMALL, "model_channels": 32})
+    model = VideoUNet(cfg, VideoConfig(max_frames=16))
+    _, t, ctx, pooled = inputs(cfg, B=1)
+    H = 2048  # 2²² positions of 3·64 channels: within 2³¹ for one frame, not for 16
+    assert H * H * 3 * 64 < 2**31 <= 16 * H * H * 3 * 64
+    with pytest.raises(ValueError, match="too large"):
+        model(torch.empty(1, cfg.in_channels, 16, H, H, device="meta"), t, ctx, pooled)
+    assert all(not m.check_inputs for m in model.modules() if isinstance(m, (GroupNormSiLU, Attention)))
 
 
 # ----------------------------------------------------------------------------- fused q, k, v projections

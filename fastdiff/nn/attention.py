@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops.attention import HEAD_DIMS, attention
+from fastdiff.ops.attention import HEAD_DIMS, attention, attention_unchecked
 
 
 class Attention(nn.Module):
@@ -35,7 +35,13 @@ class Attention(nn.Module):
     heads:       number of heads
     dim_head:    channels per head; one of the op's head dims (32, 40, 64, 80, 96, 128, 160)
     out_bias:    bias of the output projection
+
+    ``check_inputs``: each call checks its arguments.  A model that checks its own inputs
+    once per forward turns it off on its layers (`fastdiff.nn.unet.skip_layer_checks`);
+    the configuration is checked here, once.
     """
+
+    check_inputs: bool = True
 
     def __init__(
         self,
@@ -82,7 +88,8 @@ class Attention(nn.Module):
         return self.to_qkv.weight[:inner], self.to_qkv.weight[inner:]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x, context)
+        if self.check_inputs:
+            self._check(x, context)
         B, L, _ = x.shape
         H, D = self.heads, self.dim_head
         if context is None:
@@ -93,7 +100,8 @@ class Attention(nn.Module):
             q = F.linear(x, w_q).view(B, L, H, D).transpose(1, 2)
             kv = F.linear(context, w_kv).view(B, context.shape[1], 2, H, D)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 × (B, H, Lk, D) views
-        o = attention(q, k, v, scale=self.scale)  # (B, H, L, D) stored as (B, L, H, D)
+        op = attention if self.check_inputs else attention_unchecked
+        o = op(q, k, v, scale=self.scale)  # (B, H, L, D) stored as (B, L, H, D)
         return self.to_out(o.transpose(1, 2).reshape(B, L, H * D))
 
     def _check(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
