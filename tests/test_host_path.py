@@ -1,14 +1,16 @@
 """The host path: loops check their arguments once and call the ops' unchecked entries, which
-give the public ops' numbers bit for bit; the layout test that every op runs.  (The sampling
-loop's own tests are in test_samplers.py.)"""
+give the public ops' numbers bit for bit; the layout test that every op runs; the host
+benchmark's output.  (The sampling loop's and the UNet's own tests are in test_samplers.py
+and test_unet.py.)"""
 import importlib
+import json
 
 import pytest
 import torch
 
 from fastdiff import samplers
 from fastdiff.apps import inpaint as ip
-from fastdiff.ops import _layout, noising, use_backend
+from fastdiff.ops import _backend, _layout, noising, use_backend
 from fastdiff.schedule import make_schedule, timesteps
 
 step_mod = importlib.import_module("fastdiff.ops.sampler_step")  # the module: ops.sampler_step is the function
@@ -139,3 +141,30 @@ def test_sample_layout_reads_strides_as_the_view_rule():
         assert got == _layout_by_view(x), (tuple(x.shape), x.stride())
         seen.add(got)
     assert seen == {"contiguous", "channels_last", None}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_host_overhead_prints_its_rows_as_json(capsys):
+    """``--json``: a list of {"name", "us"} with the torch.add baseline and every op's rows (a few calls)."""
+    from benchmarks import host_overhead
+
+    host_overhead.main(["--json", "--calls", "2", "--repeats", "1"])
+    rows = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in rows]
+    assert all(set(r) == {"name", "us"} and r["us"] > 0 for r in rows)
+    assert any("torch.add" in n for n in names) and "F.group_norm fwd" in names
+    for op in ("group_norm_silu", "attention", "q_sample", "training_target", "diffusion_loss", "sampler_step"):
+        for entry in (op, op + "_unchecked"):
+            assert any(n.startswith(entry + " ") for n in names), entry
+    assert sum("fwd+bwd" in n for n in names) == 7  # GN, attention and the loss, twice each; F.group_norm
+    assert step_mod.use_triton is _backend.use_triton  # the kernels are back in place
+
+
+def test_host_overhead_refuses_bad_counts(capsys):
+    from benchmarks import host_overhead
+
+    with pytest.raises(SystemExit) as exit_:
+        host_overhead.main(["--calls", "0"])
+    assert exit_.value.code == 2 and "--calls" in capsys.readouterr().err
