@@ -434,7 +434,9 @@ class Loop:
         if guided:
             out = self.model(torch.cat([x, x]), t)
             if out.shape[0] != t.shape[0]:
-                raise ValueError(f"model must return (2B, ...) = ({t.shape[0]}, ...) under guidance, got {tuple(out.shape)}")
+                raise ValueError(
+                    f"model must return (2B, ...) = ({t.shape[0]}, ...) under guidance, got {tuple(out.shape)}"
+                )
             out_u, out_c = out.chunk(2)
         else:
             out_u, out_c = None, self.model(x, t)

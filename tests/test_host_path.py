@@ -117,7 +117,7 @@ def test_noising_unchecked_entries_equal_the_public_ones():
 
 
 def _layout_by_view(x: torch.Tensor) -> str | None:
-    """sample_layout's rule written with a view: contiguous, or channels-last (NC… with C moved last is contiguous)."""
+    """sample_layout's rule written with a view: contiguous, or channels-last (C moved last is contiguous)."""
     if x.is_contiguous():
         return "contiguous"
     if x.ndim >= 3 and x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():

@@ -299,7 +299,9 @@ def test_attention_loads_and_saves_separate_projections(context_dim):
     x, c = torch.randn(3, 7, 16), torch.randn(3, 4, c_dim)
     q = (x.double() @ state["to_q.weight"].double().T).view(3, 7, 2, 32).transpose(1, 2)
     context = x if context_dim is None else c
-    k, v = ((context.double() @ state[n].double().T).view(3, -1, 2, 32).transpose(1, 2) for n in ("to_k.weight", "to_v.weight"))
+    k, v = (
+        (context.double() @ state[n].double().T).view(3, -1, 2, 32).transpose(1, 2) for n in ("to_k.weight", "to_v.weight")
+    )
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 7, 64)
     ref = o @ state["to_out.weight"].double().T + state["to_out.bias"].double()
     with torch.no_grad():

@@ -120,7 +120,11 @@ class Attention(nn.Module):
             )
 
 
-_FUSED = {"to_qkv.weight": ("to_q.weight", "to_k.weight", "to_v.weight"), "to_kv.weight": ("to_k.weight", "to_v.weight")}
+# fused weight -> the diffusers names of its row blocks, in order
+_FUSED = {
+    "to_qkv.weight": ("to_q.weight", "to_k.weight", "to_v.weight"),
+    "to_kv.weight": ("to_k.weight", "to_v.weight"),
+}
 
 
 def _split_projections(module: Attention, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -360,7 +360,9 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
         _checks.check_tensor("context", context)
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim or context.shape[1] == 0:
-            raise ValueError(f"context must have shape ({B}, L, {c.context_dim}) with L >= 1, got {tuple(context.shape)}")
+            raise ValueError(
+                f"context must have shape ({B}, L, {c.context_dim}) with L >= 1, got {tuple(context.shape)}"
+            )
         if c.pooled_dim and (pooled is None or pooled.shape != (B, c.pooled_dim)):
             got = None if pooled is None else tuple(pooled.shape)
             raise ValueError(f"pooled must have shape ({B}, {c.pooled_dim}), got {got}")
