@@ -21,6 +21,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
 
-from fastdiff.patch import patch, unpatch  # noqa: E402  (last: binds `patch` to the function)
+from fastdiff.patch import is_patched, patch, unpatch  # noqa: E402  (last: binds `patch` to the function)
 
-__all__ = ["ops", "schedule", "use_backend", "patch", "unpatch", "__version__", *_LAZY]
+__all__ = ["ops", "schedule", "use_backend", "patch", "unpatch", "is_patched", "__version__", *_LAZY]

@@ -18,18 +18,32 @@ Files under ``out_dir``::
 
     <job.name>.<png|webp>          written atomically: a temporary file in the same
                                    folder, fsync, os.replace — a file that exists is whole
-    manifest.rank-<r>.jsonl        one line per image written by rank r (each rank appends
+    manifest.rank-<r>.jsonl        one line per image made by rank r (each rank appends
                                    only to its own file: no cross-process append races)
     manifest.jsonl                 the merged manifest, in job order, written by rank 0
-                                   once every job is checked to have exactly one line
+                                   once every job is checked to have its image and line
+    .lock.rank-<r>                 while a run is in progress: rank r's lock (`folder_lock`)
 
 A manifest line (file, prompt, seed, sampler, steps, guidance, negative_prompt,
-checkpoint_sha256, batch, batch_size, Job.extra) is appended (flush + fsync) only after
-its image is in place.  Resume: a batch whose files all exist is skipped; an incomplete
-batch is sampled again whole (same composition → same bytes) and only its missing files
-are written.  A truncated last manifest line (a kill mid-append) is cut off, and an
-image without a line gets its line again.  A rerun with other settings (sampler, steps,
-guidance, checkpoint, batch size, format) into the same folder is refused.
+checkpoint_sha256, batch, batch_size, Job.extra, and the image's ``bytes`` and ``sha256``)
+is appended (flush + fsync) only after its image is in place.
+
+Locking.  Each rank holds ``.lock.rank-<r>`` for the whole run, so a second run on the
+same folder is refused in one line naming the holder's pid and host, and a lock left by a
+killed process is taken over (`fastdiff.lockfile`).  Any two runs of one process or of a
+process group meet at rank 0's lock.  Independent shards (rank and world size given
+without a process group) lock only their own rank, so all shards of one folder must use
+the same world size.
+
+Resume.  First the manifest is repaired (`_repair`): for each image only the line that
+records its size and SHA-256 is kept, so a regenerated image replaces its line and a
+folder with duplicate lines (from older versions) or a line cut off by a kill mends
+itself; an image whose bytes differ from its line (truncated, damaged) is deleted.  Then a
+batch whose images all have lines is skipped, an incomplete batch is sampled again whole
+(same composition → same bytes) and only its missing images are written.  An image
+without any line (a kill between rename and append) gets its line again if it decodes
+whole.  A rerun with other settings (sampler, steps, guidance, checkpoint, batch size) or
+with another prompt or seed for an existing file is refused.
 
 Throughput: a writer thread behind a bounded queue encodes and writes the images of
 batch k while batch k + 1 samples (``overlap=False`` writes inline); on CUDA the UNet
@@ -39,11 +53,14 @@ per-kernel launch cost of a small model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import queue
+import re
 import threading
 import time
 import warnings
@@ -53,6 +70,10 @@ from pathlib import Path
 import torch
 
 from fastdiff import distributed
+from fastdiff.checks import MAX_BATCH, SEED_LIMIT, check_fits_in_memory, check_int, check_out_dir, check_seed
+from fastdiff.checks import int_arg, number_arg
+from fastdiff.durable import fsync_path, write_atomic
+from fastdiff.lockfile import LockFile, LockHeld
 
 HELP = "generate images in bulk from a prompt file: resumable, sharded under torchrun"
 FORMATS = ("png", "webp")
@@ -60,10 +81,13 @@ MANIFEST = "manifest.jsonl"
 # Keys of a manifest line that Job.extra (and a JSONL prompt's other fields) may not replace.
 RESERVED = (
     "file", "prompt", "seed", "sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "batch",
-    "batch_size",
+    "batch_size", "bytes", "sha256",
 )  # fmt: skip
 # Settings every image of one output folder must share (checked on resume).
 SETTINGS = ("sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "batch_size")
+# Memory one job costs while a run holds it: the Job (~200 bytes), its manifest line as a dict
+# (~600 bytes) and the planning around them, measured at ~1 KB; twice that as the bound.
+BYTES_PER_JOB = 2048
 
 
 @dataclass(frozen=True)
@@ -84,19 +108,21 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
 
     A JSONL object needs a non-empty string ``"prompt"``; its other fields are copied into
     the manifest lines of that prompt's images.  Returns ``[{"prompt": ..., ...}, ...]``.
-    An empty or malformed line is an error naming the file and line number.
+    An empty, malformed or non-UTF-8 line is an error naming the file and line number.
     """
+    from fastdiff.data import read_text_lines
+
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--prompts must be a .txt or .jsonl file, got {str(path)!r}")
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = read_text_lines(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"--prompts: no such file {str(path)!r}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ValueError(f"--prompts: cannot read {str(path)!r}: {e}") from None
     parse = _jsonl_prompt if path.suffix == ".jsonl" else _text_prompt
-    prompts = [parse(line, f"{path}, line {n}") for n, line in enumerate(text.splitlines(), 1)]
+    prompts = [parse(line, f"{path}, line {n}") for n, line in lines]
     if not prompts:
         raise ValueError(f"--prompts: {str(path)!r} holds no prompts")
     return prompts
@@ -132,12 +158,12 @@ def jobs_from_prompts(prompts: list, per_prompt: int, seed: int = 0) -> list[Job
     ``prompts``: strings or `read_prompts` dicts.  Names are ``"<i // 1000>/<i>"``
     zero-padded (``00000/00000012``): at most 1000 files per folder.
     """
-    if not isinstance(per_prompt, int) or per_prompt < 1:
-        raise ValueError(f"--per-prompt must be an int >= 1, got {per_prompt!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"--seed must be an int >= 0, got {seed!r}")
+    check_int(per_prompt, "--per-prompt", 1)
     if not prompts:
         raise ValueError("prompts must not be empty")
+    n = len(prompts) * per_prompt
+    check_fits_memory_of_jobs(n, f"{len(prompts)} prompts × --per-prompt {per_prompt}")
+    check_seed(seed, "--seed", n)
     jobs = []
     for p in prompts:
         entry = {"prompt": p} if isinstance(p, str) else dict(p)
@@ -148,28 +174,23 @@ def jobs_from_prompts(prompts: list, per_prompt: int, seed: int = 0) -> list[Job
     return jobs
 
 
+def check_fits_memory_of_jobs(n: int, what: str) -> None:
+    """Refuse a job list of ``n`` images that the machine cannot hold (`BYTES_PER_JOB` each)."""
+    check_fits_in_memory(n * BYTES_PER_JOB, f"{what} = {n} images", "split the prompts over several --out folders")
+
+
 # ----------------------------------------------------------------------------- the model
 
 
 def load_pipeline(checkpoint: str | os.PathLike, device: str | torch.device | None = None):
-    """`Text2Image.from_pretrained` with a clear error for weights that do not fit ``pipeline.json``.
-
-    The returned pipeline carries ``checkpoint_sha256``, the SHA-256 of its weights file,
-    which goes into every manifest line.
-    """
+    """`Text2Image.from_pretrained`, with ``checkpoint_sha256`` (the SHA-256 of its weights file,
+    which goes into every manifest line) set on the returned pipeline."""
     from fastdiff.pipelines import Text2Image, weights_file
 
     path = Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint: no such folder {str(path)!r}")
-    try:
-        pipe = Text2Image.from_pretrained(path, device)
-    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, size mismatches
-        first = str(e).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise ValueError(
-            f"--checkpoint {str(path)!r}: the weights do not match pipeline.json's model ({detail})"
-        ) from None
+    pipe = Text2Image.from_pretrained(path, device)
     pipe.checkpoint_sha256 = file_sha256(weights_file(path))
     return pipe
 
@@ -260,11 +281,77 @@ def _with_cuda_graphs(pipe):
     return graphed
 
 
+# ----------------------------------------------------------------------------- the folder lock
+
+
+def _journal(out: Path, rank: int) -> Path:
+    """Rank ``rank``'s manifest file: only that rank appends to it."""
+    return out / f"manifest.rank-{rank}.jsonl"
+
+
+def _folder_ranks(out: Path) -> list[int]:
+    """The ranks that left a manifest file or a lock file in ``out`` (an earlier run may have had more)."""
+    if not out.is_dir():
+        return []
+    found = (re.fullmatch(r"manifest\.rank-(\d+)\.jsonl|\.lock\.rank-(\d+)", p.name) for p in out.iterdir())
+    return sorted({int(m[1] or m[2]) for m in found if m})
+
+
+def _grouped(world: int) -> bool:
+    """True when this rank is one of a process group of ``world`` ranks (they meet at barriers)."""
+    return distributed.initialized() and distributed.world_size() == world
+
+
+def _owns_folder(world: int) -> bool:
+    """One process, or every rank of a process group: the run may rewrite every manifest file of the folder."""
+    return world == 1 or _grouped(world)
+
+
+_HELD: dict[tuple[str, int], list[LockFile]] = {}  # (folder, rank) → the locks this process holds on it
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: str | os.PathLike, rank: int | None = None, world_size: int | None = None):
+    """Hold ``out_dir`` exclusively for this rank during the block; a second run is refused (`LockHeld`).
+
+    Rank r locks ``.lock.rank-<r>`` (`fastdiff.lockfile`: the lock dies with its process, so a
+    killed run's lock is taken over).  In a run that owns the whole folder (one process, or every
+    rank of a process group) rank 0 also locks the files of ranks ≥ world_size that an earlier
+    run left, since it rewrites their manifests.  In a process group all ranks learn whether
+    every rank got its locks: all start, or all refuse.  Re-entrant in one process: the command
+    line takes the lock before it loads the model, and `run_jobs` finds it held.
+    """
+    out = Path(out_dir)
+    rank, world = _rank_world(rank, world_size)
+    key = (os.path.realpath(out), rank)
+    if key in _HELD:
+        yield
+        return
+    ranks = [rank]
+    if rank == 0 and _owns_folder(world):
+        ranks += [r for r in _folder_ranks(out) if r >= world]
+    locks, error = [], None
+    try:
+        for r in ranks:
+            locks.append(LockFile(out / f".lock.rank-{r}", f"--out {str(out)!r}").acquire())
+    except (LockHeld, OSError) as e:
+        error = str(e)
+    if _grouped(world):
+        error = next((e for e in distributed.all_gather_object(error) if e), None)
+    if error:
+        for lock in locks:
+            lock.release()
+        raise LockHeld(error)
+    _HELD[key] = locks
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        for lock in reversed(locks):
+            lock.release()
+
+
 # ----------------------------------------------------------------------------- manifest
-
-
-def _manifest_files(out: Path) -> list[Path]:
-    return sorted(out.glob("manifest.rank-*.jsonl"))
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -285,44 +372,129 @@ def _read_lines(path: Path) -> list[dict]:
 
 
 def _all_lines(out: Path) -> list[dict]:
-    return [line for path in _manifest_files(out) for line in _read_lines(path)]
+    """Every rank's lines, rank by rank."""
+    return [line for r in _folder_ranks(out) for line in _read_lines(_journal(out, r))]
+
+
+def _by_file(lines: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for line in lines:
+        grouped.setdefault(line["file"], []).append(line)
+    return grouped
+
+
+def _encode(lines: list[dict]) -> str:
+    # allow_nan=False: a NaN would make a line that no JSON reader accepts
+    return "".join(json.dumps(line, ensure_ascii=False, allow_nan=False) + "\n" for line in lines)
+
+
+def _file_record(path: Path) -> dict:
+    """What a manifest line records about its image: size in bytes and SHA-256."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _describing(lines: list[dict], path: Path, check_hash: bool) -> dict | None:
+    """The first of ``lines`` (all for one file) whose recorded size — and with ``check_hash`` SHA-256 —
+    are those of the image at ``path``; None when the image is missing or no line fits it."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    digest = None
+    for line in lines:
+        if line.get("bytes") != size or not isinstance(line.get("sha256"), str):
+            continue
+        if check_hash:
+            digest = digest or file_sha256(path)
+            if line["sha256"] != digest:
+                continue
+        return line
+    return None
 
 
 def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
     """The merged manifest of an output folder: every rank's lines, one per file, sorted by file name.
 
     Reads the per-rank files, so it also works on a run that is still going or was killed.
+    Where a file has several lines (shards run with different world sizes), the one that
+    records the image's size wins.
     """
     out = Path(out_dir)
-    merged = {}
-    for line in _all_lines(out):
-        merged.setdefault(line["file"], line)
+    merged = {f: _describing(lines, out / f, False) or lines[0] for f, lines in _by_file(_all_lines(out)).items()}
     return [merged[f] for f in sorted(merged)]
 
 
-def _repair(path: Path) -> None:
-    """Cut a truncated last line off the manifest file that this rank owns."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
+def _faults(out: Path, jobs: list[Job], image_format: str, check_hash: bool) -> list[str]:
+    by_file = _by_file(_all_lines(out))
+    faults = []
+    for j in jobs:
+        name = f"{j.name}.{image_format}"
+        if not (out / name).is_file():
+            faults.append(f"{name}: no image")
+        elif name not in by_file:
+            faults.append(f"{name}: no manifest line")
+        elif _describing(by_file[name], out / name, check_hash) is None:
+            faults.append(f"{name}: the image is not the one its manifest line records")
+    return faults
+
+
+def verify_manifest(out_dir: str | os.PathLike, jobs: list[Job], image_format: str = "png") -> None:
+    """Check that every job has its image and a manifest line recording that image's size and SHA-256;
+    raises RuntimeError listing the faults."""
+    out = Path(out_dir)
+    _raise_faults(out, _faults(out, jobs, image_format, check_hash=True))
+
+
+def _raise_faults(out: Path, faults: list[str]) -> None:
+    if faults:
+        more = f" (and {len(faults) - 5} more)" if len(faults) > 5 else ""
+        raise RuntimeError(f"manifest check failed in {str(out)!r}: " + "; ".join(faults[:5]) + more)
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text``, durably (the folder is fsynced after the rename)."""
+    write_atomic(path, text.encode("utf-8"))
+    fsync_path(path.parent)
+
+
+def _repair(out: Path, files: set[str], ranks: list[int]) -> None:
+    """Leave in the manifest files of ``ranks`` at most one line for each of ``files``: the line
+    whose size and SHA-256 are those of the image on disk.
+
+    Dropped: duplicates (a regenerated image, or a folder of an older version), lines of missing
+    images, lines without size and hash (older versions: the image gets a new line when it
+    decodes whole), and a last line cut off by a kill.  An image that no line describes while
+    some line says what it should be is truncated or damaged: it is deleted, to be made again.
+    Lines of other files are kept as they are.
+    """
+    by_file = _by_file(_all_lines(out))
+    kept = {}
+    for name in files & by_file.keys():
+        path, lines = out / name, by_file[name]
+        line = _describing(lines, path, check_hash=True)
+        if line is not None:
+            kept[name] = line
+        elif any("sha256" in x for x in lines) and path.is_file():
+            path.unlink()
+    for r in ranks:
+        journal = _journal(out, r)
+        lines = _read_lines(journal)
+        keep = [x for x in lines if x["file"] not in files or kept.get(x["file"]) is x]
+        text = _encode(keep)
+        old = journal.read_bytes() if journal.exists() else b""
+        if text.encode() != old:
+            _rewrite(journal, text)
 
 
 class _Manifest:
     """This rank's manifest file, opened for appending; each append is flushed and fsynced."""
 
     def __init__(self, path: Path):
-        _repair(path)
         self.file = open(path, "a", encoding="utf-8")
 
     def append(self, lines: list[dict]) -> None:
         if lines:
-            self.file.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+            self.file.write(_encode(lines))
             self.file.flush()
             os.fsync(self.file.fileno())
 
@@ -330,58 +502,45 @@ class _Manifest:
         self.file.close()
 
 
-def verify_manifest(out_dir: str | os.PathLike, jobs: list[Job], image_format: str = "png") -> None:
-    """Check that every job has its image and exactly one manifest line; raises RuntimeError listing the faults."""
-    out = Path(out_dir)
-    counts = dict.fromkeys((f"{j.name}.{image_format}" for j in jobs), 0)
-    for line in _all_lines(out):
-        if line["file"] in counts:
-            counts[line["file"]] += 1
-    faults = [f"{f}: {n} manifest lines" for f, n in counts.items() if n != 1]
-    faults += [f"{f}: no image" for f in counts if not (out / f).is_file()]
-    if faults:
-        more = f" (and {len(faults) - 5} more)" if len(faults) > 5 else ""
-        raise RuntimeError(f"manifest check failed in {str(out)!r}: " + "; ".join(faults[:5]) + more)
-
-
 def _write_merged(out: Path, jobs: list[Job], image_format: str) -> Path:
-    by_file = {line["file"]: line for line in _all_lines(out)}
-    tmp = out / f".{MANIFEST}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for j in jobs:
-            f.write(json.dumps(by_file[f"{j.name}.{image_format}"], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / MANIFEST)
+    by_file = _by_file(_all_lines(out))
+    names = [f"{j.name}.{image_format}" for j in jobs]
+    _rewrite(out / MANIFEST, _encode([_describing(by_file[f], out / f, False) for f in names]))
     return out / MANIFEST
 
 
 # ----------------------------------------------------------------------------- image files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def write_image_atomic(path: Path, pixels: torch.Tensor, image_format: str) -> dict:
+    """(H, W, C) uint8 → ``path`` via a temporary file in the same folder, fsync and os.replace.
 
-
-def write_image_atomic(path: Path, pixels: torch.Tensor, image_format: str) -> None:
-    """(H, W, C) uint8 → ``path`` via a temporary file in the same folder, fsync and os.replace."""
+    Returns the manifest's record of the file: its size and SHA-256.
+    """
     from PIL import Image
 
     arr = pixels.numpy()
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-    tmp = path.with_name(f".{path.name}.tmp")  # one writer per file (batches never share a job)
-    with open(tmp, "wb") as f:
-        if image_format == "png":
-            img.save(f, format="PNG")
-        else:
-            img.save(f, format="WEBP", quality=90)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    if image_format == "png":
+        img.save(buffer, format="PNG")
+    else:
+        img.save(buffer, format="WEBP", quality=90)
+    data = buffer.getvalue()
+    write_atomic(path, data)  # one writer per file: batches never share a job
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _decodes(path: Path) -> bool:
+    """True when the image at ``path`` decodes to the end (a truncated PNG or WebP does not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+        return True
+    except Exception:  # any decoder error: the file is not a whole image
+        return False
 
 
 class _Writer:
@@ -434,12 +593,12 @@ class _Writer:
         folders = {path.parent for path, _ in files if path is not None}
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-        for b, (path, _) in enumerate(files):
+        lines = []
+        for b, (path, line) in enumerate(files):
             if path is not None:
-                write_image_atomic(path, pixels[b], self.image_format)
+                lines.append({**line, **write_image_atomic(path, pixels[b], self.image_format)})
         for folder in folders:
-            _fsync_dir(folder)  # the renames are durable before their manifest lines
-        lines = [line for path, line in files if path is not None]
+            fsync_path(folder)  # the renames are durable before their manifest lines
         self.manifest.append(lines)
         self.written += len(lines)
         if self.bar is not None:
@@ -472,35 +631,29 @@ def _check_jobs(jobs: list[Job]) -> None:
         seen.add(j.name)
         if not isinstance(j.prompt, str):
             raise TypeError(f"job {j.name!r}: prompt must be a string, got {type(j.prompt).__name__}")
-        if not isinstance(j.seed, int) or not 0 <= j.seed < 2**63:
+        if not isinstance(j.seed, int) or not 0 <= j.seed < SEED_LIMIT:
             raise ValueError(f"job {j.name!r}: seed must be an int in [0, 2**63), got {j.seed!r}")
         clash = sorted(k for k in j.extra if k in RESERVED)
         if clash:
             raise ValueError(f"job {j.name!r}: extra fields {clash} are reserved for the manifest")
         try:
-            json.dumps(j.extra)
+            json.dumps(j.extra, allow_nan=False)
         except (TypeError, ValueError) as e:
             raise TypeError(f"job {j.name!r}: extra must be JSON-serialisable for the manifest: {e}") from None
 
 
 def prepare_out(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` and prove it writable (a probe file) — before any sampling."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {str(out)!r} exists and is not a folder")
+    """Create ``out_dir`` after checking that it can be written to — before any sampling."""
+    out = check_out_dir(out_dir, "--out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
-        raise PermissionError(f"--out {str(out)!r} is not writable: {e.strerror or e}") from None
+        raise PermissionError(f"--out {str(out)!r} cannot be created: {e.strerror or e}") from None
     return out
 
 
-def _check_settings(out: Path, settings: dict, by_file: dict[str, Job]) -> dict[str, dict]:
-    """The lines already in ``out`` (one per file); refuse a folder made with other settings or other jobs."""
-    existing = {}
+def _check_settings(out: Path, settings: dict, by_file: dict[str, Job]) -> None:
+    """Refuse a folder whose lines were made with other settings, or for other prompts and seeds."""
     for line in _all_lines(out):
         job = by_file.get(line["file"])
         if job is None:
@@ -516,13 +669,21 @@ def _check_settings(out: Path, settings: dict, by_file: dict[str, Job]) -> dict[
                 f"--out {str(out)!r}: {line['file']} was made for prompt {line.get('prompt')!r} seed "
                 f"{line.get('seed')!r}, this run has {job.prompt!r} seed {job.seed}: use another --out"
             )
-        existing.setdefault(line["file"], line)
-    return existing
 
 
 def _to_pixels(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [−1, 1] → (B, H, W, C) uint8 on the CPU (the rounding of `fastdiff.data.to_pil`)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _my_batches(n_jobs: int, batch_size: int, rank: int, world: int) -> range:
+    """The batch indices rank ``rank`` of ``world`` makes: k ≡ rank (mod world)."""
+    return range(rank, -(-n_jobs // batch_size), world)
+
+
+def _my_jobs(jobs: list[Job], batch_size: int, rank: int, world: int) -> list[Job]:
+    batches = _my_batches(len(jobs), batch_size, rank, world)
+    return [j for k in batches for j in jobs[k * batch_size : (k + 1) * batch_size]]
 
 
 def run_jobs(
@@ -549,6 +710,7 @@ def run_jobs(
     torch.distributed when it is initialised, else 0 / 1.  cuda_graphs: capture the
     UNet in CUDA graphs (None: on for a CUDA pipeline).  Returns a summary: written,
     skipped (already done), seconds, images_per_s, batches (sampled here), rank, world_size.
+    Raises `fastdiff.lockfile.LockHeld` when another run holds the folder.
     """
     from fastdiff.pipelines import check_batching, make_plan
 
@@ -568,13 +730,29 @@ def run_jobs(
         "sampler": sampler, "steps": steps, "guidance": float(guidance_scale), "negative_prompt": negative_prompt,
         "checkpoint_sha256": checkpoint_digest(pipe), "batch_size": batch_size,
     }  # fmt: skip
-    by_file = {f"{j.name}.{image_format}": j for j in jobs}
-    existing = _check_settings(out, settings, by_file)
+    with folder_lock(out, rank, world):
+        _check_settings(out, settings, {f"{j.name}.{image_format}": j for j in jobs})
+        _repair_folder(out, jobs, batch_size, rank, world, image_format)
+        return _run_batches(pipe, jobs, out, settings, rank, world, image_format, overlap, progress, cuda_graphs)
 
+
+def _repair_folder(out: Path, jobs: list[Job], batch_size: int, rank: int, world: int, image_format: str) -> None:
+    """`_repair` before planning: in a run that owns the folder rank 0 repairs every manifest file
+    for every job while the other ranks wait; an independent shard repairs its own file for its own jobs."""
+    if _owns_folder(world):
+        if rank == 0:
+            _repair(out, {f"{j.name}.{image_format}" for j in jobs}, _folder_ranks(out))
+        distributed.barrier()
+    else:
+        _repair(out, {f"{j.name}.{image_format}" for j in _my_jobs(jobs, batch_size, rank, world)}, [rank])
+
+
+def _run_batches(pipe, jobs, out, settings, rank, world, image_format, overlap, progress, cuda_graphs) -> dict:
+    batch_size = settings["batch_size"]
     start = time.perf_counter()
-    manifest = _Manifest(out / f"manifest.rank-{rank}.jsonl")
-    todo, skipped, readd = _plan_batches(jobs, out, batch_size, rank, world, image_format, settings, existing)
-    manifest.append(readd)  # images that were written but lost their line
+    manifest = _Manifest(_journal(out, rank))
+    todo, skipped, readd = _plan_batches(jobs, out, batch_size, rank, world, image_format, settings)
+    manifest.append(readd)  # whole images that were written but lost their line
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -589,8 +767,8 @@ def run_jobs(
             batch = jobs[k * batch_size : (k + 1) * batch_size]
             x = sampler_pipe.generate_tensors(
                 [j.prompt for j in batch], seeds=[j.seed for j in batch], batch_size=len(batch),
-                negative_prompt=negative_prompt, guidance_scale=guidance_scale, sampler=sampler, steps=steps,
-                progress=False,
+                negative_prompt=settings["negative_prompt"], guidance_scale=settings["guidance"],
+                sampler=settings["sampler"], steps=settings["steps"], progress=False,
             )  # fmt: skip
             writer.put((_to_pixels(x), files))
     finally:
@@ -606,19 +784,26 @@ def run_jobs(
     }  # fmt: skip
 
 
-def _plan_batches(jobs, out, batch_size, rank, world, image_format, settings, existing):
-    """This rank's incomplete batches as (k, [(path, or None if present, line)]), images done, lines to re-add."""
+def _plan_batches(jobs, out, batch_size, rank, world, image_format, settings):
+    """This rank's incomplete batches as (k, [(path, or None if present, line)]), images done, lines to re-add.
+
+    After `_repair`, an image with a line recording its size is done.  An image without any
+    line (a kill between its rename and its line's append, or a folder of an older version)
+    gets its line again when it decodes whole; otherwise it is made again.
+    """
     todo, skipped, readd = [], 0, []
-    n_batches = -(-len(jobs) // batch_size)
-    for k in range(rank, n_batches, world):
+    by_file = _by_file(_all_lines(out))
+    for k in _my_batches(len(jobs), batch_size, rank, world):
         files = []
         for j in jobs[k * batch_size : (k + 1) * batch_size]:
             name = f"{j.name}.{image_format}"
+            path = out / name
             line = {"file": name, "prompt": j.prompt, "seed": j.seed, **settings, "batch": k, **j.extra}
-            done = (out / name).is_file()
-            if done and name not in existing:
-                readd.append(line)
-            files.append((None if done else out / name, line))
+            done = _describing(by_file.get(name, []), path, check_hash=False) is not None
+            if not done and path.is_file() and _decodes(path):
+                readd.append({**line, **_file_record(path)})
+                done = True
+            files.append((None if done else path, line))
         missing = sum(path is not None for path, _ in files)
         skipped += len(files) - missing
         if missing:
@@ -627,20 +812,19 @@ def _plan_batches(jobs, out, batch_size, rank, world, image_format, settings, ex
 
 
 def _finish(out: Path, jobs: list[Job], rank: int, world: int, image_format: str, batch_size: int) -> None:
-    """Check the manifest (every job exactly one line) and write the merged ``manifest.jsonl``.
+    """Check the manifest (every job's image and its line) and write the merged ``manifest.jsonl``.
 
     Under a process group rank 0 does it after every rank is done; independent shards
-    (rank/world given without a group) check only their own batches.
+    (rank/world given without a group) check only their own batches.  The check compares
+    sizes: the hashes of the images found were checked by `_repair`, those written here
+    were computed from the encoded bytes.
     """
-    grouped = distributed.initialized() and distributed.world_size() == world
-    if world > 1 and not grouped:
-        n_batches = -(-len(jobs) // batch_size)
-        mine = [j for k in range(rank, n_batches, world) for j in jobs[k * batch_size : (k + 1) * batch_size]]
-        verify_manifest(out, mine, image_format)
+    if not _owns_folder(world):
+        _raise_faults(out, _faults(out, _my_jobs(jobs, batch_size, rank, world), image_format, check_hash=False))
         return
     distributed.barrier()
     if rank == 0:
-        verify_manifest(out, jobs, image_format)
+        _raise_faults(out, _faults(out, jobs, image_format, check_hash=False))
         _write_merged(out, jobs, image_format)
 
 
@@ -651,11 +835,12 @@ def add_sampling_arguments(parser) -> None:
     """--batch --checkpoint --sampler --steps --guidance --negative-prompt: what every bulk writer samples with."""
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
 
-    parser.add_argument("--batch", type=int, default=16, help="images per sampling batch (default: %(default)s)")
+    parser.add_argument("--batch", type=int_arg(1, MAX_BATCH), default=16,
+                        help="images per sampling batch (default: %(default)s)")  # fmt: skip
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
+    parser.add_argument("--steps", type=int_arg(1), default=20, help="sampler steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
     parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
 
 
@@ -664,9 +849,10 @@ def add_arguments(parser) -> None:
         "--prompts", required=True, help='prompt file: .txt (one per line) or .jsonl ({"prompt": ...} per line)'
     )
     parser.add_argument("--out", required=True, help="output folder (a rerun into it resumes)")
-    parser.add_argument("--per-prompt", type=int, default=1, help="images per prompt (default: %(default)s)")
+    parser.add_argument("--per-prompt", type=int_arg(1), default=1, help="images per prompt (default: %(default)s)")
     add_sampling_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="base seed: image i (in prompt-major order) uses seed + i")
+    parser.add_argument("--seed", type=int_arg(0), default=0,
+                        help="base seed: image i (in prompt-major order) uses seed + i")  # fmt: skip
     parser.add_argument("--format", choices=FORMATS, default="png", help="image format (default: %(default)s)")
     parser.add_argument("--no-overlap", action="store_true", help="write images inline, not in a writer thread")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
@@ -675,22 +861,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    # Everything that can be checked cheaply is checked before the model loads.
-    prompts = read_prompts(args.prompts)
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    jobs = jobs_from_prompts(prompts, args.per_prompt, args.seed)
+    # Everything that can be checked cheaply is checked before the model loads (numbers by their
+    # argparse types); the folder is locked before the model loads too.
+    jobs = jobs_from_prompts(read_prompts(args.prompts), args.per_prompt, args.seed)
     prepare_out(args.out)
     device = distributed.init(args.device)
     try:
-        pipe = load_pipeline(args.checkpoint, device)
-        summary = run_jobs(
-            pipe, jobs, args.out, batch_size=args.batch, sampler=args.sampler, steps=args.steps,
-            guidance_scale=args.guidance, negative_prompt=args.negative_prompt, image_format=args.format,
-            overlap=not args.no_overlap, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
-        )  # fmt: skip
+        with folder_lock(args.out):
+            pipe = load_pipeline(args.checkpoint, device)
+            summary = run_jobs(
+                pipe, jobs, args.out, batch_size=args.batch, sampler=args.sampler, steps=args.steps,
+                guidance_scale=args.guidance, negative_prompt=args.negative_prompt, image_format=args.format,
+                overlap=not args.no_overlap, progress=not args.no_progress, cuda_graphs=args.cuda_graphs,
+            )  # fmt: skip
     finally:
         distributed.cleanup()
     if summary["rank"] == 0:

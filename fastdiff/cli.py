@@ -2,7 +2,8 @@
 
 Commands call the library; an application module adds its own arguments.  Errors a user
 can fix (bad argument, missing file, unreadable checkpoint) print one line and exit
-with status 2, without a traceback.
+with status 2, without a traceback, before any work starts: numbers are checked by their
+argparse types (`fastdiff.checks`), files and folders by the library as it opens them.
 """
 from __future__ import annotations
 
@@ -10,9 +11,19 @@ import argparse
 import os
 import sys
 
+from fastdiff.checks import MAX_BATCH, MAX_THREADS, check_out_dir, device_arg, int_arg, number_arg
+
 
 class UsageError(Exception):
     """A mistake in the command's arguments or files: reported in one line."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``fastdiff sample: error: argument --steps: …``, exit status 2),
+    like every other error of the command line; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _threads(n: int | None) -> None:
@@ -29,19 +40,29 @@ def _demo(args) -> int:
     return run_demo(out_dir=args.out, checkpoint=args.checkpoint, steps=args.steps, device=args.device)
 
 
-def _sample(args) -> int:
-    from fastdiff.pipelines import Text2Image, save_images
+def _read_prompts_file(path: str) -> list[str]:
+    """The non-blank lines of ``--prompts-file``; a line that is not UTF-8 is an error naming the file and line."""
+    from fastdiff.data import read_text_lines
 
-    _threads(args.threads)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        try:
-            with open(args.prompts_file) as f:
-                prompts += [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            raise UsageError(f"cannot read --prompts-file: {e}") from e
+    try:
+        lines = read_text_lines(path)
+    except OSError as e:
+        raise UsageError(f"cannot read --prompts-file: {e}") from e
+    return [line.strip() for _, line in lines if line.strip()]
+
+
+def _sample(args) -> int:
+    from fastdiff.checks import check_seed
+    from fastdiff.pipelines import Text2Image, check_images_fit, save_images
+
+    prompts = list(args.prompt) + (_read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UsageError("give at least one prompt (positional) or --prompts-file")
+    n = len(prompts) * args.num_images
+    check_images_fit(n, f"--num-images {args.num_images} × {len(prompts)} prompt(s)")
+    check_seed(args.seed, "--seed", n)
+    check_out_dir(args.out, "--out")
+    _threads(args.threads)
     prompts = [p for p in prompts for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
     pipe = Text2Image.from_pretrained(args.checkpoint, args.device)
@@ -115,13 +136,17 @@ def _train(args) -> int:
         fields["gradient_checkpointing"] = True
     try:
         config = training.TrainConfig(**fields)
+        check_out_dir(config.output_dir, "--output-dir")
+        if args.export:
+            check_out_dir(args.export, "--export")
         dataset = trainer_cls.open_dataset(args.data, config)
     except ValueError as e:
         raise UsageError(str(e)) from e
     device = distributed.init(args.device)  # under torchrun: join the process group (DDP)
     rank = distributed.rank()
     try:
-        final = trainer_cls(config, dataset, device=device, resume=not args.no_resume).train()
+        trainer = trainer_cls(config, dataset, device=device, resume=not args.no_resume, allow_changes=args.allow_change)
+        final = trainer.train()
     except training.TrainingDiverged as e:
         print(f"fastdiff train: {e}", file=sys.stderr)
         return 1
@@ -146,19 +171,20 @@ def _audit(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from fastdiff.nn.unet import PRESETS
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
-    from fastdiff.training import TrainConfig
+    from fastdiff.training import MODEL_FIELDS, TrainConfig
 
-    parser = argparse.ArgumentParser(prog="fastdiff", description="Diffusion with hand-written Triton kernels.")
+    parser = OneLineParser(prog="fastdiff", description="Diffusion with hand-written Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-        p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+        p.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda when available)")
+        p.add_argument("--threads", type=int_arg(1, MAX_THREADS), default=None,
+                       help="CPU threads for PyTorch (default: PyTorch's)")  # fmt: skip
 
     demo = sub.add_parser("demo", help="generate a grid for several prompts with the shipped model")
     demo.add_argument("--out", default="fastdiff-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline folder (default: the shipped one)")
-    demo.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    demo.add_argument("--steps", type=int_arg(1), default=20, help="sampler steps (default: %(default)s)")
     common(demo)
     demo.set_defaults(func=_demo)
 
@@ -167,12 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompts-file", help="a text file with one prompt per line")
     sample.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
     sample.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
-    sample.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
-    sample.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    sample.add_argument("--steps", type=int, default=20)
-    sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
+    sample.add_argument("--sampler", choices=SAMPLERS, help="(default: the checkpoint's: dpmpp_2m, or an SD folder's)")
+    sample.add_argument("--steps", type=int_arg(1), default=20)
+    sample.add_argument("--num-images", type=int_arg(1), default=1, help="images per prompt")
+    sample.add_argument("--seed", type=int_arg(0), default=0, help="seed of the first image; image i uses seed + i")
+    sample.add_argument("--batch-size", type=int_arg(1, MAX_BATCH), default=16)
     sample.add_argument("--out", default="fastdiff-samples", help="output folder for PNGs and grid.png")
     common(sample)
     sample.set_defaults(func=_sample)
@@ -198,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), help="(default: bf16 on CUDA, fp32 on CPU)")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--no-resume", action="store_true", help="start afresh even if --output-dir has checkpoints")
+    train.add_argument(
+        "--allow-change", action="append", default=[], metavar="FIELD", type=lambda name: name.replace("-", "_"),
+        choices=MODEL_FIELDS, help="resume although this field of the model's recipe changed (repeatable): "
+        + ", ".join(MODEL_FIELDS),
+    )  # fmt: skip
     train.add_argument("--init-from", help="start from this pipeline folder or checkpoint (tasks that fine-tune: video)")
     train.add_argument("--export", help="also write the final EMA weights as a pipeline folder here")
     common(train)
@@ -217,23 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``fastdiff <command> …``; returns the exit status (argparse's too: 0 for --help, 2 for a bad argument)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    return _report_errors(argv[0] if argv else "", _dispatch, argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:  # the benchmark suite has its own argument parser
         from fastdiff.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def _report_errors(command: str, func, *args) -> int:
+    """``func(*args)``, with the errors a user can act on printed in one line instead of a traceback."""
+    import torch
+
     try:
-        return args.func(args)
-    except UsageError as e:
-        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return func(*args)
+    except SystemExit as e:  # argparse: --help (0), or a bad argument (2) whose one-line error it printed
+        return e.code
+    except (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError,
+            TypeError, ImportError) as e:  # fmt: skip
+        # Bad paths and arguments surface from the library as these: one line, exit status 2.
+        print(f"fastdiff {command}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError, ImportError) as e:
-        # Bad paths and arguments surface from the library as these: one line, no traceback.
-        print(f"fastdiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        first = str(e).strip().split("\n")[0]
+        print(f"fastdiff {command}: out of memory ({first or type(e).__name__}): try a smaller batch", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"fastdiff {args.command}: interrupted", file=sys.stderr)
+        print(f"fastdiff {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -50,15 +50,64 @@ def to_pil(x: torch.Tensor):
 
 def load_image(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     """Decode, convert to RGB, resize the shorter side to ``resolution`` and centre-crop."""
+    with _pil().open(path) as img:
+        return to_tensor(fit_image(img.convert("RGB"), resolution))
+
+
+def fit_image(img, resolution: int):
+    """A PIL image with its shorter side resized to ``resolution`` (bicubic), centre-cropped to a square."""
     Image = _pil()
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        return to_tensor(img.crop((left, top, left + resolution, top + resolution)))
+    w, h = img.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def open_image(source, what: str = "image"):
+    """A PIL RGB image from a PIL image or a path; a missing or undecodable file is refused naming ``what``."""
+    Image = _pil()
+    from PIL import UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a PIL image, a path or a tensor, got {type(source).__name__}")
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:  # not an image, truncated, unsupported mode
+        raise ValueError(f"{what} {str(path)!r} is not a readable image ({type(e).__name__})") from None
+
+
+def read_lines(path: str | os.PathLike) -> list[tuple[int, str | None]]:
+    """(line number from 1, text) for each line of a file; text is None for a line that is not UTF-8.
+
+    Decoding line by line lets a reader name the one bad line (or skip it) instead of failing
+    on the whole file.  A UTF-8 byte-order mark at the start is dropped.
+    """
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    lines = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            lines.append((n, raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            lines.append((n, None))
+    return lines
+
+
+def read_text_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """`read_lines` for a file every line of which must be text: a line that is not UTF-8 is a
+    ValueError naming the file and the line."""
+    lines = read_lines(path)
+    undecodable = next((n for n, line in lines if line is None), None)
+    if undecodable is not None:
+        raise ValueError(f"{path}, line {undecodable}: not UTF-8 text")
+    return lines
 
 
 @dataclass
@@ -115,7 +164,8 @@ class ImageFolder(CaptionedFiles):
 
 class JsonlCaptions(CaptionedFiles):
     """One JSON object per line, ``{"image": path, "text": caption}``; relative paths are
-    relative to the file's folder (or ``image_root``).  Malformed lines are skipped."""
+    relative to the file's folder (or ``image_root``).  Malformed lines — including a line
+    that is not UTF-8 text — are skipped and listed in ``skipped`` as ``<file>:<line>``."""
 
     def __init__(self, path: str | os.PathLike, resolution: int, image_root: str | os.PathLike | None = None):
         path = Path(path)
@@ -123,7 +173,10 @@ class JsonlCaptions(CaptionedFiles):
             raise FileNotFoundError(f"JSONL file {str(path)!r} does not exist")
         root = Path(image_root) if image_root is not None else path.parent
         items, skipped = [], []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in read_lines(path):
+            if line is None:
+                skipped.append(Skipped(f"{path}:{n}", "bad record (not UTF-8 text)"))
+                continue
             if not line.strip():
                 continue
             try:

@@ -31,9 +31,12 @@ def run_demo(
     prompts: tuple[str, ...] = DEMO_PROMPTS,
 ) -> int:
     from fastdiff import ops
+    from fastdiff.checks import check_int, check_out_dir
     from fastdiff.data import analyse_shape_image, parse_caption, to_pil
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, Text2Image, make_grid
 
+    check_out_dir(out_dir, "--out")  # a file in the way, or a folder that refuses writes: before the model loads
+    check_int(steps, "--steps", 1)
     start = time.perf_counter()
     pipe = Text2Image.from_pretrained(checkpoint or DEFAULT_CHECKPOINT, device)
     print(f"fastdiff demo on {pipe.device} (ops backend: {ops.current_backend()}); "

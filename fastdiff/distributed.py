@@ -103,3 +103,14 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if initialized() and world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself for a single process).
+
+    For a decision one rank makes for all, such as the checkpoint every rank resumes from."""
+    if not initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -491,7 +491,12 @@ def patch(model, *, attention: bool = True, group_norm: bool = True) -> PatchRep
 
 
 def unpatch(model) -> None:
-    """Undo `patch`: every switched class and attention processor goes back to what it was."""
+    """Undo `patch`: every switched class and attention processor goes back to what it was.
+
+    What the user changed after patching stays: an attention module whose processor is no
+    longer the `FastAttnProcessor` that `patch` set (``attn.set_processor(mine)``,
+    ``unet.set_attn_processor(...)``) keeps the processor it has now.
+    """
     if _is_pipeline(model):
         for comp in _components(model).values():
             if hasattr(comp, _RECORD):
@@ -503,7 +508,9 @@ def unpatch(model) -> None:
     if record is None:
         raise ValueError("model was not patched by fastdiff.patch")
     for attn, proc in reversed(record.processors):
-        attn.set_processor(proc)
+        current = attn.processor
+        if isinstance(current, FastAttnProcessor) and current.original is proc:
+            attn.set_processor(proc)
     for module, cls in reversed(record.classes):
         module.__class__ = cls
     delattr(model, _RECORD)

@@ -13,7 +13,13 @@ function of (prompt_b, seed_b) only: the same seed gives the same image in any b
 
 A pipeline folder holds ``pipeline.json`` (UNet config, text encoder, schedule,
 prediction, resolution) and ``model.safetensors`` — or, for a training checkpoint,
-``ema.safetensors``, which is used instead.
+``ema.safetensors``, which is used instead.  A diffusers Stable Diffusion folder
+(``model_index.json``) loads as a `fastdiff.sd.StableDiffusion`, a Text2Image on latents.
+
+Generating is three public steps, which applications compose:
+`Text2Image.encode_prompt` (text → cross-attention context), `Text2Image.denoise`
+(the sampling loop from x_T) and `Text2Image.decode` (sample → image: the identity for
+pixel models, the VAE decoder for latent ones).
 """
 from __future__ import annotations
 
@@ -21,15 +27,20 @@ import functools
 import json
 import math
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from fastdiff import samplers, schedule as schedules
+from fastdiff.checks import MAX_BATCH, check_fits_in_memory, check_int, check_number, check_out_dir, resolve_device
+from fastdiff.checks import SEED_LIMIT
 from fastdiff.data import to_pil
+from fastdiff.durable import fsync_path, write_atomic
 from fastdiff.nn.unet import UNet, UNetConfig
 
 SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "heun")
+OUTPUT_TYPES = ("pil", "np", "pt")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "tiny-shapes"
 PIPELINE_FILE = "pipeline.json"
 
@@ -49,10 +60,34 @@ def make_plan(name: str, schedule: schedules.Schedule, steps: int, prediction: s
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
     fn, integer = _PLANS[name]
     T = schedule.num_timesteps
-    if not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+    check_int(steps, "steps", 1, T)
     ts = schedules.timesteps(steps, T, "trailing") if integer else schedules.continuous_timesteps(steps, T, "trailing")
     return fn(schedule, ts, prediction=prediction)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A sampler setting made concrete for one pipeline: what `Text2Image.denoise` runs."""
+
+    plan: samplers.Plan  # the unrolled sampler
+    noise_scale: float = 1.0  # x_T = noise_scale·(N(0, I) draw or given latents), in the VP state
+    clip_x0: float | None = None  # clamp x̂0 to [−clip_x0, clip_x0] at every step (None: no clipping)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def to_output(x: torch.Tensor, output_type: str):
+    """Images (N, 3, H, W) in [−1, 1] as ``output_type``: "pil" a list of PIL images, "np" a
+    (N, H, W, 3) float32 array in [0, 1] (diffusers' "np"), "pt" the tensor itself."""
+    check_output_type(output_type)
+    if output_type == "pil":
+        return [to_pil(xi) for xi in x]
+    if output_type == "np":
+        return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return x
 
 
 def make_grid(images: list, cols: int | None = None, pad: int = 2):
@@ -71,22 +106,45 @@ def make_grid(images: list, cols: int | None = None, pad: int = 2):
 
 
 def _seeds(seeds, n: int) -> list[int]:
+    """One seed per image: ``seeds`` itself (a list), or an int s giving s, s + 1, …; each in [0, 2**63)."""
     if seeds is None:
         seeds = int.from_bytes(os.urandom(4), "little")
     if isinstance(seeds, int):
+        check_int(seeds, "seeds", 0, SEED_LIMIT - n)
         return [seeds + i for i in range(n)]
     seeds = [int(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"seeds must be one int per image ({n}), got {len(seeds)}")
+    bad = next((s for s in seeds if not 0 <= s < SEED_LIMIT), None)
+    if bad is not None:
+        raise ValueError(f"seeds must lie in [0, 2**63) (int64 Philox keys), got {bad}")
     return seeds
 
 
 def check_batching(batch_size, guidance_scale) -> None:
-    """The settings every generating call takes: raise naming the bad one, before any work."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}")
+    """The settings every generating call takes: raise naming the bad one, before any work.
+
+    A NaN or infinite guidance scale is refused: it makes every image NaN (black once saved).
+    """
+    check_int(batch_size, "batch_size", 1, MAX_BATCH)
+    check_number(guidance_scale, "guidance_scale")
+
+
+# What one image held in memory costs at the least (a PIL image object and its pixels): the
+# bound `check_images_fit` uses before a model says how large its images are.
+MIN_IMAGE_BYTES = 1024
+
+
+def check_images_fit(n: int, what: str, bytes_per_image: int = MIN_IMAGE_BYTES) -> None:
+    """Refuse ``n`` images kept in memory at once (a call that returns them all) when they cannot fit."""
+    hint = "fastdiff generate (fastdiff.bulk) writes any number of images as it goes"
+    check_fits_in_memory(n * bytes_per_image, f"{what} ({n} images at once)", hint)
+
+
+def image_bytes(channels: int, pixels: int) -> int:
+    """Memory of one generated image until it is returned: fp32 samples, twice while batches are
+    concatenated, one byte per value as a PIL image, and the image object itself."""
+    return channels * pixels * (2 * 4 + 1) + MIN_IMAGE_BYTES
 
 
 def progress_bar(enabled: bool, total: int, desc: str, unit: str):
@@ -128,8 +186,9 @@ class Pipeline:
         self.spec = spec
         sch = spec["schedule"]
         self.schedule = schedules.make_schedule(
-            sch["kind"], sch["num_timesteps"], zero_terminal_snr=sch.get("zero_terminal_snr", False)
-        )
+            sch["kind"], sch["num_timesteps"], beta_start=sch.get("beta_start"), beta_end=sch.get("beta_end"),
+            zero_terminal_snr=sch.get("zero_terminal_snr", False),
+        )  # fmt: skip
         self.prediction = spec["prediction"]
         self.resolution = spec["resolution"]
 
@@ -141,23 +200,41 @@ class Pipeline:
     def from_pretrained(
         cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, text_encoder=None
     ):
-        """Load a pipeline folder (or a training checkpoint: its EMA weights); no path: the shipped model."""
+        """Load a pipeline folder (or a training checkpoint: its EMA weights); no path: the shipped model.
+
+        A diffusers Stable Diffusion folder loads as `fastdiff.sd.StableDiffusion` (through
+        `Text2Image` or `Pipeline` only: the other pipelines do not run one yet).
+        """
+        from fastdiff import sd
         from fastdiff.text import load_text_encoder
 
         if path is None:
             if cls.SHIPPED is None:
                 raise ValueError(f"{cls.__name__} has no shipped model: pass the path of a pipeline folder")
             path = cls.SHIPPED
+        device = resolve_device(device)
+        if sd.is_diffusers_folder(path):
+            if not issubclass(sd.StableDiffusion, cls):
+                raise ValueError(f"{str(path)!r} is a Stable Diffusion folder, which {cls.__name__} cannot run yet")
+            return sd.StableDiffusion.from_folder(path, device, text_encoder=text_encoder)
         spec = read_spec(path)
-        unet = cls.build_unet(spec, path)
-        unet.load_state_dict(load_weights(path))
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        unet = unet.to(device)
-        if device.type == "cuda" and cls.CHANNELS_LAST:
-            unet = unet.to(memory_format=torch.channels_last)
+        try:
+            unet = cls.build_unet(spec, path)
+        except (KeyError, TypeError, ValueError) as e:  # a config field missing, unknown or of the wrong kind
+            raise ValueError(f"{Path(path) / PIPELINE_FILE}: {e}") from None
+        load_matching(unet, path)
+        unet = cls.place_network(unet, device)
         if text_encoder is None:
             text_encoder = load_text_encoder(spec["text_encoder"], device)
         return cls(unet, text_encoder, spec)
+
+    @classmethod
+    def place_network(cls, network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``network`` on ``device``, channels_last on CUDA."""
+        network = network.to(device)
+        if device.type == "cuda" and cls.CHANNELS_LAST:
+            network = network.to(memory_format=torch.channels_last)
+        return network
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
@@ -179,6 +256,7 @@ class Text2Image(Pipeline):
     """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
 
     SHIPPED = DEFAULT_CHECKPOINT
+    default_sampler = "dpmpp_2m"  # what ``sampler=None`` runs
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
@@ -188,9 +266,46 @@ class Text2Image(Pipeline):
             raise ValueError(f"{str(path)!r} holds a {kind!r} model, not a text-to-image UNet")
         return UNet(UNetConfig.from_dict(spec["unet"]))
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one x_T: the image itself for a pixel model."""
+        return (self.unet.config.in_channels, self.resolution, self.resolution)
+
+    def sampling(self, sampler: str | None, steps: int) -> Sampling:
+        """``sampler`` (None: `default_sampler`) over ``steps`` "trailing" timesteps (`make_plan`)."""
+        return Sampling(make_plan(sampler or self.default_sampler, self.schedule, steps, self.prediction))
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str], guided: bool):
+        """(context (B′, L, D), pooled (B′, P)) for one batch, from the prompt cache; guided, B′ = 2B
+        with the negatives first (the unconditional half, as `samplers.sample` expects)."""
+        return self.prompts.encode(negatives + prompts if guided else prompts, self.device)
+
     def _text_model(self, prompts: list[str], negatives: list[str], guided: bool):
         """``model(x, t)`` with one batch's prompts bound; guided, the negatives come first (the unconditional half)."""
-        return self._model(*self.prompts.encode(negatives + prompts if guided else prompts, self.device))
+        return self._model(*self.encode_prompt(prompts, negatives, guided))
+
+    def denoise(self, x_T, seeds, conditioning, sampling: Sampling, guidance_scale: float | None) -> torch.Tensor:
+        """The sampling loop: x_T (B, C, h, w) → the sample, with ``conditioning`` (`encode_prompt`'s
+        pair) bound and ``guidance_scale`` None for an unguided run.  seeds (B,) int64: per-step noise."""
+        x_T = x_T * sampling.noise_scale if sampling.noise_scale != 1.0 else x_T
+        model = self._model(*conditioning)
+        return samplers.sample(
+            model, x_T, seeds, sampling.plan, guidance_scale=guidance_scale, clip_x0=sampling.clip_x0
+        )
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sample → image (N, C, H, W) in [−1, 1]: a pixel model's sample is the image."""
+        return x
+
+    def _check_latents(self, latents, n: int) -> None:
+        C, multiple = self.sample_shape[0], self.unet.downscale
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise TypeError(f"latents must be a float tensor, got {type(latents).__name__}")
+        shape = tuple(latents.shape)
+        if len(shape) != 4 or shape[:2] != (n, C) or any(d < 1 or d % multiple for d in shape[2:]):
+            raise ValueError(
+                f"latents must have shape ({n}, {C}, h, w) (one per prompt; h, w multiples of {multiple}), got {shape}"
+            )
 
     @torch.no_grad()
     def generate_tensors(
@@ -199,45 +314,60 @@ class Text2Image(Pipeline):
         *,
         negative_prompt: str | list[str] = "",
         guidance_scale: float = 4.0,
-        sampler: str = "dpmpp_2m",
+        sampler: str | None = None,
         steps: int = 20,
         seeds: int | list[int] | None = None,
         batch_size: int = 16,
         progress: bool = True,
+        latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(N, C, R, R) fp32 samples in [−1, 1] (un-clamped), one per prompt."""
+        """(N, C, H, W) fp32 images in [−1, 1] (un-clamped), one per prompt.
+
+        sampler: one of `SAMPLERS`, None for the pipeline's `default_sampler`.  latents:
+        the initial noise x_T (N, C, h, w) instead of the draw from ``seeds`` (which then
+        only key the noise of stochastic samplers); scaled as `sampling` says, as
+        diffusers scales its ``latents`` by the scheduler's ``init_noise_sigma``.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         n = len(prompts)
         if n == 0:
             raise ValueError("prompts must not be empty")
+        c = self.unet.config
+        check_images_fit(n, "prompts", image_bytes(c.in_channels, self.resolution**2))
         negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != n:
             raise ValueError(f"negative_prompt must be a string or one per prompt ({n}), got {len(negatives)}")
         check_batching(batch_size, guidance_scale)
+        if latents is not None:
+            self._check_latents(latents, n)
         seed_list = _seeds(seeds, n)
-        plan = make_plan(sampler, self.schedule, steps, self.prediction).to(self.device)
+        run = self.sampling(sampler, steps)
+        run = replace(run, plan=run.plan.to(self.device))
         guided = guidance_scale != 1.0
-        c = self.unet.config
-        shape = (c.in_channels, self.resolution, self.resolution)
         out = []
-        bar = progress_bar(progress, n, f"sample ({sampler}, {steps} steps)", "img")
+        bar = progress_bar(progress, n, f"sample ({sampler or self.default_sampler}, {steps} steps)", "img")
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=self.device)
-            x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *shape))
-            model = self._text_model(prompts[sl], negatives[sl], guided)
-            x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=guidance_scale if guided else None)
-            out.append(x.float())
+            if latents is None:
+                x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *self.sample_shape))
+            else:
+                x_T = latents[sl].to(self.device, torch.float32)
+            conditioning = self.encode_prompt(prompts[sl], negatives[sl], guided)
+            x = self.denoise(x_T, seeds_t, conditioning, run, guidance_scale if guided else None)
+            out.append(self.decode(x).float())
             if bar is not None:
                 bar.update(len(seeds_t))
         if bar is not None:
             bar.close()
         return torch.cat(out)
 
-    def __call__(self, prompts: list[str], **kwargs) -> list:
-        """PIL images, one per prompt; keyword arguments as `generate_tensors`."""
-        return [to_pil(x) for x in self.generate_tensors(prompts, **kwargs)]
+    def __call__(self, prompts: list[str], *, output_type: str = "pil", **kwargs):
+        """Images, one per prompt, as ``output_type`` (`to_output`: "pil", "np" or "pt");
+        keyword arguments as `generate_tensors`."""
+        check_output_type(output_type)
+        return to_output(self.generate_tensors(prompts, **kwargs), output_type)
 
 
 def save_images(images: list, out_dir: str | os.PathLike, prompts: list[str] | None = None, cols: int | None = None):
@@ -265,17 +395,44 @@ def export_pipeline(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, d
     weights = {k: v.to(dtype).contiguous() for k, v in load_file(str(checkpoint / "ema.safetensors")).items()}
     tmp = out / ".model.safetensors.tmp"
     save_file(weights, str(tmp))
+    fsync_path(tmp)
     os.replace(tmp, out / "model.safetensors")
-    (out / PIPELINE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    write_atomic(out / PIPELINE_FILE, (json.dumps(spec, indent=2) + "\n").encode())  # written last: a folder
+    fsync_path(out)  # with a pipeline.json has its weights, after a crash too
     return out
 
 
+# What every pipeline.json holds, and the JSON type of each entry.
+SPEC_FIELDS = {"unet": dict, "text_encoder": str, "schedule": dict, "prediction": str, "resolution": int}
+
+
 def read_spec(path: str | os.PathLike) -> dict:
-    """``pipeline.json`` of a pipeline or training-checkpoint folder (cheap: no weights)."""
+    """``pipeline.json`` of a pipeline or training-checkpoint folder (cheap: no weights).
+
+    A file that is not a JSON object with `SPEC_FIELDS` is refused in one line naming it.
+    """
     spec_file = Path(path) / PIPELINE_FILE
     if not spec_file.is_file():
         raise FileNotFoundError(f"--checkpoint {str(path)!r} is not a fastdiff pipeline or checkpoint (no {PIPELINE_FILE})")
-    return json.loads(spec_file.read_text())
+    try:
+        spec = json.loads(spec_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{spec_file}: not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_file}: expected a JSON object, got {type(spec).__name__}")
+    missing = [k for k in SPEC_FIELDS if k not in spec]
+    if missing:
+        raise ValueError(f"{spec_file}: missing {', '.join(missing)}")
+    for key, kind in SPEC_FIELDS.items():
+        if not isinstance(spec[key], kind) or isinstance(spec[key], bool):
+            raise ValueError(f"{spec_file}: {key!r} must be a JSON {kind.__name__}, got {spec[key]!r}")
+    schedule = spec["schedule"]
+    if schedule.get("kind") not in schedules.SCHEDULES or not isinstance(schedule.get("num_timesteps"), int):
+        want = f"a 'kind' in {schedules.SCHEDULES} and an integer 'num_timesteps'"
+        raise ValueError(f"{spec_file}: 'schedule' needs {want}, got {schedule!r}")
+    if spec["prediction"] not in samplers.PREDICTIONS:
+        raise ValueError(f"{spec_file}: 'prediction' must be one of {samplers.PREDICTIONS}, got {spec['prediction']!r}")
+    return spec
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -288,10 +445,28 @@ def weights_file(path: str | os.PathLike) -> Path:
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A folder's weights (`weights_file`) in fp32."""
+    """A folder's weights (`weights_file`) in fp32; a file safetensors cannot read is refused naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return {k: v.float() for k, v in load_file(str(weights_file(path))).items()}
+    file = weights_file(path)
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError) as e:  # empty, truncated, or not safetensors at all
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_matching(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a folder's weights into ``model``; weights of another shape than ``pipeline.json``'s model are
+    refused in one line (instead of load_state_dict's list of every mismatched tensor)."""
+    try:
+        model.load_state_dict(load_weights(path))
+    except RuntimeError as e:  # missing / unexpected keys, size mismatches
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+        raise ValueError(
+            f"--checkpoint {str(path)!r}: the weights do not match {PIPELINE_FILE}'s model ({detail})"
+        ) from None
 
 
 @functools.lru_cache(maxsize=2)
@@ -306,7 +481,7 @@ def generate(
     checkpoint: str | os.PathLike = DEFAULT_CHECKPOINT,
     negative_prompt: str | list[str] = "",
     guidance_scale: float = 4.0,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int = 20,
     seeds: int | list[int] | None = None,
     batch_size: int = 16,
@@ -315,13 +490,15 @@ def generate(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ):
-    """Text to images in one call: PIL images (``output_type="pil"``) or a (N, C, H, W) tensor in [−1, 1] ("pt").
+    """Text to images in one call, as ``output_type`` (`to_output`): PIL images ("pil"), a
+    (N, H, W, 3) array in [0, 1] ("np") or a (N, C, H, W) tensor in [−1, 1] ("pt").
 
     The pipeline for (checkpoint, device) is loaded once and reused.  ``out_dir``:
     also save each image and a grid there.
     """
-    if output_type not in ("pil", "pt"):
-        raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+    check_output_type(output_type)
+    if out_dir is not None:
+        check_out_dir(out_dir, "out_dir")
     if isinstance(prompts, str):
         prompts = [prompts]
     pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device)
@@ -329,7 +506,7 @@ def generate(
         prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale, sampler=sampler, steps=steps,
         seeds=seeds, batch_size=batch_size, progress=progress,
     )  # fmt: skip
-    images = [to_pil(xi) for xi in x]
+    result = to_output(x, output_type)
     if out_dir is not None:
-        save_images(images, out_dir, prompts)
-    return images if output_type == "pil" else x
+        save_images(result if output_type == "pil" else to_output(x, "pil"), out_dir, prompts)
+    return result

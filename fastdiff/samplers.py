@@ -9,7 +9,10 @@ A sampler is split in two small pure pieces:
   and the coefficient vector of the fused update (``fastdiff.ops.sampler_step``), plus which
   evaluations draw noise, keep or read the previous x̂0, and blend the inpainting region;
 * `sample`, one loop for every sampler: call the model, then ``fastdiff.ops.sampler_step`` — the only
-  per-element work of a step.
+  per-element work of a step.  The loop checks its arguments once (`prepare_loop`); each
+  evaluation (`Loop.step`) then checks only the model's output and calls the op's unchecked
+  entry.  An application with its own loop (RePaint's jumps in ``apps.inpaint``) runs the same
+  evaluations.
 
 The state is always variance-preserving, x_t = α_t·x_0 + σ_t·ε (α_t = sqrt(ᾱ_t),
 σ_t = sqrt(1 − ᾱ_t)), and the model is always called as ``model(x_t, t)``: the σ-space
@@ -35,9 +38,8 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops._philox import randn_like_philox, step_keys
-# The function itself: once this module is imported, the name `fastdiff.ops.sampler_step` is
-# the submodule (Python sets the package attribute on import), not the op.
-from fastdiff.ops.sampler_step import NUM_COEFFICIENTS, sampler_step, step_coefficients
+from fastdiff.ops.sampler_step import NUM_COEFFICIENTS, check_model_output, check_step_arguments
+from fastdiff.ops.sampler_step import sampler_step_unchecked, step_coefficients
 from fastdiff.schedule import Schedule, sigmas_at
 
 PREDICTIONS = ("epsilon", "sample", "v")
@@ -189,14 +191,18 @@ def ddim_plan(
     eta: float = 0.0,
     prediction: str = "epsilon",
     final_alpha_one: bool = True,
+    prev_timesteps: torch.Tensor | None = None,
 ) -> Plan:
     """DDIM (Song et al. 2021, Eq. 12 and 16):
 
         σ_η = η·sqrt((1−ᾱ')/(1−ᾱ_t))·sqrt(1 − ᾱ_t/ᾱ')
         x'  = sqrt(ᾱ')·x̂0 + sqrt(1 − ᾱ' − σ_η²)·ε̂ + σ_η·z
 
-    η = 0 is the deterministic sampler, η = 1 DDPM-like.  After the last timestep ᾱ' = 1
-    (``final_alpha_one``) or ᾱ_0 (Stable Diffusion's ``set_alpha_to_one=False``).
+    η = 0 is the deterministic sampler, η = 1 DDPM-like.  ᾱ' is that of the next timestep,
+    or of ``prev_timesteps[i]`` when given (diffusers' DDIMScheduler lands on t − ⌊T/N⌋,
+    which is not the next timestep when N does not divide T).  After the last timestep, or
+    at a negative ``prev_timesteps`` entry, ᾱ' = 1 (``final_alpha_one``) or ᾱ_0 (Stable
+    Diffusion's ``set_alpha_to_one=False``).
     """
     _check_prediction(prediction)
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
@@ -204,11 +210,14 @@ def ddim_plan(
     ts = _check_timesteps(timesteps, schedule, integer=True)
     acp = schedule.alphas_cumprod.tolist()
     N = ts.shape[0]
+    lands = [int(t) for t in ts[1:]] + [-1] if prev_timesteps is None else [int(t) for t in prev_timesteps]
+    if len(lands) != N or max(lands) >= schedule.num_timesteps:
+        raise ValueError(f"prev_timesteps must be {N} timesteps below {schedule.num_timesteps}, got {lands}")
     rows, noise = [], []
     for i in range(N):
         last = i == N - 1
         ab = acp[int(ts[i])]
-        ab_next = (1.0 if final_alpha_one else acp[0]) if last else acp[int(ts[i + 1])]
+        ab_next = acp[lands[i]] if lands[i] >= 0 else (1.0 if final_alpha_one else acp[0])
         std = eta * math.sqrt((1 - ab_next) / (1 - ab) * (1 - ab / ab_next))
         rows.append(
             step_coefficients(
@@ -387,10 +396,89 @@ def _validate_sample(x_T, seeds, plan, guidance_scale, guidance_rescale, known, 
         raise ValueError(f"plan.coeffs must have shape (E, {NUM_COEFFICIENTS}), got {tuple(plan.coeffs.shape)}")
     if guidance_scale is not None and not isinstance(guidance_scale, (int, float)):
         raise TypeError(f"guidance_scale must be None or a float, got {type(guidance_scale).__name__}")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")  # NaN/inf: every image NaN
     if guidance_rescale and guidance_scale is None:
         raise ValueError("guidance_rescale needs guidance_scale (classifier-free guidance)")
     if (known is None) != (mask is None):
         raise ValueError("known and mask go together: give both (inpainting) or neither")
+
+
+@dataclass(frozen=True, eq=False)
+class Loop:
+    """What every evaluation of a sampling loop reads besides its state: made once, checked, by `prepare_loop`."""
+
+    model: Model
+    plan: Plan  # on the state's device, fp32 coefficients
+    seeds: torch.Tensor  # (B,) int64
+    guidance_scale: float | None  # None: no classifier-free guidance
+    guidance_rescale: float
+    clip_x0: float | None
+    known: torch.Tensor | None  # inpainting: the known image and the mask (in the state's dtype)
+    mask: torch.Tensor | None
+    model_t: tuple[torch.Tensor, ...]  # per evaluation, the model's t: (B,) or (2B,) under guidance
+    coeffs: tuple[torch.Tensor, ...]  # per evaluation, its (K,) row of plan.coeffs
+
+    def step(
+        self, i: int, x: torch.Tensor, x0: torch.Tensor | None, *, coeffs: torch.Tensor | None = None,
+        key: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Evaluation ``i`` of the plan from state x (and the x̂0 kept by the previous one): ``(x_next, x0)``.
+
+        One model call, its output checked (the model is the caller's code), and one unchecked
+        fused step.  ``coeffs`` and ``key`` replace the plan's row and the noise's step key
+        (``i``) for a loop that revisits evaluations (RePaint).
+        """
+        plan, guided = self.plan, self.guidance_scale is not None
+        t = self.model_t[i]
+        if guided:
+            out = self.model(torch.cat([x, x]), t)
+            if out.shape[0] != t.shape[0]:
+                raise ValueError(
+                    f"model must return (2B, ...) = ({t.shape[0]}, ...) under guidance, got {tuple(out.shape)}"
+                )
+            out_u, out_c = out.chunk(2)
+        else:
+            out_u, out_c = None, self.model(x, t)
+        check_model_output(x, out_c, out_u)
+        blend = plan.blends[i]
+        return sampler_step_unchecked(
+            x, out_c, self.coeffs[i] if coeffs is None else coeffs, uncond_output=out_u,
+            guidance_scale=self.guidance_scale if guided else 1.0, guidance_rescale=self.guidance_rescale,
+            clip_x0=self.clip_x0, x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i],
+            seeds=self.seeds, step=i if key is None else key, add_noise=plan.add_noise[i],
+            known=self.known if blend else None, mask=self.mask if blend else None,
+        )  # fmt: skip
+
+
+def prepare_loop(
+    model: Model,
+    x_T: torch.Tensor,
+    seeds: torch.Tensor,
+    plan: Plan,
+    *,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_x0: float | None = None,
+    known: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> Loop:
+    """Check `sample`'s arguments (all but the model's outputs, checked per evaluation) and put what
+    the evaluations read on x_T's device, once."""
+    _validate_sample(x_T, seeds, plan, guidance_scale, guidance_rescale, known, mask)
+    device, B = x_T.device, x_T.shape[0]
+    if plan.coeffs.device != device or plan.coeffs.dtype != torch.float32:
+        plan = plan.to(device)
+    if isinstance(mask, torch.Tensor) and mask.dtype != x_T.dtype and mask.is_floating_point():
+        mask = mask.to(x_T.dtype)
+    guided = guidance_scale is not None
+    check_step_arguments(
+        x_T, guided=guided, guidance_scale=guidance_scale if guided else 1.0, guidance_rescale=guidance_rescale,
+        clip_x0=clip_x0, seeds=seeds, add_noise=any(plan.add_noise), known=known, mask=mask,
+    )  # fmt: skip
+    model_t = tuple(t.expand(2 * B if guided else B) for t in plan.timesteps.unbind(0))
+    coeffs = plan.coeffs.unbind(0)
+    return Loop(model, plan, seeds, guidance_scale, guidance_rescale, clip_x0, known, mask, model_t, coeffs)
 
 
 def sample(
@@ -414,28 +502,11 @@ def sample(
     known, mask: inpainting — mask (B, ...) or (B, 1, ...) is 1 where the image is repainted;
     the returned image equals ``known`` where mask is 0.  seeds (B,) int64: one per image.
     """
-    _validate_sample(x_T, seeds, plan, guidance_scale, guidance_rescale, known, mask)
-    device, B = x_T.device, x_T.shape[0]
-    if plan.coeffs.device != device or plan.coeffs.dtype != torch.float32:
-        plan = plan.to(device)
-    if mask is not None and mask.dtype != x_T.dtype and mask.is_floating_point():
-        mask = mask.to(x_T.dtype)  # once, outside the loop
-    guided = guidance_scale is not None
+    loop = prepare_loop(
+        model, x_T, seeds, plan, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, clip_x0=clip_x0,
+        known=known, mask=mask,
+    )  # fmt: skip
     x, x0 = x_T, None
-    for i in range(len(plan)):
-        t = plan.timesteps[i].expand(2 * B if guided else B)
-        if guided:
-            out = model(torch.cat([x, x]), t)
-            if out.shape[0] != 2 * B:
-                raise ValueError(f"model must return (2B, ...) = ({2 * B}, ...) under guidance, got {tuple(out.shape)}")
-            out_u, out_c = out.chunk(2)
-        else:
-            out_u, out_c = None, model(x, t)
-        x, x0_new = sampler_step(
-            x, out_c, plan.coeffs[i], uncond_output=out_u, guidance_scale=guidance_scale if guided else 1.0,
-            guidance_rescale=guidance_rescale, clip_x0=clip_x0, x0_prev=x0 if plan.reads_x0[i] else None,
-            return_x0=plan.keeps_x0[i], seeds=seeds, step=i, add_noise=plan.add_noise[i],
-            known=known if plan.blends[i] else None, mask=mask if plan.blends[i] else None,
-        )  # fmt: skip
-        x0 = x0_new
+    for i in range(len(loop.plan)):
+        x, x0 = loop.step(i, x, x0)
     return x

@@ -21,7 +21,8 @@ Schedules:
 Timestep spacing picks N of the T training steps for sampling, in descending order
 (Lin et al. 2023, Table 2): ``leading``, ``trailing``, ``linspace``; ``steps_offset``
 shifts ``leading`` (Stable Diffusion uses 1).  The conventions match diffusers'
-schedulers, which the tests use as an oracle.
+schedulers, which the tests use as an oracle: `timesteps` those of DDIM and DDPM,
+`continuous_timesteps` Euler's and Heun's, `solver_timesteps` DPM-Solver's.
 """
 from __future__ import annotations
 
@@ -157,7 +158,7 @@ def continuous_timesteps(
         t = np.round(np.arange(T, 0, -T / N)) - 1
     else:
         t = np.linspace(0, T - 1, N)[::-1]
-    return torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64))
+    return torch.from_numpy(np.array(t, dtype=np.float64))  # a copy: t may be a reversed view
 
 
 def timesteps(num_steps: int, num_timesteps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
@@ -169,3 +170,22 @@ def sigmas_at(t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """σ at (fractional) timesteps by linear interpolation of the discrete σ_t (float64)."""
     sig = schedule.sigmas.numpy()
     return torch.from_numpy(np.interp(t.double().numpy(), np.arange(len(sig)), sig))
+
+
+def solver_timesteps(
+    num_steps: int, num_timesteps: int, spacing: str = "linspace", steps_offset: int = 0
+) -> torch.Tensor:
+    """N descending integer timesteps as diffusers' DPM-Solver and UniPC schedulers space them.
+
+    ``leading`` and ``linspace`` place N + 1 points and drop the last one (t ≈ 0: the
+    solver's final step goes to σ = 0 instead); ``trailing`` is `timesteps`' trailing.
+    """
+    _check_spacing(num_steps, num_timesteps, spacing)
+    if spacing == "trailing":
+        return timesteps(num_steps, num_timesteps, spacing)
+    T, M = num_timesteps, num_steps + 1
+    if spacing == "leading":
+        t = (np.arange(M) * (T // M))[::-1] + steps_offset
+    else:
+        t = np.linspace(0, T - 1, M).round()[::-1]
+    return torch.from_numpy(np.array(t[:-1], dtype=np.int64))

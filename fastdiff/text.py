@@ -20,6 +20,10 @@ Two encoders, both loaded from local files only (no network):
 
 The unconditional embedding for classifier-free guidance (Ho & Salimans 2022) is the
 empty prompt's, as in Stable Diffusion.  Both need ``transformers``.
+
+Weights are read from ``model.safetensors`` only: a folder that holds only pickled weights
+(``pytorch_model.bin``) is refused, whatever ``torch.load``'s ``weights_only`` default is,
+because unpickling a file can run code.
 """
 from __future__ import annotations
 
@@ -42,6 +46,21 @@ def _transformers():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("text encoders need `transformers`: pip install 'fastdiff[text]'") from e
     return transformers
+
+
+def _load_model(loader, path: Path):
+    """``loader.from_pretrained(path)`` from local safetensors files only: nothing is ever unpickled."""
+    from safetensors import SafetensorError
+
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise FileNotFoundError(
+            f"text encoder {str(path)!r} has no model.safetensors; pickled weights (pytorch_model.bin) are never "
+            "loaded: save the model with save_pretrained(), which writes safetensors"
+        )
+    try:
+        return _quiet_load(loader.from_pretrained, path, local_files_only=True, use_safetensors=True)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"text encoder {str(path)!r}: cannot load its weights ({e})") from None
 
 
 def _quiet_load(fn, *args, **kwargs):
@@ -97,10 +116,25 @@ class CLIPTextEncoder(TextEncoder):
         model_dir, tok_dir = root, root
         if (root / "text_encoder").is_dir():
             model_dir, tok_dir = root / "text_encoder", root / "tokenizer"
-        model = _quiet_load(tf.CLIPTextModel.from_pretrained, model_dir, local_files_only=True)
+        model = _load_model(tf.CLIPTextModel, model_dir)
         tokenizer = _quiet_load(tf.CLIPTokenizer.from_pretrained, tok_dir, local_files_only=True)
         length = max_length or min(tokenizer.model_max_length, model.config.max_position_embeddings)
         enc = cls(model, tokenizer, length, str(root))
+        enc.dim = enc.pooled_dim = model.config.hidden_size
+        return enc
+
+    @classmethod
+    def from_diffusers_folder(cls, root: str | os.PathLike, variant: str | None = None) -> "CLIPTextEncoder":
+        """The ``text_encoder/`` (safetensors only; the ``variant`` files when given) and
+        ``tokenizer/`` of a diffusers Stable Diffusion folder, in fp32."""
+        tf = _transformers()
+        root = Path(root)
+        model = _quiet_load(
+            tf.CLIPTextModel.from_pretrained, root / "text_encoder", local_files_only=True, use_safetensors=True,
+            variant=variant,
+        ).float()  # fmt: skip
+        tokenizer = _quiet_load(tf.CLIPTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
+        enc = cls(model, tokenizer, min(tokenizer.model_max_length, model.config.max_position_embeddings), str(root))
         enc.dim = enc.pooled_dim = model.config.hidden_size
         return enc
 
@@ -119,7 +153,7 @@ class SentenceEncoder(TextEncoder):
         tf = _transformers()
         spec = DEFAULT_ENCODER if path is None else str(path)
         path = minilm_path() if path is None else Path(path)
-        model = _quiet_load(tf.AutoModel.from_pretrained, path, local_files_only=True)
+        model = _load_model(tf.AutoModel, path)
         tokenizer = _quiet_load(tf.AutoTokenizer.from_pretrained, path, local_files_only=True)
         enc = cls(model, tokenizer, max_length, spec)
         enc.dim = enc.pooled_dim = model.config.hidden_size

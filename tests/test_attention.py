@@ -336,10 +336,10 @@ def _module_ref(mod, x, context):
     def heads(t):
         return t.view(B, -1, H, D).transpose(1, 2)
 
-    w = {n: getattr(mod, n).weight.double() for n in ("to_q", "to_k", "to_v", "to_out")}
-    q, k, v = heads(x.double() @ w["to_q"].T), heads(c.double() @ w["to_k"].T), heads(c.double() @ w["to_v"].T)
+    w_q, w_k, w_v = (w.double() for w in mod.projection_weights())
+    q, k, v = heads(x.double() @ w_q.T), heads(c.double() @ w_k.T), heads(c.double() @ w_v.T)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, H * D)
-    out = o @ w["to_out"].T
+    out = o @ mod.to_out.weight.double().T
     return out + mod.to_out.bias.double() if mod.to_out.bias is not None else out
 
 
@@ -355,7 +355,7 @@ def test_attention_module_matches_float64(cross, device, poisoned_alloc):
     ref = _module_ref(mod, x, context)
     assert rel_err(out, ref) < 1e-5
     out.square().sum().backward()
-    params = [mod.to_q.weight, mod.to_k.weight, mod.to_v.weight, mod.to_out.weight]
+    params = list(mod.parameters())
     grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
@@ -369,9 +369,9 @@ def test_self_attention_passes_views_of_one_projection(monkeypatch):
 
     seen = []
 
-    def spy(q, k, v):
+    def spy(q, k, v, **kwargs):
         seen.append((q, k, v))
-        return attention(q, k, v)
+        return attention(q, k, v, **kwargs)
 
     monkeypatch.setattr(nn_attention, "attention", spy)
     mod = nn_attention.Attention(32, heads=2, dim_head=32)

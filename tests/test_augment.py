@@ -117,20 +117,27 @@ def test_cli_end_to_end(pipe, tmp_path, capsys):
     assert all(re.fullmatch(r"a large (square|blue circle) (at|in) the .+", x["prompt"]) for x in lines)
     assert all((out / x["file"]).is_file() for x in lines)
     assert cli.main(argv) == 0 and "wrote 0 images (4 already there)" in capsys.readouterr().out
+    # a deleted image is made again, its line replaced: the folder stays resumable
+    merged, image = (out / "manifest.jsonl").read_text(), (out / "square/000001.png").read_bytes()
+    (out / "square/000001.png").unlink()
+    for written in (1, 0):
+        assert cli.main(argv) == 0 and f"wrote {written} images" in capsys.readouterr().out
+        assert (out / "manifest.jsonl").read_text() == merged and (out / "square/000001.png").read_bytes() == image
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--classes", "circle", "--per-class", "0"], "--per-class must be an int >= 1, got 0"),
-        (["--classes", "circle", "--per-class", "-2"], "--per-class must be an int >= 1"),
+        (["--classes", "circle", "--per-class", "0"], "argument --per-class: must be an int >= 1, got 0"),
+        (["--classes", "circle", "--per-class", "-2"], "argument --per-class: must be an int >= 1"),
         (["--classes", "circle", "circle", "--per-class", "2"], "'circle' is given twice"),
         (["--classes", "a b", "a/b", "--per-class", "2"], "would share the folder 'a_b'"),
         (["--classes", "circle", "--per-class", "2", "--prompt-template", "{shape}"], "unknown field"),
         (["--classes", "circle", "--per-class", "2", "--prompt-template", "a shape"], "must contain {class}"),
-        (["--classes", "circle", "--per-class", "2", "--batch", "0"], "--batch must be an int >= 1"),
+        (["--classes", "circle", "--per-class", "2", "--batch", "0"], "argument --batch: must be an int in [1, 4096]"),
+        (["--classes", "circle", "--per-class", "2", "--guidance", "nan"], "argument --guidance: must be a finite"),
         (["--classes", "circle", "--per-class", "2", "--out", "FILE"], "exists and is not a folder"),
-        (["--classes", "circle", "--per-class", "2", "--out", "FILE/sub"], "is not writable"),
+        (["--classes", "circle", "--per-class", "2", "--out", "FILE/sub"], "is a file, not a folder"),
     ],
 )
 def test_cli_bad_inputs(tmp_path, capsys, argv, message):
@@ -152,8 +159,8 @@ def test_bad_inputs_in_the_api(tmp_path):
         aug.build_jobs("circle", 3)
     with pytest.raises(ValueError, match="per_class must be an int >= 1"):
         aug.build_jobs(["circle"], 0)
-    with pytest.raises(SystemExit):  # argparse: --classes needs at least one value
-        cli.main(["augment", "--classes", "--per-class", "3", "--out", str(tmp_path / "y")])
+    # argparse: --classes needs at least one value
+    assert cli.main(["augment", "--classes", "--per-class", "3", "--out", str(tmp_path / "y")]) == 2
     with pytest.raises(FileNotFoundError, match="no manifest.jsonl"):
         aug.regenerate(tmp_path, "circle/000000.png")
 

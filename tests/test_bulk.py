@@ -1,21 +1,25 @@
-"""Bulk generation (`fastdiff.bulk`): kill-and-resume of the real command, sharding, manifest
-repair, refused settings and bad inputs.  The shipped checkpoint at 2–3 sampler steps; the
-sharded torchrun run is in test_distributed.py."""
+"""Bulk generation (`fastdiff.bulk`): resume and manifest repair (deleted, truncated, damaged
+images, lines of older versions), sharding, the folder lock, refused settings and bad inputs.
+The shipped checkpoint at 1–2 sampler steps; SIGKILLs at random points are in
+test_bulk_faults.py, the sharded torchrun run in test_distributed.py."""
+import hashlib
 import json
+import math
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import fastdiff
 from fastdiff import bulk, cli, pipelines
+from fastdiff import lockfile as lockfile_module
+from fastdiff.lockfile import LockFile, LockHeld
 from fastdiff.pipelines import DEFAULT_CHECKPOINT
 
-ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("transformers")
 
@@ -56,38 +60,7 @@ def write_prompts(path: Path, n: int) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- kill and resume
-
-
-def test_sigkilled_command_resumes_to_the_uninterrupted_result(tmp_path, pipe):
-    prompts = write_prompts(tmp_path / "prompts.txt", 5)
-    jobs = bulk.jobs_from_prompts(bulk.read_prompts(prompts), per_prompt=8, seed=3)  # 40 images, 20 batches
-    settings = dict(batch_size=2, steps=3, guidance_scale=3.0)
-    ref = tmp_path / "uninterrupted"
-    bulk.run_jobs(pipe, jobs, ref, progress=False, **settings)
-    want = snapshot(ref)
-    assert len(want) == 40
-
-    out = tmp_path / "killed"
-    argv = ["generate", "--prompts", str(prompts), "--out", str(out), "--per-prompt", "8", "--seed", "3", "--batch",
-            "2", "--steps", "3", "--guidance", "3", "--device", "cpu", "--threads", "1"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTDIFF_BACKEND": "reference"}
-    proc = subprocess.Popen([sys.executable, "-m", "fastdiff", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while len(list(out.rglob("*.png"))) < 4 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = snapshot(out)
-    assert proc.returncode == -signal.SIGKILL and 4 <= len(done) < 40, f"not killed mid-run ({len(done)} images)"
-    assert all(want[f] == b for f, b in done.items())  # whatever it wrote is whole and final
-
-    assert cli.main(argv + ["--no-progress"]) == 0  # the rerun
-    assert snapshot(out) == want  # same files, same bytes
-    assert set(line_counts(out).values()) == {1} and len(line_counts(out)) == 40  # no duplicates, no gaps
-    assert (out / "manifest.jsonl").read_text() == (ref / "manifest.jsonl").read_text()
-    assert not list(out.rglob(".*.tmp"))
+# ----------------------------------------------------------------------------- resume and repair
 
 
 def test_manifest_repair_and_resume_inside_a_batch(tmp_path, pipe):
@@ -153,6 +126,100 @@ def test_webp_and_images_match_the_pipeline(tmp_path, pipe):
         assert img.tobytes() == fastdiff.data.to_pil(x[1]).tobytes()
     with Image.open(tmp_path / "a.webp") as img:
         assert img.size == (32, 32)
+
+
+def test_a_deleted_or_damaged_image_is_made_again_and_replaces_its_line(tmp_path, pipe):
+    jobs = bulk.jobs_from_prompts(["a red circle", "a blue square"], per_prompt=3)  # batches [0..3], [4, 5]
+    settings = dict(batch_size=4, steps=2, progress=False)
+    ref = tmp_path / "ref"
+    bulk.run_jobs(pipe, jobs, ref, **settings)
+    want, merged = snapshot(ref), (ref / "manifest.jsonl").read_text()
+    for line in map(json.loads, merged.splitlines()):  # each line records its image's size and hash
+        data = (ref / line["file"]).read_bytes()
+        assert (line["bytes"], line["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+
+    out = tmp_path / "out"
+    bulk.run_jobs(pipe, jobs, out, **settings)
+    (out / "00000/00000001.png").unlink()  # deleted
+    full = (out / "00000/00000004.png").read_bytes()
+    (out / "00000/00000004.png").write_bytes(full[: len(full) // 2])  # truncated
+    damaged = bytearray((out / "00000/00000005.png").read_bytes())
+    damaged[-20] ^= 0xFF  # same size, other bytes
+    (out / "00000/00000005.png").write_bytes(bytes(damaged))
+    for rerun in range(2):  # the folder stays resumable: the second rerun has nothing to do
+        summary = bulk.run_jobs(pipe, jobs, out, **settings)
+        assert (summary["written"], summary["batches"]) == ((3, 2) if rerun == 0 else (0, 0))
+        assert snapshot(out) == want and (out / "manifest.jsonl").read_text() == merged
+        assert line_counts(out) == dict.fromkeys(want, 1)
+    bulk.verify_manifest(out, jobs)
+
+
+def test_duplicate_lines_of_an_older_version_are_repaired(tmp_path, pipe):
+    jobs = bulk.jobs_from_prompts(["a red circle"], per_prompt=3)
+    settings = dict(batch_size=2, steps=2, progress=False)
+    bulk.run_jobs(pipe, jobs, tmp_path, **settings)
+    want, merged = snapshot(tmp_path), (tmp_path / "manifest.jsonl").read_text()
+    # what the older version left after a deleted image was made again: lines without size and
+    # hash, one image with two lines (and every later run refused the folder)
+    journal = tmp_path / "manifest.rank-0.jsonl"
+    old = [{k: v for k, v in json.loads(x).items() if k not in ("bytes", "sha256")} for x in merged.splitlines()]
+    journal.write_text("".join(json.dumps(x) + "\n" for x in [*old, old[1]]))
+    assert bulk.run_jobs(pipe, jobs, tmp_path, **settings)["written"] == 0
+    assert snapshot(tmp_path) == want and (tmp_path / "manifest.jsonl").read_text() == merged
+    assert line_counts(tmp_path) == dict.fromkeys(want, 1)
+
+
+def test_nan_guidance_is_refused_before_anything_is_written(tmp_path, pipe, capsys):
+    jobs = bulk.jobs_from_prompts(["a red circle"], per_prompt=2)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            bulk.run_jobs(pipe, jobs, tmp_path / "api", steps=2, guidance_scale=bad, progress=False)
+    assert not (tmp_path / "api").exists()
+    prompts = write_prompts(tmp_path / "p.txt", 1)
+    err = cli_error(capsys, "generate", "--prompts", str(prompts), "--out", str(tmp_path / "cli"), "--guidance", "nan")
+    assert "argument --guidance: must be a finite number" in err and not (tmp_path / "cli").exists()
+
+
+# ----------------------------------------------------------------------------- the folder lock
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path, pipe, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    prompts = write_prompts(tmp_path / "p.txt", 2)
+    argv = ["generate", "--prompts", str(prompts), "--out", str(out), "--steps", "1", "--no-progress"]
+    with LockFile(out / ".lock.rank-0", "held here"):  # another run's lock (this process's pid and host)
+        err = cli_error(capsys, *argv)
+        assert f"--out '{out}' is in use by pid {os.getpid()} on host {socket.gethostname()} (since " in err
+        with pytest.raises(LockHeld, match="is in use by pid"):
+            bulk.run_jobs(pipe, bulk.jobs_from_prompts(["a"], 1), out, steps=1, progress=False)
+    assert not snapshot(out) and not list(out.glob("manifest*"))
+    assert cli.main(argv) == 0 and len(snapshot(out)) == 2  # released: the run goes ahead
+    assert not list(out.glob(".lock*"))  # and leaves no lock behind
+
+
+def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
+    """A process holds the lock and is SIGKILLed: its lock file stays, the lock does not."""
+    lockfile = Path(lockfile_module.__file__)
+    holder = (
+        "import importlib.util, sys, time\n"
+        f"spec = importlib.util.spec_from_file_location('lockfile', {str(lockfile)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"m.LockFile({str(tmp_path / '.lock.rank-0')!r}, 'x').acquire()\n"
+        "print('held', flush=True); time.sleep(600)\n"
+    )  # loads the lock module alone: no torch import, a fraction of a second
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld, match=f"in use by pid {proc.pid} on host"):
+            LockFile(tmp_path / ".lock.rank-0", "--out").acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / ".lock.rank-0").exists()  # left behind by the killed holder ...
+    with LockFile(tmp_path / ".lock.rank-0", "--out"):  # ... and taken over
+        assert json.loads((tmp_path / ".lock.rank-0").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock.rank-0").exists()
 
 
 # ----------------------------------------------------------------------------- refusals and bad input
@@ -256,11 +323,11 @@ def test_command_line_errors(tmp_path, capsys):
     (tmp_path / "blank.txt").write_text("\n")
     blank = ["generate", "--prompts", str(tmp_path / "blank.txt"), *out]
     assert "blank.txt, line 1: empty prompt" in cli_error(capsys, *blank)
-    assert "--per-prompt must be" in cli_error(capsys, *base, *out, "--per-prompt", "0")
-    assert "--batch must be" in cli_error(capsys, *base, *out, "--batch", "0")
+    assert "argument --per-prompt: must be an int >= 1, got 0" in cli_error(capsys, *base, *out, "--per-prompt", "0")
+    assert "argument --batch: must be an int in [1, 4096], got 0" in cli_error(capsys, *base, *out, "--batch", "0")
     (tmp_path / "file").write_text("")
     assert "is not a folder" in cli_error(capsys, *base, "--out", str(tmp_path / "file"))
-    assert "not writable" in cli_error(capsys, *base, "--out", str(tmp_path / "file" / "sub"))
+    assert "is a file, not a folder" in cli_error(capsys, *base, "--out", str(tmp_path / "file" / "sub"))
     assert "--checkpoint: no such folder" in cli_error(capsys, *base, *out, "--checkpoint", str(tmp_path / "none"))
     # weights of the shipped model under a pipeline.json that describes another model
     bad = tmp_path / "mismatch"

@@ -68,6 +68,16 @@ def test_jsonl_skips_missing_files_and_bad_lines(tmp_path):
     assert summary.startswith("4 example(s) skipped")
 
 
+def test_jsonl_line_that_is_not_utf8_is_skipped_naming_file_and_line(tmp_path):
+    write_image(tmp_path / "one.png")
+    good = json.dumps({"image": "one.png", "text": "first"}).encode()
+    latin1 = '{"image": "one.png", "text": "caf\xe9"}'.encode("latin-1")  # é as one byte: not UTF-8
+    (tmp_path / "c.jsonl").write_bytes(good + b"\n" + latin1 + b"\n" + good + b"\n")
+    ds = data.JsonlCaptions(tmp_path / "c.jsonl", R)
+    assert len(ds) == 2
+    assert [(s.source, s.reason) for s in ds.skipped] == [(f"{tmp_path / 'c.jsonl'}:2", "bad record (not UTF-8 text)")]
+
+
 def test_coco_captions_one_example_per_caption(tmp_path):
     write_image(tmp_path / "val" / "000001.jpg")
     write_image(tmp_path / "val" / "000002.jpg", colour=(0, 255, 0))

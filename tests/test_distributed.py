@@ -3,7 +3,7 @@
 * sharded `fastdiff generate` writes the same files, bytes and merged manifest as one process;
 * DDP training: a 2-process run equals the 1-process run (loss, weights, EMA, optimiser
   moments), also with unreadable examples (a rank whose slice is empty), and checkpoints
-  resume across world sizes (2 → 1 and 1 → 2).
+  resume across world sizes (2 → 1 and 1 → 2), walking back over a corrupt newest one.
 
 A torchrun launch costs seconds of start-up, so one launch runs every 2-process side: the
 training phases, then the `fastdiff generate` command (``fastdiff.cli.main``, what
@@ -106,9 +106,14 @@ def two_processes(tmp_path_factory):
     with fastdiff.use_backend("reference"):
         # a 1-process checkpoint for the 2 processes to resume
         trainer(config(root / "one_then_two", steps=2), device="cpu").train()
+        # and one whose newest checkpoint is truncated: every rank must walk back to step 1
+        trainer(config(root / "corrupt_newest", steps=2, checkpoint_every=1), device="cpu").train()
+    newest = root / "corrupt_newest" / "step_0000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
     phases = [
         {"dir": str(root / "ddp")},  # 4 steps, global batch 3 split 1 + 2, 2 micro-batches per step
         {"dir": str(root / "one_then_two")},
+        {"dir": str(root / "corrupt_newest"), "checkpoint_every": 1},
         {"dir": str(root / "two_then_one"), "steps": 2},
         {"dir": str(root / "broken2"), "broken": True, **BROKEN},
     ]
@@ -177,6 +182,7 @@ def test_ddp_training_matches_one_process_and_resumes_across_world_sizes(two_pro
     assert_same_run(full, training.latest_checkpoint(root / "ddp"))
     # a 1-process checkpoint finished by 2 processes, and a 2-process checkpoint finished by 1
     assert_same_run(full, training.latest_checkpoint(root / "one_then_two"))
+    assert_same_run(full, training.latest_checkpoint(root / "corrupt_newest"))
     resumed = trainer(config(root / "two_then_one"), device="cpu")
     assert resumed.step == 2
     resumed.train()

@@ -179,17 +179,20 @@ def test_cli_end_to_end(pipe, files, tmp_path, capsys):
         ({"--mask": "missing.png"}, "--mask .*missing.png' does not exist"),
         ({"--mask": "notes.txt"}, "--mask .*notes.txt' is not a readable image"),
         ({"--mask": "small.png"}, "--mask is 16x16 pixels but --image is 32x32"),
-        ({"--steps": "0"}, "--steps must be an int >= 1"),
-        ({"--jump": "0"}, "--jump must be an int >= 1"),
+        ({"--steps": "0"}, "argument --steps: must be an int >= 1"),
+        ({"--jump": "0"}, "argument --jump: must be an int >= 1"),
+        ({"--guidance": "nan"}, "argument --guidance: must be a finite number"),
+        ({"--out": "FOLDER.png"}, "--out '.*FOLDER.png' is a folder"),
         ({"--out": "out.jpg"}, "--out must be a .png"),
     ],
 )
 def test_cli_bad_inputs(files, capsys, change, message):
     Image.new("L", (16, 16), 255).save(files / "small.png")
+    (files / "FOLDER.png").mkdir()
     args = {"--image": "image.png", "--mask": "mask.png", "--prompt": PROMPT, "--out": "out.png", **change}
     argv = ["inpaint"]
     for k, v in args.items():
-        argv += [k, v if k in ("--prompt", "--steps", "--jump") else str(files / v)]
+        argv += [k, v if k in ("--prompt", "--steps", "--jump", "--guidance") else str(files / v)]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastdiff inpaint: error: ") and len(err.strip().splitlines()) == 1

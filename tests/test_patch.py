@@ -325,6 +325,19 @@ def test_unpatch_restores_exactly():
         unpatch(model)
 
 
+def test_unpatch_keeps_a_processor_set_after_patching():
+    model = cond_unet()
+    patch(model)
+    assert fastdiff.is_patched is is_patched and fastdiff.is_patched(model)
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    mine = AttnProcessor()
+    attns[0].set_processor(mine)  # the user's choice, made after patch
+    originals = [a.processor.original for a in attns[1:]]
+    unpatch(model)
+    assert attns[0].processor is mine
+    assert [a.processor for a in attns[1:]] == originals and not fastdiff.is_patched(model)
+
+
 def test_copies_of_a_patched_model_unpatch_on_their_own():
     model = unet2d(channels=(4, 8), groups=2, head_dim=3)
     classes = [type(m) for m in model.modules()]

@@ -1,5 +1,6 @@
 """Text-to-image pipeline: every sampler, per-image seeds, guidance and negative prompts,
 saving, errors; and `fastdiff.generate` on the shipped model when it is installed."""
+import numpy as np
 import pytest
 import torch
 from test_training import SMALL, HashEncoder
@@ -60,6 +61,25 @@ def test_pil_output_and_saving(pipe, tmp_path):
     assert Image.open(grid).size == (2 * 18 + 2, 2 * 18 + 2)
 
 
+def test_latents_replace_the_seeded_draw_and_np_output(pipe):
+    """latents= is x_T itself (the seeded draw, given explicitly, gives the same images); "np" is
+    diffusers' (N, H, W, 3) in [0, 1]."""
+    from fastdiff import samplers
+
+    seeds = [5, 6]
+    x_T = samplers.initial_noise(torch.tensor(seeds), (2, 3, 16, 16))
+    kw = dict(steps=3, seeds=seeds, progress=False)
+    drawn = pipe(["a red circle", "a blue square"], output_type="pt", **kw)
+    given = pipe(["a red circle", "a blue square"], output_type="pt", latents=x_T, **kw)
+    torch.testing.assert_close(given, drawn)
+    assert (pipe(["a red circle", "a blue square"], output_type="pt", latents=-x_T, **kw) - drawn).abs().max() > 1e-2
+    arr = pipe(["a red circle", "a blue square"], output_type="np", latents=x_T, **kw)
+    assert arr.shape == (2, 16, 16, 3) and arr.dtype == np.float32
+    np.testing.assert_allclose(arr, (drawn / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe(["a"], latents=x_T, **kw)
+
+
 def test_errors(pipe, tmp_path):
     with pytest.raises(ValueError, match="sampler"):
         pipe(["a"], sampler="plms", progress=False)
@@ -77,10 +97,29 @@ def test_errors(pipe, tmp_path):
     for bad in ("4", None, True):
         with pytest.raises(TypeError, match="guidance_scale"):
             pipe(["a"], guidance_scale=bad, progress=False)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            pipe(["a"], guidance_scale=bad, progress=False)
+    for bad in ([-1], [2**63]):
+        with pytest.raises(ValueError, match=r"seeds must lie in \[0, 2\*\*63\)"):
+            pipe(["a"], seeds=bad, progress=False)
+    with pytest.raises(ValueError, match="seeds must be an int"):
+        pipe(["a", "b"], seeds=2**63 - 1, progress=False)  # the second image's seed is not an int64
+    class TenTrillionPrompts(list):
+        def __len__(self):
+            return 10**13
+
+    with pytest.raises(ValueError, match=r"prompts \(10000000000000 images at once\): that needs about"):
+        pipe(TenTrillionPrompts(), progress=False)  # refused before anything the size of the request exists
+    with pytest.raises(ValueError, match="device must be cpu, cuda, cuda:N or mps, got 'banana'"):
+        pipelines.Text2Image.from_pretrained(pipelines.DEFAULT_CHECKPOINT, "banana", text_encoder=HashEncoder())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="out_dir .* exists and is not a folder"):
+        pipelines.generate("a", out_dir=tmp_path / "file", checkpoint=tmp_path / "no-model")  # before any loading
     with pytest.raises(FileNotFoundError, match="pipeline.json"):
         pipelines.Text2Image.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="output_type"):
-        pipelines.generate("a", output_type="np")
+        pipelines.generate("a", output_type="latent")
 
 
 def test_from_pretrained_without_a_path_loads_the_shipped_model():

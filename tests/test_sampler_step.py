@@ -248,6 +248,8 @@ def test_errors_name_the_argument():
         (ValueError, "uncond_output", dict(uncond_output=torch.randn(1, 3, 4, 5))),
         (TypeError, "uncond_output", dict(uncond_output=x.half())),
         (ValueError, "guidance_rescale", dict(uncond_output=x, guidance_rescale=1.5)),
+        (ValueError, "guidance_scale must be finite, got nan", dict(uncond_output=x, guidance_scale=float("nan"))),
+        (ValueError, "guidance_scale must be finite, got inf", dict(uncond_output=x, guidance_scale=float("inf"))),
         (ValueError, "guidance_rescale", dict(guidance_rescale=0.5)),
         (ValueError, "clip_x0", dict(clip_x0=-1.0)),
         (ValueError, "x0_prev", dict(x0_prev=torch.randn(2, 3))),

@@ -495,6 +495,102 @@ def test_loop_has_no_sync_and_captures_in_a_cuda_graph():
     assert torch.equal(static_out, eager)
 
 
+# ----------------------------------------------------------------------------- checks once, unchecked steps
+
+
+def checked_loop(model, x_T, seeds, plan, *, guidance_scale=None, guidance_rescale=0.0, clip_x0=None, known=None,
+                 mask=None):  # fmt: skip
+    """`samplers.sample` as it was before it checked its arguments once: every step through the
+    public op, which checks them all again."""
+    plan = plan.to(x_T.device)
+    if mask is not None:
+        mask = mask.to(x_T.dtype)
+    guided, B = guidance_scale is not None, x_T.shape[0]
+    x, x0 = x_T, None
+    for i in range(len(plan)):
+        t = plan.timesteps[i].expand(2 * B if guided else B)
+        out_u, out_c = model(torch.cat([x, x]), t).chunk(2) if guided else (None, model(x, t))
+        x, x0 = step_mod.sampler_step(
+            x, out_c, plan.coeffs[i], uncond_output=out_u, guidance_scale=guidance_scale if guided else 1.0,
+            guidance_rescale=guidance_rescale, clip_x0=clip_x0, x0_prev=x0 if plan.reads_x0[i] else None,
+            return_x0=plan.keeps_x0[i], seeds=seeds, step=i, add_noise=plan.add_noise[i],
+            known=known if plan.blends[i] else None, mask=mask if plan.blends[i] else None,
+        )  # fmt: skip
+    return x
+
+
+def loop_case(name: str, dtype=torch.float32):
+    """A plan and `sample`'s arguments that use every path of the fused step between them."""
+    from fastdiff.schedule import timesteps
+
+    sched = make_schedule("scaled_linear", T)
+    seeds = seeds_for(SHAPE[0])
+    x_T = samplers.initial_noise(seeds, SHAPE, dtype)
+    known = torch.randn(SHAPE).to(dtype)
+    if name == "ddpm":  # noise, guidance with rescale, per-pixel inpainting mask
+        plan = samplers.ddpm_plan(sched, timesteps(4, T, "trailing"))
+        mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:]) < 0.5).float()  # converted to x's dtype once
+        return guided_pair, x_T, seeds, plan, dict(guidance_scale=3.0, guidance_rescale=0.5, known=known, mask=mask)
+    if name == "dpmpp_2m":  # the previous x̂0, clipping
+        plan = samplers.dpmpp_2m_plan(sched, timesteps(4, T, "leading"), prediction="v")
+        return toy_model, x_T, seeds, plan, dict(clip_x0=1.0)
+    plan = samplers.heun_plan(sched, timesteps(3, T, "trailing"))  # x̂0 kept for the corrector, blends after it
+    mask = (torch.rand(SHAPE) < 0.5).to(dtype)
+    return toy_model, x_T, seeds, plan, dict(guidance_scale=None, known=known, mask=mask)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m", "heun"])
+def test_loop_equals_the_checked_loop(name, reference):
+    """The loop's unchecked steps give the checked loop's samples, bit for bit."""
+    model, x_T, seeds, plan, kw = loop_case(name)
+    assert torch.equal(samplers.sample(model, x_T, seeds, plan, **kw), checked_loop(model, x_T, seeds, plan, **kw))
+
+
+def test_loop_equals_the_checked_loop_through_the_kernel():
+    """Also where the step runs the Triton kernel (the interpreter on a CPU)."""
+    model, x_T, seeds, plan, kw = loop_case("ddpm", torch.bfloat16)
+    assert torch.equal(samplers.sample(model, x_T, seeds, plan, **kw), checked_loop(model, x_T, seeds, plan, **kw))
+
+
+@pytest.mark.parametrize("name", ["ddpm", "heun"])
+def test_loop_checks_its_arguments_once(name, monkeypatch, reference):
+    """`sample` checks its arguments once and each model output per evaluation; its steps never
+    go through the op's own checks."""
+    model, x_T, seeds, plan, kw = loop_case(name)
+    calls = {"arguments": 0, "outputs": 0}
+
+    def counted(key, fn):
+        def spy(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return spy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a loop step went through sampler_step's own checks")
+
+    monkeypatch.setattr(samplers, "check_step_arguments", counted("arguments", samplers.check_step_arguments))
+    monkeypatch.setattr(samplers, "check_model_output", counted("outputs", samplers.check_model_output))
+    monkeypatch.setattr(step_mod, "_validate", refuse)
+    monkeypatch.setattr(step_mod, "sampler_step", refuse)
+    samplers.sample(model, x_T, seeds, plan, **kw)
+    assert calls == {"arguments": 1, "outputs": len(plan)}
+
+
+def test_loop_checks_each_model_output(reference):
+    """A model whose output goes wrong after the first evaluation is caught at that evaluation."""
+    model, x_T, seeds, plan, kw = loop_case("dpmpp_2m")
+    seen = []
+
+    def drifting(x, t):
+        seen.append(1)
+        return toy_model(x, t) if len(seen) < 3 else toy_model(x, t)[:, :2]
+
+    with pytest.raises(ValueError, match="model_output"):
+        samplers.sample(drifting, x_T, seeds, plan, **kw)
+    assert len(seen) == 3
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -539,6 +635,9 @@ def test_sample_errors(reference):
         samplers.sample(toy_model, x.double(), seeds, plan)
     with pytest.raises(ValueError, match="guidance_rescale"):
         samplers.sample(toy_model, x, seeds, plan, guidance_rescale=0.5)
+    for bad in (float("nan"), float("-inf")):  # every image would be NaN: black once saved
+        with pytest.raises(ValueError, match="guidance_scale must be finite"):
+            samplers.sample(toy_model, x, seeds, plan, guidance_scale=bad)
     with pytest.raises(ValueError, match="mask"):
         samplers.sample(toy_model, x, seeds, plan, known=x)
     with pytest.raises(ValueError, match="model"):

@@ -56,7 +56,7 @@ def test_cosine_matches_closed_form_alpha_bar():
 
 @pytest.mark.parametrize("T", T_VALUES)
 @pytest.mark.parametrize("spacing", schedule.SPACINGS)
-@pytest.mark.parametrize("steps", [7, 50])
+@pytest.mark.parametrize("steps", [1, 7, 50])
 @pytest.mark.parametrize("oracle", ["DDIMScheduler", "DDPMScheduler"])
 def test_integer_timesteps_match_diffusers(oracle, spacing, steps, T):
     offset = 1 if spacing == "leading" else 0
@@ -66,6 +66,17 @@ def test_integer_timesteps_match_diffusers(oracle, spacing, steps, T):
     assert ours.dtype == torch.int64
     assert torch.equal(ours, sched.timesteps.to(torch.int64))
     assert torch.all(ours[:-1] > ours[1:]), "timesteps must be strictly descending"
+
+
+@pytest.mark.parametrize("T", T_VALUES)
+@pytest.mark.parametrize("spacing", schedule.SPACINGS)
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_solver_timesteps_match_dpm_solver(spacing, steps, T):
+    offset = 1 if spacing == "leading" else 0
+    sched = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
+    sched.set_timesteps(steps)
+    ours = schedule.solver_timesteps(steps, T, spacing, steps_offset=offset)
+    assert ours.dtype == torch.int64 and torch.equal(ours, sched.timesteps)
 
 
 @pytest.mark.parametrize("T", T_VALUES)

@@ -81,6 +81,28 @@ def test_loader_errors(tmp_path):
         text.load_text_encoder(str(tmp_path))
 
 
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # unpickling this creates the marker file
+
+
+@pytest.mark.parametrize("sd_layout", [False, True])
+def test_pickled_weights_are_never_loaded(tmp_path, monkeypatch, sd_layout):
+    write_tiny_clip(tmp_path / "clip", sd_layout)
+    model_dir = tmp_path / "clip" / "text_encoder" if sd_layout else tmp_path / "clip"
+    (model_dir / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    torch.save({"weight": _RunsCodeWhenUnpickled(marker)}, model_dir / "pytorch_model.bin")
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))  # whatever weights_only would do
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors; pickled weights .* are never loaded"):
+        text.load_text_encoder(str(tmp_path / "clip"))
+    assert not loads and not marker.exists()
+
+
 class CountingEncoder(torch.nn.Module):
     """A deterministic stand-in encoder that records what it was asked to encode."""
 

@@ -2,6 +2,7 @@
 
 A small UNet and a stand-in text encoder keep each run to seconds; the ops run their
 reference path."""
+import dataclasses
 import json
 
 import pytest
@@ -104,8 +105,10 @@ def test_killed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "_save_tensors", real)
     assert training.latest_checkpoint(tmp_path).name == "step_0000002"
     assert not (tmp_path / "step_0000003").exists()
+    assert [p.name.rsplit("-", 1)[0] for p in tmp_path.glob(".*")] == [".tmp-step_0000003"]
     resumed = trainer(config(tmp_path, steps=2))
     assert resumed.step == 2
+    assert list(tmp_path.glob(".*")) == []  # the unfinished write is removed
     # the pointer file lost too: the newest complete folder still wins
     (tmp_path / "latest").unlink()
     assert training.latest_checkpoint(tmp_path).name == "step_0000002"
@@ -177,12 +180,50 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
         torch.testing.assert_close(p.grad, (g0 + g1) / 2, rtol=1e-5, atol=1e-7)
 
 
-def test_config_errors():
-    with pytest.raises(ValueError, match="prediction"):
-        training.TrainConfig(prediction="x")
-    with pytest.raises(ValueError, match="steps"):
-        training.TrainConfig(steps=0)
-    with pytest.raises(ValueError, match="cond_dropout"):
-        training.TrainConfig(cond_dropout=1.0)
+BAD_VALUES = [
+    ("steps", 0), ("steps", 10**8), ("steps", True), ("steps", 2.0), ("batch_size", 10**9), ("grad_accum", 0),
+    ("resolution", 0), ("resolution", 10**5), ("num_timesteps", 1), ("num_timesteps", 10**9), ("warmup_steps", -1),
+    ("seed", -1), ("seed", 2**64), ("checkpoint_every", 0), ("keep_checkpoints", 0), ("sample_every", -1),
+    ("sample_steps", 0), ("sample_steps", 1001), ("lr", 0.0), ("lr", float("nan")), ("lr", float("inf")),
+    ("lr", "1e-3"), ("weight_decay", -0.1), ("weight_decay", float("nan")), ("grad_clip", -1.0), ("grad_clip", 0.0),
+    ("grad_clip", float("inf")), ("ema_decay", 1.0), ("ema_decay", float("nan")), ("cond_dropout", 1.0),
+    ("cond_dropout", -0.1), ("min_snr_gamma", 0.0), ("min_snr_gamma", float("nan")), ("adam_betas", (0.9, 1.0)),
+    ("adam_betas", (0.9,)), ("adam_betas", 0.9), ("adam_betas", (float("nan"), 0.9)), ("prediction", "x"),
+    ("mixed_precision", "fp8"), ("schedule", "cos"), ("model", "huge"), ("model_overrides", {"widht": 3}),
+    ("model_overrides", {"num_groups": 7}), ("output_dir", ""), ("text_encoder", None),
+    ("sample_prompts", "a red circle"), ("progress", "no"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, value", BAD_VALUES, ids=[f"{n}={v!r}" for n, v in BAD_VALUES])
+def test_config_refuses_every_bad_value_naming_the_field(name, value):
+    with pytest.raises(ValueError, match=f"^{name} "):
+        training.TrainConfig(**{name: value})
+
+
+def test_config_takes_numpy_numbers_and_paths_and_stores_plain_ones(tmp_path):
+    import numpy as np
+
+    cfg = training.TrainConfig(output_dir=tmp_path, steps=np.int64(7), lr=np.float32(0.5), grad_clip=None)
+    assert type(cfg.steps) is int and type(cfg.lr) is float and cfg.output_dir == str(tmp_path)
+    json.dumps(dataclasses.asdict(cfg))  # state.json can hold it
+
+
+def test_trainer_refuses_bad_output_folders_and_sizes_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    file = tmp_path / "file"
+    with pytest.raises(NotADirectoryError, match=f"output_dir '{file}' exists and is not a folder"):
+        trainer(config(file))
+    with pytest.raises(NotADirectoryError, match=f"output_dir '{file / 'run'}' cannot be created: '{file}' is a file"):
+        trainer(config(file / "run"))
+    with pytest.raises(PermissionError, match="output_dir '/proc/fastdiff-run' is not writable"):
+        trainer(config("/proc/fastdiff-run"))  # /proc refuses new files even to root
+    with pytest.raises(ValueError, match="resolution must be a multiple of 4 for this UNet, got 18"):
+        trainer(config(tmp_path / "run", resolution=18))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_empty_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="empty"):
-        training.Trainer(training.TrainConfig(), torch.utils.data.TensorDataset(torch.zeros(0)), text_encoder=HashEncoder())
+        empty = torch.utils.data.TensorDataset(torch.zeros(0))
+        training.Trainer(training.TrainConfig(output_dir=str(tmp_path)), empty, text_encoder=HashEncoder())

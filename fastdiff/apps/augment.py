@@ -46,6 +46,7 @@ import re
 import string
 from pathlib import Path
 
+from fastdiff.checks import check_int, int_arg
 from fastdiff.data import COLOURS, POSITIONS, SIZES
 
 HELP = "write a synthetic labelled image-folder dataset (with a JSONL manifest) from class names; resumable"
@@ -100,11 +101,6 @@ def check_classes(classes, what: str = "classes") -> list[str]:
     return labels
 
 
-def check_count(value, what: str, low: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{what} must be an int >= {low}, got {value!r}")
-
-
 def image_seed(seed: int, label: str, index: int) -> int:
     """The sampler seed of image ``index`` of class ``label``: 62 bits of SHA-256("<seed>/<label>/<index>")."""
     digest = hashlib.sha256(f"{seed}/{label}/{index}".encode()).digest()
@@ -121,12 +117,13 @@ def class_prompt(template: str, label: str, seed: int, index: int) -> tuple[str,
 
 def build_jobs(classes, per_class: int, *, seed: int = 0, prompt_template: str = DEFAULT_TEMPLATE) -> list:
     """``per_class`` `fastdiff.bulk.Job`\\ s per class, in the order (index, class); names "<folder>/<index:06d>"."""
-    from fastdiff.bulk import Job
+    from fastdiff.bulk import Job, check_fits_memory_of_jobs
 
     labels = check_classes(classes)
-    check_count(per_class, "per_class")
-    check_count(seed, "seed", 0)
+    check_int(per_class, "per_class", 1)
+    check_int(seed, "seed", 0)
     check_template(prompt_template)
+    check_fits_memory_of_jobs(len(labels) * per_class, f"{len(labels)} classes × per_class {per_class}")
     jobs = []
     for i in range(per_class):  # index-major: a larger per_class appends jobs, earlier batches keep their make-up
         for label in labels:
@@ -171,11 +168,11 @@ def augment(
     loaded once per process).  Everything is checked before the model loads.
     """
     from fastdiff.bulk import prepare_out, run_jobs
-    from fastdiff.pipelines import DEFAULT_CHECKPOINT
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, check_batching
 
     jobs = build_jobs(classes, per_class, seed=seed, prompt_template=prompt_template)
-    check_count(batch_size, "batch_size")
-    check_count(steps, "steps")
+    check_batching(batch_size, guidance_scale)
+    check_int(steps, "steps", 1)
     prepare_out(out_dir)
     if pipe is None:
         pipe = _pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device)
@@ -225,34 +222,34 @@ def add_arguments(parser) -> None:
     from fastdiff.bulk import add_sampling_arguments
 
     parser.add_argument("--classes", nargs="+", required=True, help="class names (quote free text: \"red ball\")")
-    parser.add_argument("--per-class", type=int, required=True, help="images per class")
+    parser.add_argument("--per-class", type=int_arg(1), required=True, help="images per class")
     parser.add_argument("--out", required=True, help="OUT/<class>/<index>.png + manifest.jsonl (a rerun resumes)")
     parser.add_argument("--prompt-template", default=DEFAULT_TEMPLATE,
                         help="prompt of each image: {class} plus any of {colour} {size} {position}, drawn per image "
                              "(default: %(default)r)")  # fmt: skip
     add_sampling_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed: image i of class c depends on (seed, c, i)")
+    parser.add_argument("--seed", type=int_arg(0), default=0,
+                        help="dataset seed: image i of class c depends on (seed, c, i)")  # fmt: skip
 
 
 def run(args) -> int:
     from fastdiff import distributed
-    from fastdiff.bulk import MANIFEST, prepare_out
+    from fastdiff.bulk import MANIFEST, check_fits_memory_of_jobs, folder_lock, prepare_out
 
-    # Everything that can be checked cheaply is checked before the model loads.
+    # Everything that can be checked cheaply is checked before the model loads (numbers by their
+    # argparse types); the folder is locked before the model loads too.
     check_classes(args.classes, "--classes")
-    check_count(args.per_class, "--per-class")
-    check_count(args.batch, "--batch")
-    check_count(args.steps, "--steps")
-    check_count(args.seed, "--seed", 0)
     check_template(args.prompt_template, "--prompt-template")
+    check_fits_memory_of_jobs(len(args.classes) * args.per_class, f"--classes × --per-class {args.per_class}")
     prepare_out(args.out)
     device = distributed.init(args.device)
     try:
-        summary = augment(
-            args.classes, args.per_class, args.out, checkpoint=args.checkpoint, device=device, seed=args.seed,
-            prompt_template=args.prompt_template, batch_size=args.batch, sampler=args.sampler, steps=args.steps,
-            guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-        )  # fmt: skip
+        with folder_lock(args.out):
+            summary = augment(
+                args.classes, args.per_class, args.out, checkpoint=args.checkpoint, device=device, seed=args.seed,
+                prompt_template=args.prompt_template, batch_size=args.batch, sampler=args.sampler, steps=args.steps,
+                guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+            )  # fmt: skip
     finally:
         distributed.cleanup()
     if summary["rank"] == 0:

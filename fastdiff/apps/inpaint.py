@@ -47,34 +47,19 @@ from pathlib import Path
 import torch
 
 from fastdiff import samplers
-from fastdiff.data import to_pil, to_tensor
+from fastdiff.checks import MAX_BATCH, check_int, check_out_file, check_seed, int_arg, number_arg
+from fastdiff.data import open_image, to_pil, to_tensor
 from fastdiff.ops._philox import randn_like_philox, step_keys
-from fastdiff.ops.sampler_step import _INDEX, sampler_step
+from fastdiff.ops.sampler_step import _INDEX
 from fastdiff.schedule import sigmas_at
 
 HELP = "repaint the masked region of an image from a prompt (the rest is kept exactly)"
 MASK_THRESHOLD = 0.5  # mask value ≥ this: repaint
+# RePaint's paper resamples r = 10 times (resample 9); the cost grows as (resample + 1)×.
+MAX_RESAMPLE = 100
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def open_image(source, what: str = "image"):
-    """A PIL RGB image from a PIL image or a path; ``what`` names the argument in errors."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"{what} must be a PIL image, a path or a tensor, got {type(source).__name__}")
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{what} {str(path)!r} is not a readable image ({type(e).__name__})") from e
 
 
 def _image_tensor(image, what: str) -> torch.Tensor:
@@ -135,15 +120,13 @@ def _resize(known: torch.Tensor, mask: torch.Tensor, resolution: int) -> tuple[t
     return to_tensor(img), m
 
 
-def check_settings(steps, num_images, resample, jump, batch_size=1, *, flags: bool = False) -> None:
-    """Raise ValueError naming the first bad numeric setting (``flags``: as command-line options), before any work."""
-    for name, value, low in (
-        ("steps", steps, 1), ("num_images", num_images, 1), ("resample", resample, 0), ("jump", jump, 1),
-        ("batch_size", batch_size, 1),
-    ):  # fmt: skip
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            shown = "--" + name.replace("_", "-") if flags else name
-            raise ValueError(f"{shown} must be an int >= {low}, got {value!r}")
+def check_settings(steps, num_images, resample, jump, batch_size=1) -> None:
+    """Raise ValueError naming the first bad count, before any work."""
+    check_int(steps, "steps", 1)
+    check_int(num_images, "num_images", 1)
+    check_int(resample, "resample", 0, MAX_RESAMPLE)
+    check_int(jump, "jump", 1)
+    check_int(batch_size, "batch_size", 1, MAX_BATCH)
 
 
 # ----------------------------------------------------------------------------- the RePaint loop
@@ -192,13 +175,10 @@ def repaint_sample(
     jump: int = 1,
 ) -> torch.Tensor:
     """`samplers.sample` with RePaint jumps (see the module docstring); resample=0 is the plain loop."""
-    device, B = x_T.device, x_T.shape[0]
     levels = _alpha_levels(plan, schedule)
     bounds = _boundaries(plan)
-    plan = plan.to(device)
+    loop = samplers.prepare_loop(model, x_T, seeds, plan, guidance_scale=guidance_scale, known=known, mask=mask)
     E, n_steps = len(plan), len(bounds) - 1
-    guided = guidance_scale is not None
-    mask = mask.to(x_T.dtype)
     x, x0, jumps = x_T, None, 0
     for start in range(0, n_steps, jump):
         end = min(start + jump, n_steps)
@@ -209,20 +189,10 @@ def repaint_sample(
                 jumps += 1
             x0 = x0_start
             for i in range(bounds[start], bounds[end]):
-                row = plan.coeffs[i]
+                row = None
                 if p > 0 and i == bounds[start] and plan.reads_x0[i]:
-                    row = _first_order(row)
-                t = plan.timesteps[i].expand(2 * B if guided else B)
-                if guided:
-                    out_u, out_c = model(torch.cat([x, x]), t).chunk(2)
-                else:
-                    out_u, out_c = None, model(x, t)
-                x, x0 = sampler_step(
-                    x, out_c, row, uncond_output=out_u, guidance_scale=guidance_scale if guided else 1.0,
-                    x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i], seeds=seeds,
-                    step=i + p * E, add_noise=plan.add_noise[i], known=known if plan.blends[i] else None,
-                    mask=mask if plan.blends[i] else None,
-                )  # fmt: skip
+                    row = _first_order(loop.coeffs[i])
+                x, x0 = loop.step(i, x, x0, coeffs=row, key=i + p * E)
     return x
 
 
@@ -248,12 +218,15 @@ def inpaint_tensors(
 ) -> torch.Tensor:
     """Batched inpainting: known (N, 3, R, R) in [−1, 1], mask (N, 1, R, R) of 0/1 (1 = repaint),
     one prompt and one seed per image → (N, 3, R, R) in [−1, 1], equal to ``known`` where mask is 0."""
-    from fastdiff.pipelines import counting, make_plan, progress_bar
+    from fastdiff.pipelines import check_batching, counting, make_plan, progress_bar
 
     n = len(prompts)
     if known.shape[0] != n or mask.shape[0] != n or len(seeds) != n:
         raise ValueError(f"known, mask, prompts and seeds must have one entry per image ({n})")
     check_settings(steps, 1, resample, jump, batch_size)
+    check_batching(batch_size, guidance_scale)
+    for s in seeds:
+        check_seed(s, "seeds")
     plan = make_plan(sampler, pipe.schedule, steps, pipe.prediction)
     guided = guidance_scale != 1.0
     how = f"{sampler}, {steps} steps" + (f", resample {resample} every {jump}" if resample else "")
@@ -306,13 +279,17 @@ def inpaint(
     (1, H, W) tensor.  ``pipe``: a loaded `Text2Image` (else ``checkpoint``, default the shipped
     model, is loaded once and cached).  The unmasked pixels of the result equal the input's.
     """
-    from fastdiff.pipelines import DEFAULT_CHECKPOINT, _cached_pipeline
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, _cached_pipeline, check_batching, check_images_fit, image_bytes
 
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     check_settings(steps, num_images, resample, jump, batch_size)
+    check_batching(batch_size, guidance_scale)
+    check_seed(seed, "seed", num_images)
+    check_images_fit(num_images, f"num_images {num_images}")
     if pipe is None:
         pipe = _cached_pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device)
+    check_images_fit(num_images, f"num_images {num_images}", image_bytes(3, pipe.resolution**2))
     known, m = prepare_inputs(image, mask, pipe.resolution, resize=resize)
     x = inpaint_tensors(
         pipe, known.expand(num_images, -1, -1, -1), m.expand(num_images, -1, -1, -1), [prompt] * num_images,
@@ -337,34 +314,38 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
     parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    parser.add_argument("--num-images", type=int, default=1, help="how many variants to draw")
-    parser.add_argument("--resample", type=int, default=0, help="RePaint: jumps back per block (0: none)")
-    parser.add_argument("--jump", type=int, default=1, help="RePaint: sampler steps per block (jump length)")
+    parser.add_argument("--steps", type=int_arg(1), default=20)
+    parser.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
+    parser.add_argument("--seed", type=int_arg(0), default=0, help="seed of the first image; image i uses seed + i")
+    parser.add_argument("--num-images", type=int_arg(1), default=1, help="how many variants to draw")
+    parser.add_argument("--resample", type=int_arg(0, MAX_RESAMPLE), default=0,
+                        help="RePaint: jumps back per block (0: none)")  # fmt: skip
+    parser.add_argument("--jump", type=int_arg(1), default=1, help="RePaint: sampler steps per block (jump length)")
     parser.add_argument("--resize", action="store_true", help="resize image and mask to the model's resolution")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int_arg(1, MAX_BATCH), default=16)
 
 
 def _out_paths(out: str, n: int) -> list[Path]:
+    """The files ``--out`` names for ``n`` images, each checked writable (and not a folder) before any work."""
     path = Path(out)
     if path.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file (a lossy format would change the kept pixels), got {out!r}")
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i:03d}.png") for i in range(n)]
+    paths = [path] if n == 1 else [path.with_name(f"{path.stem}_{i:03d}.png") for i in range(n)]
+    for p in paths:
+        check_out_file(p, "--out")
+    return paths
 
 
 def run(args) -> int:
-    check_settings(args.steps, args.num_images, args.resample, args.jump, args.batch_size, flags=True)
+    from fastdiff.pipelines import _cached_pipeline, check_images_fit
+
+    check_images_fit(args.num_images, f"--num-images {args.num_images}")
+    check_seed(args.seed, "--seed", args.num_images)
     paths = _out_paths(args.out, args.num_images)
     image, mask = open_image(args.image, "--image"), open_image(args.mask, "--mask")
     if image.size != mask.size:
         (w, h), (mw, mh) = image.size, mask.size
         raise ValueError(f"--mask is {mw}x{mh} pixels but --image is {w}x{h}: they must have the same size")
-    from fastdiff.pipelines import _cached_pipeline
-
     pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device)
     known, m = prepare_inputs(image, mask, pipe.resolution, resize=args.resize, names=("--image", "--mask"))
     images = inpaint(

@@ -46,8 +46,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fastdiff import ops, samplers, schedule as schedules
+from fastdiff.checks import check_int, check_number, check_out_file, check_seed, int_arg, number_arg
 from fastdiff.data import COLOURS, JITTER, POSITIONS, SHAPES, SIZES, ShapesDataset, collate, render_shape
-from fastdiff.data import load_image, to_pil, to_tensor
+from fastdiff.data import fit_image, open_image, to_pil, to_tensor
 from fastdiff.nn.style import StyleConfig, StyleUNet
 from fastdiff.nn.unet import UNet, UNetConfig
 from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Pipeline, _seeds, check_batching, counting
@@ -232,17 +233,14 @@ def img2img_plan(sampler: str, schedule: schedules.Schedule, strength: float, st
     check_strength(strength)
     T = schedule.num_timesteps
     span = max(1, round(strength * T))  # t₀ + 1 timesteps to choose from
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    steps = min(steps, span)
+    steps = min(check_int(steps, "steps", 1), span)
     fn, integer = _PLANS[sampler]
     spacing = schedules.timesteps if integer else schedules.continuous_timesteps
     return fn(schedule, spacing(steps, span, "trailing"), prediction=prediction)
 
 
 def check_strength(strength) -> None:
-    if not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    check_number(strength, "strength", 0, 1, low_open=True)
 
 
 class Stylizer(Pipeline):
@@ -357,24 +355,20 @@ class Stylizer(Pipeline):
 
 
 def _as_tensor(name: str, image, resolution: int | None, resize: bool) -> torch.Tensor:
-    """A path / PIL image / tensor → (3, R, R) tensor; a path that is not a file names ``name``."""
+    """A path / PIL image / tensor → (3, R, R) tensor; a file that is missing or not an image names ``name``.
+
+    ``resize``: a file is fitted (shorter side to R, centre crop), a PIL image squeezed to R×R.
+    """
     if torch.is_tensor(image):
         return image
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"{name}: no such file {str(image)!r}")
-        if resize:
-            return load_image(image, resolution)
-        from PIL import Image
-
-        with Image.open(image) as img:
-            image = img.convert("RGB")
+    from_file = isinstance(image, (str, os.PathLike))
+    image = open_image(image, name)
     if resize:
-        image = image.convert("RGB").resize((resolution, resolution))
+        image = fit_image(image, resolution) if from_file else image.resize((resolution, resolution))
     if resolution is not None and image.size != (resolution, resolution):
         got = f"{image.size[0]}×{image.size[1]}"
         raise ValueError(f"{name} must be {resolution}×{resolution} pixels for this model, got {got}")
-    return to_tensor(image.convert("RGB"))
+    return to_tensor(image)
 
 
 @functools.lru_cache(maxsize=2)
@@ -403,6 +397,8 @@ def stylize(
     pixel); a style image is resized to R×R.  See the module docstring for the method.
     """
     check_strength(strength)
+    check_batching(1, guidance_scale)
+    check_seed(seed, "seed")
     if style_image is None and not style_prompt:
         raise ValueError("give a style: style_prompt and/or style_image")
     R = read_spec(checkpoint)["resolution"]
@@ -423,26 +419,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--content", required=True, help="content image, R×R (the model's resolution: 32 here)")
     parser.add_argument("--style-image", help="style image (any size; resized); needs a style-conditioned checkpoint")
     parser.add_argument("--style-prompt", help='style as text, e.g. "red"')
-    parser.add_argument("--strength", type=float, default=0.4, help="noise level to start from, (0, 1] (%(default)s)")
+    parser.add_argument("--strength", type=number_arg(0, 1, low_open=True), default=0.4,
+                        help="noise level to start from, (0, 1] (%(default)s)")  # fmt: skip
     parser.add_argument("--out", default="stylized.png", help="output PNG (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(STYLE_CHECKPOINT), help="pipeline folder (default: tiny-style)")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
+    parser.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=20, help="sampler steps from the start level to 0 (%(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
+    parser.add_argument("--steps", type=int_arg(1), default=20,
+                        help="sampler steps from the start level to 0 (%(default)s)")  # fmt: skip
+    parser.add_argument("--seed", type=int_arg(0), default=0, help="seed of the noise (default: %(default)s)")
 
 
 def run(args) -> int:
     # Every check that needs no model comes first: a bad argument fails in milliseconds.
     if not args.style_image and not args.style_prompt:
         raise ValueError("give --style-image and/or --style-prompt")
-    try:
-        check_strength(args.strength)
-    except ValueError as e:
-        raise ValueError(f"--{e}") from None
-    for flag, path in (("--content", args.content), ("--style-image", args.style_image)):
-        if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag}: no such file {path!r}")
+    check_seed(args.seed, "--seed")
+    out = check_out_file(args.out, "--out")
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out must end in an image file extension such as .png, got {args.out!r}")
     spec = read_spec(args.checkpoint)
     if args.style_image and spec.get("model_type") != MODEL_TYPE:
         raise ValueError(f"--checkpoint {args.checkpoint!r} is a text model without style-image conditioning")
@@ -453,7 +450,6 @@ def run(args) -> int:
         content, style_image=style, style_prompt=args.style_prompt, strength=args.strength,
         guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seeds=[args.seed],
     )  # fmt: skip
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     to_pil(x[0]).save(out)
     print(f"wrote {out}")

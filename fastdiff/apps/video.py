@@ -37,12 +37,14 @@ import torch
 from torch.utils.data import Dataset
 
 from fastdiff import ops, samplers
+from fastdiff.checks import check_fits_in_memory, check_int, check_number, check_out_file, check_seed, int_arg
+from fastdiff.checks import number_arg
 from fastdiff.data import COLOURS, POSITIONS, SHAPES, SIZES, JITTER, Skipped, render_shape, to_pil, to_tensor
 from fastdiff.nn.unet import UNetConfig
 from fastdiff.nn.video import VideoConfig, VideoUNet, correlated_noise
 from fastdiff.pipelines import (
-    DEFAULT_CHECKPOINT, SAMPLERS, Text2Image, _seeds, check_batching, counting, load_weights, make_plan, progress_bar,
-    read_spec,
+    DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Text2Image, _seeds, check_batching, check_images_fit, counting,
+    image_bytes, load_weights, make_plan, progress_bar, read_spec,
 )
 from fastdiff.training import Trainer, TrainConfig
 
@@ -53,6 +55,10 @@ FRAMES = 16  # the training clip length (and the model's max_frames)
 FPS = 8
 NOISE_CORRELATION = 0.75  # ρ of the clip noise prior (fastdiff.nn.video): frames share 75% of the noise variance
 FORMATS = (".gif", ".mp4")
+MAX_FPS = 1000.0  # a GIF stores frame times in 1/100 s: above 100 fps its players fall back to their own rate
+# Largest frame side each container takes: GIF stores sizes in 16 bits; H.264's highest level
+# (6.2) ends at 8192 pixels a side.
+MAX_SIDE = {".gif": 65535, ".mp4": 8192}
 ADDABLE_LAYERS = ("text_pool_heads", "layout_maps")  # VideoConfig layers a fine-tune may add (they start as no-ops)
 
 # Motion of a moving clip, as fractions of the image side: the centre starts in
@@ -297,9 +303,7 @@ class VideoPipeline(Text2Image):
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
-        if "video" not in spec:
-            raise ValueError(f"--checkpoint {str(path)!r} holds an image model, not a video model")
-        return VideoUNet(UNetConfig.from_dict(spec["unet"]), VideoConfig(**spec["video"]))
+        return VideoUNet(UNetConfig.from_dict(spec["unet"]), _video_config(spec, path))
 
     @property
     def rho(self) -> float:
@@ -339,6 +343,8 @@ class VideoPipeline(Text2Image):
             raise ValueError("prompts must not be empty")
         frames = self.check_frames(self.default_frames if frames is None else frames)
         check_batching(batch_size, guidance_scale)
+        clip_bytes = image_bytes(self.unet.config.in_channels, frames * self.resolution**2)
+        check_images_fit(len(prompts), "prompts (clips)", clip_bytes)
         seed_list = _seeds(seeds, len(prompts))
         plan = make_plan(sampler, self.schedule, steps, self.prediction).to(self.device)
         guided = guidance_scale != 1.0
@@ -363,6 +369,16 @@ class VideoPipeline(Text2Image):
         return [clip_to_pil(x) for x in self.generate_tensors(prompts, **kwargs)]
 
 
+def _video_config(spec: dict, path: str | os.PathLike) -> VideoConfig:
+    """The `VideoConfig` of a video pipeline's ``pipeline.json``; one line naming the folder when it has none."""
+    if "video" not in spec:
+        raise ValueError(f"--checkpoint {str(path)!r} holds an image model, not a video model")
+    try:
+        return VideoConfig(**spec["video"])
+    except TypeError as e:
+        raise ValueError(f"{Path(path) / PIPELINE_FILE}: bad 'video' entry ({e})") from None
+
+
 def clip_to_pil(clip: torch.Tensor) -> list:
     """(3, F, H, W) in [−1, 1] → F PIL images."""
     return [to_pil(clip[:, f]) for f in range(clip.shape[1])]
@@ -383,9 +399,27 @@ def check_output(path: str | os.PathLike) -> str:
     ext = Path(path).suffix.lower()
     if ext not in FORMATS:
         raise ValueError(f"--out must end in {' or '.join(FORMATS)}, got {str(path)!r}")
+    check_out_file(path, "--out")
     if ext == ".mp4":
         _ffmpeg()
     return ext
+
+
+def check_frame_size(frames: int, width: int, height: int, scale, ext: str, name: str = "scale") -> None:
+    """Refuse an upscaling whose frames the container cannot hold or the machine cannot keep in memory.
+
+    The frames are upscaled in memory (RGB, 3 bytes a pixel) before encoding, and each one is
+    converted once more on its way out: about 2 · F · (s·W) · (s·H) · 3 bytes at once.
+    """
+    check_int(scale, name, 1)
+    side = max(width, height) * scale
+    if side > MAX_SIDE[ext]:
+        raise ValueError(
+            f"{name} {scale} makes {width * scale}x{height * scale} frames; a {ext} frame is at most "
+            f"{MAX_SIDE[ext]} pixels a side (scale <= {MAX_SIDE[ext] // max(width, height)} here)"
+        )
+    what = f"{name} {scale} ({frames} frames of {side} pixels)"
+    check_fits_in_memory(2 * frames * width * height * scale**2 * 3, what)
 
 
 def _ffmpeg():
@@ -405,8 +439,8 @@ def save_video(frames: list, path: str | os.PathLike, fps: float = FPS, scale: i
     ext = check_output(path)
     if not frames:
         raise ValueError("frames must not be empty")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    check_number(fps, "fps", 0, MAX_FPS, low_open=True)
+    check_frame_size(len(frames), frames[0].width, frames[0].height, scale, ext)
     if scale != 1:
         frames = [f.resize((f.width * scale, f.height * scale), Image.Resampling.NEAREST) for f in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,6 +477,9 @@ def generate_video(
     """One clip as a list of PIL frames; ``out``: also write it (.gif or .mp4)."""
     if out is not None:
         check_output(out)
+        check_number(fps, "fps", 0, MAX_FPS, low_open=True)
+    check_number(guidance_scale, "guidance_scale")
+    check_seed(seed, "seed")
     pipe = VideoPipeline.from_pretrained(checkpoint, device)
     clip = pipe([prompt], frames=frames, guidance_scale=guidance_scale, sampler=sampler, steps=steps, seeds=[seed],
                 progress=progress)[0]  # fmt: skip
@@ -456,28 +493,28 @@ def generate_video(
 
 def add_arguments(parser) -> None:
     parser.add_argument("--prompt", required=True, help='e.g. "a red circle moving right"')
-    parser.add_argument("--frames", type=int, default=None, help=f"clip length (default: the trained {FRAMES})")
+    parser.add_argument("--frames", type=int_arg(1), default=None, help=f"clip length (default: the trained {FRAMES})")
     parser.add_argument("--out", default="clip.gif", help="output file, .gif or .mp4 (default: %(default)s)")
     parser.add_argument("--checkpoint", default=str(VIDEO_CHECKPOINT), help="video pipeline folder (default: shipped)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 disables)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=float, default=FPS, help="frames per second (default: %(default)s)")
-    parser.add_argument("--scale", type=int, default=1, help="upscale frames by this integer factor (nearest)")
+    parser.add_argument("--steps", type=int_arg(1), default=20)
+    parser.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
+    parser.add_argument("--seed", type=int_arg(0), default=0)
+    parser.add_argument("--fps", type=number_arg(0, MAX_FPS, low_open=True), default=FPS,
+                        help="frames per second (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--scale", type=int_arg(1), default=1, help="upscale frames by this integer factor (nearest)")
 
 
 def run(args) -> int:
-    check_output(args.out)
-    if args.frames is not None and args.frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {args.frames}")
-    if not args.fps > 0:
-        raise ValueError(f"--fps must be > 0, got {args.fps}")
-    if args.scale < 1:
-        raise ValueError(f"--scale must be >= 1, got {args.scale}")
+    ext = check_output(args.out)
+    check_seed(args.seed, "--seed")
+    spec = read_spec(args.checkpoint)  # cheap: the frame count and size are checked before the model loads
+    max_frames = _video_config(spec, args.checkpoint).max_frames
+    frames = spec.get("frames", max_frames) if args.frames is None else args.frames
+    if frames > max_frames:
+        raise ValueError(f"--frames must be at most {max_frames} for this model, got {frames}")
+    check_frame_size(frames, spec["resolution"], spec["resolution"], args.scale, ext, "--scale")
     pipe = VideoPipeline.from_pretrained(args.checkpoint, args.device)
-    if args.frames is not None and args.frames > pipe.max_frames:
-        raise ValueError(f"--frames must be at most {pipe.max_frames} for this model, got {args.frames}")
     clip = pipe([args.prompt], frames=args.frames, guidance_scale=args.guidance, sampler=args.sampler,
                 steps=args.steps, seeds=[args.seed])[0]  # fmt: skip
     path = save_video(clip, args.out, fps=args.fps, scale=args.scale)

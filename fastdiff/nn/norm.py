@@ -6,10 +6,12 @@ loads unchanged.  The math and the kernels live in ``fastdiff.ops.group_norm``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from fastdiff.ops.group_norm import group_norm_silu
+from fastdiff.ops.group_norm import group_norm_silu, group_norm_silu_unchecked
 
 
 class GroupNormSiLU(nn.Module):
@@ -18,7 +20,14 @@ class GroupNormSiLU(nn.Module):
     ``forward(x, scale=None, shift=None)``: x is (B, C, *spatial) with 0–3 spatial
     dims, contiguous or channels_last; scale/shift are optional (B, C) FiLM terms
     (ADM's scale-shift norm, Dhariwal & Nichol 2021, §3).
+
+    ``check_inputs``: each call checks its arguments (``ops.group_norm_silu``).  A model
+    that checks its own inputs once per forward turns it off on its layers, whose inputs
+    it then makes itself (`fastdiff.nn.unet.skip_layer_checks`); the configuration is
+    checked here, once.
     """
+
+    check_inputs: bool = True
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, silu: bool = True):
         super().__init__()
@@ -26,6 +35,10 @@ class GroupNormSiLU(nn.Module):
             raise ValueError(
                 f"num_channels must be divisible by num_groups, got num_channels={num_channels}, num_groups={num_groups}"
             )
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if not isinstance(silu, bool):
+            raise TypeError(f"silu must be a bool, got {type(silu).__name__}")
         self.num_groups = num_groups
         self.num_channels = num_channels
         self.eps = eps
@@ -41,9 +54,8 @@ class GroupNormSiLU(nn.Module):
     def forward(
         self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return group_norm_silu(
-            x, self.num_groups, self.weight, self.bias, self.eps, scale=scale, shift=shift, silu=self.silu
-        )
+        op = group_norm_silu if self.check_inputs else group_norm_silu_unchecked
+        return op(x, self.num_groups, self.weight, self.bias, self.eps, scale=scale, shift=shift, silu=self.silu)
 
     @classmethod
     def from_group_norm(cls, gn: nn.GroupNorm, silu: bool = True) -> "GroupNormSiLU":

@@ -23,6 +23,8 @@ wrapped as GN → 1×1 proj_in → blocks → 1×1 proj_out (+ residual) on the 
 The hot paths are fastdiff ops: every GroupNorm(+SiLU, +FiLM) is
 ``GroupNormSiLU`` (``ops.group_norm_silu``) and every attention is ``Attention``
 (``ops.attention``).  Convolutions and linears are PyTorch's (cuDNN / cuBLAS).
+``forward`` checks its inputs once; the layers, whose every input the network makes
+from those, then call the ops' unchecked entries (`skip_layer_checks`).
 
 Precision: the network runs in whatever autocast gives it (bf16 on GPU); the
 timestep embedding is computed in fp32 and the output is returned in fp32, so the
@@ -42,6 +44,11 @@ from torch.utils.checkpoint import checkpoint
 from fastdiff.nn.attention import Attention, image_to_tokens, tokens_to_image
 from fastdiff.nn.embeddings import TimestepEmbedding
 from fastdiff.nn.norm import GroupNormSiLU
+from fastdiff.ops import _checks
+
+# The fused kernels address one sample (one (batch, head) sequence for attention) with
+# 32-bit offsets; a model whose layers skip their checks bounds its inputs instead.
+MAX_OFFSET = 2**31
 
 
 @dataclass
@@ -56,7 +63,7 @@ class UNetConfig:
     num_res_blocks: int = 2  # ResBlocks per level on the way down (up: one more, for the extra skip)
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) that get transformer blocks
     transformer_depth: int = 1  # transformer blocks per attention site
-    dim_head: int = 40  # channels per attention head (heads = width / dim_head): 40/80/160 are SD's
+    dim_head: int | tuple[int, ...] = 40  # channels per attention head (heads = width / dim_head), one or one per level
     ff_mult: int = 4  # inner width of the transformer feed-forward, as a multiple of the width
     context_dim: int = 768  # width of the text tokens fed to cross-attention
     pooled_dim: int | None = None  # width of a pooled text embedding added to the time embedding (None: unused)
@@ -69,6 +76,11 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
+        if not isinstance(self.dim_head, int):
+            self.dim_head = tuple(self.dim_head)
+            if len(self.dim_head) != len(self.channel_mult):
+                levels = len(self.channel_mult)
+                raise ValueError(f"dim_head must be an int or one per level ({levels}), got {self.dim_head}")
         for lvl in self.attention_levels:
             if not 0 <= lvl < len(self.channel_mult):
                 raise ValueError(f"attention_levels must index channel_mult (0…{len(self.channel_mult) - 1}), got {lvl}")
@@ -79,8 +91,12 @@ class UNetConfig:
             width = self.model_channels * mult
             if width % self.num_groups:
                 raise ValueError(f"every level width must be divisible by num_groups={self.num_groups}, got {width}")
-            if (level in self.attention_levels or level == last) and width % self.dim_head:
-                raise ValueError(f"attention widths must be divisible by dim_head={self.dim_head}, got {width}")
+            if (level in self.attention_levels or level == last) and width % self.head_dim(level):
+                raise ValueError(f"attention widths must be divisible by dim_head={self.head_dim(level)}, got {width}")
+
+    def head_dim(self, level: int) -> int:
+        """Channels per attention head at ``level`` (the middle block uses the last level's)."""
+        return self.dim_head if isinstance(self.dim_head, int) else self.dim_head[level]
 
     @staticmethod
     def preset(name: str, **overrides) -> "UNetConfig":
@@ -120,7 +136,8 @@ PRESETS: dict[str, dict] = {
         scale_shift=True,
     ),
     # Stable Diffusion 1.5's UNet shape (Rombach et al. 2022; 860 M parameters):
-    # 4-channel latents, CLIP ViT-L/14 text tokens (768), 8 heads at every level.
+    # 4-channel latents, CLIP ViT-L/14 text tokens (768), 8 heads at every level
+    # (SD 2.x keeps 64 channels per head instead: dim_head=64).
     "sd15": dict(
         in_channels=4,
         out_channels=4,
@@ -128,13 +145,26 @@ PRESETS: dict[str, dict] = {
         channel_mult=(1, 2, 4, 4),
         num_res_blocks=2,
         attention_levels=(0, 1, 2),
-        dim_head=40,  # 320/8, 640/8 = 80, 1280/8 = 160
+        dim_head=(40, 80, 160, 160),  # 320/8, 640/8, 1280/8, 1280/8
         context_dim=768,
         pooled_dim=None,
         num_groups=32,
         scale_shift=False,
     ),
 }
+
+
+def skip_layer_checks(model: nn.Module) -> None:
+    """Turn off the per-call argument checks of ``model``'s fused layers (`GroupNormSiLU`, `Attention`).
+
+    For a model whose forward checks its own inputs: every tensor those layers see is made
+    from them by the model's own layers, so each layer's checks (several µs of host time per
+    call, a hundred calls per SD UNet forward) could only repeat them.  A layer taken out of
+    such a model and called alone does not check its arguments either.
+    """
+    for m in model.modules():
+        if isinstance(m, (GroupNormSiLU, Attention)):
+            m.check_inputs = False
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -266,7 +296,9 @@ class UNet(nn.Module):
             res = ResBlock(cin, cout, emb_dim, c.num_groups, c.scale_shift, c.dropout)
             attn = None
             if level in c.attention_levels:
-                attn = SpatialTransformer(cout, c.context_dim, c.dim_head, c.transformer_depth, c.num_groups, c.ff_mult)
+                attn = SpatialTransformer(
+                    cout, c.context_dim, c.head_dim(level), c.transformer_depth, c.num_groups, c.ff_mult
+                )
             return Stage(res, attn)
 
         widths = [c.model_channels * m for m in c.channel_mult]
@@ -287,7 +319,8 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
 
         self.mid_res1 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
-        self.mid_attn = SpatialTransformer(ch, c.context_dim, c.dim_head, c.transformer_depth, c.num_groups, c.ff_mult)
+        mid_head = c.head_dim(len(widths) - 1)
+        self.mid_attn = SpatialTransformer(ch, c.context_dim, mid_head, c.transformer_depth, c.num_groups, c.ff_mult)
         self.mid_res2 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
 
         self.up = nn.ModuleList()
@@ -302,11 +335,47 @@ class UNet(nn.Module):
 
         self.norm_out = GroupNormSiLU(c.num_groups, ch)
         self.conv_out = _zero(nn.Conv2d(ch, p2 * c.out_channels, 3, padding=1))
+        skip_layer_checks(self)
 
     @property
     def downscale(self) -> int:
         """H and W must be multiples of this."""
         return self.config.patch_size * 2 ** (len(self.config.channel_mult) - 1)
+
+    def _check_inputs(self, x_shape: tuple[int, ...], t, context, pooled, frames: int = 1) -> torch.Tensor:
+        """Check a forward's inputs, x given by its shape (B, C, *spatial); returns t as (B,).
+
+        These are the only checks of a forward: the layers skip theirs (`skip_layer_checks`).
+        ``frames``: how many of x's images a GroupNorm normalises together (a video's clip).
+        """
+        c = self.config
+        B, H, W = x_shape[0], x_shape[-2], x_shape[-1]
+        if B == 0:
+            raise ValueError(f"x must hold at least one image, got shape {tuple(x_shape)}")
+        if H == 0 or W == 0 or H % self.downscale or W % self.downscale:
+            raise ValueError(f"x's height and width must be positive multiples of {self.downscale}, got {(H, W)}")
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        _checks.check_tensor("context", context)
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim or context.shape[1] == 0:
+            raise ValueError(
+                f"context must have shape ({B}, L, {c.context_dim}) with L >= 1, got {tuple(context.shape)}"
+            )
+        if c.pooled_dim and (pooled is None or pooled.shape != (B, c.pooled_dim)):
+            got = None if pooled is None else tuple(pooled.shape)
+            raise ValueError(f"pooled must have shape ({B}, {c.pooled_dim}), got {got}")
+        # The largest extent a layer addresses: at full resolution, q, k and v rows of 3·width
+        # (a GroupNorm sees at most 2·width channels), over a clip's frames; the context's k, v rows.
+        width = c.model_channels * max(c.channel_mult)
+        positions = H * W // c.patch_size**2
+        if max(frames * positions, context.shape[1]) * 3 * width >= MAX_OFFSET:
+            raise ValueError(
+                f"x {tuple(x_shape)} and context {tuple(context.shape)} are too large for this model's kernels "
+                f"(32-bit offsets within a sample)"
+            )
+        return t
 
     def _run(self, module: nn.Module, *args) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -317,20 +386,10 @@ class UNet(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None
     ) -> torch.Tensor:
         c = self.config
+        _checks.check_float("x", x)
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must have shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % self.downscale or x.shape[3] % self.downscale:
-            raise ValueError(f"x's height and width must be multiples of {self.downscale}, got {tuple(x.shape[2:])}")
-        B = x.shape[0]
-        if t.ndim == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim:
-            raise ValueError(f"context must have shape ({B}, L, {c.context_dim}), got {tuple(context.shape)}")
-        if c.pooled_dim and (pooled is None or pooled.shape != (B, c.pooled_dim)):
-            got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(f"pooled must have shape ({B}, {c.pooled_dim}), got {got}")
+        t = self._check_inputs(x.shape, t, context, pooled)
 
         emb = self.time_embed(t, pooled)
         # Space-to-depth (Hoogeboom et al. 2023, §3.1): every p×p patch becomes p² channels,

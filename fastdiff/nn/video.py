@@ -67,7 +67,8 @@ from torch import nn
 from fastdiff.nn.attention import Attention
 from fastdiff.nn.embeddings import timestep_embedding
 from fastdiff.nn.norm import GroupNormSiLU
-from fastdiff.nn.unet import UNet, UNetConfig, _zero
+from fastdiff.nn.unet import UNet, UNetConfig, _zero, skip_layer_checks
+from fastdiff.ops import _checks
 
 
 @dataclass
@@ -125,6 +126,7 @@ class ClipGroupNormSiLU(GroupNormSiLU):
     @classmethod
     def from_module(cls, m: GroupNormSiLU) -> "ClipGroupNormSiLU":
         new = cls(m.num_groups, m.num_channels, m.eps, m.affine, m.silu)
+        new.check_inputs = m.check_inputs
         if m.affine:
             new.weight, new.bias = m.weight, m.bias
         return new
@@ -280,6 +282,7 @@ class VideoUNet(UNet):
         self.temporal_down = nn.ModuleList(nn.ModuleList(temporal(s) for s in stages) for stages in self.down)
         self.temporal_mid = TemporalAttention(self.mid_res2.conv2.out_channels, v.temporal_dim_head, c.num_groups)
         self.temporal_up = nn.ModuleList(nn.ModuleList(temporal(s) for s in stages) for stages in self.up)
+        skip_layer_checks(self)
 
     def temporal_parameters(self) -> list[str]:
         """Names of the parameters that the image model does not have."""
@@ -310,22 +313,12 @@ class VideoUNet(UNet):
 
     def _check(self, x, t, context, pooled) -> torch.Tensor:
         c, v = self.config, self.video
+        _checks.check_float("x", x)
         if x.ndim != 5 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must have shape (B, {c.in_channels}, F, H, W), got {tuple(x.shape)}")
         if not 1 <= x.shape[2] <= v.max_frames:
             raise ValueError(f"the clip length F must be in [1, {v.max_frames}] for this model, got {x.shape[2]}")
-        if x.shape[3] % self.downscale or x.shape[4] % self.downscale:
-            raise ValueError(f"x's height and width must be multiples of {self.downscale}, got {tuple(x.shape[3:])}")
-        B = x.shape[0]
-        t = t.expand(B) if t.ndim == 0 else t
-        if t.shape != (B,):
-            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
-        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim:
-            raise ValueError(f"context must have shape ({B}, L, {c.context_dim}), got {tuple(context.shape)}")
-        if c.pooled_dim and (pooled is None or pooled.shape != (B, c.pooled_dim)):
-            got = None if pooled is None else tuple(pooled.shape)
-            raise ValueError(f"pooled must have shape ({B}, {c.pooled_dim}), got {got}")
-        return t
+        return self._check_inputs(x.shape, t, context, pooled, frames=x.shape[2])
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None

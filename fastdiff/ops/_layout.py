@@ -13,9 +13,22 @@ def sample_layout(x: torch.Tensor) -> str | None:
     """'contiguous', 'channels_last', or None for any other stride pattern."""
     if x.is_contiguous():
         return "contiguous"
-    if x.ndim >= 3 and x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
+    if x.ndim >= 3 and x.stride(1) == 1 and _dense(x.shape, x.stride(), (0, *range(2, x.ndim), 1)):
         return "channels_last"
     return None
+
+
+def _dense(sizes, strides, order) -> bool:
+    """Whether the dims, taken in ``order`` (outermost first), are laid out densely: the rule of
+    ``Tensor.is_contiguous``, dims of size 1 free.  Read from the sizes and strides on the host, it
+    costs a fraction of a ``movedim(1, -1).is_contiguous()``, which builds a view (~7 µs)."""
+    expected = 1
+    for d in reversed(order):
+        if sizes[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= sizes[d]
+    return True
 
 
 def match_layout(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

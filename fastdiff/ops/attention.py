@@ -721,6 +721,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     q, k and v.  Returns (B, H, Lq, D) in q's dtype, stored as (B, Lq, H, D).
     """
     scale = _validate(q, k, v, scale)
+    return attention_unchecked(q, k, v, scale=scale)
+
+
+def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """`attention` without its argument checks, for a caller that made them once (a model's layer
+    whose shapes are fixed at construction): ``scale`` is the float `attention` would resolve
+    (1/sqrt(D) by default).  Arguments `attention` would refuse give undefined results."""
     return _attention_fwd_call(q, k, v, scale)[0]
 
 

@@ -882,6 +882,23 @@ def group_norm_silu(
     in x, weight, bias, scale and shift.
     """
     _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
+    return group_norm_silu_unchecked(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
+
+
+def group_norm_silu_unchecked(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """`group_norm_silu` without its argument checks, for a caller that made them once (a model's
+    layer whose channels, groups and eps are fixed at construction).  Layouts are still taken
+    care of; arguments `group_norm_silu` would refuse give undefined results."""
     if sample_layout(x) is None:
         x = x.contiguous()
     args = (

@@ -423,14 +423,15 @@ def _validate(x0, t, alphas_cumprod, noise) -> None:
 
 def draw_keys(batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """One int64 Philox key per sample, drawn from ``generator`` (or torch's default)."""
-    gen_device = generator.device if generator is not None else device
-    keys = torch.randint(0, 2**62, (batch,), generator=generator, device=gen_device, dtype=torch.int64)
+    if generator is None:  # drawn where it is used: no copy (a same-device .to() still costs a dispatch)
+        return torch.randint(0, 2**62, (batch,), device=device, dtype=torch.int64)
+    keys = torch.randint(0, 2**62, (batch,), generator=generator, device=generator.device, dtype=torch.int64)
     return keys.to(device, non_blocking=True)
 
 
 def _noising(x0, t, alphas_cumprod, noise, generator, want_v):
-    _validate(x0, t, alphas_cumprod, noise)
-    if noise is not None:
+    """`q_sample` and `training_target` after their checks: (x_t, noise, v or None)."""
+    if noise is not None and noise.dtype != x0.dtype:
         noise = noise.to(x0.dtype)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or (noise is not None and noise.requires_grad))
     if needs_grad:
@@ -459,6 +460,20 @@ def q_sample(
     [0, T); alphas_cumprod: (T,) fp32/fp64 on x0's device.  With ``noise=None`` the
     kernel draws N(0, I) noise itself from ``generator`` and returns it.
     """
+    _validate(x0, t, alphas_cumprod, noise)
+    return q_sample_unchecked(x0, t, alphas_cumprod, noise, generator=generator)
+
+
+def q_sample_unchecked(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`q_sample` without its argument checks, for a loop that made them once.  Arguments
+    `q_sample` would refuse give undefined results."""
     x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, want_v=False)
     return x_t, noise
 
@@ -479,6 +494,21 @@ def training_target(
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    _validate(x0, t, alphas_cumprod, noise)
+    return training_target_unchecked(x0, t, alphas_cumprod, noise, prediction=prediction, generator=generator)
+
+
+def training_target_unchecked(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    *,
+    prediction: str = "epsilon",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`training_target` without its argument checks, for a training loop that made them once.
+    Arguments `training_target` would refuse give undefined results."""
     x_t, noise, v = _noising(x0, t, alphas_cumprod, noise, generator, want_v=prediction == "v")
     target = {"epsilon": noise, "v": v, "sample": x0}[prediction]
     return x_t, noise, target
@@ -522,10 +552,20 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         _checks.check_float("weight", weight, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
         _checks.check_shape("weight", weight, (B,), " (one weight per sample)")
         _checks.check_device("weight", weight, pred.device, "pred")
-        weight = weight.detach().to(torch.float32)
     if B == 0 or pred.numel() == 0:
         raise ValueError(f"pred must not be empty, got shape {tuple(pred.shape)}")
+    return diffusion_loss_unchecked(pred, target, weight)
+
+
+def diffusion_loss_unchecked(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`diffusion_loss` without its argument checks, for a training loop that made them once.
+    Arguments `diffusion_loss` would refuse give undefined results."""
     if sample_layout(pred) is None:
         pred = pred.contiguous()
     target = match_layout(target.to(pred.dtype) if target.dtype != pred.dtype else target, pred)
+    if weight is not None:
+        weight = weight.detach()
+        weight = weight if weight.dtype == torch.float32 else weight.float()
     return _weighted_mse_call(pred, target, weight)

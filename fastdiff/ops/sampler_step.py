@@ -59,6 +59,7 @@ Precision: everything in fp32 inside; x_next and x̂0 are stored in x_t's dtype.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import astuple, dataclass, fields
 from typing import Optional
 
@@ -481,8 +482,25 @@ def _check_like(name: str, t, x: torch.Tensor) -> None:
     _checks.check_device(name, t, x.device, "x")
 
 
-def _validate(x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds,
-              step, add_noise, known, mask) -> None:  # fmt: skip
+def check_step_arguments(
+    x: torch.Tensor,
+    *,
+    guided: bool,
+    guidance_scale: float,
+    guidance_rescale: float,
+    clip_x0: float | None,
+    seeds: torch.Tensor | None,
+    add_noise: bool,
+    known: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> None:
+    """The checks of `sampler_step`'s arguments that a sampling loop keeps from step to step.
+
+    A loop makes them once, before its first step, with ``x`` its initial state, ``guided``
+    whether it passes an ``uncond_output`` and ``add_noise`` whether any step draws noise;
+    then it checks each step's model output (`check_model_output`) and calls
+    `sampler_step_unchecked`.  The coefficients, x̂0_prev and the step index are the loop's own.
+    """
     _checks.check_float("x", x)
     _checks.check_min_ndim("x", x, 2, " (B, ...)")
     B = x.shape[0]
@@ -491,35 +509,19 @@ def _validate(x, model_output, coeffs, uncond_output, guidance_scale, guidance_r
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     if N > MAX_NUMEL_PER_SAMPLE:
         raise ValueError(f"x must have at most {MAX_NUMEL_PER_SAMPLE} elements per sample, got {N}")
-    _check_like("model_output", model_output, x)
-    _checks.check_float("coeffs", coeffs, (torch.float32, torch.float64))
-    _checks.check_device("coeffs", coeffs, x.device, "x")
-    if tuple(coeffs.shape) not in ((NUM_COEFFICIENTS,), (B, NUM_COEFFICIENTS)):
-        raise ValueError(
-            f"coeffs must have shape ({NUM_COEFFICIENTS},) or ({B}, {NUM_COEFFICIENTS}) (see COEFFICIENTS), "
-            f"got {tuple(coeffs.shape)}"
-        )
-    if uncond_output is not None:
-        _check_like("uncond_output", uncond_output, x)
-        if uncond_output.dtype != model_output.dtype:
-            raise TypeError(
-                f"uncond_output must have model_output's dtype {model_output.dtype}, got {uncond_output.dtype}"
-            )
     if not isinstance(guidance_scale, (int, float)):
         raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
+    if not math.isfinite(guidance_scale):  # NaN/inf would make every output element NaN
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
     if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must be a float in [0, 1], got {guidance_rescale!r}")
     if guidance_rescale > 0:
-        if uncond_output is None:
+        if not guided:
             raise ValueError("guidance_rescale > 0 needs uncond_output (it rescales the guided prediction)")
         if N < 2:
             raise ValueError(f"guidance_rescale needs at least 2 elements per sample (a std), got x {tuple(x.shape)}")
     if clip_x0 is not None and (not isinstance(clip_x0, (int, float)) or not clip_x0 > 0):
         raise ValueError(f"clip_x0 must be None or a float > 0, got {clip_x0!r}")
-    if x0_prev is not None:
-        _check_like("x0_prev", x0_prev, x)
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**62:
-        raise ValueError(f"step must be an int in [0, 2**62), got {step!r}")
     if add_noise or known is not None:
         if seeds is None:
             raise ValueError("seeds (B,) int64 is required when add_noise=True or known is given")
@@ -540,6 +542,39 @@ def _validate(x, model_output, coeffs, uncond_output, guidance_scale, guidance_r
                 f"mask must have shape {tuple(x.shape)} (x's) or {per_pixel} (one value per pixel), "
                 f"got {tuple(mask.shape)}"
             )
+
+
+def check_model_output(x: torch.Tensor, model_output, uncond_output=None) -> None:
+    """The checks of the model's output(s) against the state ``x``: a loop makes them at every
+    step, because the model is the caller's code."""
+    _check_like("model_output", model_output, x)
+    if uncond_output is not None:
+        _check_like("uncond_output", uncond_output, x)
+        if uncond_output.dtype != model_output.dtype:
+            raise TypeError(
+                f"uncond_output must have model_output's dtype {model_output.dtype}, got {uncond_output.dtype}"
+            )
+
+
+def _validate(x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds,
+              step, add_noise, known, mask) -> None:  # fmt: skip
+    check_step_arguments(
+        x, guided=uncond_output is not None, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        clip_x0=clip_x0, seeds=seeds, add_noise=add_noise, known=known, mask=mask,
+    )  # fmt: skip
+    check_model_output(x, model_output, uncond_output)
+    _checks.check_float("coeffs", coeffs, (torch.float32, torch.float64))
+    _checks.check_device("coeffs", coeffs, x.device, "x")
+    B = x.shape[0]
+    if tuple(coeffs.shape) not in ((NUM_COEFFICIENTS,), (B, NUM_COEFFICIENTS)):
+        raise ValueError(
+            f"coeffs must have shape ({NUM_COEFFICIENTS},) or ({B}, {NUM_COEFFICIENTS}) (see COEFFICIENTS), "
+            f"got {tuple(coeffs.shape)}"
+        )
+    if x0_prev is not None:
+        _check_like("x0_prev", x0_prev, x)
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**62:
+        raise ValueError(f"step must be an int in [0, 2**62), got {step!r}")
 
 
 def sampler_step(
@@ -575,6 +610,33 @@ def sampler_step(
         x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds, step,
         add_noise, known, mask,
     )  # fmt: skip
+    return sampler_step_unchecked(
+        x, model_output, coeffs, uncond_output=uncond_output, guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale, clip_x0=clip_x0, x0_prev=x0_prev, return_x0=return_x0, seeds=seeds,
+        step=step, add_noise=add_noise, known=known, mask=mask,
+    )  # fmt: skip
+
+
+def sampler_step_unchecked(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coeffs: torch.Tensor,
+    *,
+    uncond_output: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
+    clip_x0: float | None = None,
+    x0_prev: torch.Tensor | None = None,
+    return_x0: bool = False,
+    seeds: torch.Tensor | None = None,
+    step: int = 0,
+    add_noise: bool = False,
+    known: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sampler_step` without its argument checks, for a sampling loop that made them once
+    (`check_step_arguments`) and checks each model output (`check_model_output`).  Arguments
+    `sampler_step` would refuse give undefined results."""
     x_next, x0 = _sampler_step_call(
         x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, float(guidance_scale),
         float(guidance_rescale), None if clip_x0 is None else float(clip_x0), step, bool(add_noise),

@@ -1,0 +1,170 @@
+"""The host path: loops check their arguments once and call the ops' unchecked entries, which
+give the public ops' numbers bit for bit; the layout test that every op runs; the host
+benchmark's output.  (The sampling loop's and the UNet's own tests are in test_samplers.py
+and test_unet.py.)"""
+import importlib
+import json
+
+import pytest
+import torch
+
+from fastdiff import samplers
+from fastdiff.apps import inpaint as ip
+from fastdiff.ops import _backend, _layout, noising, use_backend
+from fastdiff.schedule import make_schedule, timesteps
+
+step_mod = importlib.import_module("fastdiff.ops.sampler_step")  # the module: ops.sampler_step is the function
+
+
+def toy_model(x, t):
+    tt = t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+    return 0.7 * torch.tanh(1.1 * x + 0.002 * tt) + 0.3 * torch.sin(0.5 * x.roll(1, -1))
+
+
+def guided_model(x, t):
+    B = x.shape[0] // 2
+    return torch.cat([toy_model(x[:B], t[:B]), 1.5 * toy_model(x[B:], t[B:]) + 0.2])
+
+
+# ----------------------------------------------------------------------------- the RePaint loop
+
+
+def checked_repaint(model, x_T, seeds, plan, schedule, *, known, mask, guidance_scale, resample, jump):
+    """`repaint_sample` as it was before it checked its arguments once: every step through the public op."""
+    levels, bounds = ip._alpha_levels(plan, schedule), ip._boundaries(plan)
+    plan, mask, B = plan.to(x_T.device), mask.to(x_T.dtype), x_T.shape[0]
+    E, n_steps = len(plan), len(bounds) - 1
+    x, x0, jumps = x_T, None, 0
+    for start in range(0, n_steps, jump):
+        end = min(start + jump, n_steps)
+        x0_start = x0
+        for p in range(resample + 1):
+            if p > 0:
+                x = ip._renoise(x, seeds, levels[end], levels[start], jumps)
+                jumps += 1
+            x0 = x0_start
+            for i in range(bounds[start], bounds[end]):
+                row = plan.coeffs[i]
+                if p > 0 and i == bounds[start] and plan.reads_x0[i]:
+                    row = ip._first_order(row)
+                out_u, out_c = model(torch.cat([x, x]), plan.timesteps[i].expand(2 * B)).chunk(2)
+                x, x0 = step_mod.sampler_step(
+                    x, out_c, row, uncond_output=out_u, guidance_scale=guidance_scale,
+                    x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i], seeds=seeds,
+                    step=i + p * E, add_noise=plan.add_noise[i], known=known if plan.blends[i] else None,
+                    mask=mask if plan.blends[i] else None,
+                )  # fmt: skip
+    return x
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
+def test_repaint_loop_checks_once_and_keeps_its_numbers(sampler, monkeypatch):
+    """RePaint's jumps run the sampler's evaluations: no step goes through the op's own checks, and
+    the samples are the checked loop's, bit for bit (the multistep history reset included)."""
+    schedule = make_schedule("scaled_linear", 1000)
+    make = samplers.dpmpp_2m_plan if sampler == "dpmpp_2m" else samplers.ddpm_plan
+    plan = make(schedule, timesteps(5, 1000, "trailing"))
+    seeds = torch.randint(0, 2**62, (2,))
+    x_T = samplers.initial_noise(seeds, (2, 3, 5, 4))
+    known, mask = torch.randn(2, 3, 5, 4), (torch.rand(2, 1, 5, 4) < 0.5).float()
+    kw = dict(known=known, mask=mask, guidance_scale=3.0, resample=1, jump=2)
+    with use_backend("reference"):
+        expected = checked_repaint(guided_model, x_T, seeds, plan, schedule, **kw)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a RePaint step went through sampler_step's own checks")
+
+        monkeypatch.setattr(step_mod, "_validate", refuse)
+        got = ip.repaint_sample(guided_model, x_T, seeds, plan, schedule, **kw)
+    assert torch.equal(got, expected)
+
+
+def test_repaint_loop_checks_its_arguments():
+    schedule = make_schedule("scaled_linear", 1000)
+    plan = samplers.ddim_plan(schedule, timesteps(3, 1000))
+    seeds = torch.arange(2)
+    x_T = samplers.initial_noise(seeds, (2, 3, 5, 4))
+    with pytest.raises(ValueError, match="known"):
+        ip.repaint_sample(toy_model, x_T, seeds, plan, schedule, known=x_T[:, :2], mask=torch.ones(2, 1, 5, 4))
+
+
+# ----------------------------------------------------------------------------- unchecked entries
+
+
+def test_noising_unchecked_entries_equal_the_public_ones():
+    """q_sample, training_target and diffusion_loss (value and gradient) through their unchecked entries."""
+    acp = make_schedule("cosine", 100).alphas_cumprod.float()
+    x0, t = torch.randn(3, 2, 5, 7), torch.randint(0, 100, (3,))
+    draws = [torch.Generator().manual_seed(11) for _ in range(2)]
+    assert all(map(torch.equal, noising.q_sample(x0, t, acp, generator=draws[0]),
+                   noising.q_sample_unchecked(x0, t, acp, generator=draws[1])))  # fmt: skip
+    noise = torch.randn_like(x0)
+    for prediction in noising.PREDICTIONS:
+        public = noising.training_target(x0, t, acp, noise, prediction=prediction)
+        unchecked = noising.training_target_unchecked(x0, t, acp, noise, prediction=prediction)
+        assert all(map(torch.equal, public, unchecked))
+    weight = torch.rand(3, dtype=torch.float64)
+    grads = []
+    for loss in (noising.diffusion_loss, noising.diffusion_loss_unchecked):
+        pred = x0.clone().requires_grad_()
+        value = loss(pred, noise.half(), weight)
+        value.backward()
+        grads.append((value.detach(), pred.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _layout_by_view(x: torch.Tensor) -> str | None:
+    """sample_layout's rule written with a view: contiguous, or channels-last (C moved last is contiguous)."""
+    if x.is_contiguous():
+        return "contiguous"
+    if x.ndim >= 3 and x.stride(1) == 1 and x.movedim(1, -1).is_contiguous():
+        return "channels_last"
+    return None
+
+
+def test_sample_layout_reads_strides_as_the_view_rule():
+    """Random shapes (sizes 1 included, where any stride is allowed), permutations and slices."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**32)
+    seen = set()
+    for _ in range(400):
+        ndim = int(torch.randint(1, 6, (), generator=g))
+        shape = [int(s) for s in torch.randint(1, 4, (ndim,), generator=g)]
+        x = torch.empty(shape).permute(*torch.randperm(ndim, generator=g).tolist())
+        if ndim > 1 and bool(torch.rand((), generator=g) < 0.3):
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # channels-last storage
+        if bool(torch.rand((), generator=g) < 0.2):
+            x = x[..., ::2]
+        got = _layout.sample_layout(x)
+        assert got == _layout_by_view(x), (tuple(x.shape), x.stride())
+        seen.add(got)
+    assert seen == {"contiguous", "channels_last", None}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_host_overhead_prints_its_rows_as_json(capsys):
+    """``--json``: a list of {"name", "us"} with the torch.add baseline and every op's rows (a few calls)."""
+    from benchmarks import host_overhead
+
+    host_overhead.main(["--json", "--calls", "2", "--repeats", "1"])
+    rows = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in rows]
+    assert all(set(r) == {"name", "us"} and r["us"] > 0 for r in rows)
+    assert any("torch.add" in n for n in names) and "F.group_norm fwd" in names
+    for op in ("group_norm_silu", "attention", "q_sample", "training_target", "diffusion_loss", "sampler_step"):
+        for entry in (op, op + "_unchecked"):
+            assert any(n.startswith(entry + " ") for n in names), entry
+    assert sum("fwd+bwd" in n for n in names) == 7  # GN, attention and the loss, twice each; F.group_norm
+    assert step_mod.use_triton is _backend.use_triton  # the kernels are back in place
+
+
+def test_host_overhead_refuses_bad_counts(capsys):
+    from benchmarks import host_overhead
+
+    with pytest.raises(SystemExit) as exit_:
+        host_overhead.main(["--calls", "0"])
+    assert exit_.value.code == 2 and "--calls" in capsys.readouterr().err
