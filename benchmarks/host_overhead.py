@@ -14,13 +14,11 @@ loops: one step of `fastdiff.samplers.sample` with a trivial model, and a tiny U
 forward (its convolutions and linears run for real on the CPU, at a size where they cost
 little).
 
-How launches are taken out (`no_launches`): every Triton kernel of the op modules is
-replaced by a no-op and the ops take their kernel branch on CPU tensors, so nothing is
-computed except the host-side tensor work an op really does (casts, allocations).
-Triton's own launch cost (argument binding, the driver call) is not included.  When the
-library's dry-run switch exists, `no_launches` becomes that switch (the ops then run
-their launch path down to, and excluding, the driver call) and `_NoLaunch` goes; the
-cases and the timing stay as they are.
+How launches are taken out: the ops run inside `fastdiff.ops.dry_run()`, the library's
+dry-run switch.  Every op takes its kernel path on CPU tensors, down to the C function of
+libfastdiff_kernels that validates the call, picks its launch-table case and fills the
+kernel's parameters, and stops before the driver call (`cuLaunchKernel`, about 1.3 µs on
+a GPU, is the only host cost left out).  Nothing is computed on the tensors.
 
 Shapes are tiny: the host path does not depend on the size, and CPU allocations of large
 blocks (mmap and page faults) say nothing about a GPU's caching allocator.  Each row is
@@ -30,7 +28,6 @@ figures still vary by tens of percent from run to run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import time
@@ -39,34 +36,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import fastdiff.ops
+
 from benchmarks.harness import forward_backward
 
-OP_MODULES = ("group_norm", "attention", "noising", "sampler_step")
 BASELINE = "torch.add(a, b, out=c)"
 TARGETS = {"fwd": 4.0, "fwd+bwd": 20.0}  # × the torch.add row
-
-
-class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-@contextlib.contextmanager
-def no_launches():
-    """Inside the block, every ``*_kernel`` of the op modules is a no-op and every op takes its kernel branch."""
-    saved = []
-    for name in OP_MODULES:
-        module = importlib.import_module(f"fastdiff.ops.{name}")
-        for attr in [a for a in vars(module) if a.endswith("_kernel")] + ["use_triton"]:
-            saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, _NoLaunch() if attr != "use_triton" else lambda *tensors: True)
-    try:
-        yield
-    finally:
-        for module, attr, value in saved:
-            setattr(module, attr, value)
 
 
 def time_us(fn: Callable[[], object], calls: int = 300, repeats: int = 7) -> float:
@@ -201,10 +176,10 @@ def loop_cases() -> dict[str, Callable]:
 
 
 def measure(calls: int, repeats: int) -> list[dict]:
-    """Every row as {"name", "us"}: the baselines first, then the ops and the loops (kernel launches taken out)."""
+    """Every row as {"name", "us"}: the baselines first, then the ops and the loops (in dry run: no launches)."""
     torch.set_num_threads(1)
     rows = [{"name": n, "us": time_us(fn, calls, repeats)} for n, fn in baseline_cases().items()]
-    with no_launches():
+    with fastdiff.ops.dry_run():
         for name, fn in op_cases().items():
             with torch.enable_grad() if "bwd" in name else torch.no_grad():
                 rows.append({"name": name, "us": time_us(fn, calls, repeats)})

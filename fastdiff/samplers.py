@@ -38,7 +38,7 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops._philox import randn_like_philox, step_keys
-from fastdiff.ops.sampler_step import NUM_COEFFICIENTS, check_model_output, check_step_arguments
+from fastdiff.ops.sampler_step import NUM_COEFFICIENTS, check_model_output, check_step_arguments, coefficient_rows
 from fastdiff.ops.sampler_step import sampler_step_unchecked, step_coefficients
 from fastdiff.schedule import Schedule, sigmas_at
 
@@ -64,10 +64,10 @@ class Plan:
         return self.timesteps.shape[0]
 
     def to(self, device) -> "Plan":
-        """The plan with fp32 coefficients (and the timesteps) on ``device``: one copy, done before the loop."""
+        """The plan with fp32 coefficients in aligned rows (and the timesteps) on ``device``: one copy, before the loop."""
         ts = self.timesteps if not self.timesteps.is_floating_point() else self.timesteps.to(torch.float32)
         return Plan(
-            self.name, ts.to(device), self.coeffs.to(device=device, dtype=torch.float32), self.add_noise,
+            self.name, ts.to(device), coefficient_rows(self.coeffs, device), self.add_noise,
             self.reads_x0, self.keeps_x0, self.blends,
         )  # fmt: skip
 

@@ -67,7 +67,8 @@ import torch
 
 from fastdiff.ops import _aot, _checks
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code, dtype_name
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, aligned_rows, divisible_key, dtype_code
+from fastdiff.ops._launch import dtype_name
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
 from fastdiff.ops._layout import match_layout, sample_layout
 
@@ -615,6 +616,17 @@ def sampler_step(
         guidance_rescale=guidance_rescale, clip_x0=clip_x0, x0_prev=x0_prev, return_x0=return_x0, seeds=seeds,
         step=step, add_noise=add_noise, known=known, mask=mask,
     )  # fmt: skip
+
+
+def coefficient_rows(coeffs: torch.Tensor, device) -> torch.Tensor:
+    """A plan's (E, K) step coefficients as fp32 on ``device``, every row starting 16-byte aligned.
+
+    The kernels read a row of coefficients through a pointer they assume aligned (the AOT
+    library refuses others); rows of K = 11 floats packed back to back are not, so each row
+    is padded to 12 in one allocation.  A loop passes ``rows[i]`` to `sampler_step` as is.
+    """
+    rows = aligned_rows(coeffs.shape[0], tuple(coeffs.shape[1:]), device, torch.float32)
+    return rows.copy_(coeffs)
 
 
 def sampler_step_unchecked(
