@@ -28,8 +28,9 @@ followed by a barrier; every rank resumes from the same checkpoint, whatever the
 size that wrote it.
 
 Checkpoints: ``<output_dir>/step_XXXXXXX/`` with ``model.safetensors``,
-``ema.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, configs, the
-size and SHA-256 of every other file), plus ``pipeline.json`` so that
+``ema.safetensors``, ``optimizer.safetensors`` (the AdamW state by parameter name, in
+the state dict's split form) and ``state.json`` (step, configs, the size and SHA-256 of
+every other file), plus ``pipeline.json`` so that
 `fastdiff.pipelines.Text2Image.from_pretrained` loads the directory.  Each is written
 and fsynced in a temporary folder that is renamed into place (an atomic rename on
 POSIX), then ``latest`` is replaced atomically: a run killed mid-write, or a power
@@ -277,25 +278,177 @@ def _file_record(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimiser state as flat tensors (safetensors) + its JSON-able rest."""
+# ----------------------------------------------------------------------------- optimiser state by name
+#
+# optimizer.safetensors holds "<name>.<key>" ("mid_attn.blocks.0.attn1.to_k.weight.exp_avg"),
+# named as the model's state dict names its entries: a layer that stores several entries in
+# one parameter (Attention's to_qkv holds to_q, to_k and to_v) has its optimiser state split
+# the same way, so the file does not depend on how a layer fuses its parameters.  Per-element
+# state (AdamW's exp_avg, exp_avg_sq: the parameter's shape) splits into the weight's row
+# blocks, exactly; shared state (AdamW's step, a scalar) is repeated for each part.
+# state.json's "optimizer" holds the param groups, each with the names of its parameters,
+# split the same way.  Files of earlier versions are keyed by position (`_by_position`).
+
+
+def _saved_parts(model: torch.nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """Each parameter's name → the state-dict entries it is saved as, [(entry, rows)], in row order.
+
+    A parameter saved under its own name is one entry.  A fused one is saved by its layer's
+    state-dict hook as row views of it (`fastdiff.nn.attention`); they are found here by their
+    storage, so the split is the layer's own, not a copy of it."""
+    saved = model.state_dict()
+    by_storage: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for key, t in saved.items():
+        by_storage.setdefault(t.untyped_storage().data_ptr(), []).append((key, t))
+    parts = {}
+    for name, p in model.named_parameters():
+        if name in saved:
+            parts[name] = _whole(name, p)
+            continue
+        views = sorted(by_storage.get(p.untyped_storage().data_ptr(), []), key=lambda kt: kt[1].storage_offset())
+        rows, found = 0, []
+        for key, t in views:
+            block = p.detach()[rows : rows + t.shape[0]]
+            if (t.data_ptr(), t.shape, t.stride()) != (block.data_ptr(), block.shape, block.stride()):
+                break
+            found.append((key, t.shape[0]))
+            rows += t.shape[0]
+        if not found or rows != p.shape[0]:
+            raise ValueError(f"parameter {name} is in the model's state dict neither as itself nor as row blocks of it")
+        parts[name] = found
+    return parts
+
+
+def _whole(name: str, p: torch.Tensor) -> list[tuple[str, int]]:
+    """A parameter saved as itself: one entry of all its rows."""
+    return [(name, p.shape[0] if p.ndim else 1)]
+
+
+def _named_params(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    """``opt``'s parameters with their names in ``model``, in the order its state_dict numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if any(id(p) not in names for p in params):
+        raise ValueError("the optimizer holds a parameter that is not the model's")
+    return [(names[id(p)], p) for p in params]
+
+
+def _part_shapes(p: torch.Tensor, parts: list[tuple[str, int]]) -> list[tuple[int, ...]]:
+    return [(rows, *p.shape[1:]) for _, rows in parts] if len(parts) > 1 else [tuple(p.shape)]
+
+
+def _split_state(name: str, p: torch.Tensor, state: dict, parts: list[tuple[str, int]]) -> list[dict]:
+    """One parameter's optimiser state → the state of each of its state-dict entries."""
+    out: list[dict] = [{} for _ in parts]
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.ndim > 0 and v.shape == p.shape:  # per element: the weight's row blocks
+            for part, block in zip(out, v.split([rows for _, rows in parts])):
+                part[k] = block
+        elif not torch.is_tensor(v) or v.ndim == 0:  # shared (copies: safetensors refuses aliased tensors)
+            for part in out:
+                part[k] = v.clone() if torch.is_tensor(v) and len(parts) > 1 else v
+        else:
+            shape = tuple(v.shape)
+            raise ValueError(f"optimizer state {k!r} of {name} has shape {shape}: neither the parameter's nor a scalar")
+    return out
+
+
+def _fuse_state(name: str, p: torch.Tensor, states: list[dict], parts: list[tuple[str, int]]) -> dict:
+    """The inverse of `_split_state`: a parameter's optimiser state from its entries' states."""
+    keys = [key for key, _ in parts]
+    if any(s.keys() != states[0].keys() for s in states):
+        raise ValueError(f"optimizer.safetensors: {keys} do not hold the same state ({[sorted(s) for s in states]})")
+    fused = {}
+    for k, first in states[0].items():
+        values = [s[k] for s in states]
+        if torch.is_tensor(first) and first.ndim > 0:  # per element
+            shapes, want = [tuple(v.shape) for v in values], _part_shapes(p, parts)
+            if shapes != want:
+                raise ValueError(f"optimizer.safetensors: {k} of {keys} has shapes {shapes}, this model's {want}")
+            fused[k] = torch.cat(values) if len(values) > 1 else first
+        elif all(torch.equal(v, first) if torch.is_tensor(v) else v == first for v in values[1:]):
+            fused[k] = first
+        else:
+            raise ValueError(f"optimizer.safetensors: {k} differs between {keys}, the parts of {name}")
+    return fused
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimiser state by state-dict name, as flat tensors (safetensors) + its JSON-able rest."""
     sd = opt.state_dict()
+    named, parts = _named_params(model, opt), _saved_parts(model)
     tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v
-            else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    for idx, state in sd["state"].items():
+        name, p = named[idx]
+        for (key, _), part in zip(parts[name], _split_state(name, p, state, parts[name])):
+            for k, v in part.items():
+                (tensors if torch.is_tensor(v) else scalars)[f"{key}.{k}"] = v
+    groups = [{**g, "params": [key for i in g["params"] for key, _ in parts[named[i][0]]]} for g in sd["param_groups"]]
+    return tensors, {"keyed_by": "name", "param_groups": groups, "scalars": scalars}
 
 
-def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    return {"state": dict(sorted(state.items())), "param_groups": meta["param_groups"]}
+def _by_position(tensors: dict, meta: dict, names: list[str], parts: dict) -> tuple[dict, dict]:
+    """An index-keyed file of earlier versions ("<position>.<key>") keyed by name instead.
+
+    Written before Attention fused its projections, position i is the i-th state-dict entry of
+    the parameters in order: to_q, to_k, to_v, to_out… (the order its separate layers were
+    registered in).  Written after, it is the i-th parameter.  The count tells which."""
+    count = sum(len(g["params"]) for g in meta["param_groups"])
+    split = [key for name in names for key, _ in parts[name]]
+    if count not in (len(split), len(names)):
+        raise ValueError(
+            f"optimizer.safetensors holds the state of {count} parameters by position; "
+            f"this model has {len(names)} ({len(split)} as its state dict names them)"
+        )
+    at = split if count == len(split) else names
+
+    def rename(key: str) -> str:
+        position, k = key.split(".", 1)
+        return f"{at[int(position)]}.{k}"
+
+    groups = [{**g, "params": [at[i] for i in g["params"]]} for g in meta["param_groups"]]
+    renamed = {rename(key): v for key, v in tensors.items()}
+    return renamed, {"param_groups": groups, "scalars": {rename(key): v for key, v in meta["scalars"].items()}}
+
+
+def _optimizer_state_dict(
+    tensors: dict[str, torch.Tensor], meta: dict, opt: torch.optim.Optimizer, model: torch.nn.Module
+) -> dict:
+    """``opt``'s state_dict (keyed by position, as torch loads it) from a checkpoint's optimiser
+    tensors and state.json's "optimizer": keyed by name, or by position as earlier versions wrote it."""
+    named, parts = _named_params(model, opt), _saved_parts(model)
+    names = [name for name, _ in named]
+    if meta.get("keyed_by") != "name":
+        tensors, meta = _by_position(tensors, meta, names, parts)
+    saved: dict[str, dict] = {}
+    for key, v in [*tensors.items(), *meta["scalars"].items()]:
+        entry, k = key.rsplit(".", 1)
+        saved.setdefault(entry, {})[k] = v
+    if len(meta["param_groups"]) != len(opt.param_groups):
+        raise ValueError(
+            f"optimizer.safetensors has {len(meta['param_groups'])} param groups, this run's optimizer "
+            f"{len(opt.param_groups)}"
+        )
+    groups, start = [], 0
+    for i, (theirs, group) in enumerate(zip(meta["param_groups"], opt.param_groups)):
+        mine = names[start : start + len(group["params"])]
+        if theirs["params"] not in ([key for name in mine for key, _ in parts[name]], mine):
+            raise ValueError(f"optimizer.safetensors: param group {i} holds other parameters than this run's")
+        groups.append({**theirs, "params": list(range(start, start + len(mine)))})
+        start += len(mine)
+    state = {}
+    for idx, (name, p) in enumerate(named):
+        # Under its own name: a parameter saved as itself, or a fused one by position (written after the fusing).
+        entries = _whole(name, p) if name in saved else parts[name]
+        keys = [key for key, _ in entries]
+        have = [key for key in keys if key in saved]
+        if have and have != keys:
+            raise ValueError(f"optimizer.safetensors has state for {have} but not for all of {keys}")
+        if have:
+            state[idx] = _fuse_state(name, p, [saved.pop(key) for key in keys], entries)
+    if saved:
+        raise ValueError(f"optimizer.safetensors has state for {sorted(saved)[:3]}…, which this model does not have")
+    return {"state": state, "param_groups": groups}
 
 
 STEP_NAME = re.compile(r"step_(\d+)")
@@ -780,7 +933,7 @@ class Trainer:
         tmp = self.out / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
+        opt_tensors, opt_meta = _optimizer_tensors(self.optimizer, self.model)
         _save_tensors(tmp / "model.safetensors", self.model.state_dict())
         _save_tensors(tmp / "ema.safetensors", self.ema.state_dict())
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
@@ -856,7 +1009,8 @@ class Trainer:
         try:
             self.model.load_state_dict(_load_tensors(path / "model.safetensors"))
             self.ema.load_state_dict(_load_tensors(path / "ema.safetensors"))
-            opt = _optimizer_state_dict(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+            tensors = _load_tensors(path / "optimizer.safetensors")
+            opt = _optimizer_state_dict(tensors, state["optimizer"], self.optimizer, self.model)
             self.optimizer.load_state_dict(opt)
         except (RuntimeError, ValueError, KeyError) as e:  # another model's weights (another task, shape or encoder)
             said = " ".join(str(e).split())

@@ -159,7 +159,7 @@ def ckpt_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def trainer_tensors(t: training.Trainer) -> dict[str, torch.Tensor]:
     """The same names for a live trainer (the optimiser state as `training` saves it)."""
-    opt, _ = training._optimizer_tensors(t.optimizer)
+    opt, _ = training._optimizer_tensors(t.optimizer, t.model)
     parts = {"model": t.model.state_dict(), "ema": t.ema.state_dict(), "optimizer": opt}
     return {f"{part}.{name}": tensor for part, sd in parts.items() for name, tensor in sd.items()}
 
