@@ -36,6 +36,15 @@ fused op instead of those modules).
 Modules a rewrite does not cover keep their original path and are listed, with the
 reason, in the returned `PatchReport` (``report.fell_back``).
 
+What ``patch`` can know is checked once, when patching: a GroupNorm's groups, eps and
+affine shapes; an attention module's q/k/v widths, heads, head dim and softmax scale.  A
+module that fails falls back.  A call of the host model then checks only what the host
+passes, or may have changed since (``model.half()``): dtypes, shapes, devices and sizes
+within the kernels' 32-bit offsets; it then calls the ops' unchecked entries
+(``attention_unchecked``, ``group_norm_silu_unchecked``), not their public checks.
+A call the kernels do not take runs PyTorch's own ops, which compute it or raise their own
+error, as the unpatched model would.
+
     report = fastdiff.patch(pipe)     # or a UNet, a VAE, your own module
     print(report)                     # what was patched, what fell back and why
     fastdiff.unpatch(pipe)            # back to the original modules
@@ -43,14 +52,15 @@ reason, in the returned `PatchReport` (``report.fell_back``).
 from __future__ import annotations
 
 import collections
+import math
 import sys
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops.attention import HEAD_DIMS, attention
-from fastdiff.ops.group_norm import group_norm_silu
+from fastdiff.ops.attention import HEAD_DIMS, attention_unchecked
+from fastdiff.ops.group_norm import group_norm_silu_unchecked
 
 _OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _RECORD = "_fastdiff_patch"  # attribute of a patched root module: what to undo
@@ -98,14 +108,54 @@ def _join(prefix: str, path: str) -> str:
 # ----------------------------------------------------------------------------- fused GroupNorm → SiLU
 
 
+def _group_norm_problem(gn: nn.GroupNorm) -> str | None:
+    """Why the fused op cannot stand in for ``gn`` whatever its input, or None (checked once, at patch time)."""
+    C, G, eps = gn.num_channels, gn.num_groups, gn.eps
+    if isinstance(G, bool) or not isinstance(G, int) or G <= 0 or C % G:
+        return f"{G!r} groups do not divide its {C} channels"
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        return f"eps {eps!r} is not a finite number >= 0"
+    affine = [(name, t) for name, t in (("weight", gn.weight), ("bias", gn.bias)) if t is not None]
+    for name, t in affine:
+        if tuple(t.shape) != (C,) or not t.is_floating_point():
+            return f"{name} is {t.dtype} of shape {tuple(t.shape)}, not floats of shape ({C},)"
+    if len({(t.dtype, t.device) for _, t in affine}) > 1:
+        return "weight and bias differ in dtype or device"
+    return None
+
+
+def _group_norm_takes(C: int, x: torch.Tensor, weight, scale, shift) -> bool:
+    """Whether the fused op takes this call of a C-channel GroupNorm that passed `_group_norm_problem`:
+    per call, only what the host model passes, and its weight's dtype and device, which ``model.half()``
+    or ``.to(device)`` may have changed since patching."""
+    shape = x.shape  # read once: each read of x.shape builds a new torch.Size
+    if x.dtype not in _OP_DTYPES or len(shape) < 2 or shape[1] != C:
+        return False
+    n = x.numel()
+    if n == 0 or n // shape[0] >= 2**31:  # the kernels' 32-bit offsets within a sample
+        return False
+    device = x.device
+    if weight is not None and (weight.dtype not in _OP_DTYPES or weight.device != device):
+        return False
+    for t in (scale, shift):
+        if t is not None and (t.shape != shape[:2] or t.dtype not in _OP_DTYPES or t.device != device):
+            return False
+    return True
+
+
 def _gn_silu(gn: nn.GroupNorm, x: torch.Tensor, scale=None, shift=None) -> torch.Tensor:
-    """SiLU(GN(x)·(1 + scale) + shift) with ``gn``'s groups, affine and eps, in one fused pass."""
-    if x.dtype not in _OP_DTYPES:  # e.g. float64: the op's kernels take 16/32-bit floats only
-        h = F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)
-        if scale is not None:
-            h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        return F.silu(h)
-    return group_norm_silu(x, gn.num_groups, gn.weight, gn.bias, gn.eps, scale=scale, shift=shift)
+    """SiLU(GN(x)·(1 + scale) + shift) with ``gn``'s groups, affine and eps, in one fused pass.
+
+    A call the op does not take (float64, a FiLM term that broadcasts, another device, the
+    wrong channel count) runs PyTorch's ops, which compute it or raise their own error, as
+    the unpatched model would."""
+    weight, bias = gn.weight, gn.bias  # each a module __getattr__: ~1 µs, read once
+    if _group_norm_takes(gn.num_channels, x, weight, scale, shift):
+        return group_norm_silu_unchecked(x, gn.num_groups, weight, bias, gn.eps, scale=scale, shift=shift)
+    h = F.group_norm(x, gn.num_groups, weight, bias, gn.eps)
+    if scale is not None:
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    return F.silu(h)
 
 
 class GroupNormFusedSiLU(nn.GroupNorm):
@@ -125,15 +175,24 @@ class SiLUFoldedIntoNorm(nn.SiLU):
 # ----------------------------------------------------------------------------- attention
 
 
-def _kernel_covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """True when `fastdiff.ops.attention` takes these (B, H, L, D) tensors as they are."""
-    return (
-        q.shape[-1] in HEAD_DIMS
-        and q.dtype in _OP_DTYPES
-        and q.dtype == k.dtype == v.dtype
-        and k.shape[-1] == q.shape[-1]
-        and k.shape[-2] > 0
-    )
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the attention kernel takes these (B, H, L, D) tensors, whose batch, heads, head dim
+    and key count the caller has matched: one kernel dtype and device, a key, 32-bit token offsets."""
+    dtype, device = q.dtype, q.device
+    if dtype not in _OP_DTYPES or k.dtype != dtype or v.dtype != dtype or k.device != device or v.device != device:
+        return False
+    (_, _, Lq, D), Lk = q.shape, k.shape[2]
+    return Lk > 0 and Lq * max(q.stride(2), D) < 2**31 and Lk * max(k.stride(2), v.stride(2), D) < 2**31
+
+
+def _scale_ok(scale) -> bool:
+    """A softmax scale the kernel takes: None (1/sqrt(D)) or a finite positive number."""
+    return scale is None or (type(scale) in (int, float) and math.isfinite(scale) and scale > 0)
+
+
+def _kernel_scale(head_dim: int, scale: float | None) -> float:
+    """``scale``, or 1/sqrt(head_dim) where it is None, computed as SDPA and `fastdiff.ops.attention` do."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 class FastAttnProcessor:
@@ -142,13 +201,22 @@ class FastAttnProcessor:
     Line for line the computation of diffusers' ``AttnProcessor2_0`` (which
     ``AttnProcessor`` equals up to how it spells the softmax), so every hook of the
     ``Attention`` module keeps working.  ``original`` is the processor it replaced: calls
-    with an attention mask go to it unchanged, and `unpatch` puts it back.  ``scale`` is the
-    softmax scale of the original (None: 1/sqrt(head dim), as SDPA).
+    with an attention mask go to it unchanged, and `unpatch` puts it back.  ``head_dim``
+    is the module's (one of ``HEAD_DIMS``); ``scale`` the softmax scale of the original
+    (None: 1/sqrt(head_dim), as SDPA).  Both are checked here, once: a call checks only
+    the dtypes, devices and sizes its module's layers produced (`_kernel_takes`), and
+    one the kernel does not take runs SDPA.
     """
 
-    def __init__(self, original, scale: float | None = None):
+    def __init__(self, original, head_dim: int, scale: float | None = None):
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"head dim {head_dim} not in {HEAD_DIMS}, the attention kernel's")
+        if not _scale_ok(scale):
+            raise ValueError(f"scale must be a finite positive number or None, got {scale!r}")
         self.original = original
-        self.scale = scale
+        self.head_dim = head_dim
+        self.scale = scale  # what SDPA gets, on calls the kernel does not take
+        self.kernel_scale = _kernel_scale(head_dim, scale)
 
     def __call__(
         self,
@@ -193,8 +261,9 @@ class FastAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if _kernel_covers(query, key, value):
-            hidden_states = attention(query, key, value, scale=self.scale)
+        # batch and heads agree by the views above; q, k and v widths by `_patch_attention`
+        if head_dim == self.head_dim and _kernel_takes(query, key, value):
+            hidden_states = attention_unchecked(query, key, value, scale=self.kernel_scale)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
 
@@ -234,9 +303,24 @@ class FusedSDPA(SDPA):
 
     def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         plain = attn_mask is None and dropout_p == 0.0 and not is_causal and not kwargs
-        if plain and query.ndim == 4 and _kernel_covers(query, key, value):
-            return attention(query, key, value, scale=scale)
+        if plain and _scale_ok(scale) and _sdpa_takes(query, key, value):
+            return attention_unchecked(query, key, value, scale=_kernel_scale(query.shape[3], scale))
         return super().forward(query, key, value, attn_mask, dropout_p, is_causal, scale, **kwargs)
+
+
+def _sdpa_takes(q, k, v) -> bool:
+    """Whether the kernel takes the tensors of an `SDPA` call as they are: the user's, checked in full."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return (
+        len(qs) == len(ks) == len(vs) == 4
+        and qs[3] in HEAD_DIMS
+        and qs[:2] == ks[:2] == vs[:2]
+        and qs[3] == ks[3] == vs[3]
+        and ks[2] == vs[2]
+        and _kernel_takes(q, k, v)
+    )
 
 
 # ----------------------------------------------------------------------------- diffusers ResnetBlock2D
@@ -361,15 +445,21 @@ def _patch_attention(path, attn, d, record) -> None:
         why = f"processor {type(proc).__name__} is not diffusers' default"
         record.report.fell_back.append(("attention", path, why))
         return
-    inner = getattr(attn.to_k, "out_features", None) or attn.inner_kv_dim
-    head_dim = inner // attn.heads
-    if head_dim not in HEAD_DIMS:
-        record.report.fell_back.append(("attention", path, f"head dim {head_dim} not in {HEAD_DIMS}"))
+    widths = [getattr(attn, name, None) for name in ("to_q", "to_k", "to_v")]
+    widths = [getattr(layer, "out_features", None) for layer in widths]
+    if None in widths or len(set(widths)) > 1 or widths[1] % attn.heads:
+        why = f"to_q, to_k, to_v widths {widths} are not one multiple of its {attn.heads} heads"
+        record.report.fell_back.append(("attention", path, why))
         return
     # AttnProcessor2_0 leaves the scale to SDPA (1/sqrt(D)); AttnProcessor uses attn.scale
     scale = attn.scale if type(proc) is d.get("AttnProcessor") else None
+    try:
+        fast = FastAttnProcessor(proc, widths[1] // attn.heads, scale)
+    except ValueError as e:  # a head dim or scale the kernel does not take
+        record.report.fell_back.append(("attention", path, str(e)))
+        return
     record.processors.append((attn, proc))
-    attn.set_processor(FastAttnProcessor(proc, scale))
+    attn.set_processor(fast)
     record.report.patched.append(("attention", path))
 
 
@@ -385,6 +475,9 @@ def _patch_resnet(path, block, d, record) -> None:
         reason = "norm1/norm2 are not plain nn.GroupNorm"
     elif block.time_embedding_norm == "scale_shift" and block.time_emb_proj is None:
         reason = "scale_shift without time_emb_proj"
+    else:
+        problems = {name: _group_norm_problem(getattr(block, name)) for name in ("norm1", "norm2")}
+        reason = "; ".join(f"{name}: {why}" for name, why in problems.items() if why) or None
     if reason:
         record.report.fell_back.append(("resnet_block", path, reason))
         return
@@ -397,6 +490,10 @@ def _fuse_pair(kind, path, gn, act, uses, record) -> bool:
     if uses[id(gn)] > 1 or uses[id(act)] > 1:
         # a module reached from two places may run alone there, where the fold would be wrong
         record.report.fell_back.append((kind, path, "GroupNorm or SiLU module is shared with another parent"))
+        return False
+    problem = _group_norm_problem(gn)
+    if problem:
+        record.report.fell_back.append((kind, path, problem))
         return False
     _swap_class(gn, GroupNormFusedSiLU, record)
     _swap_class(act, SiLUFoldedIntoNorm, record)

@@ -6,6 +6,7 @@ ulp), the tolerance rule of the op tests.  Models are diffusers' tiny test
 configurations (so their small head dims fall back) and the same shapes with head dims
 the kernel takes; sample sizes 8–16 keep the interpreter to seconds.
 """
+import collections
 import copy
 import importlib
 import io
@@ -250,8 +251,8 @@ def test_processor_calls_the_op_and_hands_masks_to_the_original(monkeypatch):
         ref, ref_masked = attn(x), attn(x, attention_mask=mask)
         patch(attn)
         calls = []
-        real = patch_module.attention
-        monkeypatch.setattr(patch_module, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = patch_module.attention_unchecked
+        monkeypatch.setattr(patch_module, "attention_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
         out = attn(x)
         assert calls == [1]
         out_masked = attn(x, attention_mask=mask)
@@ -482,8 +483,8 @@ def test_sdpa_adapter(monkeypatch):
         report = patch(layer)
         assert type(layer.sdpa) is FusedSDPA and report.counts() == {"sdpa": 1}
         calls = []
-        real = patch_module.attention
-        monkeypatch.setattr(patch_module, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = patch_module.attention_unchecked
+        monkeypatch.setattr(patch_module, "attention_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
         out = layer(x)
         assert calls == [1]
         assert torch.equal(layer(x, is_causal=True), ref_causal) and calls == [1]  # no causal mask in the kernel
@@ -499,6 +500,112 @@ def test_sdpa_adapter(monkeypatch):
 def test_sdpa_adapter_is_sdpa_when_unpatched():
     q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
     assert torch.equal(SDPA()(q, k, v, scale=0.3), F.scaled_dot_product_attention(q, k, v, scale=0.3))
+
+
+# ----------------------------------------------------------------------------- host path: checked once
+
+
+def test_patched_calls_skip_the_public_checks(monkeypatch):
+    """What patch can know is checked when patching: a call of the host model reaches the ops' unchecked
+    entries and never their public checks (each would raise here)."""
+    model = cond_unet(shift="scale_shift")
+    layer, seq = UserAttention(64, heads=2), nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU())
+    x, t, c = cond_inputs(model)
+    h, img = torch.randn(2, 5, 64), torch.randn(2, 8, 3, 3)
+    with torch.no_grad():
+        refs = run_cond(model, x, t, c, torch.float32), layer(h), seq(img)
+    for m in (model, layer, seq):
+        patch(m)
+    calls = collections.Counter()
+
+    def spy(name):
+        real = getattr(patch_module, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(patch_module, name, call)
+
+    spy("attention_unchecked")
+    spy("group_norm_silu_unchecked")
+
+    def refuse(*args):
+        raise AssertionError("a patched call ran an op's public checks")
+
+    for op in ("attention", "group_norm"):  # the modules (``fastdiff.ops.attention`` the attribute is the function)
+        monkeypatch.setattr(importlib.import_module(f"fastdiff.ops.{op}"), "_validate", refuse)
+    with torch.no_grad():
+        outs = run_cond(model, x, t, c, torch.float32), layer(h), seq(img)
+    n_norms = 2 * count(model, ResnetBlock2D) + 1  # two per block, and the output head
+    assert calls == {"attention_unchecked": count(model, Attention) + 1, "group_norm_silu_unchecked": n_norms + 1}
+    assert all(rel_err(out, ref) < 1e-5 for out, ref in zip(outs, refs))
+
+
+def same_outcome(patched, unpatched):
+    """Both calls return equal tensors, or both raise the same error."""
+    try:
+        want = unpatched()
+    except Exception as e:  # noqa: BLE001 -- whatever PyTorch raises, the patched call must raise too
+        with pytest.raises(type(e)) as got:
+            patched()
+        assert str(got.value) == str(e)
+        return
+    torch.testing.assert_close(patched(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_calls_the_kernels_do_not_take_run_pytorchs_path():
+    """Per call only what the host passes is checked (dtype, shape, device, size); a call the kernels do
+    not take computes, or fails, as the unpatched model does: never a kernel fed what it cannot read."""
+    seq = nn.Sequential(nn.GroupNorm(2, 8), nn.SiLU())
+    twin = copy.deepcopy(seq)
+    patch(seq)
+    for x in (torch.randn(2, 6, 3, 3), torch.randn(8), torch.randn(0, 8, 3, 3), torch.randn(2, 8, 3).double()):
+        same_outcome(lambda: seq(x), lambda: twin(x))
+    seq.double(), twin.double()  # converted after patching: the weights are no longer a kernel dtype
+    x = torch.randn(2, 8, 3).double()
+    same_outcome(lambda: seq(x), lambda: twin(x))
+
+    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=12, groups=2, time_embedding_norm="scale_shift")
+    twin = copy.deepcopy(block.eval())
+    patch(block)
+    x, temb = torch.randn(2, 8, 5, 6), torch.randn(1, 12)
+    with torch.no_grad():
+        same_outcome(lambda: block(x, temb), lambda: twin(x, temb))  # one time embedding for the batch: FiLM broadcasts
+
+    layer = UserAttention(64, heads=2)
+    patch(layer)
+    q = torch.randn(1, 2, 5, 32)
+    with torch.no_grad():
+        for k, v, scale in (
+            (torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 64), None),  # v's head dim is not q's
+            (torch.randn(2, 4, 32), torch.randn(2, 4, 32), None),  # 3-D key and value
+            (torch.randn(1, 1, 4, 32), torch.randn(1, 1, 4, 32), None),  # heads broadcast
+            (torch.randn(1, 2, 0, 32), torch.randn(1, 2, 0, 32), None),  # no key
+            (q, q.half(), None),  # two dtypes
+            (q, q, -0.5),  # a scale the kernel does not take
+        ):
+            same_outcome(lambda: layer.sdpa(q, k, v, scale=scale), lambda: SDPA()(q, k, v, scale=scale))
+
+
+def test_what_patch_can_know_is_checked_once_when_patching():
+    bad_eps = nn.GroupNorm(2, 8, eps=-1.0)
+    report = patch(nn.Sequential(bad_eps, nn.SiLU()))
+    assert report.counts() == {} and report.fell_back == [("sequential", "0", "eps -1.0 is not a finite number >= 0")]
+    block = ResnetBlock2D(in_channels=8, temb_channels=12, groups=2)
+    block.norm2.eps = float("nan")
+    report = patch(block)
+    assert report.fell_back == [("resnet_block", "", "norm2: eps nan is not a finite number >= 0")]
+    # kv_heads: to_k and to_v narrower than to_q
+    report = patch(Attention(query_dim=64, heads=2, kv_heads=1, dim_head=32))
+    assert "to_q, to_k, to_v widths [64, 32, 32]" in report.fell_back[0][2]
+    classic = Attention(query_dim=32, heads=1, dim_head=32, scale_qk=False)
+    classic.scale = float("inf")
+    assert "scale must be a finite positive number" in patch(classic).fell_back[0][2]
+    with pytest.raises(ValueError, match=r"head dim 16 not in \(32, 40"):
+        FastAttnProcessor(AttnProcessor2_0(), 16)
+    sdpa_scale = FastAttnProcessor(AttnProcessor2_0(), 40)
+    assert sdpa_scale.scale is None and sdpa_scale.kernel_scale == 1 / 40**0.5
 
 
 # ----------------------------------------------------------------------------- GPU: Stable Diffusion's shape
