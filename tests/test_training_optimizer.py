@@ -11,11 +11,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import config, states, trainer
+from test_training import HashEncoder, config, states, trainer
 from torch import nn
 
 import fastdiff
 from fastdiff import training
+from fastdiff.data import ShapesDataset
 from fastdiff.nn import unet as unet_module
 from fastdiff.nn.attention import Attention
 from fastdiff.ops.attention import attention
@@ -228,9 +229,6 @@ class AttentionOnly(training.Trainer):
 
 def test_a_partly_frozen_model_saves_the_state_of_what_trains_and_resumes_exactly(tmp_path):
     def run(out, **kw):
-        from fastdiff.data import ShapesDataset
-        from test_training import HashEncoder
-
         return AttentionOnly(config(out, **kw), ShapesDataset(resolution=16, length=7), text_encoder=HashEncoder())
 
     full = run(tmp_path / "full")
