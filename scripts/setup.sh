@@ -27,4 +27,12 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 $pip install -e ".[$extras]"
+# setup.py builds libfastdiff_kernels with the interpreter it installs into, so in a fresh venv the
+# build runs before triton and numpy arrive (pip installs dependencies after building) and leaves
+# the package without the library; build it again now that they are there
+if ! ls fastdiff/ops/_aot_binding*.so >/dev/null 2>&1; then
+  $pip install --no-deps -e .
+  ls fastdiff/ops/_aot_binding*.so >/dev/null 2>&1 ||
+    echo "warning: libfastdiff_kernels not built; fastdiff will launch kernels through Triton's JIT" >&2
+fi
 echo "$want" > "$stamp"

@@ -6,8 +6,9 @@ The library is built once per session (CMake, sm_90, the cases these tests use) 
 shared by the test workers; Triton's cache makes a rebuild cheap.
 """
 import ctypes
-import importlib
 import fcntl
+import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -33,7 +34,9 @@ pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c
 @pytest.fixture(scope="session")
 def build_dir():
     pytest.importorskip("triton")
-    out = os.path.join(tempfile.gettempdir(), f"fastdiff-kernels-test-{os.getuid()}")
+    # one folder per source tree: CMake refuses a build folder configured from another checkout
+    tree = hashlib.sha1(ROOT.encode()).hexdigest()[:12]
+    out = os.path.join(tempfile.gettempdir(), f"fastdiff-kernels-test-{os.getuid()}-{tree}")
     os.makedirs(out, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDIFF_BACKEND")}
     with open(os.path.join(out, ".lock"), "w") as lock:
