@@ -19,7 +19,13 @@ prediction, resolution) and ``model.safetensors`` — or, for a training checkpo
 Generating is three public steps, which applications compose:
 `Text2Image.encode_prompt` (text → cross-attention context), `Text2Image.denoise`
 (the sampling loop from x_T) and `Text2Image.decode` (sample → image: the identity for
-pixel models, the VAE decoder for latent ones).
+pixel models, the VAE decoder for latent ones; `Text2Image.encode` goes the other way).
+`DenoiseLoop` is `denoise` at fixed settings as one call per batch, captured in a CUDA
+graph on a GPU (`Text2Image.denoise_loop`; bulk generation replays it batch after batch).
+
+Precision (``dtype=``): the networks' weights are fp32 (on CUDA under bf16 autocast) unless
+asked otherwise; a Stable Diffusion folder loads in fp16 on CUDA.  The samplers' state and
+arithmetic stay fp32 whatever the weights.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +50,7 @@ SAMPLERS = ("ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "heun")
 OUTPUT_TYPES = ("pil", "np", "pt")
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "tiny-shapes"
 PIPELINE_FILE = "pipeline.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _PLANS = {
     "ddpm": (samplers.ddpm_plan, True),
@@ -72,6 +80,26 @@ class Sampling:
     plan: samplers.Plan  # the unrolled sampler
     noise_scale: float = 1.0  # x_T = noise_scale·(N(0, I) draw or given latents), in the VP state
     clip_x0: float | None = None  # clamp x̂0 to [−clip_x0, clip_x0] at every step (None: no clipping)
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """x_T from an N(0, I) draw (or given latents): scaled by ``noise_scale``."""
+        return noise * self.noise_scale if self.noise_scale != 1.0 else noise
+
+
+def resolve_dtype(dtype, default: torch.dtype, name: str = "dtype") -> torch.dtype:
+    """The weights' dtype: a torch dtype or its name in `DTYPES` ("float16", ...); None gives ``default``."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float16" for torch.float16: how manifests and messages spell a dtype."""
+    return str(dtype).removeprefix("torch.")
 
 
 def check_output_type(output_type: str) -> None:
@@ -191,6 +219,7 @@ class Pipeline:
         )  # fmt: skip
         self.prediction = spec["prediction"]
         self.resolution = spec["resolution"]
+        self._graph_loops: dict[tuple, DenoiseLoop] = {}  # `Text2Image.denoise_loop`'s loops that hold CUDA graphs
 
     @property
     def device(self) -> torch.device:
@@ -198,12 +227,15 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, text_encoder=None
-    ):
+        cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None, text_encoder=None,
+        dtype: str | torch.dtype | None = None,
+    ):  # fmt: skip
         """Load a pipeline folder (or a training checkpoint: its EMA weights); no path: the shipped model.
 
         A diffusers Stable Diffusion folder loads as `fastdiff.sd.StableDiffusion` (through
-        `Text2Image` or `Pipeline` only: the other pipelines do not run one yet).
+        `Text2Image` or `Pipeline` only: the other pipelines do not run one yet).  dtype: the
+        networks' weights ("float32", "float16", "bfloat16"); None: float32, or float16 for a
+        Stable Diffusion folder on CUDA.
         """
         from fastdiff import sd
         from fastdiff.text import load_text_encoder
@@ -216,22 +248,25 @@ class Pipeline:
         if sd.is_diffusers_folder(path):
             if not issubclass(sd.StableDiffusion, cls):
                 raise ValueError(f"{str(path)!r} is a Stable Diffusion folder, which {cls.__name__} cannot run yet")
-            return sd.StableDiffusion.from_folder(path, device, text_encoder=text_encoder)
+            return sd.StableDiffusion.from_folder(path, device, text_encoder=text_encoder, dtype=dtype)
+        dtype = resolve_dtype(dtype, torch.float32)
         spec = read_spec(path)
         try:
             unet = cls.build_unet(spec, path)
         except (KeyError, TypeError, ValueError) as e:  # a config field missing, unknown or of the wrong kind
             raise ValueError(f"{Path(path) / PIPELINE_FILE}: {e}") from None
         load_matching(unet, path)
-        unet = cls.place_network(unet, device)
+        unet = cls.place_network(unet, device, dtype)
         if text_encoder is None:
             text_encoder = load_text_encoder(spec["text_encoder"], device)
         return cls(unet, text_encoder, spec)
 
     @classmethod
-    def place_network(cls, network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """``network`` on ``device``, channels_last on CUDA."""
-        network = network.to(device)
+    def place_network(
+        cls, network: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.nn.Module:
+        """``network`` on ``device`` with ``dtype`` weights, channels_last on CUDA."""
+        network = network.to(device=device, dtype=dtype)
         if device.type == "cuda" and cls.CHANNELS_LAST:
             network = network.to(memory_format=torch.channels_last)
         return network
@@ -241,12 +276,30 @@ class Pipeline:
         """The network ``spec`` (``pipeline.json`` of ``path``) describes, before its weights are loaded."""
         raise NotImplementedError
 
-    def _model(self, context: torch.Tensor, pooled: torch.Tensor, **conditions):
-        """The sampler's ``model(x, t)`` with the conditioning bound (bf16 autocast on CUDA)."""
-        use_bf16 = self.device.type == "cuda"
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's weights' dtype."""
+        return next(self.unet.parameters()).dtype
+
+    def denoiser(self, context: torch.Tensor, pooled: torch.Tensor | None = None, *, channels=None, **conditions):
+        """The sampler's ``model(x, t)`` with the conditioning bound; it returns fp32.
+
+        channels (B′, c, h, w): concatenated to x's channels at every call (Stable Diffusion's
+        inpainting UNet reads the mask and the masked image's latents there); under guidance
+        B′ = 2B, like the context.  fp32 weights run under bf16 autocast on CUDA; half-precision
+        weights get their inputs cast to their dtype.
+        """
+        dtype = self.dtype
+        use_autocast = dtype == torch.float32 and self.device.type == "cuda"
+        if dtype != torch.float32:
+            context, pooled, channels = (None if c is None else c.to(dtype) for c in (context, pooled, channels))
+            conditions = {k: v.to(dtype) if v.is_floating_point() else v for k, v in conditions.items()}
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            x = x.to(dtype) if channels is None else torch.cat([x.to(dtype), channels], dim=1)
+            # No autocast weight cache: it lives for one call anyway, and a cast cached while a
+            # CUDA graph is captured would be freed under the graph.
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast, cache_enabled=False):
                 return self.unet(x, t, context, pooled, **conditions)
 
         return model
@@ -257,6 +310,8 @@ class Text2Image(Pipeline):
 
     SHIPPED = DEFAULT_CHECKPOINT
     default_sampler = "dpmpp_2m"  # what ``sampler=None`` runs
+    inpainting = False  # a UNet that also reads a mask and a masked image (Stable Diffusion's 9-channel one)
+    latent = False  # samples are latents of an autoencoder (`encode`, `decode`), not images
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
@@ -282,16 +337,55 @@ class Text2Image(Pipeline):
 
     def _text_model(self, prompts: list[str], negatives: list[str], guided: bool):
         """``model(x, t)`` with one batch's prompts bound; guided, the negatives come first (the unconditional half)."""
-        return self._model(*self.encode_prompt(prompts, negatives, guided))
+        return self.denoiser(*self.encode_prompt(prompts, negatives, guided))
 
-    def denoise(self, x_T, seeds, conditioning, sampling: Sampling, guidance_scale: float | None) -> torch.Tensor:
+    def denoise(
+        self, x_T, seeds, conditioning, sampling: Sampling, guidance_scale: float | None, *, known=None, mask=None,
+        channels=None,
+    ) -> torch.Tensor:  # fmt: skip
         """The sampling loop: x_T (B, C, h, w) → the sample, with ``conditioning`` (`encode_prompt`'s
-        pair) bound and ``guidance_scale`` None for an unguided run.  seeds (B,) int64: per-step noise."""
-        x_T = x_T * sampling.noise_scale if sampling.noise_scale != 1.0 else x_T
-        model = self._model(*conditioning)
+        pair) bound and ``guidance_scale`` None for an unguided run.  seeds (B,) int64: per-step noise.
+        known, mask: the sampler's inpainting blend (in the sample's space); channels: see `denoiser`."""
+        model = self.denoiser(*conditioning, channels=channels)
         return samplers.sample(
-            model, x_T, seeds, sampling.plan, guidance_scale=guidance_scale, clip_x0=sampling.clip_x0
-        )
+            model, sampling.start(x_T), seeds, sampling.plan, guidance_scale=guidance_scale, clip_x0=sampling.clip_x0,
+            known=known, mask=mask,
+        )  # fmt: skip
+
+    def denoise_loop(
+        self, sampler: str | None, steps: int, guidance_scale: float, *, cuda_graph: bool | None = False
+    ) -> "DenoiseLoop":
+        """`denoise` with ``sampler`` (None: `default_sampler`) over ``steps`` and ``guidance_scale``
+        (1: unguided) as a `DenoiseLoop`, checked here, before any batch.  Loops that capture CUDA
+        graphs are kept on the pipeline: a later call with the same settings replays the same graphs."""
+        check_number(guidance_scale, "guidance_scale")
+        if self.inpainting:
+            raise ValueError(
+                f"{self.spec.get('source', 'this pipeline')}: its UNet is an inpainting UNet "
+                f"({self.unet.config.in_channels} input channels); it generates only by inpainting (fastdiff inpaint)"
+            )
+        sampling = self.sampling(sampler, steps)
+        key = (sampler or self.default_sampler, steps, float(guidance_scale), cuda_graph)
+        if key in self._graph_loops:
+            return self._graph_loops[key]
+        loop = DenoiseLoop(self, sampling, guidance_scale if guidance_scale != 1.0 else None, cuda_graph=cuda_graph)
+        if loop.capture:
+            self._graph_loops[key] = loop
+        return loop
+
+    def sample_batch(self, loop: "DenoiseLoop", prompts: list[str], negatives: list[str], seeds: list[int],
+                     latents: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One batch's sample through ``loop``: x_T drawn from ``seeds`` (or ``latents``), the prompts encoded."""
+        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        if latents is None:
+            x_T = samplers.initial_noise(seeds_t, (len(seeds), *self.sample_shape))
+        else:
+            x_T = latents.to(self.device, torch.float32)
+        return loop.run(x_T, seeds_t, self.encode_prompt(prompts, negatives, loop.guided))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Image (N, C, H, W) in [−1, 1] → sample: a pixel model's sample is the image."""
+        return images
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Sample → image (N, C, H, W) in [−1, 1]: a pixel model's sample is the image."""
@@ -342,23 +436,16 @@ class Text2Image(Pipeline):
         if latents is not None:
             self._check_latents(latents, n)
         seed_list = _seeds(seeds, n)
-        run = self.sampling(sampler, steps)
-        run = replace(run, plan=run.plan.to(self.device))
-        guided = guidance_scale != 1.0
+        loop = self.denoise_loop(sampler, steps, guidance_scale)
         out = []
         bar = progress_bar(progress, n, f"sample ({sampler or self.default_sampler}, {steps} steps)", "img")
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
-            seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=self.device)
-            if latents is None:
-                x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *self.sample_shape))
-            else:
-                x_T = latents[sl].to(self.device, torch.float32)
-            conditioning = self.encode_prompt(prompts[sl], negatives[sl], guided)
-            x = self.denoise(x_T, seeds_t, conditioning, run, guidance_scale if guided else None)
+            given = None if latents is None else latents[sl]
+            x = self.sample_batch(loop, prompts[sl], negatives[sl], seed_list[sl], given)
             out.append(self.decode(x).float())
             if bar is not None:
-                bar.update(len(seeds_t))
+                bar.update(len(seed_list[sl]))
         if bar is not None:
             bar.close()
         return torch.cat(out)
@@ -368,6 +455,91 @@ class Text2Image(Pipeline):
         keyword arguments as `generate_tensors`."""
         check_output_type(output_type)
         return to_output(self.generate_tensors(prompts, **kwargs), output_type)
+
+
+class DenoiseLoop:
+    """`Text2Image.denoise` at fixed settings as one call per batch: ``run(x_T, seeds, conditioning)`` → the sample.
+
+    The body is the pipeline's own `denoise` (every evaluation: the UNet on the CFG-doubled
+    batch, then the fused sampler step), run on static input buffers, one set per input
+    shape: ``run`` copies its inputs in, runs the body and returns a copy of its output.
+
+    With capture (a CUDA pipeline), the first batch of a shape runs the body `WARMUP` times
+    on a side stream (Triton compiles, cuBLAS and cuDNN choose their kernels, the allocator
+    fills its pool), then captures one more run in a CUDA graph; later batches of that shape
+    replay the graph: every kernel of every step launched at once, no host in the loop (the
+    loop never synchronises: the plan's coefficients are on the device).  Without capture
+    the body runs eagerly on the same buffers: that is the CPU path, everything but the capture.
+
+    cuda_graph: True captures, and a capture that fails raises naming the switch that turns
+    it off; None captures on CUDA, and a capture that fails warns once and runs eagerly from
+    then on; False never captures.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, pipe: Text2Image, sampling: Sampling, guidance_scale: float | None, *,
+                 cuda_graph: bool | None = False):  # fmt: skip
+        on_cuda = pipe.device.type == "cuda"
+        if cuda_graph and not on_cuda:
+            raise ValueError(f"cuda_graph=True needs a pipeline on a CUDA device; this one is on {pipe.device}")
+        self.pipe, self.guidance_scale = pipe, guidance_scale
+        self.sampling = replace(sampling, plan=sampling.plan.to(pipe.device))  # on the device before any capture
+        self.capture = on_cuda if cuda_graph is None else cuda_graph
+        self.strict = cuda_graph is True
+        self.shapes: dict[tuple, tuple] = {}  # input shapes → (static inputs, replay () -> output)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale is not None
+
+    def run(self, x_T: torch.Tensor, seeds: torch.Tensor, conditioning: tuple) -> torch.Tensor:
+        """The sample from x_T (B, C, h, w) with per-image ``seeds`` and `encode_prompt`'s ``conditioning``."""
+        inputs = (x_T, seeds, *conditioning)
+        key = tuple(None if a is None else (tuple(a.shape), a.dtype) for a in inputs)
+        if key not in self.shapes:
+            self.shapes[key] = self._prepare(inputs)
+        static, replay = self.shapes[key]
+        for buffer, a in zip(static, inputs):
+            if buffer is not None:
+                buffer.copy_(a)
+        return replay().clone()  # a replay overwrites its output
+
+    def _body(self, x_T, seeds, context, pooled=None) -> torch.Tensor:
+        return self.pipe.denoise(x_T, seeds, (context, pooled), self.sampling, self.guidance_scale)
+
+    def _prepare(self, inputs: tuple) -> tuple:
+        static = tuple(None if a is None else a.to(self.pipe.device).clone() for a in inputs)
+        if self.capture:
+            try:
+                return static, self._captured(static)
+            except Exception as e:  # a kernel or op the graph cannot take
+                why = " ".join(str(e).split())[:300]
+                if self.strict:
+                    raise RuntimeError(
+                        f"capturing the denoising loop in a CUDA graph failed ({type(e).__name__}: {why}); "
+                        "sample without graphs (--no-cuda-graphs, cuda_graph=False)"
+                    ) from e
+                warnings.warn(f"CUDA graph capture failed, sampling eagerly: {type(e).__name__}: {why}", stacklevel=3)
+                self.capture = False
+        return static, lambda: self._body(*static)
+
+    def _captured(self, static: tuple):
+        side = torch.cuda.Stream(self.pipe.device)
+        side.wait_stream(torch.cuda.current_stream(self.pipe.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self._body(*static)
+        torch.cuda.current_stream(self.pipe.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._body(*static)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay
 
 
 def save_images(images: list, out_dir: str | os.PathLike, prompts: list[str] | None = None, cols: int | None = None):
@@ -470,9 +642,9 @@ def load_matching(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_pipeline(checkpoint: str, device: str | None) -> Text2Image:
-    """Loading costs seconds (the text encoder): `generate` reuses a pipeline per (checkpoint, device)."""
-    return Text2Image.from_pretrained(checkpoint, device)
+def _cached_pipeline(checkpoint: str, device: str | None, dtype: str | None = None) -> Text2Image:
+    """Loading costs seconds (the text encoder): `generate` reuses a pipeline per (checkpoint, device, dtype)."""
+    return Text2Image.from_pretrained(checkpoint, device, dtype=dtype)
 
 
 def generate(
@@ -486,6 +658,7 @@ def generate(
     seeds: int | list[int] | None = None,
     batch_size: int = 16,
     device: str | None = None,
+    dtype: str | None = None,
     output_type: str = "pil",
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -493,15 +666,16 @@ def generate(
     """Text to images in one call, as ``output_type`` (`to_output`): PIL images ("pil"), a
     (N, H, W, 3) array in [0, 1] ("np") or a (N, C, H, W) tensor in [−1, 1] ("pt").
 
-    The pipeline for (checkpoint, device) is loaded once and reused.  ``out_dir``:
-    also save each image and a grid there.
+    The pipeline for (checkpoint, device, dtype) is loaded once and reused (dtype: see
+    `Pipeline.from_pretrained`).  ``out_dir``: also save each image and a grid there.
     """
     check_output_type(output_type)
     if out_dir is not None:
         check_out_dir(out_dir, "out_dir")
     if isinstance(prompts, str):
         prompts = [prompts]
-    pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device)
+    resolve_dtype(dtype, torch.float32)  # a bad name is refused before a pipeline loads
+    pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device, dtype)
     x = pipe.generate_tensors(
         prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale, sampler=sampler, steps=steps,
         seeds=seeds, batch_size=batch_size, progress=progress,

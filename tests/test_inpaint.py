@@ -49,7 +49,7 @@ def _model_and_inputs(pipe, n=2):
     known = inpaint_quality.make_cases(n, seed=3)[0]
     mask = torch.zeros(n, 1, 32, 32)
     mask[:, :, 8:30, 2:20] = 1
-    return pipe._model(ctx, pooled), known, mask
+    return pipe.denoiser(ctx, pooled), known, mask
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "heun", "ddpm"])

@@ -35,11 +35,12 @@ def _reference_ops(reference_ops):
     yield
 
 
-def tiny_unet(linear_projection=False, heads=(1, 2), context_dim=24):
-    """A two-level SD UNet (attention at the lower level and in the middle; 32 channels per head)."""
+def tiny_unet(linear_projection=False, heads=(1, 2), context_dim=24, in_channels=4):
+    """A two-level SD UNet (attention at the lower level and in the middle; 32 channels per head);
+    ``in_channels=9``: an inpainting UNet."""
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=context_dim, attention_head_dim=heads, norm_num_groups=8,
         use_linear_projection=linear_projection,
@@ -63,13 +64,16 @@ def sd_scheduler_config(cls=None, **overrides):
     return cls(**{**sd, **overrides})
 
 
-def write_folder(root, scheduler=None, linear_projection=False):
-    """A tiny random SD pipeline saved as diffusers saves it (safetensors, model_index.json)."""
+def write_folder(root, scheduler=None, linear_projection=False, inpainting=False):
+    """A tiny random SD pipeline saved as diffusers saves it (safetensors, model_index.json);
+    ``inpainting``: a StableDiffusionInpaintPipeline with a 9-channel UNet."""
     from test_text import write_tiny_clip
 
     text_encoder, tokenizer = write_tiny_clip(root.parent / f"{root.name}-clip", sd_layout=False)
-    pipe = diffusers.StableDiffusionPipeline(
-        unet=tiny_unet(linear_projection), vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+    cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
+    pipe = cls(
+        unet=tiny_unet(linear_projection, in_channels=9 if inpainting else 4), vae=tiny_vae(), text_encoder=text_encoder,
+        tokenizer=tokenizer,
         scheduler=scheduler or sd_scheduler_config(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )  # fmt: skip

@@ -277,7 +277,7 @@ class Stylizer(Pipeline):
         """The sampler's ``model(x, t)`` with the conditions bound; ticks ``bar`` once per evaluation."""
         context, pooled = self.prompts.encode(texts, self.device)
         extra = {"style": style, "style_keep": keep} if style is not None else {}
-        return counting(self._model(context, pooled, **extra), bar)
+        return counting(self.denoiser(context, pooled, **extra), bar)
 
     @torch.no_grad()
     def stylize_tensors(

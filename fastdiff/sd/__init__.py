@@ -15,7 +15,7 @@ See docs/stable-diffusion.md for what converts and what does not.
 """
 from fastdiff.sd.convert import diffusers_name, unet_from_diffusers, unet_to_diffusers, vae_from_diffusers
 from fastdiff.sd.folder import is_diffusers_folder
-from fastdiff.sd.pipeline import StableDiffusion
+from fastdiff.sd.pipeline import StableDiffusion, img2img_steps
 from fastdiff.sd.scheduler import SCHEDULERS, SchedulerConfig, read_scheduler_config
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "SchedulerConfig",
     "StableDiffusion",
     "diffusers_name",
+    "img2img_steps",
     "is_diffusers_folder",
     "read_scheduler_config",
     "unet_from_diffusers",

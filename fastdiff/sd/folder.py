@@ -101,19 +101,23 @@ def find_weights(folder: Path, stem: str, variant: str | None = None) -> tuple[P
     raise FileNotFoundError(f"{folder}: no {wanted}")
 
 
+def shard_files(file: Path) -> list[Path]:
+    """The safetensors files behind ``file``: itself, or every shard a ``*.safetensors.index*.json`` lists."""
+    if not file.name.endswith(".json"):
+        return [file]
+    weight_map = read_json(file).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{file}: no weight_map")
+    return [file.parent / name for name in dict.fromkeys(weight_map.values())]
+
+
 def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, or of all shards a ``*.safetensors.index*.json`` lists."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    shards = [file]
-    if file.name.endswith(".json"):
-        weight_map = read_json(file).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{file}: no weight_map")
-        shards = [file.parent / name for name in dict.fromkeys(weight_map.values())]
     state = {}
-    for shard in shards:
+    for shard in shard_files(file):
         if not shard.is_file():
             raise FileNotFoundError(f"{shard}: no such file (listed in {file.name})")
         try:
@@ -121,6 +125,15 @@ def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
     return state
+
+
+def read_files(root: Path, weights: list[Path]) -> list[Path]:
+    """Every file a load of the folder ``root`` reads, given the weights files it chose: ``model_index.json``,
+    the scheduler's and each model's config, every shard of ``weights`` and the tokenizer's files."""
+    configs = [root / MODEL_INDEX, root / "scheduler" / "scheduler_config.json"]
+    configs += [root / component / "config.json" for component in WEIGHT_STEMS]
+    tokenizer = sorted(p for p in (root / "tokenizer").iterdir() if p.is_file())
+    return configs + [shard for file in weights for shard in shard_files(file)] + tokenizer
 
 
 def load_component(root: Path, component: str, variant: str | None = None) -> tuple[dict, dict, Path]:

@@ -8,37 +8,65 @@ context, fastdiff's `UNet` (weights converted from the folder's ``UNet2DConditio
 denoises (B, 4, H/8, W/8) latents with the folder's schedule, prediction type and timestep
 spacing, and fastdiff's `VAE` decodes z = latents / scaling_factor to the image.  The
 GroupNorm(+SiLU), attention and sampler-step kernels run in all three hot loops.
+
+Precision: the UNet and the VAE hold fp16 weights on CUDA (``dtype=`` chooses), the CLIP
+text encoder fp32.  The VAE decodes (and encodes) one image at a time, as diffusers'
+``enable_vae_slicing()``: its activations at 512² are ~0.5 GB per image in fp16, and an
+image's pixels do not depend on the batch it was decoded in.
+
+An inpainting folder (``StableDiffusionInpaintPipeline``: a UNet with 9 input channels, the
+latents, the mask and the masked image's latents) loads too; it samples through
+`fastdiff.apps.inpaint` only (`inpainting`).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from fastdiff.checks import resolve_device
+from fastdiff.checks import check_int, check_number, resolve_device
 from fastdiff.nn.unet import UNet
 from fastdiff.nn.vae import VAE
-from fastdiff.pipelines import Sampling, Text2Image
+from fastdiff.pipelines import Sampling, Text2Image, resolve_dtype
 from fastdiff.sd import convert
-from fastdiff.sd.folder import find_weights, load_component, read_json, read_model_index
+from fastdiff.sd.folder import find_weights, load_component, read_files, read_json, read_model_index
 from fastdiff.sd.scheduler import SchedulerConfig, read_scheduler_config, sampling
+
+DECODE_SLICE = 1  # images per VAE call (see the module docstring)
 
 
 class StableDiffusion(Text2Image):
     """Text-to-image on VAE latents: a `Text2Image` whose sample is decoded by ``vae``.
 
     ``scheduler``: the folder's `SchedulerConfig`: it sets the schedule, the prediction type,
-    the timestep spacing of every sampler and the default sampler.
+    the timestep spacing of every sampler and the default sampler.  ``source_files``: every
+    file the pipeline was read from (what a bulk manifest's ``checkpoint_sha256`` digests).
     """
 
     SHIPPED = None
+    latent = True
 
-    def __init__(self, unet: UNet, vae: VAE, text_encoder, spec: dict, scheduler: SchedulerConfig, prompt_cache=None):
+    def __init__(
+        self, unet: UNet, vae: VAE, text_encoder, spec: dict, scheduler: SchedulerConfig, prompt_cache=None,
+        source_files: tuple[Path, ...] = (),
+    ):  # fmt: skip
         super().__init__(unet, text_encoder, spec, prompt_cache)
         self.vae = vae.eval()
         self.scheduler = scheduler
         self.default_sampler = scheduler.sampler
+        self.source_files = tuple(source_files)
+
+    @property
+    def inpainting(self) -> bool:
+        """The UNet reads the mask and the masked image's latents besides the latents (9 input channels)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+    @property
+    def size_multiple(self) -> int:
+        """An image's sides must be multiples of this: the VAE's downscale × the UNet's (8 × 8 for SD)."""
+        return self.vae.config.downscale * self.unet.downscale
 
     @classmethod
     def build_unet(cls, spec: dict, path: str | os.PathLike) -> torch.nn.Module:
@@ -47,29 +75,37 @@ class StableDiffusion(Text2Image):
     @classmethod
     def from_folder(
         cls, path: str | os.PathLike, device: str | torch.device | None = None, *, variant: str | None = None,
-        text_encoder=None,
+        text_encoder=None, dtype: str | torch.dtype | None = None,
     ) -> "StableDiffusion":  # fmt: skip
         """Load a local diffusers Stable Diffusion 1.x/2.x folder, offline.
 
         variant: which weights files to read — None for ``*.safetensors``, or the fp16
         variant when that is all there is; "fp16" (or another name) for that variant only.
-        Weights are converted to fastdiff's layout and kept in fp32.  text_encoder: a loaded
-        encoder to use instead of the folder's (its width must be the UNet's context width).
+        Weights are converted to fastdiff's layout and cast to ``dtype`` ("float32",
+        "float16", "bfloat16"; None: float16 on CUDA, else float32) for the UNet and the VAE;
+        the text encoder stays fp32.  text_encoder: a loaded encoder to use instead of the
+        folder's (its width must be the UNet's context width).
         """
         root = Path(path)
         read_model_index(root)
-        scheduler = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
-        unet, sample_size = _load_unet(root, variant)
-        vae = _load_vae(root, variant)
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(
-                f"{root / 'unet' / 'config.json'}: in_channels={unet.config.in_channels}, but the VAE's latents have "
-                f"{vae.config.latent_channels} channels (inpainting UNets do not load yet)"
-            )
         device = resolve_device(device)
-        unet, vae = cls.place_network(unet, device), cls.place_network(vae, device)
+        dtype = resolve_dtype(dtype, torch.float16 if device.type == "cuda" else torch.float32)
+        scheduler = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
+        unet, sample_size, unet_file = _load_unet(root, variant)
+        vae, vae_file = _load_vae(root, variant)
+        latent = vae.config.latent_channels
+        if unet.config.in_channels not in (latent, 2 * latent + 1) or unet.config.out_channels != latent:
+            raise ValueError(
+                f"{root / 'unet' / 'config.json'}: in_channels={unet.config.in_channels}, "
+                f"out_channels={unet.config.out_channels}; with the VAE's {latent}-channel latents fastdiff reads "
+                f"{latent} in and out, or {2 * latent + 1} in (an inpainting UNet)"
+            )
+        unet, vae = cls.place_network(unet, device, dtype), cls.place_network(vae, device, dtype)
+        weights = [unet_file, vae_file]
         if text_encoder is None:
-            text_encoder = _load_text_encoder(root, variant).to(device)
+            text_encoder, text_file = _load_text_encoder(root, variant)
+            text_encoder = text_encoder.to(device)
+            weights.append(text_file)
         if text_encoder.dim != unet.config.context_dim:
             raise ValueError(
                 f"{root / 'text_encoder' / 'config.json'}: {text_encoder.dim}-wide text tokens, "
@@ -79,7 +115,16 @@ class StableDiffusion(Text2Image):
             "model_type": "stable-diffusion", "source": str(root), "schedule": scheduler.schedule_spec(),
             "prediction": scheduler.prediction, "resolution": sample_size * vae.config.downscale,
         }  # fmt: skip
-        return cls(unet, vae, text_encoder, spec, scheduler)
+        return cls(unet, vae, text_encoder, spec, scheduler, source_files=read_files(root, weights))
+
+    @staticmethod
+    def image_multiple(path: str | os.PathLike) -> int:
+        """`size_multiple` of the folder ``path``, from its configs alone (before its weights load)."""
+        root = Path(path)
+        unet_file, vae_file = root / "unet" / "config.json", root / "vae" / "config.json"
+        unet = convert.unet_config_from_diffusers(read_json(unet_file), unet_file)
+        vae = convert.vae_config_from_diffusers(read_json(vae_file), vae_file)
+        return vae.downscale * unet.patch_size * 2 ** (len(unet.channel_mult) - 1)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -91,43 +136,70 @@ class StableDiffusion(Text2Image):
         """``sampler`` (None: the folder's scheduler's) over ``steps``, spaced as the folder's scheduler says."""
         return sampling(self.scheduler, self.schedule, sampler or self.default_sampler, steps)
 
+    def img2img_sampling(self, sampler: str | None, steps: int, strength: float) -> Sampling:
+        """Image-to-image as diffusers' ``StableDiffusionImg2ImgPipeline`` runs it: the last
+        int(steps·strength) of the ``steps`` timesteps.  x_T is the caller's (the encoded image
+        noised to the first of them), so the plan's ``noise_scale`` is 1."""
+        check_int(steps, "steps", 1, self.scheduler.num_train_timesteps)
+        skip = steps - img2img_steps(steps, strength)
+        run = sampling(self.scheduler, self.schedule, sampler or self.default_sampler, steps, skip=skip)
+        return replace(run, noise_scale=1.0)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w) → images (B, 3, 8h, 8w) in about [−1, 1] (fp32)."""
-        return self.vae.decode(latents.float() / self.vae.config.scaling_factor)
+        """Latents (B, 4, h, w) → images (B, 3, 8h, 8w) in about [−1, 1] (fp32), `DECODE_SLICE` images per call."""
+        z = latents.float() / self.vae.config.scaling_factor
+        return _sliced(lambda zi: self.vae.decode(zi.to(self.dtype)).float(), z)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [−1, 1] → latents (B, 4, H/8, W/8): the posterior mean, scaled."""
-        mean, _ = self.vae.encode(images.float())
+        """Images (B, 3, H, W) in [−1, 1] → latents (B, 4, H/8, W/8) in fp32: the posterior mean, scaled."""
+        mean = _sliced(lambda x: self.vae.encode(x.to(self.dtype))[0].float(), images)
         return mean * self.vae.config.scaling_factor
 
 
-def _load_unet(root: Path, variant: str | None) -> tuple[UNet, int]:
-    """fastdiff's UNet with the folder's weights, and the latent size it was trained at."""
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many of ``steps`` an image-to-image run of ``strength`` runs: int(steps·strength), diffusers'
+    ``init_timestep`` in the same float arithmetic; a setting that runs none is refused."""
+    check_int(steps, "steps", 1)
+    check_number(strength, "strength", 0, 1, low_open=True)
+    count = int(steps * strength)
+    if count < 1:
+        raise ValueError(f"strength {strength} of {steps} steps runs int({steps}·{strength}) = 0 steps; "
+                         "raise the strength or the steps")  # fmt: skip
+    return count
+
+
+def _sliced(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` over ``x`` in slices of `DECODE_SLICE` images, concatenated."""
+    return torch.cat([fn(x[i : i + DECODE_SLICE]) for i in range(0, x.shape[0], DECODE_SLICE)])
+
+
+def _load_unet(root: Path, variant: str | None) -> tuple[UNet, int, Path]:
+    """fastdiff's UNet with the folder's weights, the latent size it was trained at, and the weights file."""
     config, state, file = load_component(root, "unet", variant)
     where = root / "unet" / "config.json"
     with torch.device("meta"):  # no random initialisation: every tensor comes from the file
         unet = UNet(convert.unet_config_from_diffusers(config, where))
     unet.load_state_dict(convert.unet_from_diffusers(state, unet, str(file)), assign=True)
     size = config.get("sample_size") or 64
-    return unet, size if isinstance(size, int) else size[0]
+    return unet, size if isinstance(size, int) else size[0], file
 
 
-def _load_vae(root: Path, variant: str | None) -> VAE:
+def _load_vae(root: Path, variant: str | None) -> tuple[VAE, Path]:
     config, state, file = load_component(root, "vae", variant)
     with torch.device("meta"):
         vae = VAE(convert.vae_config_from_diffusers(config, root / "vae" / "config.json"))
     vae.load_state_dict(convert.vae_from_diffusers(state, vae, str(file)), assign=True)
-    return vae
+    return vae, file
 
 
 def _load_text_encoder(root: Path, variant: str | None):
-    """The folder's CLIP text encoder and tokenizer (transformers), from safetensors only."""
+    """The folder's CLIP text encoder and tokenizer (transformers), from safetensors only, and its weights file."""
     from fastdiff.text import CLIPTextEncoder
 
     folder = root / "text_encoder"
     read_json(folder / "config.json")
-    _, variant = find_weights(folder, "model", variant)
+    file, variant = find_weights(folder, "model", variant)
     tokenizer = root / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "vocab.json").is_file():
         raise FileNotFoundError(f"{tokenizer}: no tokenizer.json or vocab.json")
-    return CLIPTextEncoder.from_diffusers_folder(root, variant=variant)
+    return CLIPTextEncoder.from_diffusers_folder(root, variant=variant), file

@@ -145,27 +145,37 @@ def read_scheduler_config(file: Path) -> SchedulerConfig:
     )
 
 
-def sampling(config: SchedulerConfig, schedule: schedules.Schedule, sampler: str, steps: int) -> Sampling:
-    """The `Sampling` for ``sampler`` over ``steps`` steps, as diffusers' scheduler of that kind runs it."""
+def sampling(
+    config: SchedulerConfig, schedule: schedules.Schedule, sampler: str, steps: int, *, skip: int = 0
+) -> Sampling:
+    """The `Sampling` for ``sampler`` over ``steps`` steps, as diffusers' scheduler of that kind runs it.
+
+    skip: leave out the first ``skip`` of the ``steps`` timesteps (image-to-image starts part of the
+    way down, as diffusers' ``scheduler.timesteps[t_start:]``); the rest keep their places.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     T = config.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+    if not 0 <= skip < steps:
+        raise ValueError(f"skip must leave at least one of the {steps} steps, got {skip!r}")
     spacing = (steps, T, config.spacing, config.steps_offset)
     pred = config.prediction
     if sampler == "ddim":
         ts = schedules.timesteps(*spacing)
         plan = samplers.ddim_plan(
-            schedule, ts, prediction=pred, final_alpha_one=config.set_alpha_to_one, prev_timesteps=ts - T // steps
-        )
+            schedule, ts[skip:], prediction=pred, final_alpha_one=config.set_alpha_to_one,
+            prev_timesteps=(ts - T // steps)[skip:],
+        )  # fmt: skip
         return Sampling(plan, clip_x0=config.clip_sample)
     if sampler == "ddpm":
-        plan = samplers.ddpm_plan(schedule, schedules.timesteps(*spacing), variance=config.variance, prediction=pred)
-        return Sampling(plan, clip_x0=config.clip_sample)
+        ts = schedules.timesteps(*spacing)[skip:]
+        return Sampling(samplers.ddpm_plan(schedule, ts, variance=config.variance, prediction=pred),
+                        clip_x0=config.clip_sample)  # fmt: skip
     if sampler == "dpmpp_2m":
-        return Sampling(samplers.dpmpp_2m_plan(schedule, schedules.solver_timesteps(*spacing), prediction=pred))
-    ts = schedules.continuous_timesteps(*spacing)
+        return Sampling(samplers.dpmpp_2m_plan(schedule, schedules.solver_timesteps(*spacing)[skip:], prediction=pred))
+    ts = schedules.continuous_timesteps(*spacing)[skip:]
     plan = _SIGMA_PLANS[sampler](schedule, ts, prediction=pred)
     return Sampling(plan, noise_scale=_noise_scale(config, schedule, ts))
 
