@@ -6,7 +6,7 @@ place and given its manifest line, and the final manifest check.  images/s = ima
 Implementations (same jobs, same settings):
 
     overlap         a writer thread encodes/writes batch k while batch k + 1 samples
-                    (GPU: the UNet replayed from CUDA graphs)
+                    (GPU: each batch's denoising loop replayed from one CUDA graph)
     inline          the same, writing inline after each batch
     overlap-eager   GPU only: overlap without CUDA graphs
 

@@ -23,10 +23,14 @@ Files under ``out_dir``::
     manifest.jsonl                 the merged manifest, in job order, written by rank 0
                                    once every job is checked to have its image and line
     .lock.rank-<r>                 while a run is in progress: rank r's lock (`folder_lock`)
+    .checkpoint-digests.json       a Stable Diffusion folder's files' SHA-256, by path, size,
+                                   mtime, ctime and inode (`checkpoint_digest`)
 
 A manifest line (file, prompt, seed, sampler, steps, guidance, negative_prompt,
-checkpoint_sha256, batch, batch_size, Job.extra, and the image's ``bytes`` and ``sha256``)
-is appended (flush + fsync) only after its image is in place.
+checkpoint_sha256, dtype, batch, batch_size, Job.extra, and the image's ``bytes`` and
+``sha256``) is appended (flush + fsync) only after its image is in place.  ``sampler`` is
+the one that ran: the pipeline's default (a Stable Diffusion folder's scheduler) when none
+was asked for.
 
 Locking.  Each rank holds ``.lock.rank-<r>`` for the whole run, so a second run on the
 same folder is refused in one line naming the holder's pid and host, and a lock left by a
@@ -42,19 +46,19 @@ itself; an image whose bytes differ from its line (truncated, damaged) is delete
 batch whose images all have lines is skipped, an incomplete batch is sampled again whole
 (same composition → same bytes) and only its missing images are written.  An image
 without any line (a kill between rename and append) gets its line again if it decodes
-whole.  A rerun with other settings (sampler, steps, guidance, checkpoint, batch size) or
-with another prompt or seed for an existing file is refused.
+whole.  A rerun with other settings (sampler, steps, guidance, checkpoint, dtype, batch
+size) or with another prompt or seed for an existing file is refused.
 
-Throughput: a writer thread behind a bounded queue encodes and writes the images of
-batch k while batch k + 1 samples (``overlap=False`` writes inline); on CUDA the UNet
-call can be captured in a CUDA graph per batch shape (`CUDAGraphUNet`), removing the
-per-kernel launch cost of a small model.
+Throughput: on CUDA the whole denoising loop of a batch (the UNet on the CFG-doubled batch
+and the fused sampler step, every step) is one CUDA graph per batch shape, replayed batch
+after batch (`fastdiff.pipelines.DenoiseLoop`); the VAE decodes batch k on a side stream
+while batch k + 1's loop runs, and a writer thread behind a bounded queue encodes and
+writes batch k's images meanwhile (``overlap=False``: decode and write inline).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import io
 import json
@@ -63,7 +67,6 @@ import queue
 import re
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,11 +83,15 @@ FORMATS = ("png", "webp")
 MANIFEST = "manifest.jsonl"
 # Keys of a manifest line that Job.extra (and a JSONL prompt's other fields) may not replace.
 RESERVED = (
-    "file", "prompt", "seed", "sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "batch",
+    "file", "prompt", "seed", "sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "dtype", "batch",
     "batch_size", "bytes", "sha256",
 )  # fmt: skip
 # Settings every image of one output folder must share (checked on resume).
-SETTINGS = ("sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "batch_size")
+SETTINGS = ("sampler", "steps", "guidance", "negative_prompt", "checkpoint_sha256", "dtype", "batch_size")
+# What a line written before a setting was recorded had: weights were always float32 then.
+FORMER_SETTINGS = {"dtype": "float32"}
+DIGESTS = ".checkpoint-digests.json"
+CHECKPOINT_HELP = "pipeline or training checkpoint folder, or a diffusers Stable Diffusion folder"
 # Memory one job costs while a run holds it: the Job (~200 bytes), its manifest line as a dict
 # (~600 bytes) and the planning around them, measured at ~1 KB; twice that as the bound.
 BYTES_PER_JOB = 2048
@@ -182,16 +189,20 @@ def check_fits_memory_of_jobs(n: int, what: str) -> None:
 # ----------------------------------------------------------------------------- the model
 
 
-def load_pipeline(checkpoint: str | os.PathLike, device: str | torch.device | None = None):
-    """`Text2Image.from_pretrained`, with ``checkpoint_sha256`` (the SHA-256 of its weights file,
-    which goes into every manifest line) set on the returned pipeline."""
+def load_pipeline(
+    checkpoint: str | os.PathLike, device: str | torch.device | None = None, dtype: str | None = None
+):  # fmt: skip
+    """`Text2Image.from_pretrained` (``dtype``: see there); a fastdiff pipeline also gets its
+    ``checkpoint_sha256`` (the SHA-256 of its weights file), which goes into every manifest line."""
     from fastdiff.pipelines import Text2Image, weights_file
+    from fastdiff.sd import is_diffusers_folder
 
     path = Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint: no such folder {str(path)!r}")
-    pipe = Text2Image.from_pretrained(path, device)
-    pipe.checkpoint_sha256 = file_sha256(weights_file(path))
+    pipe = Text2Image.from_pretrained(path, device, dtype=dtype)
+    if not is_diffusers_folder(path):
+        pipe.checkpoint_sha256 = file_sha256(weights_file(path))
     return pipe
 
 
@@ -203,11 +214,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def checkpoint_digest(pipe) -> str:
-    """The pipeline's ``checkpoint_sha256`` (set by `load_pipeline`); else a SHA-256 of its UNet's weights."""
+def checkpoint_digest(pipe, cache_dir: str | os.PathLike | None = None, *, write_cache: bool = True) -> str:
+    """What a manifest line's ``checkpoint_sha256`` says the images were made with.
+
+    A fastdiff pipeline: the SHA-256 of its weights file (`load_pipeline` sets it).  A Stable
+    Diffusion folder: the SHA-256 of "<file in the folder>\\t<its SHA-256>\\n" over every file the
+    pipeline was read from (``source_files``), sorted — a copy of the folder elsewhere has the
+    same digest.  Hashing gigabytes at every start would be slow, so each file's SHA-256 is
+    kept in ``cache_dir``/.checkpoint-digests.json (``write_cache``: may write it) under its path,
+    size, mtime, ctime and inode, and read again only when one of them changed (a rewrite,
+    or a copy over it, changes the ctime).  Else: a SHA-256 of the UNet's weights.
+    """
     known = getattr(pipe, "checkpoint_sha256", None)
     if known:
         return known
+    files = getattr(pipe, "source_files", ())
+    if files:
+        pipe.checkpoint_sha256 = _files_digest(Path(pipe.spec["source"]), files, cache_dir, write_cache)
+        return pipe.checkpoint_sha256
     h = hashlib.sha256()
     for name, tensor in sorted(pipe.unet.state_dict().items()):
         h.update(name.encode())
@@ -215,70 +239,30 @@ def checkpoint_digest(pipe) -> str:
     return "weights:" + h.hexdigest()
 
 
-class CUDAGraphUNet(torch.nn.Module):
-    """The UNet replayed from a CUDA graph, one graph (and static buffers) per input shape.
-
-    A small UNet launches hundreds of short kernels per call; a graph replays them
-    with one launch.  The first call per shape warms up on a side stream (Triton
-    compiles and autotunes there, outside the capture) and captures; later calls
-    copy the inputs into the static buffers and replay.  Autocast's weight cache is
-    disabled inside: cached casts made during capture would be freed after it.  If
-    capture fails the module warns once and runs the UNet eagerly.
-    """
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.graphs: dict = {}
-        self.eager = False
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def forward(self, *args):
-        if self.eager:
-            return self.unet(*args)
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(args)
-            except Exception as e:  # a kernel or op the graph cannot take: stay correct, lose speed
-                warnings.warn(f"CUDA graph capture failed, running the UNet eagerly: {e}", stacklevel=2)
-                self.eager = True
-                return self.unet(*args)
-        graph, static, out = self.graphs[key]
-        for buf, a in zip(static, args):
-            buf.copy_(a)
-        graph.replay()
-        return out.clone()  # the next replay overwrites `out`
-
-    def _capture(self, args):
-        enabled, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-        static = [a.clone() for a in args]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-            for _ in range(2):
-                self.unet(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-            out = self.unet(*static)
-        return graph, static, out
+def _files_digest(root: Path, files, cache_dir, write_cache: bool) -> str:
+    cache_file = Path(cache_dir) / DIGESTS if cache_dir is not None else None
+    cache = _read_digests(cache_file)
+    lines, changed = [], False
+    for name, file in sorted((f.relative_to(root).as_posix(), f) for f in files):
+        st = file.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        key = os.path.realpath(file)
+        if not isinstance(cache.get(key), dict) or cache[key].get("stamp") != stamp:
+            cache[key] = {"stamp": stamp, "sha256": file_sha256(file)}
+            changed = True
+        lines.append(f"{name}\t{cache[key]['sha256']}\n")
+    if changed and write_cache and cache_file is not None:
+        write_atomic(cache_file, json.dumps(cache, indent=1).encode())
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _with_cuda_graphs(pipe):
-    """A shallow copy of ``pipe`` whose UNet replays CUDA graphs (the caller's pipeline keeps its UNet).
-
-    The graphs are kept on ``pipe`` so that later runs with the same pipeline reuse them.
-    """
-    graphed_unet = getattr(pipe, "cuda_graph_unet", None)
-    if graphed_unet is None or graphed_unet.unet is not pipe.unet:
-        graphed_unet = pipe.cuda_graph_unet = CUDAGraphUNet(pipe.unet)
-    graphed = copy.copy(pipe)
-    graphed.unet = graphed_unet
-    return graphed
+def _read_digests(cache_file: Path | None) -> dict:
+    """The digest cache; a missing or unreadable one is empty (it is only a cache)."""
+    try:
+        data = json.loads(cache_file.read_text()) if cache_file is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # ----------------------------------------------------------------------------- the folder lock
@@ -589,7 +573,9 @@ class _Writer:
                 except BaseException as e:
                     self.error = e
 
-    def _write(self, pixels: torch.Tensor, files: list[tuple[Path, dict]]) -> None:
+    def _write(self, pixels: torch.Tensor, done, files: list[tuple[Path, dict]]) -> None:
+        if done is not None:
+            done.synchronize()  # the pixels' copy from the GPU has landed
         folders = {path.parent for path, _ in files if path is not None}
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
@@ -659,9 +645,10 @@ def _check_settings(out: Path, settings: dict, by_file: dict[str, Job]) -> None:
         if job is None:
             continue  # an image of a longer job list: left alone
         for key in SETTINGS:
-            if line.get(key) != settings[key]:
+            made = line.get(key, FORMER_SETTINGS.get(key))
+            if made != settings[key]:
                 raise ValueError(
-                    f"--out {str(out)!r} holds a run made with {key}={line.get(key)!r}, this run has "
+                    f"--out {str(out)!r} holds a run made with {key}={made!r}, this run has "
                     f"{key}={settings[key]!r}: resume with the same settings or use another --out"
                 )
         if line.get("prompt") != job.prompt or line.get("seed") != job.seed:
@@ -672,8 +659,34 @@ def _check_settings(out: Path, settings: dict, by_file: dict[str, Job]) -> None:
 
 
 def _to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [−1, 1] → (B, H, W, C) uint8 on the CPU (the rounding of `fastdiff.data.to_pil`)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    """(B, C, H, W) in [−1, 1] → (B, H, W, C) uint8 on x's device (the rounding of `fastdiff.data.to_pil`)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class _Decoder:
+    """A batch's sample → its pixels on the CPU ((B, H, W, C) uint8) and the CUDA event to wait
+    for before reading them (None: ready).
+
+    With ``overlap`` on CUDA the VAE decodes on a side stream, ordered after the loop that made
+    the sample, while the main stream goes on with the next batch's loop; the pixels come back
+    by an asynchronous copy into pinned memory, and the writer thread waits for the event.
+    Otherwise the decode runs inline.
+    """
+
+    def __init__(self, pipe, overlap: bool):
+        self.pipe = pipe
+        self.stream = torch.cuda.Stream(pipe.device) if overlap and pipe.device.type == "cuda" else None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if self.stream is None:
+            return _to_pixels(self.pipe.decode(x)).cpu(), None
+        self.stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self.stream):
+            x.record_stream(self.stream)  # made on the main stream: its memory is kept until the decode is done
+            pixels = _to_pixels(self.pipe.decode(x)).to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return pixels, done
 
 
 def _my_batches(n_jobs: int, batch_size: int, rank: int, world: int) -> range:
@@ -692,7 +705,7 @@ def run_jobs(
     out_dir: str | os.PathLike,
     *,
     batch_size: int = 16,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int = 20,
     guidance_scale: float = 4.0,
     negative_prompt: str = "",
@@ -706,13 +719,15 @@ def run_jobs(
     """Make every job's image in ``out_dir`` (skipping those already there); see the module docstring.
 
     pipe: a `fastdiff.pipelines.Text2Image` (`load_pipeline` also records its weights'
-    hash).  rank / world_size: this process's shard; None takes them from
-    torch.distributed when it is initialised, else 0 / 1.  cuda_graphs: capture the
-    UNet in CUDA graphs (None: on for a CUDA pipeline).  Returns a summary: written,
-    skipped (already done), seconds, images_per_s, batches (sampled here), rank, world_size.
-    Raises `fastdiff.lockfile.LockHeld` when another run holds the folder.
+    hash).  sampler: None for the pipeline's default (a Stable Diffusion folder's scheduler
+    decides).  rank / world_size: this process's shard; None takes them from
+    torch.distributed when it is initialised, else 0 / 1.  cuda_graphs: replay each batch's
+    denoising loop from a CUDA graph (`fastdiff.pipelines.DenoiseLoop`: None captures on CUDA
+    and falls back to eager sampling with a warning; True requires it).  Returns a summary:
+    written, skipped (already done), seconds, images_per_s, batches (sampled here), rank,
+    world_size.  Raises `fastdiff.lockfile.LockHeld` when another run holds the folder.
     """
-    from fastdiff.pipelines import check_batching, make_plan
+    from fastdiff.pipelines import check_batching, dtype_name
 
     rank, world = _rank_world(rank, world_size)
     _check_jobs(jobs)
@@ -724,16 +739,17 @@ def run_jobs(
 
         if not features.check("webp"):
             raise ValueError("image_format 'webp' needs Pillow built with WebP support; use 'png'")
-    make_plan(sampler, pipe.schedule, steps, pipe.prediction)  # validates sampler and steps
+    loop = pipe.denoise_loop(sampler, steps, guidance_scale, cuda_graph=cuda_graphs)  # checks sampler and steps
     out = prepare_out(out_dir)
-    settings = {
-        "sampler": sampler, "steps": steps, "guidance": float(guidance_scale), "negative_prompt": negative_prompt,
-        "checkpoint_sha256": checkpoint_digest(pipe), "batch_size": batch_size,
-    }  # fmt: skip
     with folder_lock(out, rank, world):
+        settings = {
+            "sampler": sampler or pipe.default_sampler, "steps": steps, "guidance": float(guidance_scale),
+            "negative_prompt": negative_prompt, "dtype": dtype_name(pipe.dtype), "batch_size": batch_size,
+            "checkpoint_sha256": checkpoint_digest(pipe, out, write_cache=rank == 0),
+        }  # fmt: skip
         _check_settings(out, settings, {f"{j.name}.{image_format}": j for j in jobs})
         _repair_folder(out, jobs, batch_size, rank, world, image_format)
-        return _run_batches(pipe, jobs, out, settings, rank, world, image_format, overlap, progress, cuda_graphs)
+        return _run_batches(pipe, loop, jobs, out, settings, rank, world, image_format, overlap, progress)
 
 
 def _repair_folder(out: Path, jobs: list[Job], batch_size: int, rank: int, world: int, image_format: str) -> None:
@@ -747,7 +763,7 @@ def _repair_folder(out: Path, jobs: list[Job], batch_size: int, rank: int, world
         _repair(out, {f"{j.name}.{image_format}" for j in _my_jobs(jobs, batch_size, rank, world)}, [rank])
 
 
-def _run_batches(pipe, jobs, out, settings, rank, world, image_format, overlap, progress, cuda_graphs) -> dict:
+def _run_batches(pipe, loop, jobs, out, settings, rank, world, image_format, overlap, progress) -> dict:
     batch_size = settings["batch_size"]
     start = time.perf_counter()
     manifest = _Manifest(_journal(out, rank))
@@ -759,18 +775,14 @@ def _run_batches(pipe, jobs, out, settings, rank, world, image_format, overlap, 
 
         total = sum(1 for _, files in todo for path, _ in files if path is not None)
         bar = tqdm(total=total, desc=f"generate (rank 0 of {world})", unit="img", dynamic_ncols=True, smoothing=0.1)
-    use_graphs = cuda_graphs if cuda_graphs is not None else pipe.device.type == "cuda"
-    sampler_pipe = _with_cuda_graphs(pipe) if use_graphs and pipe.device.type == "cuda" else pipe
+    decode = _Decoder(pipe, overlap)
     writer = _Writer(manifest, image_format, overlap, bar)
     try:
         for k, files in todo:
             batch = jobs[k * batch_size : (k + 1) * batch_size]
-            x = sampler_pipe.generate_tensors(
-                [j.prompt for j in batch], seeds=[j.seed for j in batch], batch_size=len(batch),
-                negative_prompt=settings["negative_prompt"], guidance_scale=settings["guidance"],
-                sampler=settings["sampler"], steps=settings["steps"], progress=False,
-            )  # fmt: skip
-            writer.put((_to_pixels(x), files))
+            negatives = [settings["negative_prompt"]] * len(batch)
+            x = pipe.sample_batch(loop, [j.prompt for j in batch], negatives, [j.seed for j in batch])
+            writer.put((*decode(x), files))
     finally:
         writer.close()
         if bar is not None:
@@ -832,16 +844,27 @@ def _finish(out: Path, jobs: list[Job], rank: int, world: int, image_format: str
 
 
 def add_sampling_arguments(parser) -> None:
-    """--batch --checkpoint --sampler --steps --guidance --negative-prompt: what every bulk writer samples with."""
+    """--batch --checkpoint --dtype --sampler --steps --guidance --negative-prompt: what bulk writers sample with."""
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
 
     parser.add_argument("--batch", type=int_arg(1, MAX_BATCH), default=16,
                         help="images per sampling batch (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help=CHECKPOINT_HELP)
+    add_dtype_argument(parser)
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="(default: the checkpoint's: dpmpp_2m, or a Stable Diffusion folder's scheduler's)")
     parser.add_argument("--steps", type=int_arg(1), default=20, help="sampler steps (default: %(default)s)")
     parser.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
     parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
+
+
+def add_dtype_argument(parser) -> None:
+    """--dtype: the weights of the UNet (and of a Stable Diffusion folder's VAE)."""
+    from fastdiff.pipelines import DTYPES
+
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
+                        help="weights of the networks (default: float16 for a Stable Diffusion folder on CUDA, "
+                             "else float32)")  # fmt: skip
 
 
 def add_arguments(parser) -> None:
@@ -856,7 +879,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="png", help="image format (default: %(default)s)")
     parser.add_argument("--no-overlap", action="store_true", help="write images inline, not in a writer thread")
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                        help="replay the UNet from CUDA graphs (default: on for CUDA)")  # fmt: skip
+                        help="replay each batch's denoising loop from a CUDA graph (default: on for CUDA)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -865,10 +888,12 @@ def run(args) -> int:
     # argparse types); the folder is locked before the model loads too.
     jobs = jobs_from_prompts(read_prompts(args.prompts), args.per_prompt, args.seed)
     prepare_out(args.out)
+    if args.cuda_graphs and distributed.device(args.device).type != "cuda":
+        raise ValueError("--cuda-graphs needs a CUDA device (--device cuda)")
     device = distributed.init(args.device)
     try:
         with folder_lock(args.out):
-            pipe = load_pipeline(args.checkpoint, device)
+            pipe = load_pipeline(args.checkpoint, device, args.dtype)
             summary = run_jobs(
                 pipe, jobs, args.out, batch_size=args.batch, sampler=args.sampler, steps=args.steps,
                 guidance_scale=args.guidance, negative_prompt=args.negative_prompt, image_format=args.format,

@@ -17,6 +17,7 @@ from fastdiff import cli, pipelines  # noqa: E402
 from fastdiff.apps import augment as aug  # noqa: E402
 from fastdiff.data import COLOURS, POSITIONS, SIZES, parse_caption  # noqa: E402
 from conftest import skip_without_shipped_model  # noqa: E402
+from test_bulk import interrupt_at_batch  # noqa: E402
 
 FAST = dict(steps=4, batch_size=4, progress=False)
 
@@ -59,16 +60,7 @@ def test_jobs_prompts_and_seeds():
 
 def test_layout_manifest_and_resume_after_a_kill(pipe, tmp_path, monkeypatch):
     out = tmp_path / "synth"
-    real = pipe.generate_tensors
-    calls = []
-
-    def killed_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipe, "generate_tensors", killed_on_second_batch)
+    interrupt_at_batch(monkeypatch, pipe, 2)
     with pytest.raises(KeyboardInterrupt):
         aug.augment(["circle", "triangle"], 3, out, pipe=pipe, **FAST)
     assert len(list(out.rglob("*.png"))) == 4 and not (out / "manifest.jsonl").exists()

@@ -54,6 +54,19 @@ def line_counts(out: Path) -> dict[str, int]:
     return counts
 
 
+def interrupt_at_batch(monkeypatch, pipe, k: int) -> None:
+    """Make ``pipe`` raise KeyboardInterrupt when bulk generation samples its ``k``-th batch (from 1)."""
+    real, calls = pipe.sample_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "sample_batch", interrupted)
+
+
 def write_prompts(path: Path, n: int) -> Path:
     colours, shapes = ("red", "blue", "green", "yellow", "purple"), ("circle", "square", "triangle")
     path.write_text("".join(f"a {colours[i % 5]} {shapes[i % 3]}\n" for i in range(n)))

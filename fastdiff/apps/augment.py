@@ -137,11 +137,11 @@ def build_jobs(classes, per_class: int, *, seed: int = 0, prompt_template: str =
 
 
 @functools.lru_cache(maxsize=2)
-def _pipeline(checkpoint: str, device: str | None):
+def _pipeline(checkpoint: str, device: str | None, dtype: str | None = None):
     """`bulk.load_pipeline` (which records the weights' SHA-256 for the manifest), loaded once per process."""
     from fastdiff.bulk import load_pipeline
 
-    return load_pipeline(checkpoint, device)
+    return load_pipeline(checkpoint, device, dtype)
 
 
 def augment(
@@ -152,10 +152,11 @@ def augment(
     pipe=None,
     checkpoint: str | os.PathLike | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     seed: int = 0,
     prompt_template: str = DEFAULT_TEMPLATE,
     batch_size: int = 16,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int = 20,
     guidance_scale: float = 4.0,
     negative_prompt: str = "",
@@ -164,18 +165,20 @@ def augment(
 ) -> dict:
     """Write (or complete) the dataset in ``out_dir``; returns `bulk.run_jobs`'s summary.
 
-    ``pipe``: a loaded `Text2Image` (else ``checkpoint``, default the shipped model, is
-    loaded once per process).  Everything is checked before the model loads.
+    ``pipe``: a loaded `Text2Image` (else ``checkpoint``, default the shipped model, or a
+    diffusers Stable Diffusion folder, is loaded once per process, with ``dtype`` weights).
+    sampler: None for the pipeline's default.  Everything is checked before the model loads.
     """
     from fastdiff.bulk import prepare_out, run_jobs
-    from fastdiff.pipelines import DEFAULT_CHECKPOINT, check_batching
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, check_batching, resolve_dtype
 
     jobs = build_jobs(classes, per_class, seed=seed, prompt_template=prompt_template)
     check_batching(batch_size, guidance_scale)
     check_int(steps, "steps", 1)
+    resolve_dtype(dtype, None)  # a bad name is refused before the model loads
     prepare_out(out_dir)
     if pipe is None:
-        pipe = _pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device)
+        pipe = _pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device, dtype)
     return run_jobs(
         pipe, jobs, out_dir, batch_size=batch_size, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
         negative_prompt=negative_prompt, image_format="png", overlap=overlap, progress=progress,
@@ -204,7 +207,7 @@ def regenerate(out_dir: str | os.PathLike, file: str, pipe=None, device: str | N
     batch = [x for x in lines if x["batch"] == line["batch"]]  # the file is in job order
     if pipe is None:
         pipe = _pipeline(str(DEFAULT_CHECKPOINT.resolve()), device)
-    if checkpoint_digest(pipe) != line["checkpoint_sha256"]:
+    if checkpoint_digest(pipe, out_dir, write_cache=False) != line["checkpoint_sha256"]:
         raise ValueError(f"{file!r} was made with other weights (checkpoint_sha256 {line['checkpoint_sha256']})")
     x = pipe.generate_tensors(
         [b["prompt"] for b in batch], seeds=[b["seed"] for b in batch], batch_size=len(batch),
@@ -246,9 +249,9 @@ def run(args) -> int:
     try:
         with folder_lock(args.out):
             summary = augment(
-                args.classes, args.per_class, args.out, checkpoint=args.checkpoint, device=device, seed=args.seed,
-                prompt_template=args.prompt_template, batch_size=args.batch, sampler=args.sampler, steps=args.steps,
-                guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+                args.classes, args.per_class, args.out, checkpoint=args.checkpoint, device=device, dtype=args.dtype,
+                seed=args.seed, prompt_template=args.prompt_template, batch_size=args.batch, sampler=args.sampler,
+                steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
             )  # fmt: skip
     finally:
         distributed.cleanup()
