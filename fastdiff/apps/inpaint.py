@@ -37,6 +37,23 @@ a jump the multistep history (DPM-Solver++(2M)'s previous x̂0) belongs to anoth
 so the block's first step runs first order (x̂0_prev := x̂0); Heun's blocks start at a
 predictor, so they always hold whole steps.  With ``resample=0`` the loop is
 `fastdiff.samplers.sample` itself.
+
+Stable Diffusion folders (``--checkpoint`` a diffusers folder).  The image's sides must be
+multiples of 64 (the VAE's 8 × the UNet's 8; any size, not only the folder's), and the
+sampling runs on latents, as diffusers' ``StableDiffusionInpaintPipeline`` does:
+
+* a plain UNet (4 channels): the known image's latents z = VAE-encode(image) (the posterior
+  mean, scaled) take the place of x_known above, with the mask downsampled to the latents
+  (nearest, as diffusers), so the blend keeps z where the mask is 0; RePaint jumps work the same;
+* an inpainting UNet (9 input channels: latents, mask, masked image's latents): no blend; at
+  every evaluation the UNet reads [x_t, m, VAE-encode(image·(1 − m))], as diffusers feeds it.
+
+The decoder's output differs slightly from the input outside the mask (the VAE is lossy), so
+`inpaint` and the command line paste the input's pixels back where the mask is 0: the
+promise above holds for SD folders too.  `inpaint_tensors` returns the decoded images as they
+are (the tensors diffusers returns).  Two differences from diffusers: the image's latents are
+the posterior's mean, not a draw from it, and the blend re-noises the known latents with fresh
+noise at each step (diffusers re-noises them with the initial noise; the two agree in law).
 """
 from __future__ import annotations
 
@@ -45,6 +62,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from fastdiff import samplers
 from fastdiff.checks import MAX_BATCH, check_int, check_out_file, check_seed, int_arg, number_arg
@@ -86,11 +104,14 @@ def _mask_tensor(mask, what: str) -> torch.Tensor:
 
 
 def prepare_inputs(
-    image, mask, resolution: int, *, resize: bool = False, names: tuple[str, str] = ("image", "mask")
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(known (3, R, R) in [−1, 1], mask (1, R, R) of 0/1) at the model's resolution R.
+    image, mask, resolution: int, *, resize: bool = False, multiple: int | None = None,
+    names: tuple[str, str] = ("image", "mask"),
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(known (3, H, W) in [−1, 1], mask (1, H, W) of 0/1): at the model's resolution R×R, or, with
+    ``multiple`` (a Stable Diffusion folder), at any size whose sides are multiples of it.
 
-    ``names`` are the argument names used in error messages (the CLI passes its flags).
+    ``resize``: an image of another size is resized to R×R.  ``names`` are the argument names
+    used in error messages (the CLI passes its flags).
     """
     what_img, what_mask = names
     known = _image_tensor(image, what_img)
@@ -98,12 +119,16 @@ def prepare_inputs(
     (h, w), (mh, mw) = known.shape[1:], m.shape[1:]
     if (mh, mw) != (h, w):
         raise ValueError(f"{what_mask} is {mw}x{mh} pixels but {what_img} is {w}x{h}: they must have the same size")
-    if (h, w) != (resolution, resolution):
+    fits = (h, w) == (resolution, resolution) if multiple is None else h % multiple == 0 and w % multiple == 0
+    if not fits:
         if not resize:
             flag = "--resize" if what_img.startswith("--") else "resize=True"
+            takes = f"works at {resolution}x{resolution}"
+            if multiple is not None:
+                takes = f"takes sides that are multiples of {multiple}"
             raise ValueError(
-                f"{what_img} is {w}x{h} pixels but the model works at {resolution}x{resolution}; "
-                f"pass {flag} to resize image and mask (the kept pixels are then those of the resized image)"
+                f"{what_img} is {w}x{h} pixels but the model {takes}; pass {flag} to resize image and mask to "
+                f"{resolution}x{resolution} (the kept pixels are then those of the resized image)"
             )
         known, m = _resize(known, m, resolution)
     if not bool(m.any()):
@@ -173,11 +198,14 @@ def repaint_sample(
     guidance_scale: float | None = None,
     resample: int = 0,
     jump: int = 1,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """`samplers.sample` with RePaint jumps (see the module docstring); resample=0 is the plain loop."""
     levels = _alpha_levels(plan, schedule)
     bounds = _boundaries(plan)
-    loop = samplers.prepare_loop(model, x_T, seeds, plan, guidance_scale=guidance_scale, known=known, mask=mask)
+    loop = samplers.prepare_loop(
+        model, x_T, seeds, plan, guidance_scale=guidance_scale, clip_x0=clip_x0, known=known, mask=mask
+    )
     E, n_steps = len(plan), len(bounds) - 1
     x, x0, jumps = x_T, None, 0
     for start in range(0, n_steps, jump):
@@ -199,6 +227,18 @@ def repaint_sample(
 # ----------------------------------------------------------------------------- API
 
 
+def sample_space(pipe, known: torch.Tensor, mask: torch.Tensor, guided: bool):
+    """What the sampler needs from (known (B, 3, H, W), mask (B, 1, H, W)), in the pipeline's sample space:
+    (known, mask) for the blend and None, or — an inpainting UNet — (None, None) and its extra input
+    channels [mask, masked image's latents] (doubled under guidance, like the batch)."""
+    if not pipe.inpainting:
+        z = pipe.encode(known)  # the image itself for a pixel model
+        return z, F.interpolate(mask, size=z.shape[-2:], mode="nearest"), None
+    masked = pipe.encode(known * (1 - mask))
+    channels = torch.cat([F.interpolate(mask, size=masked.shape[-2:], mode="nearest"), masked], dim=1)
+    return None, None, torch.cat([channels, channels]) if guided else channels
+
+
 @torch.no_grad()
 def inpaint_tensors(
     pipe,
@@ -209,16 +249,22 @@ def inpaint_tensors(
     seeds: list[int],
     negative_prompt: str = "",
     guidance_scale: float = 4.0,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int = 20,
     resample: int = 0,
     jump: int = 1,
     batch_size: int = 16,
     progress: bool = True,
+    latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batched inpainting: known (N, 3, R, R) in [−1, 1], mask (N, 1, R, R) of 0/1 (1 = repaint),
-    one prompt and one seed per image → (N, 3, R, R) in [−1, 1], equal to ``known`` where mask is 0."""
-    from fastdiff.pipelines import check_batching, counting, make_plan, progress_bar
+    """Batched inpainting: known (N, 3, H, W) in [−1, 1], mask (N, 1, H, W) of 0/1 (1 = repaint),
+    one prompt and one seed per image → (N, 3, H, W) in [−1, 1]; a pixel model's equals ``known``
+    where mask is 0, a Stable Diffusion folder's is the decoded sample (see the module docstring).
+
+    sampler: None for the pipeline's default.  latents: the initial noise (N, C, h, w) instead of
+    the draw from ``seeds``, scaled as the sampler's plan says (as diffusers' ``latents``).
+    """
+    from fastdiff.pipelines import check_batching, counting, progress_bar
 
     n = len(prompts)
     if known.shape[0] != n or mask.shape[0] != n or len(seeds) != n:
@@ -227,27 +273,38 @@ def inpaint_tensors(
     check_batching(batch_size, guidance_scale)
     for s in seeds:
         check_seed(s, "seeds")
-    plan = make_plan(sampler, pipe.schedule, steps, pipe.prediction)
+    if resample and pipe.inpainting:
+        raise ValueError("resample needs the sampler's blend; this folder's inpainting UNet reads the mask "
+                         "instead: use resample 0")  # fmt: skip
+    run = pipe.sampling(sampler, steps)
+    plan = run.plan.to(pipe.device)
     guided = guidance_scale != 1.0
-    how = f"{sampler}, {steps} steps" + (f", resample {resample} every {jump}" if resample else "")
+    g = guidance_scale if guided else None
+    how = f"{sampler or pipe.default_sampler}, {steps} steps"
+    how += f", resample {resample} every {jump}" if resample else ""
     bar = progress_bar(progress, n * len(plan) * (resample + 1), f"inpaint ({how})", "img·eval")
     out = []
     for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
         batch = len(prompts[sl])
-        model = counting(pipe._text_model(prompts[sl], [negative_prompt] * batch, guided), bar, per_call=batch)
         seeds_t = torch.tensor(seeds[sl], dtype=torch.int64, device=pipe.device)
-        x_T = samplers.initial_noise(seeds_t, (len(seeds_t), *known.shape[1:]))
-        kn, m = known[sl].to(pipe.device), mask[sl].to(pipe.device)
-        g = guidance_scale if guided else None
+        kn, m, channels = sample_space(pipe, known[sl].to(pipe.device), mask[sl].to(pipe.device), guided)
+        context = pipe.encode_prompt(prompts[sl], [negative_prompt] * batch, guided)
+        model = counting(pipe.denoiser(*context, channels=channels), bar, per_call=batch)
+        if latents is None:
+            size = (kn if channels is None else channels).shape[-2:]
+            noise = samplers.initial_noise(seeds_t, (batch, pipe.sample_shape[0], *size))
+        else:
+            noise = latents[sl].to(pipe.device, torch.float32)
+        x_T = run.start(noise)
         if resample == 0:
-            x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=g, known=kn, mask=m)
+            x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=g, clip_x0=run.clip_x0, known=kn, mask=m)
         else:
             x = repaint_sample(
                 model, x_T, seeds_t, plan, pipe.schedule, known=kn, mask=m, guidance_scale=g, resample=resample,
-                jump=jump,
+                jump=jump, clip_x0=run.clip_x0,
             )  # fmt: skip
-        out.append(x.float().cpu())
+        out.append(pipe.decode(x).float().cpu())
     if bar is not None:
         bar.close()
     return torch.cat(out)
@@ -261,12 +318,13 @@ def inpaint(
     pipe=None,
     checkpoint: str | os.PathLike | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     num_images: int = 1,
     seed: int = 0,
     resize: bool = False,
     negative_prompt: str = "",
     guidance_scale: float = 4.0,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int = 20,
     resample: int = 0,
     jump: int = 1,
@@ -277,7 +335,8 @@ def inpaint(
 
     image: PIL image, path, or (3, H, W) tensor in [−1, 1]; mask: PIL image, path, or (H, W) /
     (1, H, W) tensor.  ``pipe``: a loaded `Text2Image` (else ``checkpoint``, default the shipped
-    model, is loaded once and cached).  The unmasked pixels of the result equal the input's.
+    model, or a diffusers Stable Diffusion folder, is loaded once and cached, with ``dtype``
+    weights).  The unmasked pixels of the result equal the input's.
     """
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, _cached_pipeline, check_batching, check_images_fit, image_bytes
 
@@ -288,21 +347,30 @@ def inpaint(
     check_seed(seed, "seed", num_images)
     check_images_fit(num_images, f"num_images {num_images}")
     if pipe is None:
-        pipe = _cached_pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device)
+        pipe = _cached_pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device, dtype)
     check_images_fit(num_images, f"num_images {num_images}", image_bytes(3, pipe.resolution**2))
-    known, m = prepare_inputs(image, mask, pipe.resolution, resize=resize)
+    known, m = prepare_inputs(image, mask, pipe.resolution, resize=resize, multiple=size_multiple(pipe))
     x = inpaint_tensors(
         pipe, known.expand(num_images, -1, -1, -1), m.expand(num_images, -1, -1, -1), [prompt] * num_images,
         seeds=[seed + i for i in range(num_images)], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
         sampler=sampler, steps=steps, resample=resample, jump=jump, batch_size=batch_size, progress=progress,
     )  # fmt: skip
+    if pipe.latent:  # the VAE's round trip moved the kept pixels a little: they are the input's again
+        x = torch.where(m.bool(), x, known)
     return [to_pil(xi) for xi in x]
+
+
+def size_multiple(pipe) -> int | None:
+    """What `prepare_inputs` takes for ``pipe``: None (its resolution only) for a pixel model, else
+    the multiple an image's sides must have (any size of those: a Stable Diffusion folder)."""
+    return pipe.size_multiple if pipe.latent else None
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser) -> None:
+    from fastdiff.bulk import CHECKPOINT_HELP, add_dtype_argument
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
 
     parser.add_argument("--image", required=True, help="the image to edit (PNG etc., the model's size unless --resize)")
@@ -311,9 +379,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--out", default="inpainted.png", help="output PNG; --num-images N: OUT_000.png … (default: %(default)s)"
     )
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="pipeline or training checkpoint folder")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help=CHECKPOINT_HELP)
+    add_dtype_argument(parser)
     parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="(default: the checkpoint's: dpmpp_2m, or a Stable Diffusion folder's scheduler's)")
     parser.add_argument("--steps", type=int_arg(1), default=20)
     parser.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
     parser.add_argument("--seed", type=int_arg(0), default=0, help="seed of the first image; image i uses seed + i")
@@ -321,7 +391,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resample", type=int_arg(0, MAX_RESAMPLE), default=0,
                         help="RePaint: jumps back per block (0: none)")  # fmt: skip
     parser.add_argument("--jump", type=int_arg(1), default=1, help="RePaint: sampler steps per block (jump length)")
-    parser.add_argument("--resize", action="store_true", help="resize image and mask to the model's resolution")
+    parser.add_argument("--resize", action="store_true",
+                        help="resize image and mask to the model's resolution (when their size does not fit it)")
     parser.add_argument("--batch-size", type=int_arg(1, MAX_BATCH), default=16)
 
 
@@ -346,8 +417,10 @@ def run(args) -> int:
     if image.size != mask.size:
         (w, h), (mw, mh) = image.size, mask.size
         raise ValueError(f"--mask is {mw}x{mh} pixels but --image is {w}x{h}: they must have the same size")
-    pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device)
-    known, m = prepare_inputs(image, mask, pipe.resolution, resize=args.resize, names=("--image", "--mask"))
+    pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device, args.dtype)
+    known, m = prepare_inputs(
+        image, mask, pipe.resolution, resize=args.resize, multiple=size_multiple(pipe), names=("--image", "--mask")
+    )
     images = inpaint(
         known, m[0], args.prompt, pipe=pipe, num_images=args.num_images, seed=args.seed,
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps,

@@ -34,10 +34,19 @@ the image in the style's colour (`StyleTrainer.noised`).
 
 Measured with ``scripts/style_quality.py`` (README): the rate at which the analyser reads
 the content's shape and position and the style's colour from the result.
+
+**Stable Diffusion folders** (``--checkpoint`` a diffusers folder: a style prompt, no style
+image).  `img2img_tensors` runs diffusers' ``StableDiffusionImg2ImgPipeline``: the content
+(any size whose sides are multiples of 64) is VAE-encoded (the posterior mean, scaled), noised
+to the first of the last int(steps·strength) timesteps of the folder's ``steps``-step schedule
+and denoised over those — ``steps`` counts the whole schedule, as diffusers'
+``num_inference_steps``, so ``strength`` 0.5 of 20 steps runs 10.  fastdiff's own models
+instead spend all ``steps`` on [0, t₀] with t₀ = round(strength·T) − 1 (`img2img_plan`).
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 from pathlib import Path
@@ -53,6 +62,7 @@ from fastdiff.nn.style import StyleConfig, StyleUNet
 from fastdiff.nn.unet import UNet, UNetConfig
 from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Pipeline, _seeds, check_batching, counting
 from fastdiff.pipelines import load_weights, progress_bar, read_spec
+from fastdiff.schedule import sigmas_at
 from fastdiff.training import Trainer, pipeline_spec
 
 STYLE_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-style"
@@ -293,12 +303,14 @@ class Stylizer(Pipeline):
         seeds: int | list[int] | None = 0,
         batch_size: int = 16,
         progress: bool = True,
+        negative_prompt: str = "",
     ) -> torch.Tensor:
         """(N, C, R, R) restyled images in [−1, 1] (un-clamped).
 
         content: (N, C, R, R) or (C, R, R) in [−1, 1]; style_image: one image (broadcast) or
         one per content image; style_prompt: one string or one per content image.  At
         least one of the two styles must be given.  Image b depends on (inputs_b, seed_b) only.
+        negative_prompt: the text of guidance's unconditional half (which never has a style image).
         """
         content = self._check_images("content", content, None)
         n = content.shape[0]
@@ -322,7 +334,8 @@ class Stylizer(Pipeline):
         bar = progress_bar(progress, len(batches) * len(plan), desc, "step")
         try:
             out = [
-                self._batch(content[sl], style_image, sl, prompts[sl], seed_list[sl], plan, acp, guidance_scale, bar)
+                self._batch(content[sl], style_image, sl, prompts[sl], seed_list[sl], plan, acp, guidance_scale, bar,
+                            negative_prompt)  # fmt: skip
                 for sl in batches
             ]
         finally:
@@ -330,7 +343,7 @@ class Stylizer(Pipeline):
                 bar.close()
         return torch.cat(out)
 
-    def _batch(self, content, style_all, sl, prompts, seed_list, plan, acp, guidance_scale, bar) -> torch.Tensor:
+    def _batch(self, content, style_all, sl, prompts, seed_list, plan, acp, guidance_scale, bar, negative):
         B = content.shape[0]
         seeds = torch.tensor(seed_list, dtype=torch.int64, device=self.device)
         # SDEdit: x_t₀ = α_t₀·x_c + σ_t₀·ε, the noise keyed by each image's seed.
@@ -342,13 +355,84 @@ class Stylizer(Pipeline):
         texts, keep = prompts, None
         if style is not None:
             keep = torch.ones(B, device=self.device)
-        if guided:  # the unconditional half first: empty prompt, style dropped
-            texts = [""] * B + prompts
+        if guided:  # the unconditional half first: the negative prompt, style dropped
+            texts = [negative] * B + prompts
             if style is not None:
                 style, keep = torch.cat([style, style]), torch.cat([torch.zeros_like(keep), keep])
         model = self._model_fn(texts, style, keep, bar)
         x = samplers.sample(model, x_t, seeds, plan, guidance_scale=guidance_scale if guided else None)
         return x.float()
+
+
+# ----------------------------------------------------------------------------- Stable Diffusion folders
+
+
+@torch.no_grad()
+def img2img_tensors(
+    pipe,
+    content: torch.Tensor,
+    prompts: str | list[str],
+    *,
+    negative_prompt: str | list[str] = "",
+    strength: float = 0.4,
+    guidance_scale: float = 4.0,
+    sampler: str | None = None,
+    steps: int = 20,
+    seeds: int | list[int] | None = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image-to-image on a Stable Diffusion folder's pipeline (`fastdiff.sd.StableDiffusion`), as
+    diffusers' ``StableDiffusionImg2ImgPipeline`` (module docstring): content (N, 3, H, W) or
+    (3, H, W) in [−1, 1], sides multiples of ``pipe.size_multiple`` → (N, 3, H, W) in [−1, 1] (un-clamped).
+
+    prompts, negative_prompt: one string or one per image.  sampler: None for the folder's
+    scheduler's.  noise: ε (N, 4, H/8, W/8) added to the content's latents, instead of the draw
+    from ``seeds`` (which also key the noise of stochastic samplers).
+    """
+    if not getattr(pipe, "latent", False):
+        raise TypeError("img2img_tensors runs a Stable Diffusion folder's pipeline; fastdiff's own models restyle "
+                        "through Stylizer")  # fmt: skip
+    content = content[None] if content.ndim == 3 else content
+    n, k = content.shape[0], pipe.size_multiple
+    if content.ndim != 4 or content.shape[1] != 3 or any(d < 1 or d % k for d in content.shape[2:]):
+        raise ValueError(f"content must be (N, 3, H, W) with H and W multiples of {k}, got {tuple(content.shape)}")
+    prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
+    negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(prompts) != n or len(negatives) != n:
+        raise ValueError(f"prompts and negative_prompt must be a string or one per image ({n})")
+    check_batching(batch_size, guidance_scale)
+    seed_list = _seeds(seeds, n)
+    run = pipe.img2img_sampling(sampler, steps, strength)
+    # SDEdit (Meng et al. 2022): x_t₀ = α_t₀·z + σ_t₀·ε at the plan's first timestep
+    s0 = float(sigmas_at(run.plan.timesteps[:1].cpu(), pipe.schedule)[0])
+    alpha, sigma = (0.0, 1.0) if math.isinf(s0) else (1 / math.sqrt(1 + s0 * s0), s0 / math.sqrt(1 + s0 * s0))
+    guided = guidance_scale != 1.0
+    bar = progress_bar(progress, n, f"img2img ({len(run.plan)} of {steps} steps)", "img")
+    out = []
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=pipe.device)
+        z = pipe.encode(content[sl].to(pipe.device))
+        eps = samplers.initial_noise(seeds_t, tuple(z.shape)) if noise is None else noise[sl].to(z.device, z.dtype)
+        conditioning = pipe.encode_prompt(prompts[sl], negatives[sl], guided)
+        x = pipe.denoise(alpha * z + sigma * eps, seeds_t, conditioning, run, guidance_scale if guided else None)
+        out.append(pipe.decode(x).float().cpu())
+        if bar is not None:
+            bar.update(len(seed_list[sl]))
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)
+
+
+def _folder_content(name: str, image, multiple: int) -> torch.Tensor:
+    """A path / PIL image / tensor → (3, H, W) for a Stable Diffusion folder, sides multiples of ``multiple``."""
+    x = image if torch.is_tensor(image) else to_tensor(open_image(image, name))
+    if x.ndim != 3 or x.shape[0] != 3 or x.shape[1] % multiple or x.shape[2] % multiple:
+        size = f"{x.shape[-1]}×{x.shape[-2]}" if x.ndim == 3 else str(tuple(x.shape))
+        raise ValueError(f"{name} is {size}; on this folder an image's sides must be multiples of {multiple}")
+    return x
 
 
 # ----------------------------------------------------------------------------- one call
@@ -372,9 +456,9 @@ def _as_tensor(name: str, image, resolution: int | None, resize: bool) -> torch.
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_stylizer(checkpoint: str, device: str | None) -> Stylizer:
-    """Loading costs seconds (the text encoder): `stylize` reuses a pipeline per (checkpoint, device)."""
-    return Stylizer.from_pretrained(checkpoint, device)
+def _cached_stylizer(checkpoint: str, device: str | None, dtype: str | None = None) -> Stylizer:
+    """Loading costs seconds (the text encoder): `stylize` reuses a pipeline per (checkpoint, device, dtype)."""
+    return Stylizer.from_pretrained(checkpoint, device, dtype=dtype)
 
 
 def stylize(
@@ -385,29 +469,46 @@ def stylize(
     strength: float = 0.4,
     checkpoint: str | os.PathLike = STYLE_CHECKPOINT,
     guidance_scale: float = 4.0,
-    sampler: str = "dpmpp_2m",
+    sampler: str | None = None,
     steps: int = 20,
     seed: int = 0,
     device: str | None = None,
+    dtype: str | None = None,
+    negative_prompt: str = "",
     progress: bool = True,
 ):
     """Restyle one content image (path, PIL image or (3, R, R) tensor); returns a PIL image.
 
     The content must be R×R (the model's resolution: its layout is kept pixel for
-    pixel); a style image is resized to R×R.  See the module docstring for the method.
+    pixel); a style image is resized to R×R.  ``checkpoint`` may be a diffusers Stable
+    Diffusion folder: then only ``style_prompt``, and any content size whose sides are
+    multiples of 64 (`img2img_tensors`).  See the module docstring for the method.
     """
+    from fastdiff.pipelines import _cached_pipeline
+    from fastdiff.sd import StableDiffusion, is_diffusers_folder
+
     check_strength(strength)
     check_batching(1, guidance_scale)
     check_seed(seed, "seed")
     if style_image is None and not style_prompt:
         raise ValueError("give a style: style_prompt and/or style_image")
+    if is_diffusers_folder(checkpoint):
+        if style_image is not None:
+            raise ValueError("style_image: a Stable Diffusion folder has no style-image conditioning; use style_prompt")
+        x = _folder_content("content", content, StableDiffusion.image_multiple(checkpoint))
+        pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device, dtype)
+        out = img2img_tensors(
+            pipe, x, style_prompt, negative_prompt=negative_prompt, strength=strength, guidance_scale=guidance_scale,
+            sampler=sampler, steps=steps, seeds=[seed], progress=progress,
+        )  # fmt: skip
+        return to_pil(out[0])
     R = read_spec(checkpoint)["resolution"]
     x = _as_tensor("content", content, R, resize=False)
     s = _as_tensor("style_image", style_image, R, resize=True) if style_image is not None else None
-    pipe = _cached_stylizer(str(Path(checkpoint).resolve()), device)
+    pipe = _cached_stylizer(str(Path(checkpoint).resolve()), device, dtype)
     out = pipe.stylize_tensors(
         x, style_image=s, style_prompt=style_prompt, strength=strength, guidance_scale=guidance_scale,
-        sampler=sampler, steps=steps, seeds=[seed], progress=progress,
+        sampler=sampler or "dpmpp_2m", steps=steps, seeds=[seed], progress=progress, negative_prompt=negative_prompt,
     )  # fmt: skip
     return to_pil(out[0])
 
@@ -416,17 +517,26 @@ def stylize(
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--content", required=True, help="content image, R×R (the model's resolution: 32 here)")
+    from fastdiff.bulk import add_dtype_argument
+
+    parser.add_argument("--content", required=True,
+                        help="content image, R×R (the model's resolution: 32 here); on a Stable Diffusion folder "
+                             "any size with sides multiples of 64")  # fmt: skip
     parser.add_argument("--style-image", help="style image (any size; resized); needs a style-conditioned checkpoint")
     parser.add_argument("--style-prompt", help='style as text, e.g. "red"')
+    parser.add_argument("--negative-prompt", default="", help="the unconditional side of guidance (default: empty)")
     parser.add_argument("--strength", type=number_arg(0, 1, low_open=True), default=0.4,
                         help="noise level to start from, (0, 1] (%(default)s)")  # fmt: skip
     parser.add_argument("--out", default="stylized.png", help="output PNG (default: %(default)s)")
-    parser.add_argument("--checkpoint", default=str(STYLE_CHECKPOINT), help="pipeline folder (default: tiny-style)")
+    parser.add_argument("--checkpoint", default=str(STYLE_CHECKPOINT),
+                        help="pipeline folder (default: tiny-style), or a diffusers Stable Diffusion folder")
+    add_dtype_argument(parser)
     parser.add_argument("--guidance", type=number_arg(), default=4.0, help="classifier-free guidance (1 disables)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="(default: dpmpp_2m, or a Stable Diffusion folder's scheduler's)")  # fmt: skip
     parser.add_argument("--steps", type=int_arg(1), default=20,
-                        help="sampler steps from the start level to 0 (%(default)s)")  # fmt: skip
+                        help="sampler steps from the start level to 0; on a Stable Diffusion folder the whole "
+                             "schedule's, of which the last int(steps·strength) run (%(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int_arg(0), default=0, help="seed of the noise (default: %(default)s)")
 
 
@@ -438,19 +548,44 @@ def run(args) -> int:
     out = check_out_file(args.out, "--out")
     from PIL import Image
 
+    from fastdiff.sd import is_diffusers_folder
+
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out must end in an image file extension such as .png, got {args.out!r}")
+    if is_diffusers_folder(args.checkpoint):
+        x = _stylize_folder(args)
+    else:
+        x = _stylize_fastdiff(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(x[0]).save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _stylize_folder(args) -> torch.Tensor:
+    from fastdiff.pipelines import _cached_pipeline
+    from fastdiff.sd import StableDiffusion, img2img_steps
+
+    if args.style_image:
+        raise ValueError("--style-image: a Stable Diffusion folder has no style-image conditioning; use --style-prompt")
+    img2img_steps(args.steps, args.strength)
+    content = _folder_content("--content", args.content, StableDiffusion.image_multiple(args.checkpoint))
+    pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device, args.dtype)
+    return img2img_tensors(
+        pipe, content, args.style_prompt, negative_prompt=args.negative_prompt, strength=args.strength,
+        guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seeds=[args.seed],
+    )  # fmt: skip
+
+
+def _stylize_fastdiff(args) -> torch.Tensor:
     spec = read_spec(args.checkpoint)
     if args.style_image and spec.get("model_type") != MODEL_TYPE:
         raise ValueError(f"--checkpoint {args.checkpoint!r} is a text model without style-image conditioning")
     content = _as_tensor("--content", args.content, spec["resolution"], resize=False)
     style = _as_tensor("--style-image", args.style_image, spec["resolution"], resize=True) if args.style_image else None
-    pipe = Stylizer.from_pretrained(args.checkpoint, args.device)
-    x = pipe.stylize_tensors(
+    pipe = Stylizer.from_pretrained(args.checkpoint, args.device, dtype=args.dtype)
+    return pipe.stylize_tensors(
         content, style_image=style, style_prompt=args.style_prompt, strength=args.strength,
-        guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seeds=[args.seed],
+        guidance_scale=args.guidance, sampler=args.sampler or "dpmpp_2m", steps=args.steps, seeds=[args.seed],
+        negative_prompt=args.negative_prompt,
     )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(x[0]).save(out)
-    print(f"wrote {out}")
-    return 0
