@@ -117,6 +117,7 @@ class Case:
     check: Callable[[Callable[[tuple], object], tuple], float] | None = None
     unavailable: dict[str, str] = field(default_factory=dict)  # baseline -> why it cannot run here
     graph_calls: int | None = None  # calls per CUDA graph; None: enough for the rotation
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)  # impl -> GPU memory, as the entry measures it
 
 
 @dataclass
@@ -141,6 +142,7 @@ class Row:
     items: float = 0.0
     graph_calls: int = 0  # calls per replayed graph
     rotation_mb: float = 0.0  # distinct memory a replay sweeps before reusing an input copy
+    peak_memory_mb: float | None = None  # GPU memory of the implementation (the entry says what it counts)
 
     @property
     def ms(self) -> float | None:
@@ -564,6 +566,8 @@ def measure(case: Case, name: str, inputs: InputSets | None, clock: HostClock, t
     try:
         with clock.setup():
             if inputs is None:
+                if case.check is not None and checked(impl):
+                    m.check = case.check(lambda _: impl(), ())  # also the first warm-up
                 m.wall_ms = wall_time_ms(impl, clock) if timed else None
                 return m
             if case.check is not None and checked(impl):
@@ -590,6 +594,7 @@ def _row(case: Case, name: str, m: Measured, roofline: Callable[[Row], float | N
         case.op, case.shape, case.dtype, name, device_ms=m.device_ms, host_us=m.host_us, wall_ms=m.wall_ms,
         check=m.check, unavailable=m.unavailable, note=case.note, bytes=case.bytes, flops=case.flops,
         items=case.items, graph_calls=m.graph_calls, rotation_mb=m.rotation_mb,
+        peak_memory_mb=case.peak_memory_mb.get(name),
     )  # fmt: skip
     seconds = row.ms * 1e-3 if row.ms else None
     if seconds:
@@ -618,7 +623,7 @@ def run_case(
     rows = []
     for i, name in enumerate(names):
         timed = clock.graphs or i == 0
-        if not timed and (inputs is None or case.check is None or not checked(case.impls[name])):
+        if not timed and (case.check is None or not checked(case.impls[name])):
             continue  # on a CPU: neither timed nor checked
         rows.append(_row(case, name, measure(case, name, inputs, clock, timed), roofline))
     for name, why in case.unavailable.items():
@@ -677,12 +682,14 @@ COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("GB/s", lambda r: _num(r.gbps, ".1f")),
     ("TFLOP/s", lambda r: _num(r.tflops, ".1f")),
     ("images/s", lambda r: _num(r.items_per_s, ".2f")),
+    ("peak MB", lambda r: _num(r.peak_memory_mb, ".0f")),
     ("% roofline", lambda r: _num(r.pct_roofline, ".1f")),
     ("check", _check_cell),
     ("speed-up", lambda r: ", ".join(f"{v:.2f}× vs {k}" for k, v in r.speedup.items())),
     ("note", lambda r: "; ".join(p for p in (r.note, r.unavailable) if p)),
 ]
-NUMERIC = {"device ms", "host µs", "wall ms", "GB/s", "TFLOP/s", "images/s", "% roofline", "check"}  # right-aligned
+# right-aligned
+NUMERIC = {"device ms", "host µs", "wall ms", "GB/s", "TFLOP/s", "images/s", "peak MB", "% roofline", "check"}
 
 
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
