@@ -24,6 +24,7 @@ from conftest import skip_without_shipped_model
 from test_bulk import line_counts, snapshot, write_prompts
 
 KILLS = 20  # at least this many runs are SIGKILLed while running
+SD_KILLS = 3  # on a Stable Diffusion folder (the same machinery: the folder's digest cache is what differs)
 
 
 def generate(argv: list[str], log: str) -> None:
@@ -51,13 +52,13 @@ def forkserver():
 
 
 class Runs:
-    """Starts ``fastdiff generate`` runs of one job list into folders under ``root``."""
+    """Starts ``fastdiff generate`` runs of one job list into folders under ``root`` (``extra``: more arguments)."""
 
-    def __init__(self, ctx, root):
+    def __init__(self, ctx, root, *extra):
         self.ctx, self.root, self.count = ctx, root, 0
         prompts = write_prompts(root / "prompts.txt", 4)  # 4 prompts × 2 = 8 images, 4 batches of 2
         self.argv = ["generate", "--prompts", str(prompts), "--per-prompt", "2", "--batch", "2", "--steps", "2",
-                     "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+                     "--device", "cpu", "--threads", "1", "--no-progress", *extra]  # fmt: skip
 
     def start(self, out):
         self.count += 1
@@ -128,3 +129,49 @@ def test_sigkilled_and_racing_runs_end_in_the_uninterrupted_bytes(tmp_path, fork
     assert last.exitcode == 0, last.log.read_text()
     assert_finished_like(out, ref)
     print(f"{kills} kills in {rounds} rounds, {refused} refused by a racing run, {finished + 1} folders finished")
+
+
+def holding(p, out) -> float:
+    """Wait until run ``p`` holds ``out`` (its lock names its pid): it has started work; returns the time."""
+    lock = out / ".lock.rank-0"
+    while p.is_alive() and not (lock.exists() and f'"pid": {p.pid},' in lock.read_text()):
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def test_sigkilled_runs_on_an_sd_folder_end_in_the_uninterrupted_bytes(tmp_path, forkserver, _fresh_seed):
+    """The same on a tiny Stable Diffusion folder, whose first run also hashes the folder's files and
+    writes their digests' cache: the first kill lands at a random point after the lock is taken (mostly
+    loading and hashing), the others while images are being written."""
+    pytest.importorskip("diffusers")
+    from test_sd import write_folder
+
+    rng = random.Random(_fresh_seed)
+    runs = Runs(forkserver, tmp_path, "--checkpoint", str(write_folder(tmp_path / "sd")))
+    ref = tmp_path / "ref"
+    p = runs.start(ref)
+    work = -holding(p, ref)
+    p.join()
+    work += time.monotonic()  # from taking the lock to the end: load, hash, sample, write
+    assert p.exitcode == 0, p.log.read_text()
+    out, kills, rounds = tmp_path / "out", 0, 0
+    while kills < SD_KILLS:
+        rounds += 1
+        assert rounds < 6 * SD_KILLS, f"only {kills} kills landed in {rounds} rounds"
+        p = runs.start(out)
+        if rounds == 1:
+            time.sleep(max(0.0, holding(p, out) + rng.uniform(0, work) - time.monotonic()))
+        else:  # just after the next one or two images land
+            target = len(snapshot(out)) + rng.randint(1, 2)
+            while p.is_alive() and len(snapshot(out)) < target:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.05))
+        p.kill()
+        p.join()
+        assert p.exitcode in (0, -9), (p.exitcode, p.log.read_text())
+        kills += p.exitcode == -9
+    last = runs.start(out)
+    last.join()
+    assert last.exitcode == 0, last.log.read_text()
+    assert_finished_like(out, ref)
+    print(f"{kills} kills in {rounds} rounds")
