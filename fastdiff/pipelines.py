@@ -98,7 +98,7 @@ def resolve_dtype(dtype, default: torch.dtype, name: str = "dtype") -> torch.dty
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"float16" for torch.float16: how manifests and messages spell a dtype."""
+    """How manifests and messages spell a dtype: "float16" for torch.float16."""
     return str(dtype).removeprefix("torch.")
 
 

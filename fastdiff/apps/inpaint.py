@@ -349,7 +349,7 @@ def inpaint(
     if pipe is None:
         pipe = _cached_pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device, dtype)
     check_images_fit(num_images, f"num_images {num_images}", image_bytes(3, pipe.resolution**2))
-    known, m = prepare_inputs(image, mask, pipe.resolution, resize=resize, multiple=size_multiple(pipe))
+    known, m = prepare_inputs(image, mask, pipe.resolution, resize=resize, multiple=_sides_multiple(pipe))
     x = inpaint_tensors(
         pipe, known.expand(num_images, -1, -1, -1), m.expand(num_images, -1, -1, -1), [prompt] * num_images,
         seeds=[seed + i for i in range(num_images)], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
@@ -360,7 +360,7 @@ def inpaint(
     return [to_pil(xi) for xi in x]
 
 
-def size_multiple(pipe) -> int | None:
+def _sides_multiple(pipe) -> int | None:
     """What `prepare_inputs` takes for ``pipe``: None (its resolution only) for a pixel model, else
     the multiple an image's sides must have (any size of those: a Stable Diffusion folder)."""
     return pipe.size_multiple if pipe.latent else None
@@ -419,7 +419,7 @@ def run(args) -> int:
         raise ValueError(f"--mask is {mw}x{mh} pixels but --image is {w}x{h}: they must have the same size")
     pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device, args.dtype)
     known, m = prepare_inputs(
-        image, mask, pipe.resolution, resize=args.resize, multiple=size_multiple(pipe), names=("--image", "--mask")
+        image, mask, pipe.resolution, resize=args.resize, multiple=_sides_multiple(pipe), names=("--image", "--mask")
     )
     images = inpaint(
         known, m[0], args.prompt, pipe=pipe, num_images=args.num_images, seed=args.seed,
