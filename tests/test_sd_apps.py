@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fastdiff
 from fastdiff import bulk, cli
 from fastdiff.apps import inpaint as ip
 from fastdiff.apps import stylize as st
@@ -111,6 +112,29 @@ def test_cuda_graph_capture_is_guarded(pipe, monkeypatch):
     strict.capture = strict.strict = True  # as cuda_graph=True on a CUDA device
     with pytest.raises(RuntimeError, match=r"capturing the denoising loop in a CUDA graph failed .*\(--no-cuda-graphs"):
         strict.run(x, seeds, cond)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_the_cuda_graph_replays_the_eager_loop_and_decodes_beside_it(folder, tmp_path):
+    """On a GPU, with the kernels and fp16 weights: the captured loop gives the eager loop's samples,
+    batch after batch (its static buffers refilled), and bulk generation with the decode on a side
+    stream writes the bytes of the inline run."""
+    with fastdiff.use_backend("auto"):
+        pipe = Text2Image.from_pretrained(folder, "cuda")
+        assert pipe.dtype == torch.float16
+        graphed, eager = pipe.denoise_loop(None, 3, 7.5, cuda_graph=True), pipe.denoise_loop(None, 3, 7.5)
+        outs = []
+        for k, (n, h, w) in enumerate([(2, 8, 8), (2, 8, 8), (1, 8, 12)]):
+            x, seeds = torch.randn(n, 4, h, w, device="cuda"), torch.arange(k, k + n, device="cuda")
+            cond = pipe.encode_prompt([PROMPTS[k % 2]] * n, [NEGATIVES[k % 2]] * n, True)
+            outs.append(graphed.run(x, seeds, cond))
+            torch.testing.assert_close(outs[-1], eager.run(x, seeds, cond), rtol=1e-3, atol=1e-3)
+        assert len(graphed.shapes) == 2 and graphed.capture and not torch.allclose(outs[0], outs[1])
+        jobs = bulk.jobs_from_prompts(PROMPTS, per_prompt=3)
+        for overlap in (True, False):
+            bulk.run_jobs(pipe, jobs, tmp_path / str(overlap), batch_size=4, steps=3, overlap=overlap, progress=False)
+        assert snapshot(tmp_path / "True") == snapshot(tmp_path / "False")
 
 
 # ----------------------------------------------------------------------------- bulk generation
