@@ -15,7 +15,6 @@ left".  Image i is a pure function of (seed, i), so it needs no files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import dataclass
