@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton's notic
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 from fastdiff.ops import _backend  # noqa: E402
 
@@ -18,6 +19,27 @@ from fastdiff.ops import _backend  # noqa: E402
 torch.set_num_threads(1)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Property tests (test_properties.py) draw few examples, as each runs interpreted kernels (0.1–2 s
+# of CPU), and do not shrink a failure (shrinking runs hundreds): a failure prints its example and
+# a blob that replays it.  Profiles:
+#   default   fresh examples every run, as every other test draws fresh inputs;
+#   ci        the same examples on every run (derandomized, no example database), so that CI
+#             is reproducible: hypothesis loads it itself where the CI variable is set (.ci/run
+#             sets it);
+#   thorough  500 fresh examples a test, and shrinking: pytest --hypothesis-profile=thorough.
+PROPERTY_SETTINGS = dict(
+    max_examples=12,
+    deadline=None,  # an interpreted launch takes ~100 ms, the first of a specialisation seconds
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    print_blob=True,
+    # too_slow: the same interpreter cost; function_scoped_fixture: `poisoned_alloc` and
+    # `device` are meant to hold over every example of a test.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("default", **PROPERTY_SETTINGS)
+settings.register_profile("ci", derandomize=True, database=None, **PROPERTY_SETTINGS)
+settings.register_profile("thorough", settings.get_profile("default"), max_examples=500, phases=list(Phase))
 
 
 def kernel_device() -> str:
