@@ -183,7 +183,8 @@ def exact_affine(mu, cov, abar, prediction):
     G_eps, g_eps = s * A, -s * a * (A @ mu)
     if prediction == "epsilon":
         return G_eps, g_eps
-    G_x0, g_x0 = (eye - s * G_eps) / a, -s * g_eps / a
+    # x0* = E[x0 | x_t] = μ + a·Σ·A·(x_t − aμ), which is (x_t − s·ε*)/a but defined at ᾱ = 0
+    G_x0, g_x0 = a * cov @ A, mu - a * a * (cov @ A @ mu)
     if prediction == "sample":
         return G_x0, g_x0
     return a * G_eps - s * G_x0, a * g_eps - s * g_x0
