@@ -34,13 +34,16 @@ import torch
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
+MAX_BETA = 0.999  # the largest default β (Nichol & Dhariwal clip the cosine schedule there)
 
 
 def linear_betas(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
-    """β linear in t; the defaults 1e-4 … 0.02 are scaled by 1000/T (same total noise for any T)."""
+    """β linear in t; the defaults 1e-4 … 0.02 are scaled by 1000/T (same total noise for any T)
+    and clipped at 0.999 as the cosine schedule's are (below T = 20 the scaled β_end passes 1,
+    where ᾱ would turn negative)."""
     scale = 1000.0 / num_timesteps
-    start = scale * 1e-4 if beta_start is None else beta_start
-    end = scale * 0.02 if beta_end is None else beta_end
+    start = min(scale * 1e-4, MAX_BETA) if beta_start is None else beta_start
+    end = min(scale * 0.02, MAX_BETA) if beta_end is None else beta_end
     return torch.linspace(start, end, num_timesteps, dtype=torch.float64)
 
 
@@ -49,7 +52,7 @@ def scaled_linear_betas(num_timesteps: int, beta_start: float = 0.00085, beta_en
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
-def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = MAX_BETA) -> torch.Tensor:
     """β_t = 1 − ᾱ(t+1)/ᾱ(t) for the cosine ᾱ, clipped at ``max_beta`` (avoids β = 1 at t = T−1)."""
 
     def alpha_bar(u: float) -> float:
@@ -128,6 +131,8 @@ def make_schedule(
         betas = cosine_betas(num_timesteps)
     else:
         raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")
+    if not ((betas > 0) & (betas <= 1)).all():
+        raise ValueError(f"every beta must be in (0, 1], got {kind} betas from {betas[0]:.6g} to {betas[-1]:.6g}")
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return Schedule(betas)
@@ -155,7 +160,8 @@ def continuous_timesteps(
     if spacing == "leading":
         t = (np.arange(N) * (T // N)).round()[::-1] + steps_offset
     elif spacing == "trailing":
-        t = np.round(np.arange(T, 0, -T / N)) - 1
+        # diffusers' np.arange(T, 0, -T/N), whose float length can hold one point too many (N = 61, T = 1000)
+        t = np.round(np.arange(T, 0, -T / N)[:N]) - 1
     else:
         t = np.linspace(0, T - 1, N)[::-1]
     return torch.from_numpy(np.array(t, dtype=np.float64))  # a copy: t may be a reversed view
@@ -178,11 +184,14 @@ def solver_timesteps(
     """N descending integer timesteps as diffusers' DPM-Solver and UniPC schedulers space them.
 
     ``leading`` and ``linspace`` place N + 1 points and drop the last one (t ≈ 0: the
-    solver's final step goes to σ = 0 instead); ``trailing`` is `timesteps`' trailing.
+    solver's final step goes to σ = 0 instead), so they take N < T; ``trailing`` is
+    `timesteps`' trailing.
     """
     _check_spacing(num_steps, num_timesteps, spacing)
     if spacing == "trailing":
         return timesteps(num_steps, num_timesteps, spacing)
+    if num_steps >= num_timesteps:  # N + 1 points in T timesteps: two would be the same
+        raise ValueError(f"num_steps must be < {num_timesteps} with {spacing!r} spacing here, got {num_steps}")
     T, M = num_timesteps, num_steps + 1
     if spacing == "leading":
         t = (np.arange(M) * (T // M))[::-1] + steps_offset

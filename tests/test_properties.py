@@ -17,8 +17,8 @@ hypothesis' report alone.
   Gaussian data, every state a plan steps through has the forward marginal's mean, and its
   variance where the update is exact in law (closed-form algebra on the plan's coefficients);
   and the loop's samples follow the exact law of the plan's affine-Gaussian chain.
-* Schedules and spacings: what every plan assumes of them (strict xfails: bugs found here,
-  each named in its reason, until they are fixed).
+* Schedules and spacings: what every plan assumes of them (β in (0, 1], ᾱ decreasing, N
+  distinct timesteps in [0, T − 1]).
 
 Each property was seen to fail on a kernel, reference path or plan broken by 0.1–1 % (a
 coefficient, a scale, a noise level, an element left unwritten), with two blind spots, each held
@@ -627,11 +627,6 @@ def test_exact_denoiser_keeps_the_forward_marginals(data):
                     assert abs(var - (ab * s2 + 1 - ab)) <= 1e-9, (name, s2, i, var, ab * s2 + 1 - ab)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="make_schedule('linear', T) scales the default β (1e-4 … 0.02) by 1000/T: below T = 20 "
-    "β_end > 1 and ᾱ turns negative (T = 10: β_end = 2, ᾱ_5 = −1.7e-3), and nothing refuses it",
-)
 @given(kind=st.sampled_from(SCHEDULES), num_timesteps=st.integers(2, 1000), zero_terminal_snr=st.booleans())
 @example(kind="linear", num_timesteps=10, zero_terminal_snr=False)
 def test_every_schedule_is_a_diffusion(kind, num_timesteps, zero_terminal_snr):
@@ -642,18 +637,17 @@ def test_every_schedule_is_a_diffusion(kind, num_timesteps, zero_terminal_snr):
     assert acp[0] < 1 and acp[-1] >= 0 and (acp[-1] == 0) == zero_terminal_snr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trailing spacing rounds np.arange(T, 0, -T/N), which can hold a point too many: N + 1 "
-    "timesteps ending at -1 (N = 61, T = 1000, and 68 other step counts at T = 1000), so every plan "
-    "and make_plan refuse them; solver_timesteps repeats a timestep at N = T (leading: all 0)",
-)
 @given(st.integers(2, 1000).flatmap(lambda T: st.tuples(st.just(T), st.integers(1, T))), st.sampled_from(SPACINGS))
 @example((1000, 61), "trailing")
 @example((10, 10), "leading")
 def test_every_spacing_gives_the_steps_asked_for(sizes, spacing):
-    """N strictly decreasing timesteps in [0, T − 1] from each spacing function."""
+    """N strictly decreasing timesteps in [0, T − 1] from each spacing function (the solvers'
+    leading and linspace spacings place N + 1 points, so they take N < T and refuse N = T)."""
     T, N = sizes
-    for fn in (timesteps, continuous_timesteps, solver_timesteps):
+    solver_takes_it = N < T or spacing == "trailing"
+    if not solver_takes_it:
+        with pytest.raises(ValueError, match="num_steps must be < "):
+            solver_timesteps(N, T, spacing)
+    for fn in (timesteps, continuous_timesteps) + ((solver_timesteps,) if solver_takes_it else ()):
         t = fn(N, T, spacing)
         assert t.shape == (N,) and (t[1:] < t[:-1]).all() and t.min() >= 0 and t.max() <= T - 1, fn.__name__
