@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 
 import torch
 
@@ -100,4 +101,13 @@ def info() -> dict[str, str]:
     else:
         path = f"library ({os.path.join(os.path.dirname(lib.__file__), 'libfastdiff_kernels.so')})"
     ops = ("q_sample", "training_target", "diffusion_loss", "attention", "group_norm_silu", "sampler_step")
-    return {op: path for op in ops}
+    return {op: path + (_jit_only(op) if lib is not None else "") for op in ops}
+
+
+def _jit_only(module: str) -> str:
+    """The cases of an op module's tables that the library does not ship, and why (``KernelCase.jit_only``)."""
+    mod = sys.modules.get(f"fastdiff.ops.{module}")
+    cases = [case for table in getattr(mod, "LAUNCH_TABLES", ()) for case in table.cases() if case.jit_only]
+    if not cases:
+        return ""
+    return f"; Triton's JIT launches {len(cases)} case(s) where picked, e.g. {cases[0].name}: {cases[0].jit_only}"

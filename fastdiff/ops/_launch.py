@@ -47,6 +47,7 @@ class KernelCase:
     expect_mma: bool = False  # sm_90 SASS must contain HGMMA
     archs: tuple[int, ...] = ARCHS  # the architectures whose launcher can pick this case
     divisible: tuple[str, ...] = ()  # integer arguments assumed to be multiples of 16
+    jit_only: str = ""  # why the library does not ship this case (launched by Triton's JIT); "" when it does
 
     @property
     def kernel_name(self) -> str:
