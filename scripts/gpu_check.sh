@@ -84,7 +84,8 @@ for s in $STAGES; do
         stage tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 90 -rfE \
             --junitxml="$OUT_DIR/logs/junit.xml" \
             tests/test_noising.py tests/test_philox.py tests/test_sampler_step.py tests/test_group_norm.py \
-            tests/test_attention.py tests/test_compile.py tests/test_patch.py tests/test_samplers.py tests/test_unet.py ;;
+            tests/test_attention.py tests/test_attention_paths.py tests/test_compile.py tests/test_patch.py \
+            tests/test_samplers.py tests/test_unet.py ;;
     sweep)
         # The tuning sweep times each kernel's candidate configurations at the benchmark shapes and
         # writes the winners into the launch tables; it runs before the benchmarks, which then

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "kernels", "include", "fastdiff_kernels.h")
 # the cases the dry-run comparisons need (sm_90; fp32 and bf16)
 MATCH = ["q_sample[fp32", "q_sample[bf16", "attention_fwd[any,fp32", "attention_fwd[sm90,bf16",
-         "attention_bwd_pre[fp32", "attention_bwd_pre[bf16", "[sm90,bf16", "[any,fp32", "sq_err_partial[fp32",
+         "attention_bwd_pre[fp32", "attention_bwd_pre[bf16", "[sm90,bf16", "[any,fp32", "[any,bf16", "sq_err_partial[fp32",
          "sq_err_backward[fp32", "sum", "gn_stats[fp32", "gn_apply[fp32", "gn_bwd_reduce[fp32", "gn_dx[fp32",
          "fp32 params", "sampler_step[fp32,", "sampler_step_stats[fp32"]  # fmt: skip
 
@@ -134,7 +134,7 @@ class AttnBwdArgs(ctypes.Structure):
                 ("d_o", "q", "k", "v", "o", "lse", "dq", "dk", "dv", "delta")] + [
                 (n, ctypes.c_int64) for n in ("batch", "heads", "len_q", "len_k", "head_dim")] + [
                 (f"stride_{n}", _S4) for n in ("do", "q", "k", "v", "o", "dq", "dk", "dv")] + [
-                ("scale", ctypes.c_double)]  # fmt: skip
+                ("scale", ctypes.c_double), ("dkdv_partial", ctypes.c_void_p)]  # fmt: skip
 
 
 class LaunchRecord(ctypes.Structure):
@@ -207,8 +207,11 @@ def _strides(x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [40, 64, 160])
-@pytest.mark.parametrize("B,H,Lq,Lk", [(1, 1, 1, 1), (2, 3, 67, 45), (1, 2, 300, 77)])
+@pytest.mark.parametrize("B,H,Lq,Lk", [(1, 1, 1, 1), (2, 3, 67, 45), (1, 2, 300, 77), (3, 1, 150, 130),
+                                       (70, 2, 130, 140)])  # fmt: skip
 def test_dry_run_attention_matches_the_python_launcher(lib, dtype, head_dim, B, H, Lq, Lk):
+    """Every path: short keys (Lk within the short case's block), long keys on a small grid (small-grid tiles)
+    and on a grid of at least 132 programs (the default tiles), forward and backward."""
     attn = importlib.import_module("fastdiff.ops.attention")  # the module (ops.attention is the function)
 
     q = torch.empty(B, H, Lq, head_dim, dtype=dtype)
@@ -226,15 +229,27 @@ def test_dry_run_attention_matches_the_python_launcher(lib, dtype, head_dim, B, 
     do, out = torch.empty_like(q), attn._empty_out(q)
     lse = torch.empty(B, H, Lq)
     want = _python_launches(attn._backward_triton, do, q, k, v, out, lse, scale)
-    pre, *rest = want
-    dq_launch = rest[-1][2]
-    kv_launch = rest[0][2]
+    if len(want) == 2:  # the short path: dq and the dK/dV partials, then their sum
+        (_, _, main), (_, _, red) = want
+        dq, dk, dv, scratch = main[6], red[1], red[2], main[7]
+        dq_strides, dk_strides, dv_strides = main[23:26], red[3:6], red[6:9]
+    else:
+        pre, kv, *_, (_, _, dq_launch) = want
+        kv = kv[2]
+        dq, dk, dv, scratch = dq_launch[6], kv[6], kv[7], pre[2][2]
+        dq_strides, dk_strides, dv_strides = dq_launch[19:22], kv[20:23], kv[23:26]
+    floats = ctypes.c_int64(-1)
+    lib.fdk_set_dry_run(90, 132)
+    sizes = [ctypes.c_int64(n) for n in (B, H, Lq, Lk, head_dim)]
+    assert lib.fdk_attention_bwd_partials(code, *sizes, ctypes.byref(floats)) == 0
+    lib.fdk_set_dry_run(0, 0)
+    assert floats.value == (2 * B * H * Lk * head_dim * want[0][1][1] if len(want) == 2 else 0)
     bw = AttnBwdArgs(dtype=code, d_o=do.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
-                     o=out.data_ptr(), lse=lse.data_ptr(), dq=dq_launch[6], dk=kv_launch[6], dv=kv_launch[7],
-                     delta=pre[2][2], batch=B, heads=H, len_q=Lq, len_k=Lk, head_dim=head_dim, scale=scale,
+                     o=out.data_ptr(), lse=lse.data_ptr(), dq=dq, dk=dk, dv=dv, delta=scratch, dkdv_partial=scratch,
+                     batch=B, heads=H, len_q=Lq, len_k=Lk, head_dim=head_dim, scale=scale,
                      stride_do=_strides(do), stride_q=_strides(q), stride_k=_strides(k), stride_v=_strides(v),
-                     stride_o=_strides(out), stride_dq=_S4(*dq_launch[19:22], 1), stride_dk=_S4(*kv_launch[20:23], 1),
-                     stride_dv=_S4(*kv_launch[23:26], 1))  # fmt: skip
+                     stride_o=_strides(out), stride_dq=_S4(*dq_strides, 1), stride_dk=_S4(*dk_strides, 1),
+                     stride_dv=_S4(*dv_strides, 1))  # fmt: skip
     assert _library_launches(lib, lambda: lib.fdk_attention_bwd(ctypes.byref(bw), None)) == want
 
 

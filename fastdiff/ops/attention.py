@@ -32,6 +32,63 @@ P is recomputed from q, k and L.  One kernel per key block accumulates dK, dV ov
 queries; a second kernel per query block accumulates dQ over all keys: no atomics,
 and every output element is written by exactly one program.
 
+Head dims as two column blocks.  tl.arange needs powers of two, and padding D to the
+next one (40 → 64, 80 → 128, 160 → 256) spends 60 % more tensor-core work on zeros.
+Split the head dim instead, D = D₀ + D₁ with D₀ = 2^⌊log2 D⌋ and D₁ the next power of
+two ≥ D − D₀ but at least 16 (tl.dot's smallest K and N), or D₁ = 0:
+
+    32 = 32,  40 → 32 + 16 (48),  64 = 64,  80 = 64 + 16,  96 = 64 + 32,  128 = 128,  160 = 128 + 32
+
+A dot product is a sum over coordinates, so it splits over any partition of them, and a
+matrix product's column blocks are the products with the column blocks of its right
+factor.  With q = [q⁽⁰⁾ | q⁽¹⁾] (likewise k, v, o, dO, dQ, dK, dV):
+
+    s_ij  = τ (q⁽⁰⁾_i·k⁽⁰⁾_j + q⁽¹⁾_i·k⁽¹⁾_j)          dP_ij = dO⁽⁰⁾_i·v⁽⁰⁾_j + dO⁽¹⁾_i·v⁽¹⁾_j
+    o⁽ᶜ⁾_i = Σ_j P_ij v⁽ᶜ⁾_j,   dV⁽ᶜ⁾_j = Σ_i P_ij dO⁽ᶜ⁾_i,   dQ⁽ᶜ⁾_i = τ Σ_j dS_ij k⁽ᶜ⁾_j,   dK⁽ᶜ⁾_j = τ Σ_i dS_ij q⁽ᶜ⁾_i
+
+for c = 0, 1: the score matmuls run twice (K = D₀ and K = D₁, into one accumulator), the
+output matmuls once per block.  The tensor cores do 48/80/96/160 columns of work for
+D = 40/80/96/160 instead of 64/128/128/256: 25 %, 37.5 %, 25 %, 37.5 % less.  Only
+40's second block is padded (columns 40..47 load as zeros and are never stored).
+
+Short keys (Lk ≤ BLOCK_N of the short case: 128 in fp16/bf16, as for SD's 77 text
+tokens; 32 in fp32).  A program holds every key, so the forward needs no online softmax:
+m = max_j s_ij is the row's true maximum and
+
+    P_ij = exp(s_ij − m_i) / ℓ_i,   ℓ_i = Σ_j exp(s_ij − m_i),   o_i = Σ_j P_ij v_j,   L_i = m_i + log ℓ_i
+
+(FlashAttention-2's recurrence after its first step: m' = max(−∞, ·), α = exp(−∞) = 0;
+nothing to rescale).  K and V are read into on-chip memory once per program, and each
+program steps through query blocks pid, pid + P, pid + 2P, ... with P programs per
+(batch, head), P = min(⌈Lq / BLOCK_M⌉, ⌈2·#SMs / (B·H)⌉): two programs per SM, each
+loading the next query block while it computes this one.  The backward's program holds
+every key too, so the dQ of its query rows is complete, and δ_i = Σ_d dO_id O_id comes
+from the O and dO rows it reads anyway (no preprocess kernel).  Its keys' gradients are
+partial sums over its own queries,
+
+    dV⁽ᵖ⁾_j = Σ_{i ∈ p} P_ij dO_i,   dK⁽ᵖ⁾_j = Σ_{i ∈ p} dS_ij q_i,   dV_j = Σ_p dV⁽ᵖ⁾_j,   dK_j = τ Σ_p dK⁽ᵖ⁾_j
+
+written in fp32 to a (2, P, B·H, Lk, D) scratch and added in the order p = 0, 1, ...
+by a reduce kernel: every SM works even when B·H is small (SD's cross-attention at
+batch 2 has 16 (batch, head) pairs and 4096 queries; the long path's dK/dV kernel
+gives it B·H·⌈77/BLOCK_N⌉ programs), and the result does not depend on timing.
+
+Small grids.  When B·H·⌈Lq/BLOCK_M⌉ < #SMs (SD's 256- and 1024-token levels at batch
+2), the forward and dQ kernels take BLOCK_M = 64 tiles instead of 128 where the table
+has them: twice the programs, the same math.  64 rows is the smallest wgmma tile (one
+warpgroup's M), so this is as far as tiles can shrink on sm_90 without leaving the
+tensor cores; a split over keys with a combine pass would add a launch and a round
+trip of fp32 partials for at most ⌈Lk/BLOCK_N⌉ (4 at 256 tokens) times the programs.
+
+Hopper.  On sm_90 the matmuls lower to wgmma (HGMMA) and the loads to cp.async, software
+pipelined num_stages deep.  The forward with TMA=True reads Q, K and V through in-kernel
+tensor descriptors instead (the tensor memory accelerator: asynchronous bulk copies,
+no address arithmetic or masks).  Its descriptors live in global scratch that Triton's
+JIT allocates per launch, which the compiled library does not do: the TMA cases are
+JIT-only candidates, in the tables for the audit, picked for D = 64/128 only where the
+tuning sweep measured them faster (``_tuned.py``).  Triton's automatic warp
+specialization is Blackwell-only in the Tritons we support, so Hopper has none.
+
 Precision: inputs fp16/bf16 (or fp32, for tests); the score and output matmuls run on
 tensor cores with fp32 accumulation; softmax statistics, δ and all gradient
 accumulators are fp32; outputs are stored in the input dtype.  P and dS are rounded
@@ -41,25 +98,33 @@ fp32 tolerances; that path is for testing, not speed.
 
 Layout: (B, H, L, D) as in `torch.nn.functional.scaled_dot_product_attention`; any
 strides, as long as the head dim is the unit-stride one (q/k/v slices of a fused qkv
-projection are read in place).  Head dims that are not a power of two (40, 80, 160)
-are padded to the next power of two inside the kernel with masked loads, never by
-copying the inputs.  The output is stored in (B, Lq, H, D) memory order and returned
-as a (B, H, Lq, D) view, so merging heads afterwards is free.
+projection are read in place).  The output is stored in (B, Lq, H, D) memory order and
+returned as a (B, H, Lq, D) view, so merging heads afterwards is free.
+
+Paths, and what a GPU run should measure (docs/benchmarks.md, "Attention paths"):
+
+    long keys, large grid     attention_fwd / _bwd_pre, _dkdv, _dq    D=64/128 at 16k tokens: TFLOP/s
+    long keys, small grid     ..._fwd, _bwd_dq with 64-row tiles      SD self-attention at batch 2
+    short keys                attention_fwd_short, _bwd_short, _reduce SD cross-attention (77 tokens)
+    TMA (JIT, tuned only)     attention_fwd_tma                       the sweep's fwd rows at D=64/128
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from fastdiff.ops import _aot, _checks
+from fastdiff.ops import _aot, _checks, _tuned
 from fastdiff.ops._backend import HAS_TRITON, INTERPRET, Op, cdiv, use_triton
 from fastdiff.ops._launch import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, dtype_code
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
 LOG2E = 1.4426950408889634
+HAS_TENSOR_DESCRIPTORS = False  # set below where Triton has them
 
 
 # ----------------------------------------------------------------------------- reference
@@ -122,13 +187,22 @@ def _backward_ref(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torc
 
 
 # ----------------------------------------------------------------------------- kernels
-#
+
+
+def _stride_args(**tensors: str) -> list[str]:
+    """The stride arguments of the kernels' (B, H, L, D) tensors, named by tensor and token axis:
+    ``_stride_args(q="m")`` is ["stride_q_b", "stride_q_h", "stride_q_m"] (the head dim is unit-stride)."""
+    return [f"stride_{t}_{axis}" for t, token in tensors.items() for axis in ("b", "h", token)]
+
+
+_SIZES = ["H", "Lq", "Lk", "head_dim"]  # the kernels' size arguments
+
 # Every (rows, D) tile is addressed as base + row·stride + d with a unit-stride head
-# dim.  The launcher guarantees 16-byte aligned rows (data pointer and token/head/batch
-# strides), and the kernels say so with `tl.multiple_of(ptrs, [1, 16])`: the compiler
-# then issues 16-byte vector loads and asynchronous (pipelined) copies even for head
-# dim 40, whose row stride (80 bytes) is not a multiple of Triton's own 16-element
-# specialisation.
+# dim, in two column blocks (the docstring's D = D₀ + D₁; `_load_rows`).  The launcher
+# guarantees 16-byte aligned rows (data pointer and token/head/batch strides), and the
+# kernels say so with `tl.multiple_of(ptrs, [1, 16])`: the compiler then issues 16-byte
+# vector loads and asynchronous (pipelined) copies even for head dim 40, whose row
+# stride (80 bytes) is not a multiple of Triton's own 16-element specialisation.
 
 if HAS_TRITON:
     import triton
@@ -139,19 +213,105 @@ if HAS_TRITON:
     # first, which is exact for the products.  Compiled kernels never take this branch.
     _WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
 
+    # In-kernel tensor descriptors (TMA on sm_90): tl.make_tensor_descriptor and the
+    # allocator for their global scratch, both public since Triton 3.4.
+    HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
     @triton.jit
-    def _dot(a, b, DOT_PRECISION: tl.constexpr):
-        """a @ b accumulated in fp32 (tensor cores for fp16/bf16 tiles)."""
+    def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+        """acc + a @ b accumulated in fp32 (tensor cores for fp16/bf16 tiles); acc None: a @ b."""
         if _WIDEN_BF16_DOT and a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        return tl.dot(a, b, input_precision=DOT_PRECISION)
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _dot_t(a0, a1, b0, b1, BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """a bᵀ over the head dim, summed over its two column blocks: (rows of a, rows of b) in fp32."""
+        s = _dot(a0, tl.trans(b0), None, DOT_PRECISION)
+        if BLOCK_D1 > 0:
+            s = _dot(a1, tl.trans(b1), s, DOT_PRECISION)
+        return s
+
+    @triton.jit
+    def _dot_cols(a, b0, b1, acc0, acc1, BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """(acc₀ + a b₀, acc₁ + a b₁): a times each column block of the right factor (acc None: a bᶜ)."""
+        c0 = _dot(a, b0, acc0, DOT_PRECISION)
+        c1 = c0
+        if BLOCK_D1 > 0:
+            c1 = _dot(a, b1, acc1, DOT_PRECISION)
+        return c0, c1
+
+    @triton.jit
+    def _zeros_cols(ROWS: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+        """fp32 zeros for the two column blocks of ROWS rows (the second is the first when BLOCK_D1 is 0)."""
+        z0 = tl.zeros([ROWS, BLOCK_D0], tl.float32)
+        z1 = z0
+        if BLOCK_D1 > 0:
+            z1 = tl.zeros([ROWS, BLOCK_D1], tl.float32)
+        return z0, z1
+
+    @triton.jit
+    def _batch_head(H):
+        """(b·H + h, b, h) of this program: batch·heads on the grid's x axis (no 65535 limit), b, h as int64."""
+        bh = tl.program_id(0)
+        return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+    @triton.jit
+    def _load_rows(base, rows, row_ok, stride, head_dim, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+        """The (rows, head_dim) tile at base + row·stride + d as its column blocks (x₀, x₁).
+
+        x₀ holds columns [0, BLOCK_D0), all real (BLOCK_D0 ≤ head_dim); x₁ the next BLOCK_D1,
+        zero past head_dim (x₁ is x₀ again when BLOCK_D1 is 0: never read).  Rows not ok are zero.
+        """
+        cols = tl.arange(0, BLOCK_D0)
+        x0 = tl.load(tl.multiple_of(base + rows[:, None] * stride + cols[None, :], [1, 16]), mask=row_ok[:, None],
+                     other=0.0)  # fmt: skip
+        x1 = x0
+        if BLOCK_D1 > 0:
+            cols = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            # D is a multiple of 8: the padding mask is constant over 8 lanes (16-byte vectors).
+            col_ok = tl.max_constancy(cols < head_dim, [8])
+            x1 = tl.load(tl.multiple_of(base + rows[:, None] * stride + cols[None, :], [1, 16]),
+                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+        return x0, x1
+
+    @triton.jit
+    def _store_rows(base, rows, row_ok, stride, head_dim, x0, x1, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
+        """Stores the column blocks (x₀, x₁) of a (rows, head_dim) tile in base's dtype (`_load_rows`' layout)."""
+        cols = tl.arange(0, BLOCK_D0)
+        tl.store(tl.multiple_of(base + rows[:, None] * stride + cols[None, :], [1, 16]),
+                 x0.to(base.dtype.element_ty), mask=row_ok[:, None])  # fmt: skip
+        if BLOCK_D1 > 0:
+            cols = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+            col_ok = tl.max_constancy(cols < head_dim, [8])
+            tl.store(tl.multiple_of(base + rows[:, None] * stride + cols[None, :], [1, 16]),
+                     x1.to(base.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+    @triton.jit
+    def _store_output(O, LSE, rows, row_ok, stride_o_m, head_dim, acc0, acc1, m_i, l_i,
+                      BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):  # fmt: skip
+        """The forward's epilogue: o = acc / ℓ in O's dtype and lse₂ = m + log2 ℓ."""
+        # ℓ ≥ 1 in every row (its max term is exp2(0)); the guard only keeps the
+        # division finite should that invariant ever break.
+        l_i = tl.where(l_i > 0.0, l_i, 1.0)
+        _store_rows(O, rows, row_ok, stride_o_m, head_dim, acc0 / l_i[:, None], acc1 / l_i[:, None], BLOCK_D0,
+                    BLOCK_D1)  # fmt: skip
+        tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+    @triton.jit
+    def _online_softmax_step(qk, key_ok, m_i, l_i, qk_scale, RAGGED):
+        """One key block of the online softmax: (p, α, m', ℓ') from the raw scores qk (docstring, forward)."""
+        if RAGGED:  # only the last block is ragged: a uniform branch
+            # -inf before the max: padded keys never raise m nor add to ℓ.
+            qk = tl.where(key_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # finite: each block holds a real key
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
     # Integers are never specialised (see _launch): the kernels' pointer hints carry the alignment.
-    @triton.jit(do_not_specialize=[
-        "stride_q_b", "stride_q_h", "stride_q_m", "stride_k_b", "stride_k_h", "stride_k_n", "stride_v_b",
-        "stride_v_h", "stride_v_n", "stride_o_b", "stride_o_h", "stride_o_m", "H", "Lq", "Lk", "head_dim"
-    ])  # fmt: skip
+    @triton.jit(do_not_specialize=_stride_args(q="m", k="n", v="n", o="m") + _SIZES)
     def _attn_fwd_kernel(
         Q,  # (B, H, Lq, D)
         K,  # (B, H, Lk, D)
@@ -175,61 +335,113 @@ if HAS_TRITON:
         Lk,
         head_dim,  # D, a multiple of 8
         qk_scale,  # τ · log2(e)
-        BLOCK_D: tl.constexpr,  # next power of two ≥ head_dim
+        BLOCK_D0: tl.constexpr,  # the head dim's column blocks: D₀ = 2^⌊log2 D⌋ ...
+        BLOCK_D1: tl.constexpr,  # ... and D₁ ≥ D − D₀ (0, 16 or 32)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        TMA: tl.constexpr,  # Q, K, V through tensor descriptors (one column block; Triton ≥ 3.4)
     ):
-        bh = tl.program_id(0)  # batch·heads on the grid's x axis: no 65535 limit
+        bh, b, h = _batch_head(H)
         pid_m = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        # D is a multiple of 8: the padding mask is constant over 8 lanes (16-byte vectors).
-        mask_d = tl.max_constancy(offs_d < head_dim, [8])
-        mask_q = (offs_m < Lq)[:, None] & mask_d[None, :]
-
-        q_ptrs = Q + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m + offs_d[None, :]
-        q = tl.load(tl.multiple_of(q_ptrs, [1, 16]), mask=mask_q, other=0.0)
+        rows_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_ok = rows_q < Lq
+        Q += b * stride_q_b + h * stride_q_h
         K += b * stride_k_b + h * stride_k_h
         V += b * stride_v_b + h * stride_v_h
+        if TMA:
+            # On sm_90 the tensor memory accelerator copies each tile to shared memory
+            # asynchronously: no address registers, no masks (rows past L arrive as zeros).
+            tl.static_assert(BLOCK_D1 == 0)
+            q_desc = tl.make_tensor_descriptor(Q, shape=[Lq, head_dim], strides=[stride_q_m, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D0])  # fmt: skip
+            k_desc = tl.make_tensor_descriptor(K, shape=[Lk, head_dim], strides=[stride_k_n, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D0])  # fmt: skip
+            v_desc = tl.make_tensor_descriptor(V, shape=[Lk, head_dim], strides=[stride_v_n, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D0])  # fmt: skip
+            q0 = q_desc.load([pid_m * BLOCK_M, 0])
+            q1 = q0
+        else:
+            q0, q1 = _load_rows(Q, rows_q, q_ok, stride_q_m, head_dim, BLOCK_D0, BLOCK_D1)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc0, acc1 = _zeros_cols(BLOCK_M, BLOCK_D0, BLOCK_D1)
         for start_n in range(0, Lk, BLOCK_N):
-            rows = start_n + offs_n
-            mask_n = rows < Lk
-            mask_kv = mask_n[:, None] & mask_d[None, :]
-            k_ptrs = K + rows[:, None] * stride_k_n + offs_d[None, :]
-            k = tl.load(tl.multiple_of(k_ptrs, [1, 16]), mask=mask_kv, other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            if start_n + BLOCK_N > Lk:  # only the last block is ragged: a uniform branch
-                # -inf before the max: padded keys never raise m nor add to ℓ.
-                qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # finite: each block holds a real key
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_ptrs = V + rows[:, None] * stride_v_n + offs_d[None, :]
-            v = tl.load(tl.multiple_of(v_ptrs, [1, 16]), mask=mask_kv, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
-            m_i = m_new
+            rows = start_n + tl.arange(0, BLOCK_N)
+            key_ok = rows < Lk
+            if TMA:
+                k0 = k_desc.load([start_n, 0])
+                k1 = k0
+            else:
+                k0, k1 = _load_rows(K, rows, key_ok, stride_k_n, head_dim, BLOCK_D0, BLOCK_D1)
+            qk = _dot_t(q0, q1, k0, k1, BLOCK_D1, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+            p, alpha, m_i, l_i = _online_softmax_step(qk, key_ok, m_i, l_i, qk_scale, start_n + BLOCK_N > Lk)
+            if TMA:
+                v0 = v_desc.load([start_n, 0])
+                v1 = v0
+            else:
+                v0, v1 = _load_rows(V, rows, key_ok, stride_v_n, head_dim, BLOCK_D0, BLOCK_D1)
+            acc0, acc1 = _dot_cols(p.to(v0.dtype), v0, v1, acc0 * alpha[:, None], acc1 * alpha[:, None], BLOCK_D1,
+                                   DOT_PRECISION)  # fmt: skip
 
-        # ℓ ≥ 1 in every row (its max term is exp2(0)); the guard only keeps the
-        # division finite should that invariant ever break.
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)
-        o = acc / l_i[:, None]
-        o_ptrs = O + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_m + offs_d[None, :]
-        tl.store(tl.multiple_of(o_ptrs, [1, 16]), o.to(O.dtype.element_ty), mask=mask_q)
-        tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Lq)
+        O += b * stride_o_b + h * stride_o_h
+        _store_output(O, LSE + bh.to(tl.int64) * Lq, rows_q, q_ok, stride_o_m, head_dim, acc0, acc1, m_i, l_i,
+                      BLOCK_D0, BLOCK_D1)  # fmt: skip
 
-    @triton.jit(do_not_specialize=[
-        "stride_o_b", "stride_o_h", "stride_o_m", "stride_do_b", "stride_do_h", "stride_do_m", "H", "Lq",
-        "head_dim"
-    ])  # fmt: skip
+    @triton.jit(do_not_specialize=_stride_args(q="m", k="n", v="n", o="m") + _SIZES)
+    def _attn_fwd_short_kernel(
+        Q,  # (B, H, Lq, D)
+        K,  # (B, H, Lk, D), Lk ≤ BLOCK_N
+        V,  # (B, H, Lk, D)
+        O,  # (B, H, Lq, D) out
+        LSE,  # (B, H, Lq) fp32 out: base-2 log-sum-exp of each score row
+        stride_q_b,
+        stride_q_h,
+        stride_q_m,
+        stride_k_b,
+        stride_k_h,
+        stride_k_n,
+        stride_v_b,
+        stride_v_h,
+        stride_v_n,
+        stride_o_b,
+        stride_o_h,
+        stride_o_m,
+        H,
+        Lq,
+        Lk,
+        head_dim,  # D, a multiple of 8
+        qk_scale,  # τ · log2(e)
+        BLOCK_D0: tl.constexpr,
+        BLOCK_D1: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # queries per step of a program's loop
+        BLOCK_N: tl.constexpr,  # every key: Lk ≤ BLOCK_N
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # One program per (batch·head, slice of query blocks): K and V are read once into
+        # on-chip memory, then the program steps through query blocks pid_m, pid_m + P, ...
+        bh, b, h = _batch_head(H)
+        pid_m = tl.program_id(1)
+        keys = tl.arange(0, BLOCK_N)
+        key_ok = keys < Lk
+        k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, keys, key_ok, stride_k_n, head_dim, BLOCK_D0, BLOCK_D1)
+        v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, keys, key_ok, stride_v_n, head_dim, BLOCK_D0, BLOCK_D1)
+        Q += b * stride_q_b + h * stride_q_h
+        O += b * stride_o_b + h * stride_o_h
+        LSE += bh.to(tl.int64) * Lq
+        for start_m in range(pid_m * BLOCK_M, Lq, tl.num_programs(1) * BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q_ok = rows < Lq
+            q0, q1 = _load_rows(Q, rows, q_ok, stride_q_m, head_dim, BLOCK_D0, BLOCK_D1)
+            qk = tl.where(key_ok[None, :], _dot_t(q0, q1, k0, k1, BLOCK_D1, DOT_PRECISION), float("-inf"))
+            # Every key is in this block: m is the row's true max, nothing to rescale.
+            m_i = tl.max(qk, 1) * qk_scale
+            p = tl.exp2(qk * qk_scale - m_i[:, None])
+            acc0, acc1 = _dot_cols(p.to(v0.dtype), v0, v1, None, None, BLOCK_D1, DOT_PRECISION)
+            _store_output(O, LSE, rows, q_ok, stride_o_m, head_dim, acc0, acc1, m_i, tl.sum(p, 1), BLOCK_D0, BLOCK_D1)
+
+    @triton.jit(do_not_specialize=_stride_args(o="m", do="m") + ["H", "Lq", "head_dim"])
     def _attn_bwd_preprocess_kernel(
         O,  # (B, H, Lq, D)
         DO,  # (B, H, Lq, D)
@@ -243,13 +455,11 @@ if HAS_TRITON:
         H,
         Lq,
         head_dim,  # D, a multiple of 8
-        BLOCK_D: tl.constexpr,  # next power of two ≥ head_dim
+        BLOCK_D: tl.constexpr,  # next power of two ≥ head_dim (masked lanes move no bytes)
         BLOCK_M: tl.constexpr,
     ):
-        bh = tl.program_id(0)  # batch·heads on the grid's x axis: no 65535 limit
+        bh, b, h = _batch_head(H)
         pid_m = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask = (offs_m < Lq)[:, None] & tl.max_constancy(offs_d < head_dim, [8])[None, :]
@@ -259,11 +469,21 @@ if HAS_TRITON:
         do = tl.load(tl.multiple_of(do_ptrs, [1, 16]), mask=mask, other=0.0).to(tl.float32)
         tl.store(DELTA + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
-    @triton.jit(do_not_specialize=[
-        "stride_q_b", "stride_q_h", "stride_q_m", "stride_k_b", "stride_k_h", "stride_k_n", "stride_v_b",
-        "stride_v_h", "stride_v_n", "stride_do_b", "stride_do_h", "stride_do_m", "stride_dk_b", "stride_dk_h",
-        "stride_dk_n", "stride_dv_b", "stride_dv_h", "stride_dv_n", "H", "Lq", "Lk", "head_dim"
-    ])  # fmt: skip
+    @triton.jit
+    def _grad_scores_t(k0, k1, v0, v1, q0, q1, do0, do1, lse, delta, key_ok, qk_scale, MASK_KEYS: tl.constexpr,
+                       BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """(Pᵀ, dSᵀ) of a (keys, queries) block from the saved lse₂ and δ (docstring, backward), fp32.
+
+        lse = +inf on padded queries makes their columns exactly 0 (their q, dO and δ load as 0):
+        they add nothing to dK or dV.  A padded key's row may overflow (exp2(0 − lse)); MASK_KEYS
+        zeroes those rows, needed where dSᵀ also feeds dQ.
+        """
+        p_t = tl.exp2(_dot_t(k0, k1, q0, q1, BLOCK_D1, DOT_PRECISION) * qk_scale - lse[None, :])
+        if MASK_KEYS:
+            p_t = tl.where(key_ok[:, None], p_t, 0.0)
+        return p_t, p_t * (_dot_t(v0, v1, do0, do1, BLOCK_D1, DOT_PRECISION) - delta[None, :])
+
+    @triton.jit(do_not_specialize=_stride_args(q="m", k="n", v="n", do="m", dk="n", dv="n") + _SIZES)
     def _attn_bwd_dkdv_kernel(
         Q,  # (B, H, Lq, D)
         K,  # (B, H, Lk, D)
@@ -297,66 +517,59 @@ if HAS_TRITON:
         head_dim,  # D, a multiple of 8
         sm_scale,  # τ
         qk_scale,  # τ · log2(e)
-        BLOCK_D: tl.constexpr,  # next power of two ≥ head_dim
+        BLOCK_D0: tl.constexpr,
+        BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr,  # queries per iteration
         BLOCK_N: tl.constexpr,  # keys per program
         DOT_PRECISION: tl.constexpr,
         COMPUTE_DK: tl.constexpr,  # one accumulator per launch halves the registers
-        COMPUTE_DV: tl.constexpr,  # (head dim 160 on sm_90 runs two launches)
+        COMPUTE_DV: tl.constexpr,  # (head dim 160 runs two launches)
     ):
-        bh = tl.program_id(0)
+        bh, b, h = _batch_head(H)
         pid_n = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = tl.max_constancy(offs_d < head_dim, [8])
-        mask_kv = (offs_n < Lk)[:, None] & mask_d[None, :]
-        k_ptrs = K + b * stride_k_b + h * stride_k_h + offs_n[:, None] * stride_k_n + offs_d[None, :]
-        v_ptrs = V + b * stride_v_b + h * stride_v_h + offs_n[:, None] * stride_v_n + offs_d[None, :]
-        k = tl.load(tl.multiple_of(k_ptrs, [1, 16]), mask=mask_kv, other=0.0)
-        v = tl.load(tl.multiple_of(v_ptrs, [1, 16]), mask=mask_kv, other=0.0)
+        keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = keys < Lk
+        k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, keys, key_ok, stride_k_n, head_dim, BLOCK_D0, BLOCK_D1)
+        v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, keys, key_ok, stride_v_n, head_dim, BLOCK_D0, BLOCK_D1)
         Q += b * stride_q_b + h * stride_q_h
         DO += b * stride_do_b + h * stride_do_h
         LSE += bh.to(tl.int64) * Lq
         DELTA += bh.to(tl.int64) * Lq
 
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dk0, dk1 = _zeros_cols(BLOCK_N, BLOCK_D0, BLOCK_D1)
+        dv0, dv1 = dk0, dk1
         for start_m in range(0, Lq, BLOCK_M):
-            rows = start_m + offs_m
-            mask_m = rows < Lq
-            mask_q = mask_m[:, None] & mask_d[None, :]
-            q_ptrs = Q + rows[:, None] * stride_q_m + offs_d[None, :]
-            q = tl.load(tl.multiple_of(q_ptrs, [1, 16]), mask=mask_q, other=0.0)
-            # lse = +inf on padded queries makes their column of Pᵀ exactly 0 (and their
-            # q, dO and δ load as 0): they add nothing to dK or dV.
-            lse = tl.load(LSE + rows, mask=mask_m, other=float("inf"))
-            qk_t = _dot(k, tl.trans(q), DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            p_t = tl.exp2(qk_t * qk_scale - lse[None, :])
-            do_ptrs = DO + rows[:, None] * stride_do_m + offs_d[None, :]
-            do = tl.load(tl.multiple_of(do_ptrs, [1, 16]), mask=mask_q, other=0.0)
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q_ok = rows < Lq
+            q0, q1 = _load_rows(Q, rows, q_ok, stride_q_m, head_dim, BLOCK_D0, BLOCK_D1)
+            lse = tl.load(LSE + rows, mask=q_ok, other=float("inf"))
+            delta = tl.load(DELTA + rows, mask=q_ok, other=0.0)
+            do0, do1 = _load_rows(DO, rows, q_ok, stride_do_m, head_dim, BLOCK_D0, BLOCK_D1)
+            # a pass without dK leaves dSᵀ (and δ's load) unused: the compiler drops them
+            p_t, ds_t = _grad_scores_t(k0, k1, v0, v1, q0, q1, do0, do1, lse, delta, key_ok, qk_scale, False,
+                                       BLOCK_D1, DOT_PRECISION)  # fmt: skip
             if COMPUTE_DV:
-                dv += _dot(p_t.to(do.dtype), do, DOT_PRECISION)
+                dv0, dv1 = _dot_cols(p_t.to(do0.dtype), do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
             if COMPUTE_DK:
-                delta = tl.load(DELTA + rows, mask=mask_m, other=0.0)
-                dp_t = _dot(v, tl.trans(do), DOT_PRECISION)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += _dot(ds_t.to(q.dtype), q, DOT_PRECISION)
+                dk0, dk1 = _dot_cols(ds_t.to(q0.dtype), q0, q1, dk0, dk1, BLOCK_D1, DOT_PRECISION)
 
         if COMPUTE_DK:
-            dk_ptrs = DK + b * stride_dk_b + h * stride_dk_h + offs_n[:, None] * stride_dk_n + offs_d[None, :]
-            tl.store(tl.multiple_of(dk_ptrs, [1, 16]), (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_kv)
+            DK += b * stride_dk_b + h * stride_dk_h
+            _store_rows(DK, keys, key_ok, stride_dk_n, head_dim, dk0 * sm_scale, dk1 * sm_scale, BLOCK_D0, BLOCK_D1)
         if COMPUTE_DV:
-            dv_ptrs = DV + b * stride_dv_b + h * stride_dv_h + offs_n[:, None] * stride_dv_n + offs_d[None, :]
-            tl.store(tl.multiple_of(dv_ptrs, [1, 16]), dv.to(DV.dtype.element_ty), mask=mask_kv)
+            DV += b * stride_dv_b + h * stride_dv_h
+            _store_rows(DV, keys, key_ok, stride_dv_n, head_dim, dv0, dv1, BLOCK_D0, BLOCK_D1)
 
-    @triton.jit(do_not_specialize=[
-        "stride_q_b", "stride_q_h", "stride_q_m", "stride_k_b", "stride_k_h", "stride_k_n", "stride_v_b",
-        "stride_v_h", "stride_v_n", "stride_do_b", "stride_do_h", "stride_do_m", "stride_dq_b", "stride_dq_h",
-        "stride_dq_m", "H", "Lq", "Lk", "head_dim"
-    ])  # fmt: skip
+    @triton.jit
+    def _grad_scores(q0, q1, k0, k1, v0, v1, do0, do1, lse, delta, key_ok, qk_scale,
+                     BLOCK_D1: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+        """(P, dS) of a (queries, keys) block from the saved lse₂ and δ (docstring, backward), fp32."""
+        p = tl.exp2(_dot_t(q0, q1, k0, k1, BLOCK_D1, DOT_PRECISION) * qk_scale - lse[:, None])
+        # A padded key scores 0 and exp2(0 − lse) may overflow: select, never multiply.
+        p = tl.where(key_ok[None, :], p, 0.0)
+        return p, p * (_dot_t(do0, do1, v0, v1, BLOCK_D1, DOT_PRECISION) - delta[:, None])
+
+    @triton.jit(do_not_specialize=_stride_args(q="m", k="n", v="n", do="m", dq="m") + _SIZES)
     def _attn_bwd_dq_kernel(
         Q,  # (B, H, Lq, D)
         K,  # (B, H, Lk, D)
@@ -386,50 +599,163 @@ if HAS_TRITON:
         head_dim,  # D, a multiple of 8
         sm_scale,  # τ
         qk_scale,  # τ · log2(e)
-        BLOCK_D: tl.constexpr,  # next power of two ≥ head_dim
+        BLOCK_D0: tl.constexpr,
+        BLOCK_D1: tl.constexpr,
         BLOCK_M: tl.constexpr,  # queries per program
         BLOCK_N: tl.constexpr,  # keys per iteration
         DOT_PRECISION: tl.constexpr,
     ):
-        bh = tl.program_id(0)  # batch·heads on the grid's x axis: no 65535 limit
+        bh, b, h = _batch_head(H)
         pid_m = tl.program_id(1)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = tl.max_constancy(offs_d < head_dim, [8])
-        mask_m = offs_m < Lq
-        mask_q = mask_m[:, None] & mask_d[None, :]
-        q_ptrs = Q + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_m + offs_d[None, :]
-        do_ptrs = DO + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_m + offs_d[None, :]
-        q = tl.load(tl.multiple_of(q_ptrs, [1, 16]), mask=mask_q, other=0.0)
-        do = tl.load(tl.multiple_of(do_ptrs, [1, 16]), mask=mask_q, other=0.0)
-        lse = tl.load(LSE + bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=float("inf"))
-        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + offs_m, mask=mask_m, other=0.0)
+        rows_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_ok = rows_q < Lq
+        q0, q1 = _load_rows(Q + b * stride_q_b + h * stride_q_h, rows_q, q_ok, stride_q_m, head_dim, BLOCK_D0, BLOCK_D1)
+        do0, do1 = _load_rows(DO + b * stride_do_b + h * stride_do_h, rows_q, q_ok, stride_do_m, head_dim, BLOCK_D0,
+                              BLOCK_D1)  # fmt: skip
+        lse = tl.load(LSE + bh.to(tl.int64) * Lq + rows_q, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * Lq + rows_q, mask=q_ok, other=0.0)
         K += b * stride_k_b + h * stride_k_h
         V += b * stride_v_b + h * stride_v_h
 
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq0, dq1 = _zeros_cols(BLOCK_M, BLOCK_D0, BLOCK_D1)
         for start_n in range(0, Lk, BLOCK_N):
-            rows = start_n + offs_n
-            mask_n = rows < Lk
-            mask_kv = mask_n[:, None] & mask_d[None, :]
-            k_ptrs = K + rows[:, None] * stride_k_n + offs_d[None, :]
-            k = tl.load(tl.multiple_of(k_ptrs, [1, 16]), mask=mask_kv, other=0.0)
-            qk = _dot(q, tl.trans(k), DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-            p = tl.exp2(qk * qk_scale - lse[:, None])
-            if start_n + BLOCK_N > Lk:  # only the last block is ragged: a uniform branch
-                # A padded key scores 0 and exp2(0 − lse) may overflow: select, never multiply.
-                p = tl.where(mask_n[None, :], p, 0.0)
-            v_ptrs = V + rows[:, None] * stride_v_n + offs_d[None, :]
-            v = tl.load(tl.multiple_of(v_ptrs, [1, 16]), mask=mask_kv, other=0.0)
-            dp = _dot(do, tl.trans(v), DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
+            rows = start_n + tl.arange(0, BLOCK_N)
+            key_ok = rows < Lk
+            k0, k1 = _load_rows(K, rows, key_ok, stride_k_n, head_dim, BLOCK_D0, BLOCK_D1)
+            v0, v1 = _load_rows(V, rows, key_ok, stride_v_n, head_dim, BLOCK_D0, BLOCK_D1)
+            _, ds = _grad_scores(q0, q1, k0, k1, v0, v1, do0, do1, lse, delta, key_ok, qk_scale, BLOCK_D1,
+                                 DOT_PRECISION)  # fmt: skip
+            dq0, dq1 = _dot_cols(ds.to(k0.dtype), k0, k1, dq0, dq1, BLOCK_D1, DOT_PRECISION)
 
-        dq_ptrs = DQ + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_m + offs_d[None, :]
-        tl.store(tl.multiple_of(dq_ptrs, [1, 16]), (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_q)
+        DQ += b * stride_dq_b + h * stride_dq_h
+        _store_rows(DQ, rows_q, q_ok, stride_dq_m, head_dim, dq0 * sm_scale, dq1 * sm_scale, BLOCK_D0, BLOCK_D1)
+
+    @triton.jit(do_not_specialize=_stride_args(q="m", k="n", v="n", o="m", do="m", dq="m") + _SIZES)
+    def _attn_bwd_short_kernel(
+        Q,  # (B, H, Lq, D)
+        K,  # (B, H, Lk, D), Lk ≤ BLOCK_N
+        V,  # (B, H, Lk, D)
+        O,  # (B, H, Lq, D)
+        DO,  # (B, H, Lq, D)
+        LSE,  # (B, H, Lq) fp32, base 2
+        DQ,  # (B, H, Lq, D) out
+        PARTIAL,  # (2, P, B·H, Lk, D) fp32 out: each program's Σ dSᵀq and Σ Pᵀ dO
+        stride_q_b,
+        stride_q_h,
+        stride_q_m,
+        stride_k_b,
+        stride_k_h,
+        stride_k_n,
+        stride_v_b,
+        stride_v_h,
+        stride_v_n,
+        stride_o_b,
+        stride_o_h,
+        stride_o_m,
+        stride_do_b,
+        stride_do_h,
+        stride_do_m,
+        stride_dq_b,
+        stride_dq_h,
+        stride_dq_m,
+        H,
+        Lq,
+        Lk,
+        head_dim,  # D, a multiple of 8
+        sm_scale,  # τ
+        qk_scale,  # τ · log2(e)
+        BLOCK_D0: tl.constexpr,
+        BLOCK_D1: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # queries per step of a program's loop
+        BLOCK_N: tl.constexpr,  # every key: Lk ≤ BLOCK_N
+        DOT_PRECISION: tl.constexpr,
+    ):
+        # One program per (batch·head, slice of query blocks), holding every key: its dQ rows
+        # are complete (no other program touches them) and δ comes from its own O and dO
+        # rows; its dK, dV over its queries go to PARTIAL, summed by the reduce kernel.
+        bh, b, h = _batch_head(H)
+        part = tl.program_id(1)
+        keys = tl.arange(0, BLOCK_N)
+        key_ok = keys < Lk
+        k0, k1 = _load_rows(K + b * stride_k_b + h * stride_k_h, keys, key_ok, stride_k_n, head_dim, BLOCK_D0, BLOCK_D1)
+        v0, v1 = _load_rows(V + b * stride_v_b + h * stride_v_h, keys, key_ok, stride_v_n, head_dim, BLOCK_D0, BLOCK_D1)
+        Q += b * stride_q_b + h * stride_q_h
+        O += b * stride_o_b + h * stride_o_h
+        DO += b * stride_do_b + h * stride_do_h
+        DQ += b * stride_dq_b + h * stride_dq_h
+        LSE += bh.to(tl.int64) * Lq
+
+        dk0, dk1 = _zeros_cols(BLOCK_N, BLOCK_D0, BLOCK_D1)
+        dv0, dv1 = dk0, dk1
+        for start_m in range(part * BLOCK_M, Lq, tl.num_programs(1) * BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q_ok = rows < Lq
+            q0, q1 = _load_rows(Q, rows, q_ok, stride_q_m, head_dim, BLOCK_D0, BLOCK_D1)
+            do0, do1 = _load_rows(DO, rows, q_ok, stride_do_m, head_dim, BLOCK_D0, BLOCK_D1)
+            o0, o1 = _load_rows(O, rows, q_ok, stride_o_m, head_dim, BLOCK_D0, BLOCK_D1)
+            delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
+            if BLOCK_D1 > 0:
+                delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
+            lse = tl.load(LSE + rows, mask=q_ok, other=float("inf"))
+            # keys as the rows (the dK/dV kernel's orientation: its registers), dQ from dSᵀ transposed
+            p_t, ds_t = _grad_scores_t(k0, k1, v0, v1, q0, q1, do0, do1, lse, delta, key_ok, qk_scale, True,
+                                       BLOCK_D1, DOT_PRECISION)  # fmt: skip
+            p_t, ds_t = p_t.to(do0.dtype), ds_t.to(q0.dtype)
+            ds = tl.trans(ds_t)
+            dv0, dv1 = _dot_cols(p_t, do0, do1, dv0, dv1, BLOCK_D1, DOT_PRECISION)
+            dk0, dk1 = _dot_cols(ds_t, q0, q1, dk0, dk1, BLOCK_D1, DOT_PRECISION)
+            dq0, dq1 = _dot_cols(ds, k0, k1, None, None, BLOCK_D1, DOT_PRECISION)
+            _store_rows(DQ, rows, q_ok, stride_dq_m, head_dim, dq0 * sm_scale, dq1 * sm_scale, BLOCK_D0, BLOCK_D1)
+
+        # rows of head_dim fp32 (32-byte multiples): PARTIAL[0, part, bh] = Σ dSᵀq, PARTIAL[1, part, bh] = Σ Pᵀ dO
+        BH = tl.num_programs(0).to(tl.int64)
+        slab = Lk.to(tl.int64) * head_dim
+        dk_part = PARTIAL + (part * BH + bh) * slab
+        _store_rows(dk_part, keys, key_ok, head_dim, head_dim, dk0, dk1, BLOCK_D0, BLOCK_D1)
+        _store_rows(dk_part + tl.num_programs(1) * BH * slab, keys, key_ok, head_dim, head_dim, dv0, dv1, BLOCK_D0,
+                    BLOCK_D1)  # fmt: skip
+
+    @triton.jit(do_not_specialize=_stride_args(dk="n", dv="n") + ["H", "Lk", "head_dim", "parts"])
+    def _attn_bwd_short_reduce_kernel(
+        PARTIAL,  # (2, parts, B·H, Lk, D) fp32
+        DK,  # (B, H, Lk, D) out: τ Σ_p PARTIAL[0, p]
+        DV,  # (B, H, Lk, D) out: Σ_p PARTIAL[1, p]
+        stride_dk_b,
+        stride_dk_h,
+        stride_dk_n,
+        stride_dv_b,
+        stride_dv_h,
+        stride_dv_n,
+        H,
+        Lk,
+        head_dim,  # D, a multiple of 8
+        parts,  # P: programs per (batch, head) of the short backward
+        sm_scale,  # τ
+        BLOCK: tl.constexpr,  # elements of one (Lk, D) slab per program
+    ):
+        # grid (B·H, 2, ⌈Lk·D / BLOCK⌉): axis 1 picks dK or dV.  The partials are added in a
+        # fixed order, so the gradients do not depend on timing (no atomics).
+        bh = tl.program_id(0)
+        which = tl.program_id(1)
+        slab = Lk * head_dim  # < 2**31: the launcher's 32-bit token offsets
+        offs = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < slab
+        BH = tl.num_programs(0).to(tl.int64)
+        # slabs of Lk·D fp32, D a multiple of 8: every slab starts 32-byte aligned
+        src = tl.multiple_of(PARTIAL + (which * parts * BH + bh) * slab, 16)
+        acc = tl.load(src + offs, mask=ok, other=0.0)
+        for part in range(1, parts):
+            acc += tl.load(tl.multiple_of(src + part * BH * slab, 16) + offs, mask=ok, other=0.0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        key = offs // head_dim
+        col = offs - key * head_dim
+        if which == 0:
+            dk_ptrs = DK + b * stride_dk_b + h * stride_dk_h + key * stride_dk_n + col
+            tl.store(dk_ptrs, (acc * sm_scale).to(DK.dtype.element_ty), mask=ok)
+        else:
+            dv_ptrs = DV + b * stride_dv_b + h * stride_dv_h + key * stride_dv_n + col
+            tl.store(dv_ptrs, acc.to(DV.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -439,58 +765,113 @@ if HAS_TRITON:
 class Tiles:
     """One kernel's launch configuration."""
 
-    block_m: int  # query rows: per program (forward, dq) or per iteration (dk/dv)
-    block_n: int  # key rows: per iteration (forward, dq) or per program (dk/dv)
+    block_m: int  # query rows: per program (forward, dq) or per iteration (dk/dv) or per step (short paths)
+    block_n: int  # key rows: per iteration (forward, dq), per program (dk/dv), every key (short paths)
     num_warps: int
     num_stages: int  # software-pipelining depth of the loads in the main loop
+    tma: bool = False  # forward only: Q, K, V through tensor descriptors (TMA on sm_90); Triton's JIT only
 
 
 @dataclass(frozen=True)
 class AttnConfig:
-    """The tiles of every attention kernel for one (architecture, head dim, dtype class)."""
+    """The tiles of every attention kernel for one (architecture, head dim, dtype class).
+
+    Each Tiles field is a *role* the launcher picks by the call's shape (`Tables`), and the unit
+    the tuning sweep replaces (``scripts/tune_kernels.py``, `tuning_candidates`).
+    """
 
     fwd: Tiles
     bwd_kv: Tiles  # dk/dv: block_n keys per program (the wgmma M dimension: ≥ 64)
     bwd_q: Tiles  # dq: block_m queries per program (the wgmma M dimension: ≥ 64)
+    fwd_small: Tiles | None = None  # forward when B·H·⌈Lq / fwd.block_m⌉ < #SMs (small grids)
+    bwd_q_small: Tiles | None = None  # dq likewise
+    fwd_short: Tiles | None = None  # forward when Lk ≤ block_n: every key in one block
+    bwd_short: Tiles | None = None  # backward likewise (dq, and dK, dV partials)
     pre_block_m: int = 128  # rows of the δ preprocess
     split_dkdv: bool = False  # dK and dV in two launches (one accumulator each; recomputes P)
 
 
+ROLES = ("fwd", "fwd_small", "fwd_short", "bwd_kv", "bwd_q", "bwd_q_small", "bwd_short")
+
 # fp16/bf16 tables, keyed by head dim.  Every tile feeding tl.dot has M ≥ 64 and
-# num_warps ≥ 4, so on sm_90 the matmuls lower to wgmma (HGMMA).  Head dims sharing a
-# BLOCK_D share a config where the register file allows (one compiled kernel).
-# sm_80: every tile but head dim 160's dK pass (100 KB) fits the 99 KB of shared memory
-# of sm_86/sm_89 as well as the A100's 163 KB.
-# Head dim 160 (BLOCK_D 256) splits dK and dV into two launches: both fp32
-# accumulators of a 64×256 key block do not fit beside the rest without spilling.
+# num_warps ≥ 4, so on sm_90 the matmuls lower to wgmma (HGMMA), with one exception: the
+# short backward's dQ product has M = block_m = 32 (mma.sync; its other four products have
+# M = 128 keys), and its 64-row tiles are tuning candidates.  Head dims sharing a config
+# still compile apart (their column blocks differ).
+# sm_80: every tile but head dim 160's dK pass and the short paths' fits the 99 KB of
+# shared memory of sm_86/sm_89 as well as the A100's 163 KB.
+# Head dim 160 splits dK and dV into two launches: both fp32 accumulators of a 64×160
+# key block do not fit beside the rest without spilling.
+# Short paths: 128 keys per block, the largest tile whose fp32 dK and dV accumulators
+# (128 × D each) fit in registers up to D = 96 (SD's cross-attention has 77 tokens);
+# D = 128, 160 backward with short keys takes the long path.
 _T = Tiles
 PRE_TILES = _T(0, 0, 4, 1)  # the δ preprocess: one pass, nothing to pipeline
-_SM90_D32 = AttnConfig(fwd=_T(128, 64, 4, 3), bwd_kv=_T(32, 128, 4, 3), bwd_q=_T(128, 64, 4, 3))
-_SM90_D64 = AttnConfig(fwd=_T(128, 128, 8, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_T(128, 64, 8, 3))
-_SM90_D128 = AttnConfig(fwd=_T(128, 64, 8, 3), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T(64, 64, 4, 3))
-_SM90_D256 = AttnConfig(fwd=_T(64, 64, 8, 2), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 32, 8, 2), split_dkdv=True)
-_SM80_D64 = AttnConfig(fwd=_T(128, 64, 4, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_T(128, 64, 8, 3))
-_SM80_D128 = AttnConfig(fwd=_T(128, 64, 8, 2), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T(64, 64, 4, 2))
-_SM80_D256 = AttnConfig(fwd=_T(128, 32, 8, 1), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 32, 8, 1), split_dkdv=True)
+REDUCE_TILES = _T(0, 1024, 4, 1)  # the short backward's sum of partials: block_n elements per program
+_SM90_D32 = AttnConfig(fwd=_T(128, 64, 4, 3), bwd_kv=_T(32, 128, 4, 3), bwd_q=_T(128, 64, 4, 3),
+                       fwd_small=_T(64, 64, 4, 3), bwd_q_small=_T(64, 64, 4, 3),
+                       fwd_short=_T(128, 128, 4, 2), bwd_short=_T(32, 128, 4, 2))  # fmt: skip
+_SM90_D64 = AttnConfig(fwd=_T(128, 128, 8, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_T(128, 64, 8, 3),
+                       fwd_small=_T(64, 128, 4, 3), bwd_q_small=_T(64, 64, 4, 3),
+                       fwd_short=_T(128, 128, 8, 2), bwd_short=_T(32, 128, 8, 2))  # fmt: skip
+_SM90_D128 = AttnConfig(fwd=_T(128, 64, 8, 3), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T(64, 64, 4, 3),
+                        fwd_small=_T(64, 64, 4, 3), fwd_short=_T(128, 128, 8, 2))  # fmt: skip
+_SM90_D96 = dataclasses.replace(_SM90_D128, bwd_short=_T(32, 128, 8, 2))
+_SM90_D160 = AttnConfig(fwd=_T(64, 64, 8, 2), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 32, 8, 2), split_dkdv=True,
+                        fwd_short=_T(64, 128, 8, 2))  # fmt: skip
+_SM80_D64 = AttnConfig(fwd=_T(128, 64, 4, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_T(128, 64, 8, 3),
+                       fwd_small=_T(64, 64, 4, 3), bwd_q_small=_T(64, 64, 4, 3),
+                       fwd_short=_T(64, 128, 4, 2), bwd_short=_T(32, 128, 8, 2))  # fmt: skip
+_SM80_D128 = AttnConfig(fwd=_T(128, 64, 8, 2), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T(64, 64, 4, 2),
+                        fwd_small=_T(64, 64, 4, 2), fwd_short=_T(64, 128, 8, 2))  # fmt: skip
+_SM80_D96 = dataclasses.replace(_SM80_D128, bwd_short=_T(32, 128, 8, 2))
+_SM80_D160 = AttnConfig(fwd=_T(128, 32, 8, 1), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 32, 8, 1), split_dkdv=True,
+                        fwd_short=_T(64, 128, 8, 1))  # fmt: skip
 CONFIGS_16BIT: dict[int, dict[int, AttnConfig]] = {
-    90: {32: _SM90_D32, 40: _SM90_D64, 64: _SM90_D64, 80: _SM90_D128, 96: _SM90_D128, 128: _SM90_D128, 160: _SM90_D256},
-    80: {32: _SM90_D32, 40: _SM80_D64, 64: _SM80_D64, 80: _SM80_D128, 96: _SM80_D128, 128: _SM80_D128, 160: _SM80_D256},
+    90: {32: _SM90_D32, 40: _SM90_D64, 64: _SM90_D64, 80: _SM90_D96, 96: _SM90_D96, 128: _SM90_D128, 160: _SM90_D160},
+    80: {32: _SM90_D32, 40: _SM80_D64, 64: _SM80_D64, 80: _SM80_D96, 96: _SM80_D96, 128: _SM80_D128, 160: _SM80_D160},
 }
 
 # fp32 (tests): true-fp32 matmuls run on FMA units with operands in registers, so
-# tiles are small; one table for every architecture, keyed by BLOCK_D.  Two stages:
-# with one, ptxas moves the FMA dot's operands to local memory.
-CONFIGS_FP32: dict[int, AttnConfig] = {
-    32: AttnConfig(_T(32, 32, 4, 2), _T(16, 32, 4, 2), _T(32, 32, 4, 2), pre_block_m=64),
-    64: AttnConfig(_T(32, 32, 4, 2), _T(16, 32, 4, 2), _T(32, 32, 4, 2), pre_block_m=64),
-    128: AttnConfig(_T(32, 16, 4, 2), _T(16, 32, 4, 2), _T(32, 16, 4, 2), pre_block_m=32),
-    256: AttnConfig(_T(16, 16, 4, 2), _T(16, 16, 4, 2), _T(16, 16, 4, 2), pre_block_m=16),
-}
+# tiles are small; one table for every architecture.  Two stages: with one, ptxas moves
+# the FMA dot's operands to local memory.  Short paths up to 32 keys (K, V and the dK,
+# dV accumulators of every key stay in registers).
+_F32_D64 = AttnConfig(_T(32, 32, 4, 2), _T(16, 32, 4, 2), _T(32, 32, 4, 2), pre_block_m=64,
+                      fwd_short=_T(16, 32, 4, 2), bwd_short=_T(16, 32, 4, 2))  # fmt: skip
+_F32_D128 = AttnConfig(_T(32, 16, 4, 2), _T(16, 32, 4, 2), _T(32, 16, 4, 2), pre_block_m=32,
+                       fwd_short=_T(16, 32, 8, 2), bwd_short=_T(16, 32, 8, 2))  # fmt: skip
+_F32_D160 = AttnConfig(_T(16, 16, 4, 2), _T(16, 16, 4, 2), _T(16, 16, 4, 2), pre_block_m=16,
+                       fwd_short=_T(16, 32, 8, 2), bwd_short=_T(16, 32, 8, 2))  # fmt: skip
+CONFIGS_FP32: dict[int, AttnConfig] = {32: _F32_D64, 40: _F32_D64, 64: _F32_D64, 80: _F32_D128, 96: _F32_D128,
+                                       128: _F32_D128, 160: _F32_D160}  # fmt: skip
+
+MIN_DOT = 16  # tl.dot's smallest K and N
+
+
+def column_blocks(head_dim: int) -> tuple[int, int]:
+    """(D₀, D₁): the head dim as a power of two and a second block of at least `MIN_DOT` columns (0: none)."""
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    return d0, 0 if rest == 0 else max(MIN_DOT, 1 << (rest - 1).bit_length())
 
 
 def _block_d(head_dim: int) -> int:
     """The head dim rounded up to a power of two (not triton.next_power_of_2: ~5 µs a call on the host)."""
     return 1 << (head_dim - 1).bit_length()
+
+
+def configs_with(tuned: dict) -> dict[int, dict[int, AttnConfig]]:
+    """`CONFIGS_16BIT` with the sweep's measured winners (``_tuned.TUNED["attention"]``) in place:
+    ``{"sm90": {"128": {"fwd": {"tiles": [m, n, warps, stages], "tma": bool, ...}}}}``."""
+    out = {arch: dict(per_dim) for arch, per_dim in CONFIGS_16BIT.items()}
+    for arch_name, per_dim in tuned.items():
+        arch = int(arch_name.removeprefix("sm"))
+        for dim, roles in per_dim.items():
+            # a TMA winner falls back to the same tiles without TMA where Triton has no tensor descriptors
+            changes = {role: Tiles(*entry["tiles"], tma=entry.get("tma", False) and HAS_TENSOR_DESCRIPTORS)
+                       for role, entry in roles.items()}  # fmt: skip
+            out[arch][int(dim)] = dataclasses.replace(out[arch][int(dim)], **changes)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -502,9 +883,227 @@ def _arch(device_index: int | None) -> int:
     return 90 if major >= 9 else 80
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int | None) -> int:
+    """Multiprocessors the grids are planned for: the GPU's, else an H100's 132 (the interpreter;
+    the library's dry run plans for 132 too unless told otherwise)."""
+    if INTERPRET or device_index is None:
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(x: torch.Tensor) -> int | None:
+    return x.device.index if x.is_cuda else None
+
+
 def _key(x: torch.Tensor) -> tuple[int, int, int]:
     """The launch tables' key of a call: (arch, dtype code, head dim)."""
-    return _arch(x.device.index if x.is_cuda else None), dtype_code(x.dtype), x.shape[-1]
+    return _arch(_device_index(x)), dtype_code(x.dtype), x.shape[-1]
+
+
+# ----------------------------------------------------------------------------- launch tables and plans
+
+SHORT_PROGRAMS_PER_SM = 2  # short paths: programs per SM (each holds K and V on chip)
+
+
+def short_programs(BH: int, q_blocks: int, num_sms: int) -> int:
+    """Programs per (batch, head) of a short path: enough for `SHORT_PROGRAMS_PER_SM` on every
+    SM, at most one per query block (a program steps through the rest)."""
+    return max(1, min(q_blocks, cdiv(SHORT_PROGRAMS_PER_SM * num_sms, BH)))
+
+
+class Launch(NamedTuple):
+    role: str  # the config field it comes from (`ROLES`), or "pre" / "reduce"
+    case: KernelCase
+    grid: tuple[int, ...]
+
+
+class BackwardPlan(NamedTuple):
+    launches: tuple[Launch, ...]
+    short: bool  # the short path: one kernel for dq and dK, dV partials, then their reduction
+    scratch_floats: int  # fp32 scratch: the short path's partials (2, P, B·H, Lk, D), else δ (B·H·Lq)
+
+
+def _tiles_tag(t: Tiles) -> str:
+    return f"{t.block_m}x{t.block_n}w{t.num_warps}s{t.num_stages}"
+
+
+def _dims_tag(head_dim: int) -> str:
+    d0, d1 = column_blocks(head_dim)
+    return f"d{d0}+{d1}" if d1 else f"d{d0}"
+
+
+class Tables:
+    """The launch tables built from one set of configs, and the launches each call shape gets.
+
+    Plans are cached per shape: after the first call a launch costs a dict lookup.  The module's
+    tables come from `CONFIGS_16BIT` with the tuned winners (`TABLES`); the tuning sweep builds
+    others with one role replaced (`with_tiles`).
+    """
+
+    def __init__(self, configs16: dict[int, dict[int, AttnConfig]], configs32: dict[int, AttnConfig]):
+        self.configs16, self.configs32 = configs16, configs32
+        (self.fwd, self.fwd_short, self.fwd_tma, self.pre, self.dkdv, self.dq, self.bwd_short,
+         self.reduce) = self.tables = _launch_tables(configs16, configs32)  # fmt: skip
+        self.forward_plan = functools.lru_cache(maxsize=4096)(self._forward_plan)
+        self.backward_plan = functools.lru_cache(maxsize=4096)(self._backward_plan)
+
+    def with_tiles(self, arch: int, head_dim: int, role: str, tiles: Tiles) -> Tables:
+        """These tables with one 16-bit role replaced (a tuning candidate)."""
+        configs = {a: dict(per_dim) for a, per_dim in self.configs16.items()}
+        configs[arch][head_dim] = dataclasses.replace(configs[arch][head_dim], **{role: tiles})
+        return Tables(configs, self.configs32)
+
+    def _forward_plan(self, key: tuple[int, int, int], BH: int, Lq: int, Lk: int, num_sms: int) -> Launch:
+        short = _short_case(self.fwd_short, key, Lk)
+        if short is not None:
+            return Launch("fwd_short", short, (BH, short_programs(BH, cdiv(Lq, short.constexprs["BLOCK_M"]), num_sms)))
+        return _query_blocks(self.fwd, key, "fwd", BH, Lq, num_sms)
+
+    def _backward_plan(self, key: tuple[int, int, int], BH: int, Lq: int, Lk: int, num_sms: int) -> BackwardPlan:
+        short = _short_case(self.bwd_short, key, Lk)
+        if short is not None:
+            parts = short_programs(BH, cdiv(Lq, short.constexprs["BLOCK_M"]), num_sms)
+            red = self.reduce.pick(key[1:2])
+            launches = (Launch("bwd_short", short, (BH, parts)),
+                        Launch("reduce", red, (BH, 2, cdiv(Lk * key[2], red.constexprs["BLOCK"]))))  # fmt: skip
+            return BackwardPlan(launches, True, 2 * parts * BH * Lk * key[2])
+        pre = self.pre.pick(key)
+        launches = [Launch("pre", pre, (BH, cdiv(Lq, pre.constexprs["BLOCK_M"])))]
+        # one launch computing dK and dV, or (head dim 160) one launch for each
+        passes = [(1, 1)] if self.dkdv.pick(key + (1, 1)) is not None else [(1, 0), (0, 1)]
+        for flags in passes:
+            kv = self.dkdv.pick(key + flags)
+            launches.append(Launch("bwd_kv", kv, (BH, cdiv(Lk, kv.constexprs["BLOCK_N"]))))
+        launches.append(_query_blocks(self.dq, key, "bwd_q", BH, Lq, num_sms))
+        return BackwardPlan(tuple(launches), False, BH * Lq)
+
+
+def _short_case(table: LaunchTable, key: tuple[int, int, int], Lk: int) -> KernelCase | None:
+    """A short path's case: where ``table`` has one for ``key`` and every key fits in its block."""
+    case = table.pick(key)
+    return case if case is not None and Lk <= case.constexprs["BLOCK_N"] else None
+
+
+def _query_blocks(table: LaunchTable, key: tuple[int, int, int], role: str, BH: int, Lq: int, num_sms: int) -> Launch:
+    """A kernel with one program per query block (forward, dQ): the default tiles, or the small-grid ones
+    (role ``<role>_small``) where the table has them and B·H·⌈Lq / BLOCK_M⌉ < #SMs."""
+    case, small = table.pick(key + (0,)), table.pick(key + (1,))
+    if small is not None and BH * cdiv(Lq, case.constexprs["BLOCK_M"]) < num_sms:
+        case, role = small, role + "_small"
+    return Launch(role, case, (BH, cdiv(Lq, case.constexprs["BLOCK_M"])))
+
+
+def _launch_tables(configs16, configs32) -> tuple[LaunchTable, ...]:
+    """The kernels' tables, keyed by (arch, dtype, head dim) (+ the small-grid flag, or which of
+    dK/dV a pass computes), built from config tables; a case shared by several keys compiles once."""
+    scalars = dict.fromkeys(_SIZES, "i32")
+
+    def strides(**tensors):  # tensor name -> name of its token axis
+        return dict.fromkeys(_stride_args(**tensors), "i32")
+
+    shared: dict[tuple, KernelCase] = {}
+
+    def case(label, fn, sig, cx, tiles, mma, archs, jit_only=""):
+        sig = sig | {c: "constexpr" for c in cx}
+        key = (fn, tuple(sorted(cx.items())), tuple(sig.values()), tiles.num_warps, tiles.num_stages, archs)
+        if key not in shared:
+            shared[key] = KernelCase(label, fn, sig, cx, tiles.num_warps, tiles.num_stages, mma, archs,
+                                     jit_only=jit_only)  # fmt: skip
+        return shared[key]
+
+    fwd, fwd_short, fwd_tma, pre, dkdv, dq, bwd_short, reduce = {}, {}, {}, {}, {}, {}, {}, {}
+    for arch in ARCHS:
+        for dt, code in DTYPE_CODES.items():
+            for D in HEAD_DIMS:
+                if dt == "fp32":  # one fp32 table for every architecture
+                    cfg, archs, table = configs32[D], ARCHS, "any"
+                else:
+                    cfg, archs, table = configs16[arch][D], (arch,), f"sm{arch}"
+                mma = dt != "fp32"  # 16-bit tiles must reach the tensor cores (HGMMA on sm_90)
+                d0, d1 = column_blocks(D)
+                prec = "ieee" if dt == "fp32" else "tf32"  # true fp32 FMA for fp32; 16-bit inputs ignore it
+                tag = f"{table},{dt},{_dims_tag(D)}"
+                ins = {n: f"*{dt}" for n in ("Q", "K", "V")}
+                key = (arch, code, D)
+
+                def tiled(t, **more):
+                    return {"BLOCK_D0": d0, "BLOCK_D1": d1, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n,
+                            "DOT_PRECISION": prec} | more  # fmt: skip
+
+                sig = ins | {"O": f"*{dt}", "LSE": "*fp32"} | strides(q="m", k="n", v="n", o="m")
+                sig |= scalars | {"qk_scale": "fp32"}
+                for small, t in ((0, cfg.fwd), (1, cfg.fwd_small)):
+                    if t is not None:
+                        fwd[key + (small,)] = case(f"attention_fwd{'_tma' if t.tma else ''}[{tag},{_tiles_tag(t)}]",
+                                                   _attn_fwd_kernel, sig, tiled(t, TMA=t.tma), t, mma, archs,
+                                                   TMA_JIT_ONLY if t.tma else "")  # fmt: skip
+                if cfg.fwd_short is not None:
+                    t = cfg.fwd_short
+                    label = f"attention_fwd_short[{tag},{_tiles_tag(t)}]"
+                    fwd_short[key] = case(label, _attn_fwd_short_kernel, sig, tiled(t), t, mma, archs)
+                if HAS_TENSOR_DESCRIPTORS and arch == 90 and dt != "fp32" and d1 == 0 and D >= 64:
+                    t = dataclasses.replace(cfg.fwd, tma=True)  # the Hopper candidate: today's tiles via TMA
+                    label = f"attention_fwd_tma[{tag},{_tiles_tag(t)}]"
+                    fwd_tma[key] = case(label, _attn_fwd_kernel, sig, tiled(t, TMA=True), t, mma, archs, TMA_JIT_ONLY)
+
+                grads = ins | {"DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32"}
+                t = cfg.bwd_kv
+                sig = grads | {"DK": f"*{dt}", "DV": f"*{dt}"} | strides(q="m", k="n", v="n", do="m", dk="n", dv="n")
+                sig |= scalars | {"sm_scale": "fp32", "qk_scale": "fp32"}
+                for dk, dv in ((1, 0), (0, 1)) if cfg.split_dkdv else ((1, 1),):
+                    cx = tiled(t) | {"COMPUTE_DK": bool(dk), "COMPUTE_DV": bool(dv)}
+                    which = "dkdv" if dk and dv else ("dk" if dk else "dv")
+                    label = f"attention_bwd_{which}[{tag},{_tiles_tag(t)}]"
+                    dkdv[key + (dk, dv)] = case(label, _attn_bwd_dkdv_kernel, sig, cx, t, mma, archs)
+
+                sig = grads | {"DQ": f"*{dt}"} | strides(q="m", k="n", v="n", do="m", dq="m") | scalars
+                sig |= {"sm_scale": "fp32", "qk_scale": "fp32"}
+                for small, t in ((0, cfg.bwd_q), (1, cfg.bwd_q_small)):
+                    if t is not None:
+                        label = f"attention_bwd_dq[{tag},{_tiles_tag(t)}]"
+                        dq[key + (small,)] = case(label, _attn_bwd_dq_kernel, sig, tiled(t), t, mma, archs)
+
+                if cfg.bwd_short is not None:
+                    t = cfg.bwd_short
+                    sig = ins | {"O": f"*{dt}", "DO": f"*{dt}", "LSE": "*fp32", "DQ": f"*{dt}", "PARTIAL": "*fp32"}
+                    sig |= strides(q="m", k="n", v="n", o="m", do="m", dq="m") | scalars
+                    sig |= {"sm_scale": "fp32", "qk_scale": "fp32"}
+                    label = f"attention_bwd_short[{tag},{_tiles_tag(t)}]"
+                    bwd_short[key] = case(label, _attn_bwd_short_kernel, sig, tiled(t), t, mma, archs)
+
+                sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"} | strides(o="m", do="m")
+                sig |= {"H": "i32", "Lq": "i32", "head_dim": "i32"}
+                cx = {"BLOCK_D": _block_d(D), "BLOCK_M": cfg.pre_block_m}
+                label = f"attention_bwd_pre[{dt},bd{_block_d(D)},m{cfg.pre_block_m}]"
+                pre[key] = case(label, _attn_bwd_preprocess_kernel, sig, cx, PRE_TILES, False, ARCHS)
+
+            sig = {"PARTIAL": "*fp32", "DK": f"*{dt}", "DV": f"*{dt}"} | strides(dk="n", dv="n")
+            sig |= {"H": "i32", "Lk": "i32", "head_dim": "i32", "parts": "i32", "sm_scale": "fp32"}
+            label = f"attention_bwd_reduce[any,{dt},b{REDUCE_TILES.block_n}]"
+            reduce[(code,)] = case(label, _attn_bwd_short_reduce_kernel, sig, {"BLOCK": REDUCE_TILES.block_n},
+                                   REDUCE_TILES, False, ARCHS)  # fmt: skip
+    fields = ("arch", "dtype", "head_dim")
+    return (
+        LaunchTable("attention_fwd", fields + ("small_grid",), fwd),
+        LaunchTable("attention_fwd_short", fields, fwd_short),
+        LaunchTable("attention_fwd_tma", fields, fwd_tma),
+        LaunchTable("attention_bwd_pre", fields, pre),
+        LaunchTable("attention_bwd_dkdv", fields + ("compute_dk", "compute_dv"), dkdv),
+        LaunchTable("attention_bwd_dq", fields + ("small_grid",), dq),
+        LaunchTable("attention_bwd_short", fields, bwd_short),
+        LaunchTable("attention_bwd_reduce", ("dtype",), reduce),
+    )
+
+
+TMA_JIT_ONLY = ("tensor descriptors need a global scratch allocation per launch, which the library does not "
+                "make; Triton's JIT launches it")  # fmt: skip
+
+if HAS_TRITON:
+    TABLES = Tables(configs_with(_tuned.TUNED.get("attention", {})), CONFIGS_FP32)
+    LAUNCH_TABLES = TABLES.tables
+else:
+    TABLES, LAUNCH_TABLES = None, ()
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -526,8 +1125,29 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x if _aligned(x) else torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
 
 
-def _bhl_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+def _tma_layout(x: torch.Tensor) -> torch.Tensor:
+    """A tensor descriptor also needs a 16-byte token stride where there is one token: else a dense copy."""
+    return x if x.stride(2) % (16 // x.element_size()) == 0 else x.contiguous()
+
+
+_tma_allocator_set = False
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel builds (Triton's allocator hook)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _set_tma_allocator() -> None:
+    global _tma_allocator_set
+    if not _tma_allocator_set and not INTERPRET:
+        triton.set_allocator(_tma_scratch)
+        _tma_allocator_set = True
+
+
+def _bhl_strides(*xs: torch.Tensor) -> list[int]:
+    """The (batch, head, token) strides of each tensor in turn: the kernels' stride arguments."""
+    return [s for x in xs for s in x.stride()[:3]]
 
 
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
@@ -536,26 +1156,29 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _forward_triton(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_triton(q, k, v, scale: float, tables: Tables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tables``: launch through these (a tuning candidate's) with Triton's JIT instead of the library."""
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     o = _empty_out(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    if _aot.active(q) and _aot.launch(
+    if tables is None and _aot.active(q) and _aot.launch(
         "attention_fwd", dtype_code(q.dtype), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
         B, H, Lq, Lk, D, *q.stride(), *k.stride(), *v.stride(), *o.stride(), scale, _aot.stream(q),
     ):  # fmt: skip
         return o, lse
-    case = ATTN_FWD.pick(_key(q))
-    case.launch(
-        (B * H, cdiv(Lq, case.constexprs["BLOCK_M"])), q, k, v, o, lse,
-        *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(o), H, Lq, Lk, D, scale * LOG2E,
-    )  # fmt: skip
+    plan = (tables or TABLES).forward_plan(_key(q), B * H, Lq, Lk, _num_sms(_device_index(q)))
+    if plan.case.jit_only:  # tensor descriptors
+        _set_tma_allocator()
+        q, k, v = _tma_layout(q), _tma_layout(k), _tma_layout(v)
+    plan.case.launch(plan.grid, q, k, v, o, lse, *_bhl_strides(q, k, v, o), H, Lq, Lk, D, scale * LOG2E)
     return o, lse
 
 
-def _backward_triton(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_triton(
+    do, q, k, v, o, lse, scale: float, tables: Tables | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Gradients take the layout of torch.empty_like of each input (as the fake does);
     # the kernels write an aligned buffer, copied over only in the rare other case.
     grads = [torch.empty_like(x) for x in (q, k, v)]
@@ -565,43 +1188,38 @@ def _backward_triton(do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, t
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     key = _key(q)
-
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    if not (_aot.active(q) and _aot.launch(
+    plan = (tables or TABLES).backward_plan(key, B * H, Lq, Lk, _num_sms(_device_index(q)))
+    # one fp32 scratch: δ for the long path, the dK/dV partials for the short one
+    scratch = torch.empty(plan.scratch_floats, dtype=torch.float32, device=q.device)
+    if not (tables is None and _aot.active(q) and _aot.launch(
         "attention_bwd", key[1], do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
-        lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), delta.data_ptr(), B, H, Lq, Lk, D,
+        lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), B, H, Lq, Lk, D,
         *do.stride(), *q.stride(), *k.stride(), *v.stride(), *o.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-        scale, _aot.stream(q),
+        scale, scratch.data_ptr(), _aot.stream(q),
     )):  # fmt: skip
-        _backward_jit(do, q, k, v, o, lse, dq, dk, dv, delta, scale, key)
+        _backward_jit(plan, do, q, k, v, o, lse, dq, dk, dv, scratch, scale)
     for g, buf in zip(grads, bufs):
         if buf is not g:
             g.copy_(buf)
     return tuple(grads)
 
 
-def _backward_jit(do, q, k, v, o, lse, dq, dk, dv, delta, scale: float, key: tuple[int, int, int]) -> None:
+def _backward_jit(plan: BackwardPlan, do, q, k, v, o, lse, dq, dk, dv, scratch, scale: float) -> None:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    pre = ATTN_BWD_PRE.pick(key)
-    pre.launch(
-        (B * H, cdiv(Lq, pre.constexprs["BLOCK_M"])), o, do, delta, *_bhl_strides(o), *_bhl_strides(do), H, Lq, D
-    )
-    # one launch computing dK and dV, or (head dim 160) one launch for each
-    passes = [ATTN_BWD_DKDV.pick(key + (1, 1))] if ATTN_BWD_DKDV.pick(key + (1, 1)) else [
-        ATTN_BWD_DKDV.pick(key + (1, 0)), ATTN_BWD_DKDV.pick(key + (0, 1))]  # fmt: skip
+    scales = (scale, scale * LOG2E)  # τ and τ·log2(e)
+    if plan.short:
+        main, red = plan.launches
+        main.case.launch(main.grid, q, k, v, o, do, lse, dq, scratch, *_bhl_strides(q, k, v, o, do, dq), H, Lq, Lk, D,
+                         *scales)  # fmt: skip
+        red.case.launch(red.grid, scratch, dk, dv, *_bhl_strides(dk, dv), H, Lk, D, main.grid[1], scale)
+        return
+    pre, *passes, qc = plan.launches
+    pre.case.launch(pre.grid, o, do, scratch, *_bhl_strides(o, do), H, Lq, D)
     for kv in passes:
-        kv.launch(
-            (B * H, cdiv(Lk, kv.constexprs["BLOCK_N"])), q, k, v, do, lse, delta, dk, dv,
-            *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(do),
-            *_bhl_strides(dk), *_bhl_strides(dv), H, Lq, Lk, D, scale, scale * LOG2E,
-        )  # fmt: skip
-    qc = ATTN_BWD_DQ.pick(key)
-    qc.launch(
-        (B * H, cdiv(Lq, qc.constexprs["BLOCK_M"])), q, k, v, do, lse, delta, dq,
-        *_bhl_strides(q), *_bhl_strides(k), *_bhl_strides(v), *_bhl_strides(do), *_bhl_strides(dq),
-        H, Lq, Lk, D, scale, scale * LOG2E,
-    )  # fmt: skip
+        kv.case.launch(kv.grid, q, k, v, do, lse, scratch, dk, dv, *_bhl_strides(q, k, v, do, dk, dv), H, Lq, Lk, D,
+                       *scales)  # fmt: skip
+    qc.case.launch(qc.grid, q, k, v, do, lse, scratch, dq, *_bhl_strides(q, k, v, do, dq), H, Lq, Lk, D, *scales)
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -729,83 +1347,3 @@ def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     whose shapes are fixed at construction): ``scale`` is the float `attention` would resolve
     (1/sqrt(D) by default).  Arguments `attention` would refuse give undefined results."""
     return _attention_fwd_call(q, k, v, scale)[0]
-
-
-# ----------------------------------------------------------------------------- launch tables
-
-
-def _tiles_tag(t: Tiles) -> str:
-    return f"{t.block_m}x{t.block_n}w{t.num_warps}s{t.num_stages}"
-
-
-def _launch_tables() -> tuple[LaunchTable, ...]:
-    """The four kernels' tables, keyed by (arch, dtype, head dim) (+ which of dK/dV a pass computes),
-    built from the config tables above; head dims sharing a BLOCK_D and a config share one case."""
-    scalars = {"H": "i32", "Lq": "i32", "Lk": "i32", "head_dim": "i32"}
-
-    def strides(**tensors):  # tensor name -> name of its token axis
-        return {f"stride_{t}_{a}": "i32" for t, tok in tensors.items() for a in ("b", "h", tok)}
-
-    shared: dict[tuple, KernelCase] = {}
-
-    def case(label, fn, sig, cx, tiles, mma, archs):
-        sig = sig | {c: "constexpr" for c in cx}
-        key = (fn, tuple(sorted(cx.items())), tuple(sig.values()), tiles.num_warps, tiles.num_stages, archs)
-        if key not in shared:
-            shared[key] = KernelCase(label, fn, sig, cx, tiles.num_warps, tiles.num_stages, mma, archs)
-        return shared[key]
-
-    fwd, pre, dkdv, dq = {}, {}, {}, {}
-    for arch in ARCHS:
-        for dt, code in DTYPE_CODES.items():
-            for D in HEAD_DIMS:
-                if dt == "fp32":  # one fp32 table for every architecture
-                    cfg, archs, table = CONFIGS_FP32[_block_d(D)], ARCHS, "any"
-                else:
-                    cfg, archs, table = CONFIGS_16BIT[arch][D], (arch,), f"sm{arch}"
-                mma = dt != "fp32"  # 16-bit tiles must reach the tensor cores (HGMMA on sm_90)
-                bd = _block_d(D)
-                prec = "ieee" if dt == "fp32" else "tf32"  # true fp32 FMA for fp32; 16-bit inputs ignore it
-                tag = f"{table},{dt},bd{bd}"
-                ins = {n: f"*{dt}" for n in ("Q", "K", "V")}
-                key = (arch, code, D)
-
-                t = cfg.fwd
-                sig = ins | {"O": f"*{dt}", "LSE": "*fp32"} | strides(q="m", k="n", v="n", o="m")
-                sig |= scalars | {"qk_scale": "fp32"}
-                cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec}
-                fwd[key] = case(f"attention_fwd[{tag},{_tiles_tag(t)}]", _attn_fwd_kernel, sig, cx, t, mma, archs)
-
-                grads = ins | {"DO": f"*{dt}", "LSE": "*fp32", "DELTA": "*fp32"}
-                t = cfg.bwd_kv
-                sig = grads | {"DK": f"*{dt}", "DV": f"*{dt}"} | strides(q="m", k="n", v="n", do="m", dk="n", dv="n")
-                sig |= scalars | {"sm_scale": "fp32", "qk_scale": "fp32"}
-                for dk, dv in ((1, 0), (0, 1)) if cfg.split_dkdv else ((1, 1),):
-                    cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec,
-                          "COMPUTE_DK": bool(dk), "COMPUTE_DV": bool(dv)}  # fmt: skip
-                    which = "dkdv" if dk and dv else ("dk" if dk else "dv")
-                    label = f"attention_bwd_{which}[{tag},{_tiles_tag(t)}]"
-                    dkdv[key + (dk, dv)] = case(label, _attn_bwd_dkdv_kernel, sig, cx, t, mma, archs)
-
-                t = cfg.bwd_q
-                sig = grads | {"DQ": f"*{dt}"} | strides(q="m", k="n", v="n", do="m", dq="m") | scalars
-                sig |= {"sm_scale": "fp32", "qk_scale": "fp32"}
-                cx = {"BLOCK_D": bd, "BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "DOT_PRECISION": prec}
-                dq[key] = case(f"attention_bwd_dq[{tag},{_tiles_tag(t)}]", _attn_bwd_dq_kernel, sig, cx, t, mma, archs)
-
-                sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"} | strides(o="m", do="m")
-                sig |= {"H": "i32", "Lq": "i32", "head_dim": "i32"}
-                cx = {"BLOCK_D": bd, "BLOCK_M": cfg.pre_block_m}
-                label = f"attention_bwd_pre[{dt},bd{bd},m{cfg.pre_block_m}]"
-                pre[key] = case(label, _attn_bwd_preprocess_kernel, sig, cx, PRE_TILES, False, ARCHS)
-    fields = ("arch", "dtype", "head_dim")
-    return (
-        LaunchTable("attention_fwd", fields, fwd),
-        LaunchTable("attention_bwd_pre", fields, pre),
-        LaunchTable("attention_bwd_dkdv", fields + ("compute_dk", "compute_dv"), dkdv),
-        LaunchTable("attention_bwd_dq", fields, dq),
-    )
-
-
-LAUNCH_TABLES = _launch_tables() if HAS_TRITON else ()
-ATTN_FWD, ATTN_BWD_PRE, ATTN_BWD_DKDV, ATTN_BWD_DQ = LAUNCH_TABLES or (None,) * 4

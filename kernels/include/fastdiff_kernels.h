@@ -104,8 +104,11 @@ typedef struct fdk_attention_fwd_args {
 } fdk_attention_fwd_args;
 FDK_API fdk_status fdk_attention_fwd(const fdk_attention_fwd_args *args, struct CUstream_st *stream);
 
-/* dq, dk, dv from do (the output's gradient), q, k, v, o and lse of the forward.  delta:
-   batch·heads·len_q fp32 of scratch. */
+/* dq, dk, dv from do (the output's gradient), q, k, v, o and lse of the forward.  Scratch, fp32:
+   delta, batch·heads·len_q floats, read when len_k is longer than the short path's keys;
+   dkdv_partial, fdk_attention_bwd_partials(...) floats, read when that is not 0 (short keys:
+   partial dk, dv of each query slice, then summed in a fixed order).  One buffer of the larger
+   size may serve as both. */
 typedef struct fdk_attention_bwd_args {
   fdk_dtype dtype;
   const void *d_o, *q, *k, *v, *o;
@@ -116,7 +119,11 @@ typedef struct fdk_attention_bwd_args {
   int64_t stride_do[4], stride_q[4], stride_k[4], stride_v[4], stride_o[4];
   int64_t stride_dq[4], stride_dk[4], stride_dv[4];
   double scale;
+  float *dkdv_partial;
 } fdk_attention_bwd_args;
+/* The floats of dkdv_partial fdk_attention_bwd needs for these sizes on this device (or the dry run's). */
+FDK_API fdk_status fdk_attention_bwd_partials(fdk_dtype dtype, int64_t batch, int64_t heads, int64_t len_q,
+                                              int64_t len_k, int64_t head_dim, int64_t *floats);
 FDK_API fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *args, struct CUstream_st *stream);
 
 /* ---------------------------------------------------------------------------- diffusion loss */

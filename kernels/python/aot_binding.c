@@ -74,7 +74,7 @@ OP(attention_bwd, T, F(T, dtype, 'e'), F(T, d_o, 'p'), F(T, q, 'p'), F(T, k, 'p'
    F(T, lse, 'p'), F(T, dq, 'p'), F(T, dk, 'p'), F(T, dv, 'p'), F(T, delta, 'p'), F(T, batch, 'l'),
    F(T, heads, 'l'), F(T, len_q, 'l'), F(T, len_k, 'l'), F(T, head_dim, 'l'), F(T, stride_do, '4'),
    F(T, stride_q, '4'), F(T, stride_k, '4'), F(T, stride_v, '4'), F(T, stride_o, '4'), F(T, stride_dq, '4'),
-   F(T, stride_dk, '4'), F(T, stride_dv, '4'), F(T, scale, 'd'))
+   F(T, stride_dk, '4'), F(T, stride_dv, '4'), F(T, scale, 'd'), F(T, dkdv_partial, 'p'))
 #undef T
 #define T fdk_group_norm_silu_fwd_args
 OP(group_norm_silu_fwd, T, F(T, dtype, 'e'), F(T, params_dtype, 'e'), F(T, x, 'p'), F(T, y, 'p'), F(T, weight, 'p'),

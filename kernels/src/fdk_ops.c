@@ -106,6 +106,32 @@ static fdk_status check_attention_sizes(fdk_dtype dtype, int64_t B, int64_t H, i
 
 #define STRIDES(s) {.l = (s)[0]}, {.l = (s)[1]}, {.l = (s)[2]}
 
+/* As fastdiff/ops/attention.py: SHORT_PROGRAMS_PER_SM, short_programs and the _Tables plans.  A short
+   path (every key in one block) applies when its table has a case and len_k <= its BLOCK_N; small-grid
+   tiles when batch·heads·⌈len_q / BLOCK_M⌉ < #SMs and the table has them. */
+enum { ATTN_SHORT_PROGRAMS_PER_SM = 2 };
+
+static int64_t short_programs(int64_t bh, int64_t q_blocks, int num_sms) {
+  int64_t want = cdiv((int64_t)ATTN_SHORT_PROGRAMS_PER_SM * num_sms, bh);
+  want = want < q_blocks ? want : q_blocks;
+  return want > 1 ? want : 1;
+}
+
+/* The short case of `table` for key, or -1 when the call takes the long path. */
+static int short_case(int table, const int *key, int arch, int64_t len_k) {
+  int entry = fdk_find(table, key, arch);
+  return entry >= 0 && len_k <= cx(entry, FDK_CX_BLOCK_N) ? entry : -1;
+}
+
+/* The case with small-grid tiles (key[n - 1] = 1) instead of the default one when the grid is small. */
+static int small_grid_case(int table, int *key, int n, int arch, int entry, int64_t bh, int64_t len_q, int sms) {
+  if (bh * cdiv(len_q, cx(entry, FDK_CX_BLOCK_M)) >= sms) return entry;
+  key[n - 1] = 1;
+  int small = fdk_find(table, key, arch);
+  key[n - 1] = 0;
+  return small >= 0 ? small : entry;
+}
+
 fdk_status fdk_attention_fwd(const fdk_attention_fwd_args *a, struct CUstream_st *stream) {
   if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
   CHECK(check_attention_sizes(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim));
@@ -119,14 +145,43 @@ fdk_status fdk_attention_fwd(const fdk_attention_fwd_args *a, struct CUstream_st
   if (!(a->scale > 0)) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "scale must be > 0");
   int arch, sms, entry;
   CHECK(fdk_device(&arch, &sms));
-  int key[3] = {arch, a->dtype, (int)a->head_dim};
-  CHECK(pick(FDK_TABLE_attention_fwd, key, 3, &entry));
-  unsigned grid[3] = {(unsigned)(a->batch * a->heads), (unsigned)cdiv(a->len_q, cx(entry, FDK_CX_BLOCK_M)), 1};
+  int key[4] = {arch, a->dtype, (int)a->head_dim, 0};
+  int64_t bh = a->batch * a->heads, programs;
+  if ((entry = short_case(FDK_TABLE_attention_fwd_short, key, arch, a->len_k)) >= 0) {
+    programs = short_programs(bh, cdiv(a->len_q, cx(entry, FDK_CX_BLOCK_M)), sms);
+  } else {
+    CHECK(pick(FDK_TABLE_attention_fwd, key, 4, &entry));
+    entry = small_grid_case(FDK_TABLE_attention_fwd, key, 4, arch, entry, bh, a->len_q, sms);
+    programs = cdiv(a->len_q, cx(entry, FDK_CX_BLOCK_M));
+  }
+  unsigned grid[3] = {(unsigned)bh, (unsigned)programs, 1};
   fdk_arg args[22] = {{.p = a->q}, {.p = a->k}, {.p = a->v}, {.p = a->o}, {.p = a->lse},
                       STRIDES(a->stride_q), STRIDES(a->stride_k), STRIDES(a->stride_v), STRIDES(a->stride_o),
                       {.l = a->heads}, {.l = a->len_q}, {.l = a->len_k}, {.l = a->head_dim},
                       {.f = (float)(a->scale * LOG2E)}};
   return fdk_launch(entry, grid, args, 22, stream);
+}
+
+/* The short backward's case (or -1) and its programs per (batch, head). */
+static fdk_status attention_bwd_short(fdk_dtype dtype, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D,
+                                      int *entry, int64_t *parts) {
+  int arch, sms;
+  CHECK(fdk_device(&arch, &sms));
+  int key[3] = {arch, dtype, (int)D};
+  *entry = short_case(FDK_TABLE_attention_bwd_short, key, arch, Lk);
+  *parts = *entry >= 0 ? short_programs(B * H, cdiv(Lq, cx(*entry, FDK_CX_BLOCK_M)), sms) : 0;
+  return FDK_SUCCESS;
+}
+
+fdk_status fdk_attention_bwd_partials(fdk_dtype dtype, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
+                                      int64_t head_dim, int64_t *floats) {
+  CHECK(check_attention_sizes(dtype, batch, heads, len_q, len_k, head_dim));
+  CHECK(fdk_check_ptr(floats, "floats"));
+  int entry;
+  int64_t parts;
+  CHECK(attention_bwd_short(dtype, batch, heads, len_q, len_k, head_dim, &entry, &parts));
+  *floats = 2 * parts * batch * heads * len_k * head_dim;
+  return FDK_SUCCESS;
 }
 
 fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *a, struct CUstream_st *stream) {
@@ -143,14 +198,34 @@ fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *a, struct CUstream_st
   CHECK(check_bhld("dk", a->dk, a->stride_dk, ks, a->dtype));
   CHECK(check_bhld("dv", a->dv, a->stride_dv, ks, a->dtype));
   CHECK(fdk_check_ptr(a->lse, "lse"));
-  CHECK(fdk_check_ptr(a->delta, "delta"));
   if (!(a->scale > 0)) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "scale must be > 0");
   int arch, sms;
   CHECK(fdk_device(&arch, &sms));
+  unsigned bh = (unsigned)(a->batch * a->heads);
+  float scale = (float)a->scale, scale2 = (float)(a->scale * LOG2E);
+  int64_t parts;
+  int sh, red, rkey[1] = {a->dtype};
+  CHECK(attention_bwd_short(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim, &sh, &parts));
+  if (sh >= 0) { /* one kernel for dq and the dK, dV partials, then their sum */
+    CHECK(fdk_check_ptr(a->dkdv_partial, "dkdv_partial"));
+    CHECK(pick(FDK_TABLE_attention_bwd_reduce, rkey, 1, &red));
+    unsigned grid[3] = {bh, (unsigned)parts, 1};
+    fdk_arg args[32] = {{.p = a->q}, {.p = a->k}, {.p = a->v}, {.p = a->o}, {.p = a->d_o}, {.p = a->lse},
+                        {.p = a->dq}, {.p = a->dkdv_partial}, STRIDES(a->stride_q), STRIDES(a->stride_k),
+                        STRIDES(a->stride_v), STRIDES(a->stride_o), STRIDES(a->stride_do), STRIDES(a->stride_dq),
+                        {.l = a->heads}, {.l = a->len_q}, {.l = a->len_k}, {.l = a->head_dim}, {.f = scale},
+                        {.f = scale2}};
+    CHECK(fdk_launch(sh, grid, args, 32, stream));
+    unsigned grid_red[3] = {bh, 2, (unsigned)cdiv(a->len_k * a->head_dim, cx(red, FDK_CX_BLOCK))};
+    fdk_arg red_args[14] = {{.p = a->dkdv_partial}, {.p = a->dk}, {.p = a->dv}, STRIDES(a->stride_dk),
+                            STRIDES(a->stride_dv), {.l = a->heads}, {.l = a->len_k}, {.l = a->head_dim},
+                            {.l = parts}, {.f = scale}};
+    return fdk_launch(red, grid_red, red_args, 14, stream);
+  }
+  CHECK(fdk_check_ptr(a->delta, "delta"));
   /* pick every case before launching anything: a missing one launches nothing */
   int key[5] = {arch, a->dtype, (int)a->head_dim, 1, 1}, pre, dq, kv[2], passes = 1;
   CHECK(pick(FDK_TABLE_attention_bwd_pre, key, 3, &pre));
-  CHECK(pick(FDK_TABLE_attention_bwd_dq, key, 3, &dq));
   if ((kv[0] = fdk_find(FDK_TABLE_attention_bwd_dkdv, key, arch)) < 0) { /* head dim 160: dK and dV apart */
     key[4] = 0;
     CHECK(pick(FDK_TABLE_attention_bwd_dkdv, key, 5, &kv[0]));
@@ -158,8 +233,9 @@ fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *a, struct CUstream_st
     CHECK(pick(FDK_TABLE_attention_bwd_dkdv, key, 5, &kv[1]));
     passes = 2;
   }
-  unsigned bh = (unsigned)(a->batch * a->heads);
-  float scale = (float)a->scale, scale2 = (float)(a->scale * LOG2E);
+  key[3] = 0;
+  CHECK(pick(FDK_TABLE_attention_bwd_dq, key, 4, &dq));
+  dq = small_grid_case(FDK_TABLE_attention_bwd_dq, key, 4, arch, dq, bh, a->len_q, sms);
   unsigned grid_pre[3] = {bh, (unsigned)cdiv(a->len_q, cx(pre, FDK_CX_BLOCK_M)), 1};
   fdk_arg pre_args[12] = {{.p = a->o}, {.p = a->d_o}, {.p = a->delta}, STRIDES(a->stride_o), STRIDES(a->stride_do),
                           {.l = a->heads}, {.l = a->len_q}, {.l = a->head_dim}};
