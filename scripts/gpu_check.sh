@@ -12,7 +12,8 @@
 # Stages (default: tests sweep attention memory unet), run in the order given:
 #   tests       pytest of the kernel, compile, patch and sampler tests with FASTDIFF_BACKEND=auto
 #   sweep       the kernels' tuning sweep: the script named by GPU_CHECK_SWEEP (default
-#               scripts/tune_kernels.py), run with --out OUT_DIR/res/sweep; skipped while absent
+#               scripts/tune_kernels.py), run with --quick --budget-s 60 --out OUT_DIR/res/sweep
+#               (it proposes winners there; --apply writes them into the tables); skipped while absent
 #   attention   the attention entry, --quick (SDPA flash / efficient / cuDNN, FlashAttention, xformers)
 #   memory      noising sampler_step group_norm, --quick, with their torch.compile baselines
 #               (one process: Inductor starts once)
@@ -88,10 +89,10 @@ for s in $STAGES; do
             tests/test_samplers.py tests/test_unet.py ;;
     sweep)
         # The tuning sweep times each kernel's candidate configurations at the benchmark shapes and
-        # writes the winners into the launch tables; it runs before the benchmarks, which then
-        # measure the tuned kernels.
+        # proposes the winners (res/sweep/_tuned.py; adopted by --apply and a commit).  It
+        # leaves the tables in force alone, so the benchmarks measure what the library ships.
         if [[ -f $SWEEP ]]; then
-            stage sweep 100 python3 "$SWEEP" --out "$OUT_DIR/res/sweep"
+            stage sweep 100 python3 "$SWEEP" --quick --budget-s 60 --out "$OUT_DIR/res/sweep"
         else
             note "stage sweep: skipped ($SWEEP does not exist yet)"
         fi ;;

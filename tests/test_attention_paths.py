@@ -145,3 +145,17 @@ def test_tma_cases_are_candidates_never_defaults():
     if attn_mod._tuned.TUNED.get("attention") is None:
         assert not any(id(case) in picked for case in tma)
     assert len(tma) == (4 if attn_mod.HAS_TENSOR_DESCRIPTORS else 0)  # sm_90, fp16/bf16, D = 64, 128
+
+
+def test_tma_needs_tensor_descriptors(monkeypatch):
+    """Under a Triton without in-kernel tensor descriptors, no table has a TMA case and the sweep offers none;
+    a tuned TMA forward falls back to the same tiles loaded without TMA."""
+    monkeypatch.setattr(attn_mod, "HAS_TENSOR_DESCRIPTORS", False)
+    tiles = attn_mod.TABLES.configs16[90][128].fwd
+    tuned = {"sm90": {"128": {"fwd": attn_mod.tuned_entry(dataclasses.replace(tiles, tma=True))}}}
+    configs = attn_mod.configs_with(tuned)
+    assert configs[90][128].fwd == dataclasses.replace(tiles, tma=False)
+    tables = attn_mod.Tables(configs, attn_mod.CONFIGS_FP32)
+    assert not tables.fwd_tma.entries
+    assert not any(case.jit_only or case.constexprs.get("TMA") for t in tables.tables for case in t.cases())
+    assert not any(t.tma for t in attn_mod.tuning_candidates(90, 128, "fwd"))

@@ -1347,3 +1347,57 @@ def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     whose shapes are fixed at construction): ``scale`` is the float `attention` would resolve
     (1/sqrt(D) by default).  Arguments `attention` would refuse give undefined results."""
     return _attention_fwd_call(q, k, v, scale)[0]
+
+
+# ----------------------------------------------------------------------------- tuning (scripts/tune_kernels.py)
+
+# Alternatives to each role's tiles that the sweep times (fp16/bf16: fp32 is for tests); the
+# tiles in force always stay among them, first.  Every 16-bit tile keeps ≥ 64 rows in each
+# dot's M (one wgmma warpgroup), and the short roles keep 128 keys (the short path's reach).
+_CANDIDATES = {
+    "fwd": [_T(128, 64, 8, 3), _T(128, 128, 8, 3), _T(128, 64, 4, 3), _T(128, 64, 8, 4), _T(128, 128, 8, 2),
+            _T(64, 64, 4, 3)],
+    "fwd_small": [_T(64, 64, 4, 3), _T(64, 128, 4, 3), _T(64, 64, 4, 4), _T(64, 32, 4, 3)],
+    "fwd_short": [_T(128, 128, 8, 2), _T(64, 128, 4, 2), _T(128, 128, 8, 3), _T(64, 128, 8, 3)],
+    "bwd_kv": [_T(32, 64, 4, 3), _T(32, 128, 8, 3), _T(64, 64, 4, 3), _T(64, 128, 8, 3), _T(32, 64, 4, 2)],
+    "bwd_q": [_T(64, 64, 4, 3), _T(128, 64, 8, 3), _T(64, 32, 4, 3), _T(128, 128, 8, 3)],
+    "bwd_q_small": [_T(64, 64, 4, 3), _T(64, 32, 4, 3), _T(64, 64, 4, 2)],
+    "bwd_short": [_T(64, 128, 8, 2), _T(64, 128, 4, 2), _T(128, 128, 8, 2)],
+}  # fmt: skip
+QUICK_CANDIDATES = 2  # alternatives per role in a quick sweep
+
+
+def tuning_candidates(arch: int, head_dim: int, role: str, quick: bool = False) -> list[Tiles]:
+    """The tiles the sweep times for one role of one (arch, head dim): those in force first, then the
+    alternatives (the forward's first alternative on sm_90 at D = 64/128: the same tiles through TMA)."""
+    current = getattr(TABLES.configs16[arch][head_dim], role)
+    if current is None:
+        return []
+    alternatives = [t for t in _CANDIDATES[role] if t != current]
+    if role == "fwd" and arch == 90 and HAS_TENSOR_DESCRIPTORS and head_dim in (64, 128):
+        alternatives.insert(0, dataclasses.replace(current, tma=not current.tma))
+    return [current] + alternatives[: QUICK_CANDIDATES if quick else None]
+
+
+def tuning_roles(arch: int, num_sms: int, B: int, H: int, Lq: int, Lk: int, head_dim: int) -> list[tuple[str, str]]:
+    """(direction, role) of every tunable launch a bf16 call of this shape makes on ``arch``."""
+    key = (arch, dtype_code(torch.bfloat16), head_dim)
+    fwd = TABLES.forward_plan(key, B * H, Lq, Lk, num_sms)
+    bwd = TABLES.backward_plan(key, B * H, Lq, Lk, num_sms)
+    roles = [("fwd", fwd.role)] + [("bwd", launch.role) for launch in bwd.launches if launch.role in ROLES]
+    return list(dict.fromkeys(roles))  # head dim 160's two dK/dV passes are one role
+
+
+def tuned_entry(tiles: Tiles) -> dict:
+    """How `_tuned.TUNED` stores a role's tiles (`configs_with` reads it back)."""
+    return {"tiles": [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages], "tma": tiles.tma}
+
+
+def forward_with(tables: Tables, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse₂) through ``tables`` with Triton's JIT: a tuning candidate (no checks, no autograd)."""
+    return _forward_triton(q, k, v, scale, tables)
+
+
+def backward_with(tables: Tables, do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) through ``tables`` with Triton's JIT: a tuning candidate."""
+    return _backward_triton(do, q, k, v, o, lse, scale, tables)
