@@ -52,7 +52,9 @@ D = 40/80/96/160 instead of 64/128/128/256: 25 %, 37.5 %, 25 %, 37.5 % less.  On
 40's second block is padded (columns 40..47 load as zeros and are never stored).
 
 Short keys (Lk ≤ BLOCK_N of the short case: 128 in fp16/bf16, as for SD's 77 text
-tokens; 32 in fp32).  A program holds every key, so the forward needs no online softmax:
+tokens; 32 in fp32; the 16-bit backward only up to D = 80, whose fp32 dK and dV
+accumulators of 128 keys still fit in registers).  A program holds every key, so the
+forward needs no online softmax:
 m = max_j s_ij is the row's true maximum and
 
     P_ij = exp(s_ij − m_i) / ℓ_i,   ℓ_i = Σ_j exp(s_ij − m_i),   o_i = Σ_j P_ij v_j,   L_i = m_i + log ℓ_i
@@ -803,8 +805,9 @@ ROLES = ("fwd", "fwd_small", "fwd_short", "bwd_kv", "bwd_q", "bwd_q_small", "bwd
 # Head dim 160 splits dK and dV into two launches: both fp32 accumulators of a 64×160
 # key block do not fit beside the rest without spilling.
 # Short paths: 128 keys per block, the largest tile whose fp32 dK and dV accumulators
-# (128 × D each) fit in registers up to D = 96 (SD's cross-attention has 77 tokens);
-# D = 128, 160 backward with short keys takes the long path.
+# (128 × D each) fit in registers up to D = 80 (SD's cross-attention has 77 tokens);
+# D = 96 spills 40 bytes on sm_90, so D = 96, 128, 160 backward with short keys takes the
+# long path.
 _T = Tiles
 PRE_TILES = _T(0, 0, 4, 1)  # the δ preprocess: one pass, nothing to pipeline
 REDUCE_TILES = _T(0, 1024, 4, 1)  # the short backward's sum of partials: block_n elements per program
@@ -816,7 +819,7 @@ _SM90_D64 = AttnConfig(fwd=_T(128, 128, 8, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_
                        fwd_short=_T(128, 128, 8, 2), bwd_short=_T(32, 128, 8, 2))  # fmt: skip
 _SM90_D128 = AttnConfig(fwd=_T(128, 64, 8, 3), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T(64, 64, 4, 3),
                         fwd_small=_T(64, 64, 4, 3), fwd_short=_T(128, 128, 8, 2))  # fmt: skip
-_SM90_D96 = dataclasses.replace(_SM90_D128, bwd_short=_T(32, 128, 8, 2))
+_SM90_D80 = dataclasses.replace(_SM90_D128, bwd_short=_T(32, 128, 8, 2))
 _SM90_D160 = AttnConfig(fwd=_T(64, 64, 8, 2), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 32, 8, 2), split_dkdv=True,
                         fwd_short=_T(64, 128, 8, 2))  # fmt: skip
 _SM80_D64 = AttnConfig(fwd=_T(128, 64, 4, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_T(128, 64, 8, 3),
@@ -824,12 +827,12 @@ _SM80_D64 = AttnConfig(fwd=_T(128, 64, 4, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_T
                        fwd_short=_T(64, 128, 4, 2), bwd_short=_T(32, 128, 8, 2))  # fmt: skip
 _SM80_D128 = AttnConfig(fwd=_T(128, 64, 8, 2), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T(64, 64, 4, 2),
                         fwd_small=_T(64, 64, 4, 2), fwd_short=_T(64, 128, 8, 2))  # fmt: skip
-_SM80_D96 = dataclasses.replace(_SM80_D128, bwd_short=_T(32, 128, 8, 2))
+_SM80_D80 = dataclasses.replace(_SM80_D128, bwd_short=_T(32, 128, 8, 2))
 _SM80_D160 = AttnConfig(fwd=_T(128, 32, 8, 1), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 32, 8, 1), split_dkdv=True,
                         fwd_short=_T(64, 128, 8, 1))  # fmt: skip
 CONFIGS_16BIT: dict[int, dict[int, AttnConfig]] = {
-    90: {32: _SM90_D32, 40: _SM90_D64, 64: _SM90_D64, 80: _SM90_D96, 96: _SM90_D96, 128: _SM90_D128, 160: _SM90_D160},
-    80: {32: _SM90_D32, 40: _SM80_D64, 64: _SM80_D64, 80: _SM80_D96, 96: _SM80_D96, 128: _SM80_D128, 160: _SM80_D160},
+    90: {32: _SM90_D32, 40: _SM90_D64, 64: _SM90_D64, 80: _SM90_D80, 96: _SM90_D128, 128: _SM90_D128, 160: _SM90_D160},
+    80: {32: _SM90_D32, 40: _SM80_D64, 64: _SM80_D64, 80: _SM80_D80, 96: _SM80_D128, 128: _SM80_D128, 160: _SM80_D160},
 }
 
 # fp32 (tests): true-fp32 matmuls run on FMA units with operands in registers, so
