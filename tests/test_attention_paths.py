@@ -66,12 +66,25 @@ def test_long_keys_small_grid(D, dtype, device, poisoned_alloc):
     _check_against_float64(*_qkv(3, 1, 70, 131, D, dtype, device))
 
 
-@pytest.mark.parametrize("D", attn_mod.HEAD_DIMS)
+FP32_SHORT = [D for D in attn_mod.HEAD_DIMS if attn_mod.CONFIGS_FP32[D].fwd_short is not None]
+
+
+@pytest.mark.parametrize("D", FP32_SHORT)
 def test_short_keys_fp32_every_head_dim(D, sms, device, poisoned_alloc):
     """fp32's short path (Lk ≤ 32): one program per query block (132 SMs) or a few stepping through all (1 SM)."""
-    i = attn_mod.HEAD_DIMS.index(D)
+    i = FP32_SHORT.index(D)
     sms(1 if i % 2 else 132)
+    fwd, bwd = _paths(1, 3, 29, 27, D, torch.float32)
+    assert fwd[0][0].kernel_name == "_attn_fwd_short_kernel" and bwd[0][0].kernel_name == "_attn_bwd_short_kernel"
     _check_against_float64(*_qkv(1, 3, 29, 27 if i % 3 else 32, D, torch.float32, device), scale=0.3)
+
+
+def test_short_keys_fp32_wide_heads_take_the_long_path():
+    """fp32 at D = 128, 160 has no short path (its forward would spill): the long kernels, at any Lk."""
+    for D in (128, 160):
+        fwd, bwd = _paths(1, 2, 29, 7, D, torch.float32)
+        assert [c.kernel_name for c, _ in fwd] == ["_attn_fwd_kernel"]
+        assert bwd[0][0].kernel_name == "_attn_bwd_preprocess_kernel"
 
 
 @pytest.mark.parametrize("D,dtype", [(80, torch.bfloat16), (32, torch.float16)])

@@ -52,8 +52,8 @@ D = 40/80/96/160 instead of 64/128/128/256: 25 %, 37.5 %, 25 %, 37.5 % less.  On
 40's second block is padded (columns 40..47 load as zeros and are never stored).
 
 Short keys (Lk ≤ BLOCK_N of the short case: 128 in fp16/bf16, as for SD's 77 text
-tokens; 32 in fp32; the 16-bit backward only up to D = 80, whose fp32 dK and dV
-accumulators of 128 keys still fit in registers).  A program holds every key, so the
+tokens; 32 in fp32 up to D = 96; the 16-bit backward only up to D = 80, whose fp32 dK
+and dV accumulators of 128 keys still fit in registers).  A program holds every key, so the
 forward needs no online softmax:
 m = max_j s_ij is the row's true maximum and
 
@@ -837,15 +837,18 @@ CONFIGS_16BIT: dict[int, dict[int, AttnConfig]] = {
 
 # fp32 (tests): true-fp32 matmuls run on FMA units with operands in registers, so
 # tiles are small; one table for every architecture.  Two stages: with one, ptxas moves
-# the FMA dot's operands to local memory.  Short paths up to 32 keys (K, V and the dK,
-# dV accumulators of every key stay in registers).
-_F32_D64 = AttnConfig(_T(32, 32, 4, 2), _T(16, 32, 4, 2), _T(32, 32, 4, 2), pre_block_m=64,
+# the FMA dot's operands to local memory.  Short paths up to 32 keys and D = 96 (K, V and
+# the dK, dV accumulators of every key stay in registers; at D = 128 the forward spills).
+# The audit's spill check shaped the rest: head dim 64's forward and 160's dQ keep the
+# tiles below, whose neighbours spill 8 bytes there.
+_F32_D40 = AttnConfig(_T(32, 32, 4, 2), _T(16, 32, 4, 2), _T(32, 32, 4, 2), pre_block_m=64,
                       fwd_short=_T(16, 32, 4, 2), bwd_short=_T(16, 32, 4, 2))  # fmt: skip
-_F32_D128 = AttnConfig(_T(32, 16, 4, 2), _T(16, 32, 4, 2), _T(32, 16, 4, 2), pre_block_m=32,
-                       fwd_short=_T(16, 32, 8, 2), bwd_short=_T(16, 32, 8, 2))  # fmt: skip
-_F32_D160 = AttnConfig(_T(16, 16, 4, 2), _T(16, 16, 4, 2), _T(16, 16, 4, 2), pre_block_m=16,
-                       fwd_short=_T(16, 32, 8, 2), bwd_short=_T(16, 32, 8, 2))  # fmt: skip
-CONFIGS_FP32: dict[int, AttnConfig] = {32: _F32_D64, 40: _F32_D64, 64: _F32_D64, 80: _F32_D128, 96: _F32_D128,
+_F32_D64 = dataclasses.replace(_F32_D40, fwd=_T(32, 32, 8, 2))
+_F32_D96 = AttnConfig(_T(32, 16, 4, 2), _T(16, 32, 4, 2), _T(32, 16, 4, 2), pre_block_m=32,
+                      fwd_short=_T(16, 32, 8, 2), bwd_short=_T(16, 32, 8, 2))  # fmt: skip
+_F32_D128 = dataclasses.replace(_F32_D96, fwd_short=None, bwd_short=None)
+_F32_D160 = AttnConfig(_T(16, 16, 4, 2), _T(16, 16, 4, 2), _T(16, 16, 8, 2), pre_block_m=16)
+CONFIGS_FP32: dict[int, AttnConfig] = {32: _F32_D40, 40: _F32_D40, 64: _F32_D64, 80: _F32_D96, 96: _F32_D96,
                                        128: _F32_D128, 160: _F32_D160}  # fmt: skip
 
 MIN_DOT = 16  # tl.dot's smallest K and N
