@@ -24,9 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "kernels", "include", "fastdiff_kernels.h")
 # the cases the dry-run comparisons need (sm_90; fp32 and bf16)
 MATCH = ["q_sample[fp32", "q_sample[bf16", "attention_fwd[any,fp32", "attention_fwd[sm90,bf16",
-         "attention_bwd_pre[fp32", "attention_bwd_pre[bf16", "[sm90,bf16", "[any,fp32", "[any,bf16", "sq_err_partial[fp32",
-         "sq_err_backward[fp32", "sum", "gn_stats[fp32", "gn_apply[fp32", "gn_bwd_reduce[fp32", "gn_dx[fp32",
-         "fp32 params", "sampler_step[fp32,", "sampler_step_stats[fp32"]  # fmt: skip
+         "attention_bwd_pre[fp32", "attention_bwd_pre[bf16", "[sm90,bf16", "[any,fp32", "[any,bf16",
+         "sq_err_partial[fp32", "sq_err_backward[fp32", "sum", "gn_stats[fp32", "gn_apply[fp32", "gn_bwd_reduce[fp32",
+         "gn_dx[fp32", "fp32 params", "sampler_step[fp32,", "sampler_step_stats[fp32"]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("cc") is None, reason="needs cmake, cc")
 

@@ -88,8 +88,8 @@ tensor descriptors instead (the tensor memory accelerator: asynchronous bulk cop
 no address arithmetic or masks).  Its descriptors live in global scratch that Triton's
 JIT allocates per launch, which the compiled library does not do: the TMA cases are
 JIT-only candidates, in the tables for the audit, picked for D = 64/128 only where the
-tuning sweep measured them faster (``_tuned.py``).  Triton's automatic warp
-specialization is Blackwell-only in the Tritons we support, so Hopper has none.
+tuning sweep measured them faster (``_tuned.py``).  No kernel here asks for warp
+specialization (``tl.range(..., warp_specialize=True)``): on Hopper that is still to try.
 
 Precision: inputs fp16/bf16 (or fp32, for tests); the score and output matmuls run on
 tensor cores with fp32 accumulation; softmax statistics, δ and all gradient
