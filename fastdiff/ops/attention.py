@@ -52,8 +52,8 @@ D = 40/80/96/160 instead of 64/128/128/256: 25 %, 37.5 %, 25 %, 37.5 % less.  On
 40's second block is padded (columns 40..47 load as zeros and are never stored).
 
 Short keys (Lk ≤ BLOCK_N of the short case: 128 in fp16/bf16, as for SD's 77 text
-tokens; 32 in fp32 up to D = 96; the 16-bit backward only up to D = 80, whose fp32 dK
-and dV accumulators of 128 keys still fit in registers).  A program holds every key, so the
+tokens; 32 in fp32 up to D = 64; the 16-bit backward only up to D = 80 (64 on sm_80),
+whose fp32 dK and dV accumulators of 128 keys still fit in registers).  A program holds every key, so the
 forward needs no online softmax:
 m = max_j s_ij is the row's true maximum and
 
@@ -805,9 +805,11 @@ ROLES = ("fwd", "fwd_small", "fwd_short", "bwd_kv", "bwd_q", "bwd_q_small", "bwd
 # Head dim 160 splits dK and dV into two launches: both fp32 accumulators of a 64×160
 # key block do not fit beside the rest without spilling.
 # Short paths: 128 keys per block, the largest tile whose fp32 dK and dV accumulators
-# (128 × D each) fit in registers up to D = 80 (SD's cross-attention has 77 tokens);
-# D = 96 spills 40 bytes on sm_90, so D = 96, 128, 160 backward with short keys takes the
-# long path.
+# (128 × D each) fit in registers up to D = 80 on sm_90 and D = 64 on sm_80 (SD's
+# cross-attention has 77 tokens); past that (D = 96 spills 40 bytes on sm_90, D = 80
+# 8 bytes on sm_80) the backward with short keys takes the long path.  On sm_80, head dim
+# 96's dK/dV and 160's dQ take 8 warps and 16-key steps: the tiles of 128/256 columns
+# spilled once the head dim became 64 + 32 and 128 + 32 columns.
 _T = Tiles
 PRE_TILES = _T(0, 0, 4, 1)  # the δ preprocess: one pass, nothing to pipeline
 REDUCE_TILES = _T(0, 1024, 4, 1)  # the short backward's sum of partials: block_n elements per program
@@ -827,28 +829,27 @@ _SM80_D64 = AttnConfig(fwd=_T(128, 64, 4, 3), bwd_kv=_T(32, 128, 8, 3), bwd_q=_T
                        fwd_short=_T(64, 128, 4, 2), bwd_short=_T(32, 128, 8, 2))  # fmt: skip
 _SM80_D128 = AttnConfig(fwd=_T(128, 64, 8, 2), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T(64, 64, 4, 2),
                         fwd_small=_T(64, 64, 4, 2), fwd_short=_T(64, 128, 8, 2))  # fmt: skip
-_SM80_D80 = dataclasses.replace(_SM80_D128, bwd_short=_T(32, 128, 8, 2))
-_SM80_D160 = AttnConfig(fwd=_T(128, 32, 8, 1), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 32, 8, 1), split_dkdv=True,
+_SM80_D96 = dataclasses.replace(_SM80_D128, bwd_kv=_T(32, 64, 8, 3))
+_SM80_D160 = AttnConfig(fwd=_T(128, 32, 8, 1), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 16, 8, 1), split_dkdv=True,
                         fwd_short=_T(64, 128, 8, 1))  # fmt: skip
 CONFIGS_16BIT: dict[int, dict[int, AttnConfig]] = {
     90: {32: _SM90_D32, 40: _SM90_D64, 64: _SM90_D64, 80: _SM90_D80, 96: _SM90_D128, 128: _SM90_D128, 160: _SM90_D160},
-    80: {32: _SM90_D32, 40: _SM80_D64, 64: _SM80_D64, 80: _SM80_D80, 96: _SM80_D128, 128: _SM80_D128, 160: _SM80_D160},
+    80: {32: _SM90_D32, 40: _SM80_D64, 64: _SM80_D64, 80: _SM80_D128, 96: _SM80_D96, 128: _SM80_D128, 160: _SM80_D160},
 }
 
 # fp32 (tests): true-fp32 matmuls run on FMA units with operands in registers, so
 # tiles are small; one table for every architecture.  Two stages: with one, ptxas moves
-# the FMA dot's operands to local memory.  Short paths up to 32 keys and D = 96 (K, V and
-# the dK, dV accumulators of every key stay in registers; at D = 128 the forward spills).
-# The audit's spill check shaped the rest: head dim 64's forward and 160's dQ keep the
-# tiles below, whose neighbours spill 8 bytes there.
+# the FMA dot's operands to local memory.  Short paths up to 32 keys and D = 64 (K, V and
+# the dK, dV accumulators of every key stay in registers; the backward spills at D = 80 on
+# sm_80, the forward at D = 128 on sm_90).  The audit's spill check shaped the rest: head
+# dim 64's forward, 96's forward and dQ and 160's dQ take 8 warps (4 spilled 8 bytes).
 _F32_D40 = AttnConfig(_T(32, 32, 4, 2), _T(16, 32, 4, 2), _T(32, 32, 4, 2), pre_block_m=64,
                       fwd_short=_T(16, 32, 4, 2), bwd_short=_T(16, 32, 4, 2))  # fmt: skip
 _F32_D64 = dataclasses.replace(_F32_D40, fwd=_T(32, 32, 8, 2))
-_F32_D96 = AttnConfig(_T(32, 16, 4, 2), _T(16, 32, 4, 2), _T(32, 16, 4, 2), pre_block_m=32,
-                      fwd_short=_T(16, 32, 8, 2), bwd_short=_T(16, 32, 8, 2))  # fmt: skip
-_F32_D128 = dataclasses.replace(_F32_D96, fwd_short=None, bwd_short=None)
+_F32_D128 = AttnConfig(_T(32, 16, 4, 2), _T(16, 32, 4, 2), _T(32, 16, 4, 2), pre_block_m=32)
+_F32_D96 = dataclasses.replace(_F32_D128, fwd=_T(32, 16, 8, 2), bwd_q=_T(32, 16, 8, 2))
 _F32_D160 = AttnConfig(_T(16, 16, 4, 2), _T(16, 16, 4, 2), _T(16, 16, 8, 2), pre_block_m=16)
-CONFIGS_FP32: dict[int, AttnConfig] = {32: _F32_D40, 40: _F32_D40, 64: _F32_D64, 80: _F32_D96, 96: _F32_D96,
+CONFIGS_FP32: dict[int, AttnConfig] = {32: _F32_D40, 40: _F32_D40, 64: _F32_D64, 80: _F32_D128, 96: _F32_D96,
                                        128: _F32_D128, 160: _F32_D160}  # fmt: skip
 
 MIN_DOT = 16  # tl.dot's smallest K and N
