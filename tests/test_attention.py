@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff
-from fastdiff.ops import _backend
 from fastdiff.ops.attention import HEAD_DIMS, attention, attention_ref
 
 # The module itself (the package attribute `fastdiff.ops.attention` may be the function).
