@@ -16,6 +16,23 @@
 typedef struct { size_t offset; char kind; } field;
 #define F(type, name, kind) {offsetof(type, name), kind}
 
+/* Pointers and int64 sizes from Python ints without CPython's generic byte-array path (which
+   PyLong_AsUnsignedLongLong and PyLong_AsLongLong take for every multi-digit int, i.e. every address). */
+static void *address_of(PyObject *arg) {
+  if (!PyLong_Check(arg)) {
+    PyErr_Format(PyExc_TypeError, "an address must be an int, got %s", Py_TYPE(arg)->tp_name);
+    return NULL;
+  }
+  return (void *)(uintptr_t)PyLong_AsUnsignedLongLongMask(arg); /* data_ptr() values: never negative */
+}
+
+static int64_t int64_of(PyObject *arg, int *overflow) {
+  int this_one = 0;
+  long long v = PyLong_AsLongLongAndOverflow(arg, &this_one);
+  *overflow |= this_one;
+  return v;
+}
+
 static int fill(void *s, const field *fields, int n, PyObject *const *args, Py_ssize_t nargs, const char *fn) {
   Py_ssize_t want = 1; /* the stream */
   for (int i = 0; i < n; i++) want += fields[i].kind == '4' ? 4 : 1;
@@ -24,20 +41,22 @@ static int fill(void *s, const field *fields, int n, PyObject *const *args, Py_s
     return -1;
   }
   Py_ssize_t a = 0;
+  int overflow = 0;
   for (int i = 0; i < n; i++) {
     char *at = (char *)s + fields[i].offset;
     switch (fields[i].kind) {
       case 'e': case 'i': *(int *)at = (int)PyLong_AsLong(args[a++]); break;
-      case 'l': *(int64_t *)at = PyLong_AsLongLong(args[a++]); break;
-      case 'p': *(void **)at = (void *)(uintptr_t)PyLong_AsUnsignedLongLong(args[a++]); break;
+      case 'l': *(int64_t *)at = int64_of(args[a++], &overflow); break;
+      case 'p': *(void **)at = address_of(args[a++]); break;
       case 'd': *(double *)at = PyFloat_AsDouble(args[a++]); break;
-      case '4': for (int k = 0; k < 4; k++) ((int64_t *)at)[k] = PyLong_AsLongLong(args[a++]); break;
+      case '4': for (int k = 0; k < 4; k++) ((int64_t *)at)[k] = int64_of(args[a++], &overflow); break;
     }
   }
+  if (overflow && !PyErr_Occurred()) PyErr_Format(PyExc_OverflowError, "%s: an integer does not fit 64 bits", fn);
   return PyErr_Occurred() ? -1 : 0;
 }
 
-static struct CUstream_st *stream_of(PyObject *arg) { return (struct CUstream_st *)(uintptr_t)PyLong_AsUnsignedLongLong(arg); }
+static struct CUstream_st *stream_of(PyObject *arg) { return (struct CUstream_st *)address_of(arg); }
 
 #define OP(name, type, ...)                                                                          \
   static const field name##_fields[] = {__VA_ARGS__};                                                \

@@ -24,8 +24,9 @@ static fdk_status pick(int table, const int *key, int nkey, int *entry) {
   CHECK(fdk_device(&arch, &sms));
   *entry = fdk_find(table, key, arch);
   if (*entry < 0) {
-    char text[96] = "";
+    char text[96];
     int n = 0;
+    text[0] = 0;
     for (int i = 0; i < nkey && n < (int)sizeof text; i++) n += snprintf(text + n, sizeof text - n, "%s%d", i ? "," : "", key[i]);
     return fdk_fail(FDK_ERROR_UNSUPPORTED, "no compiled %s case for key (%s) on sm_%d", fdk_tables[table].name, text,
                     arch);

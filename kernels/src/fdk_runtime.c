@@ -181,13 +181,27 @@ fdk_status fdk_device(int *arch, int *num_sms) {
   return FDK_SUCCESS;
 }
 
+static int same_key(const int *row, const int *key, int n) {
+  for (int i = 0; i < n; i++)
+    if (row[i] != key[i]) return 0;
+  return 1;
+}
+
 int fdk_find(int table, const int *key, int arch) {
+  /* The row each table matched last on this thread: a model calls an op with the same key over and
+     over, and this look-up is on every launch's host path. */
+  static __thread int last_row[FDK_NUM_TABLES];
   int a = 0;
   while (a < FDK_NUM_ARCHS && fdk_archs[a] != arch) a++;
   if (a == FDK_NUM_ARCHS) return -1;
   const fdk_table *t = &fdk_tables[table];
-  for (int row = 0; row < t->nrows; row++) {
-    if (!memcmp(t->keys + row * t->nkey, key, sizeof(int) * t->nkey)) return t->ids[row * FDK_NUM_ARCHS + a];
+  int row = last_row[table];
+  if (row < t->nrows && same_key(t->keys + row * t->nkey, key, t->nkey)) return t->ids[row * FDK_NUM_ARCHS + a];
+  for (row = 0; row < t->nrows; row++) {
+    if (same_key(t->keys + row * t->nkey, key, t->nkey)) {
+      last_row[table] = row;
+      return t->ids[row * FDK_NUM_ARCHS + a];
+    }
   }
   return -1;
 }
