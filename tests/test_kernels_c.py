@@ -51,6 +51,11 @@ def build_dir():
 
 @pytest.fixture(scope="session")
 def lib(build_dir):
+    # The package's binding first: loaded after this build, it would link to it (the same soname) and
+    # find only the cases built here.
+    from fastdiff.ops import _aot
+
+    _aot.binding()
     lib = ctypes.CDLL(os.path.join(build_dir, "libfastdiff_kernels.so"))
     lib.fdk_sampler_step_chunks.restype = lib.fdk_diffusion_loss_partials.restype = ctypes.c_int64
     return lib

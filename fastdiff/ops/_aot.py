@@ -45,9 +45,7 @@ def binding():
 def active(x: torch.Tensor) -> bool:
     """Whether this call launches through the library: on the current CUDA device (the library uses the
     thread's current context), or in dry run."""
-    if x.is_cuda:
-        return x.device.index == torch._C._cuda_getDevice() and binding() is not None
-    return _backend.dry_run_active() and binding() is not None
+    return target(x) is not None
 
 
 def stream(x: torch.Tensor) -> int:
@@ -55,21 +53,69 @@ def stream(x: torch.Tensor) -> int:
     return torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0
 
 
+def target(x: torch.Tensor) -> int | None:
+    """The raw CUDA stream a call on ``x`` launches on through the library (0 in dry run off CUDA), or
+    None when it launches through the JIT: `active` and `stream` in one look."""
+    if x.is_cuda:
+        index = x.get_device()
+        if index != torch._C._cuda_getDevice() or binding() is None:
+            return None
+        return torch._C._cuda_getCurrentRawStream(index)
+    return 0 if _backend._dry_run.get() and binding() is not None else None
+
+
 def launch(op: str, *args) -> bool:
     """Run the library's ``op`` on ``args`` (the op's argument struct, then the stream): True when it
     launched, False when it declined and the caller should launch through the JIT.  Any other failure,
     and a declined call in dry run (there is no JIT to fall back on), raises with the library's message."""
-    lib = binding()
-    status = getattr(lib, op)(*args)
-    if status == SUCCESS:
-        return True
+    status = getattr(binding(), op)(*args)
+    return status == SUCCESS or declined(op, status)
+
+
+def declined(op: str, status: int) -> bool:
+    """After the library's ``op`` returned ``status`` (not SUCCESS): False, so that the caller launches
+    through the JIT, when it declined the call; raises with its message otherwise, and in dry run."""
     if status == UNSUPPORTED and not _backend.dry_run_active():
         return False
-    raise RuntimeError(f"libfastdiff_kernels {op}: {lib.last_error()}")
+    raise RuntimeError(f"libfastdiff_kernels {op}: {binding().last_error()}")
 
 
 def ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
+
+
+# Scratch for library calls, one buffer per (device, stream): (floats, buffer, its address).
+_scratch: dict[tuple[int, int], tuple[int, torch.Tensor, int]] = {}
+_SCRATCH_STREAMS = 16  # past this many streams the oldest buffer is dropped
+_SCRATCH_MIN = 1 << 16  # floats: small calls share one buffer without regrowing it
+
+
+def scratch(x: torch.Tensor, stream: int, floats: int) -> tuple[int, torch.Tensor | None]:
+    """The address of at least ``floats`` fp32 of scratch on ``x``'s device for one library call on
+    ``stream``, and the buffer to hold until that call is made (None when it is the stream's own).
+
+    Each (device, stream) keeps one buffer that every library call on it reuses, so a call allocates
+    no scratch.  This is safe because a library call enqueues all of its kernels at once (one C call,
+    holding the GIL), each of its kernels writes its scratch before any kernel of the call reads it
+    (nothing is carried from one call to the next), and the stream runs one call's kernels after the
+    previous call's.  Another stream gets its own buffer.  While the stream is captured into a CUDA
+    graph a call gets a fresh buffer instead: the graph keeps the addresses it captured, and a
+    buffer allocated in the capture belongs to the graph's memory pool.
+    """
+    key = (x.get_device(), stream)
+    held = _scratch.get(key)
+    if held is not None and held[0] >= floats and not (stream and torch._C._cuda_isCurrentStreamCapturing()):
+        return held[2], None
+    if stream and torch._C._cuda_isCurrentStreamCapturing():
+        buffer = torch.empty(floats, device=x.device, dtype=torch.float32)
+        return buffer.data_ptr(), buffer
+    size = max(floats, _SCRATCH_MIN, 2 * held[0] if held is not None else 0)
+    buffer = torch.empty(size, device=x.device, dtype=torch.float32)  # allocated on `stream` (the current one)
+    _scratch.pop(key, None)
+    if len(_scratch) >= _SCRATCH_STREAMS:
+        del _scratch[next(iter(_scratch))]
+    _scratch[key] = (size, buffer, buffer.data_ptr())
+    return buffer.data_ptr(), None
 
 
 @contextlib.contextmanager

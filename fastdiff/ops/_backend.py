@@ -122,12 +122,21 @@ def custom_op_filling_none(name: str, impl, returns, empty, eager_only: tuple[st
     """``torch.library.custom_op`` of ``impl``, which returns None for the outputs a call did not ask for
     (so the eager path allocates nothing it does not return).  The registered op returns ``empty(*args)``
     in their place instead: custom ops return tensors only, never None or an alias.  ``returns``: the
-    registered op's return annotation; ``eager_only``: trailing parameters of ``impl`` (with defaults)
-    that only eager calls pass."""
+    registered op's return annotation; ``eager_only``: as in `custom_op_without`."""
 
     def registered(*args):
         return tuple(empty(*args) if out is None else out for out in impl(*args))
 
+    return _custom_op(name, registered, impl, returns, eager_only)
+
+
+def custom_op_without(name: str, impl, eager_only: tuple[str, ...]):
+    """``torch.library.custom_op`` of ``impl`` without its ``eager_only`` parameters: trailing ones, with
+    defaults, that only eager calls pass (e.g. the plan of a call, which the registered op computes)."""
+    return _custom_op(name, lambda *args: impl(*args), impl, typing.get_type_hints(impl)["return"], eager_only)
+
+
+def _custom_op(name: str, registered, impl, returns, eager_only: tuple[str, ...]):
     signature, hints = inspect.signature(impl), typing.get_type_hints(impl)  # types resolved in impl's module
     params = [
         p.replace(annotation=hints[name]) for name, p in signature.parameters.items() if name not in eager_only
@@ -147,18 +156,26 @@ class Op:
     needed: a ``custom_op`` call makes several Python round trips through the dispatcher,
     50-100 µs on the host, more than the kernels of a diffusion step take on an H200.
     An op without a backward (``backward=None``) always calls ``impl`` in eager mode.
+    ``inference``: what an eager call that records no gradient runs instead of ``impl`` (it may
+    leave out, as None, the outputs only a backward reads).
     """
 
-    def __init__(self, registered, impl, setup_context=None, backward=None):
+    def __init__(self, registered, impl, setup_context=None, backward=None, inference=None):
         self.registered, self.impl = registered, impl
+        self.inference = impl if inference is None else inference
         self.function = None if backward is None else _eager_function(impl, setup_context, backward)
 
     def __call__(self, *args):
         if traced(args[0]):
             return self.registered(*args)
+        return self.eager(*args)
+
+    def eager(self, *args):
+        """The call in plain eager mode, for a caller that checked ``traced`` itself; ``args`` may end with
+        the implementation's eager-only arguments (those the registered op leaves out)."""
         if self.function is not None and wants_grad(*args):
             return self.function.apply(*args)
-        return self.impl(*args)
+        return self.inference(*args)
 
 
 def _eager_function(forward, setup_context, backward) -> type[torch.autograd.Function]:

@@ -60,7 +60,7 @@ def check_timesteps(name: str, t: torch.Tensor, num_timesteps: int) -> None:
     The kernels guard the index instead: an out-of-range timestep reads no memory and
     gives NaN outputs for its sample.
     """
-    if t.device.type != "cpu":
+    if t.is_cuda or t.device.type != "cpu":
         return
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
         raise ValueError(

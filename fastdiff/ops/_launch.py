@@ -109,8 +109,20 @@ def dtype_name(dtype) -> str:
     return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}[str(dtype)]
 
 
+_codes: dict = {}  # torch dtype -> DTYPE_CODES value, filled as dtypes are seen
+
+
 def dtype_code(dtype) -> int:
-    return DTYPE_CODES[dtype_name(dtype)]
+    code = _codes.get(dtype)
+    if code is None:
+        code = _codes[dtype] = DTYPE_CODES[dtype_name(dtype)]
+    return code
+
+
+def aligned(n: int, itemsize: int = 4) -> int:
+    """``n`` elements rounded up to a whole number of 16-byte units: where the next row may start aligned."""
+    per_16 = 16 // itemsize
+    return -(-n // per_16) * per_16
 
 
 def aligned_rows(n: int, shape: tuple[int, ...], device, dtype) -> "torch.Tensor":
@@ -121,9 +133,27 @@ def aligned_rows(n: int, shape: tuple[int, ...], device, dtype) -> "torch.Tensor
     numel = 1
     for d in shape:
         numel *= d
-    per_16 = 16 // torch.empty((), dtype=dtype).element_size()
-    padded = -(-numel // per_16) * per_16
-    return torch.empty(n, padded, device=device, dtype=dtype)[:, :numel].view(n, *shape)
+    return torch.empty(n, aligned(numel, dtype.itemsize), device=device, dtype=dtype)[:, :numel].view(n, *shape)
+
+
+class Plans(dict):
+    """Launch plans by call signature: what a call's launches depend on besides its data pointers
+    (geometry, case keys, the library's scalar arguments), computed once per signature.
+
+    A signature is a tuple of what the plan is computed from (shapes, strides, dtypes, devices,
+    flags), read from the call's arguments.  Bounded: past ``limit`` signatures the oldest is
+    forgotten (a process that sees ever new shapes recomputes plans, it does not grow).
+    """
+
+    def __init__(self, limit: int = 256):
+        super().__init__()
+        self.limit = limit
+
+    def remember(self, key, plan):
+        if len(self) >= self.limit:
+            self.pop(next(iter(self), None), None)  # another thread may have dropped it first
+        self[key] = plan
+        return plan
 
 
 # ----------------------------------------------------------------------------- compiling
