@@ -231,8 +231,10 @@ def test_parameters_in_mixed_float_dtypes(device, kernel_path, poisoned_alloc):
 def test_split_and_multi_tile_chunks(shape, sms, device, kernel_path, monkeypatch, poisoned_alloc, request):
     """Groups split over several programs, chunks of several tiles, a short last chunk."""
     monkeypatch.setattr(gn, "_num_sms", lambda index: sms)
-    gn._geometry.cache_clear()  # geometries are cached per shape: this one must see the patched SM count
-    request.addfinalizer(gn._geometry.cache_clear)
+    forget = [gn._geometry.cache_clear, gn._plans.clear, gn._checked_plans.clear]  # cached per shape
+    for clear in forget:  # this test must see the patched SM count
+        clear()
+        request.addfinalizer(clear)
     x, w, b, sc, sh = make_inputs(shape, "wbss", torch.float32, device)
     if shape[1] == 64:
         x = channels_last(x)

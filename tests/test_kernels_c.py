@@ -328,7 +328,8 @@ def test_dry_run_group_norm_matches_the_python_launcher(lib, shape, groups, para
     film = torch.randn(B, 2 * C)
     sc, sh = (film[:, :C], film[:, C:]) if "ss" in params else (None, None)
     cl = int(gn.geometry_of(x).channels_last)
-    fwd = _python_launches(gn._forward_triton, x, w, b, sc, sh, groups, 1e-5, True)
+    plan = gn._plan(x, groups, w, b, sc, sh, True)
+    fwd = _python_launches(gn._forward_triton, x, w, b, sc, sh, 1e-5, plan, True)
     (_, _, stats), (_, _, final), (_, _, apply) = fwd
     args = GnFwdArgs(dtype=0, params_dtype=0, x=_ptr(x), y=apply[1], weight=_ptr(w), bias=_ptr(b), scale=_ptr(sc),
                      shift=_ptr(sh), stride_scale=2 * C, stride_shift=2 * C, mean=final[6], rstd=final[7],
@@ -345,13 +346,14 @@ def test_dry_run_group_norm_matches_the_python_launcher(lib, shape, groups, para
     lib.fdk_set_dry_run(0, 0)
     assert split.value == gn.geometry_of(x).split
 
-    mean, rstd, coef = torch.randn(B, groups), torch.rand(B, groups), gn.aligned_rows(2, (B, C), "cpu", torch.float32)
+    saved = torch.randn(plan.saved)
+    mean, rstd, coef_a, coef_d = gn._saved_views(saved, B, C, groups)
     dy = torch.empty_like(x)
-    bwd = _python_launches(gn._backward_triton, dy, x, mean, rstd, coef, w, b, sc, sh, True, gn.geometry_of(x))
+    bwd = _python_launches(gn._backward_triton, dy, x, saved, w, b, sc, sh, plan)
     reduce, final, *rest = [launch[2] for launch in bwd]
     affine = w is not None or b is not None
     args = GnBwdArgs(dtype=0, params_dtype=0, dy=_ptr(dy), x=_ptr(x), mean=_ptr(mean), rstd=_ptr(rstd),
-                     coef_a=_ptr(coef[0]), coef_d=_ptr(coef[1]), weight=_ptr(w), bias=_ptr(b), scale=_ptr(sc),
+                     coef_a=_ptr(coef_a), coef_d=_ptr(coef_d), weight=_ptr(w), bias=_ptr(b), scale=_ptr(sc),
                      has_shift=sh is not None, stride_scale=2 * C, dx=rest[-1][2],
                      dweight=rest[0][2] if affine else None, dbias=rest[0][3] if affine else None,
                      dscale=final[8] if sc is not None else None, dshift=final[9] if sh is not None else None,

@@ -57,7 +57,7 @@ import torch
 from fastdiff.ops import _checks
 from fastdiff.ops import _aot, _backend
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, aligned_rows, divisible_key, dtype_code
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned, divisible_key, dtype_code
 from fastdiff.ops._layout import sample_layout
 
 # ----------------------------------------------------------------------------- reference
@@ -595,130 +595,251 @@ def geometry_of(x: torch.Tensor) -> Geometry:
     return _geometry(sample_layout(x) == "channels_last", B, C, S, x.device.index if x.is_cuda else None)
 
 
-def _tile_key(x: torch.Tensor, geo: Geometry) -> tuple[int, ...]:
-    return dtype_code(x.dtype), int(geo.channels_last), geo.block_c, geo.block_s
+def _saved_layout(B: int, C: int, G: int) -> tuple[int, int, int, int]:
+    """Offsets, in floats, of r, A and d in the statistics the forward saves for the backward (μ first),
+    and their total: μ, r (B, G) and A, d (B, C) of the module docstring, each 16-byte aligned."""
+    bg, bc = aligned(B * G), aligned(B * C)
+    return bg, 2 * bg, 2 * bg + bc, 2 * (bg + bc)
 
 
-def _params(weight, bias, scale, shift, fallback: torch.Tensor):
-    """(γ, β, scale, shift, dtype code, stand-in): the present parameters in one dtype (cast to fp32 when
-    they mix dtypes, which the tables do not cover), its code, and the tensor passed for absent ones."""
-    present = [t for t in (weight, bias, scale, shift) if t is not None]
-    if len({t.dtype for t in present}) > 1:
-        weight, bias, scale, shift = (None if t is None else t.float() for t in (weight, bias, scale, shift))
+def _saved_views(saved: torch.Tensor, B: int, C: int, G: int) -> tuple[torch.Tensor, ...]:
+    """(μ, r, A, d) in ``saved``, flat."""
+    o_rstd, o_a, o_d, _ = _saved_layout(B, C, G)
+    return saved[: B * G], saved[o_rstd : o_rstd + B * G], saved[o_a : o_a + B * C], saved[o_d : o_d + B * C]
+
+
+def _prepared(x, weight, bias, scale, shift):
+    """The arguments as the kernels read them: x contiguous unless it is channels-last; γ, β, scale and
+    shift with unit stride along channels, in their own dtype (the kernels read any float dtype and any
+    row stride, e.g. a chunk of a Linear's output, so a half-precision model pays no cast per call), or
+    all in fp32 when they mix dtypes (the launch tables have one parameter dtype per case)."""
+    if sample_layout(x) is None:
+        x = x.contiguous()
+    params = [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (weight, bias, scale, shift)]
+    if len({t.dtype for t in params if t is not None}) > 1:
+        params = [t if t is None else t.float() for t in params]
+    return (x, *params)
+
+
+class _Plan:
+    """The launches of one call signature (see `_launch.Plans`): what the launchers pass besides data
+    pointers and eps, in the library's argument order where it can be."""
+
+    __slots__ = ("checked", "copies", "geo", "silu", "code", "pd", "flags", "stride_scale", "stride_shift",
+                 "sizes", "saved", "o_rstd", "o_a", "o_d", "partials", "o_m2", "scratch", "o_q", "o_e", "o_f",
+                 "o_tw", "o_tb", "o_spare")  # fmt: skip
+
+    def __init__(self, x, num_groups, weight, bias, scale, shift, silu, checked):
+        prepared = _prepared(x, weight, bias, scale, shift)
+        self.checked = checked
+        self.copies = any(a is not b for a, b in zip(prepared, (x, weight, bias, scale, shift)))
+        x, weight, bias, scale, shift = prepared
+        B, C = x.shape[:2]
+        S, G = math.prod(x.shape[2:]), num_groups
+        geo = self.geo = geometry_of(x)
+        self.silu = int(silu)
         present = [t for t in (weight, bias, scale, shift) if t is not None]
-    stand_in = present[0] if present else fallback
-    return weight, bias, scale, shift, dtype_code(stand_in.dtype), stand_in
+        self.code, self.pd = dtype_code(x.dtype), dtype_code(present[0].dtype) if present else DTYPE_CODES["fp32"]
+        self.flags = tuple(int(t is not None) for t in (weight, bias, scale, shift))
+        self.stride_scale = scale.stride(0) if scale is not None else 0
+        self.stride_shift = shift.stride(0) if shift is not None else 0
+        self.sizes = (B, C, S, G, int(geo.channels_last))
+        # forward: the saved statistics, then (in scratch) the per-chunk partial means and M2
+        o_rstd, o_a, o_d, self.saved = _saved_layout(B, C, G)
+        self.o_rstd, self.o_a, self.o_d = 4 * o_rstd, 4 * o_a, 4 * o_d  # bytes
+        bck = aligned(B * C * geo.split)
+        self.partials, self.o_m2 = 2 * bck, 4 * bck
+        # backward scratch: per-chunk Σ dz and Σ dz·x̂, E and F (B, G), the per-sample dγ and dβ terms
+        # (B, C), and a (C,) row for the column sum of a γ or β that is not given
+        bg, bc = aligned(B * G), aligned(B * C)
+        self.o_q, self.o_e, self.o_f = 4 * bck, 8 * bck, 8 * bck + 4 * bg
+        self.o_tw, self.o_tb, self.o_spare = 8 * (bck + bg), 8 * (bck + bg) + 4 * bc, 8 * (bck + bg + bc)
+        self.scratch = 2 * (bck + bg + bc) + aligned(C)
 
 
-def _flags(weight, bias, scale, shift) -> tuple[int, int, int, int]:
-    return tuple(int(t is not None) for t in (weight, bias, scale, shift))
+_plans, _checked_plans = Plans(), Plans()
+
+
+def _plan(x, num_groups, weight, bias, scale, shift, silu) -> _Plan:
+    """The plan of a call (computed on the first call of its signature), without checking it."""
+    key = (
+        x.shape, x.stride(), x.dtype, x.get_device(), num_groups, silu,
+        None if weight is None else (weight.dtype, weight.stride()),
+        None if bias is None else (bias.dtype, bias.stride()),
+        None if scale is None else (scale.dtype, scale.stride()),
+        None if shift is None else (shift.dtype, shift.stride()),
+    )  # fmt: skip
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans.remember(key, _Plan(x, num_groups, weight, bias, scale, shift, silu, checked=False))
+    return plan
+
+
+def _checked_plan(x, num_groups, weight, bias, eps, scale, shift, silu) -> _Plan:
+    """The plan of a call whose arguments `group_norm_silu` accepts; raises as `_validate` otherwise.
+
+    A signature is checked once: what the checks read of the tensors (types, shapes, dtypes, devices)
+    is part of it.  ``eps``, ``silu`` and ``num_groups`` are checked on every call, by type first (1 and
+    True, or 8 and 8.0, are equal keys).
+    """
+    try:
+        key = (
+            x.shape, x.stride(), x.dtype, x.device, num_groups, silu,
+            None if weight is None else (type(weight), weight.dtype, weight.shape, weight.stride(), weight.device),
+            None if bias is None else (type(bias), bias.dtype, bias.shape, bias.stride(), bias.device),
+            None if scale is None else (type(scale), scale.dtype, scale.shape, scale.stride(), scale.device),
+            None if shift is None else (type(shift), shift.dtype, shift.shape, shift.stride(), shift.device),
+        )  # fmt: skip
+    except AttributeError:  # a parameter that is not a tensor
+        key = None
+    plan = _checked_plans.get(key)
+    if plan is None or type(num_groups) is not int or type(silu) is not bool or type(eps) is not float \
+            or not 0.0 <= eps < math.inf:  # fmt: skip
+        _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
+    if plan is None:
+        plan = _checked_plans.remember(key, _Plan(x, num_groups, weight, bias, scale, shift, silu, checked=True))
+    return plan
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu):
-    B, C = x.shape[:2]
-    S = math.prod(x.shape[2:])
-    G, CG = num_groups, C // num_groups
-    geo = geometry_of(x)
-    tile = _tile_key(x, geo)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    partials = aligned_rows(2, (B, C, geo.split), **f32)  # per-chunk means and M2
-    stats = aligned_rows(2, (B, G), **f32)  # μ, r
-    coef = aligned_rows(2, (B, C), **f32)  # A, d
-    weight, bias, scale, shift, pd, stand_in = _params(weight, bias, scale, shift, stats)
+def _forward_triton(x, weight, bias, scale, shift, eps, plan: _Plan, keep: bool):
+    """(y, saved statistics): ``saved`` is a fresh buffer when ``keep`` (the backward reads it), else None
+    (the statistics go to scratch with the partials)."""
     y = torch.empty_like(x)
-    if _aot.active(x) and _aot.launch(
-        "group_norm_silu_fwd", tile[0], pd, x.data_ptr(), y.data_ptr(), *map(_aot.ptr, (weight, bias, scale, shift)),
-        _row_stride(scale), _row_stride(shift), *_row_ptrs(stats), *_row_ptrs(coef), *_row_ptrs(partials), B, C, S, G,
-        int(geo.channels_last), int(silu), eps, _aot.stream(x),
-    ):  # fmt: skip
-        return y, stats[0], stats[1], coef
+    saved = torch.empty(plan.saved, device=x.device, dtype=torch.float32) if keep else None
+    stream = _aot.target(x)
+    if stream is not None:
+        if keep:
+            partials, hold = _aot.scratch(x, stream, plan.partials)
+            stats = saved.data_ptr()
+        else:
+            stats, hold = _aot.scratch(x, stream, plan.saved + plan.partials)
+            partials = stats + 4 * plan.saved
+        B, C, S, G, cl = plan.sizes
+        status = _aot.binding().group_norm_silu_fwd(
+            plan.code, plan.pd, x.data_ptr(), y.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(), 0 if scale is None else scale.data_ptr(),
+            0 if shift is None else shift.data_ptr(), plan.stride_scale, plan.stride_shift, stats,
+            stats + plan.o_rstd, stats + plan.o_a, stats + plan.o_d, partials, partials + plan.o_m2, B, C, S, G,
+            cl, plan.silu, eps, stream,
+        )  # fmt: skip
+        if status == _aot.SUCCESS or _aot.declined("group_norm_silu_fwd", status):
+            return y, saved
+    _forward_jit(x, y, weight, bias, scale, shift, eps, plan, saved if keep else None)
+    return y, saved
+
+
+def _forward_jit(x, y, weight, bias, scale, shift, eps, plan: _Plan, saved):
+    """The forward's three launches through Triton's JIT (fresh buffers for the statistics when ``saved`` is None)."""
+    B, C, S, G, _ = plan.sizes
+    geo = plan.geo
+    f32 = torch.float32
+    if saved is None:
+        saved = torch.empty(plan.saved, device=x.device, dtype=f32)
+    mean, rstd, A, d = _saved_views(saved, B, C, G)
+    partials = torch.empty(plan.partials, device=x.device, dtype=f32)
+    pmean, pm2 = partials[: B * C * geo.split], partials[plan.o_m2 // 4 : plan.o_m2 // 4 + B * C * geo.split]
+    tile = (plan.code, int(geo.channels_last), geo.block_c, geo.block_s)
+    stand_in = next((t for t in (weight, bias, scale, shift) if t is not None), mean)
     GN_STATS.pick(tile + (geo.divisible,)).launch(
-        (geo.split, geo.c_blocks, B), x, partials[0], partials[1], C, S, geo.chunk_s, geo.tiles, geo.split
+        (geo.split, geo.c_blocks, B), x, pmean, pm2, C, S, geo.chunk_s, geo.tiles, geo.split
     )
-    GN_FINALIZE.pick((pd, *_flags(weight, bias, scale, shift))).launch(
-        (B * G,), partials[0], partials[1], *(stand_in if t is None else t for t in (weight, bias, scale, shift)),
-        stats[0], stats[1], coef[0], coef[1], C, S, G, CG, geo.split, geo.chunk_s, _row_stride(scale),
-        _row_stride(shift), eps,
+    GN_FINALIZE.pick((plan.pd, *plan.flags)).launch(
+        (B * G,), pmean, pm2, *(stand_in if t is None else t for t in (weight, bias, scale, shift)), mean, rstd, A,
+        d, C, S, G, C // G, geo.split, geo.chunk_s, plan.stride_scale, plan.stride_shift, eps,
     )  # fmt: skip
-    GN_APPLY.pick(tile + (int(silu), geo.divisible)).launch(
-        (cdiv(S, geo.block_s), geo.c_blocks, B), x, y, stats[0], coef[0], coef[1], C, S, G, CG
+    GN_APPLY.pick(tile + (plan.silu, geo.divisible)).launch(
+        (cdiv(S, geo.block_s), geo.c_blocks, B), x, y, mean, A, d, C, S, G, C // G
     )
-    return y, stats[0], stats[1], coef
 
 
-def _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, geo: Geometry):
-    B, C = x.shape[:2]
-    S = math.prod(x.shape[2:])
-    G = mean.shape[1]
-    f32 = dict(device=x.device, dtype=torch.float32)
-    flags = _flags(weight, bias, scale, shift)
-    weight, bias, scale, _, pd, stand_in = _params(weight, bias, scale, shift, rstd)
-    sums = aligned_rows(2, (B, C, geo.split), **f32)  # per-chunk Σ dz and Σ dz·x̂
-    dx_ef = aligned_rows(2, (B, G), **f32)
-    film = aligned_rows(flags[2] + flags[3], (B, C), **f32) if flags[2] or flags[3] else None
-    dscale = film[0] if flags[2] else None
-    dshift = film[-1] if flags[3] else None
-    affine = flags[0] or flags[1]
-    terms = aligned_rows(2, (B, C), **f32) if affine else None  # per-sample dγ, dβ terms
-    sums_wb = aligned_rows(2, (C,), **f32) if affine else None  # dγ, dβ
+def _backward_triton(dy, x, saved, weight, bias, scale, shift, plan: _Plan):
+    """(dx, dγ, dβ, dscale, dshift) from the forward's saved statistics; None for an absent parameter's gradient."""
+    B, C, S, G, cl = plan.sizes
+    has_w, has_b, has_s, has_sh = plan.flags
     dx = torch.empty_like(x)
-    if not (_aot.active(x) and _aot.launch(
-        "group_norm_silu_bwd", dtype_code(x.dtype), pd, dy.data_ptr(), x.data_ptr(), mean.data_ptr(),
-        rstd.data_ptr(), coef[0].data_ptr(), coef[1].data_ptr(), *map(_aot.ptr, (weight, bias, scale)), flags[3],
-        _row_stride(scale), dx.data_ptr(), *_row_ptrs(sums_wb), _aot.ptr(dscale), _aot.ptr(dshift),
-        *_row_ptrs(sums), *_row_ptrs(dx_ef), *_row_ptrs(terms), B, C, S, G, int(geo.channels_last), int(silu),
-        _aot.stream(x),
-    )):  # fmt: skip
-        tile = _tile_key(x, geo) + (int(silu), geo.divisible)
-        GN_BWD_REDUCE.pick(tile).launch(
-            (geo.split, geo.c_blocks, B), x, dy, mean, rstd, coef[0], coef[1], sums[0], sums[1], C, S, G, C // G,
-            geo.chunk_s, geo.tiles, geo.split,
+    dweight = torch.empty(C, device=x.device, dtype=torch.float32) if has_w else None
+    dbias = torch.empty(C, device=x.device, dtype=torch.float32) if has_b else None
+    dscale = torch.empty((B, C), device=x.device, dtype=torch.float32) if has_s else None
+    dshift = torch.empty((B, C), device=x.device, dtype=torch.float32) if has_sh else None
+    stream = _aot.target(x)
+    if stream is not None:
+        work, hold = _aot.scratch(x, stream, plan.scratch)
+        stats = saved.data_ptr()
+        affine = has_w or has_b
+        status = _aot.binding().group_norm_silu_bwd(
+            plan.code, plan.pd, dy.data_ptr(), x.data_ptr(), stats, stats + plan.o_rstd, stats + plan.o_a,
+            stats + plan.o_d, 0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            0 if scale is None else scale.data_ptr(), has_sh, plan.stride_scale, dx.data_ptr(),
+            dweight.data_ptr() if has_w else work + plan.o_spare if affine else 0,
+            dbias.data_ptr() if has_b else work + plan.o_spare if affine else 0,
+            0 if dscale is None else dscale.data_ptr(), 0 if dshift is None else dshift.data_ptr(), work,
+            work + plan.o_q, work + plan.o_e, work + plan.o_f, work + plan.o_tw if affine else 0,
+            work + plan.o_tb if affine else 0, B, C, S, G, cl, plan.silu, stream,
         )  # fmt: skip
-        GN_BWD_FINALIZE.pick((pd, *flags)).launch(
-            (B * G,), sums[0], sums[1], *(stand_in if t is None else t for t in (weight, bias, scale)), rstd,
-            dx_ef[0], dx_ef[1], *(rstd if t is None else t for t in (dscale, dshift)),
-            *((rstd, rstd) if terms is None else terms), C, S, G, C // G, geo.split, _row_stride(scale),
-        )  # fmt: skip
-        if affine:
-            # both sums in one pass; a row of terms that was not written only feeds an output dropped here
-            GN_COL_SUM.pick(()).launch(
-                (cdiv(C, COLSUM_BLOCK),), terms[0], terms[1], sums_wb[0], sums_wb[1], B, C
-            )
-        GN_DX.pick(tile).launch(
-            (cdiv(S, geo.block_s), geo.c_blocks, B), x, dy, dx, mean, coef[0], coef[1], dx_ef[0], dx_ef[1], C, S, G,
-            C // G,
-        )  # fmt: skip
-    dweight = sums_wb[0] if flags[0] else None
-    dbias = sums_wb[1] if flags[1] else None
+        if status == _aot.SUCCESS or _aot.declined("group_norm_silu_bwd", status):
+            return dx, dweight, dbias, dscale, dshift
+    _backward_jit(dy, x, saved, weight, bias, scale, plan, dx, dweight, dbias, dscale, dshift)
     return dx, dweight, dbias, dscale, dshift
 
 
-def _row_ptrs(rows: torch.Tensor | None) -> tuple[int, int]:
-    """Data pointers of the two rows of ``aligned_rows`` scratch (0, 0 when absent)."""
-    return (0, 0) if rows is None else (rows[0].data_ptr(), rows[1].data_ptr())
+def _backward_jit(dy, x, saved, weight, bias, scale, plan: _Plan, dx, dweight, dbias, dscale, dshift):
+    """The backward's launches through Triton's JIT, with fresh scratch."""
+    B, C, S, G, _ = plan.sizes
+    geo = plan.geo
+    mean, rstd, A, d = _saved_views(saved, B, C, G)
+    work = torch.empty(plan.scratch, device=x.device, dtype=torch.float32)
 
+    def region(offset: int, n: int) -> torch.Tensor:
+        return work[offset // 4 : offset // 4 + n]
 
-def _row_stride(t: torch.Tensor | None) -> int:
-    return t.stride(0) if t is not None else 0
+    n = B * C * geo.split
+    sum_dz, sum_dzx, dx_e, dx_f = region(0, n), region(plan.o_q, n), region(plan.o_e, B * G), region(plan.o_f, B * G)
+    terms = (region(plan.o_tw, B * C), region(plan.o_tb, B * C))
+    spare = region(plan.o_spare, C)
+    tile = (plan.code, int(geo.channels_last), geo.block_c, geo.block_s, plan.silu, geo.divisible)
+    stand_in = next((t for t in (weight, bias, scale) if t is not None), rstd)
+    GN_BWD_REDUCE.pick(tile).launch(
+        (geo.split, geo.c_blocks, B), x, dy, mean, rstd, A, d, sum_dz, sum_dzx, C, S, G, C // G, geo.chunk_s,
+        geo.tiles, geo.split,
+    )  # fmt: skip
+    GN_BWD_FINALIZE.pick((plan.pd, *plan.flags)).launch(
+        (B * G,), sum_dz, sum_dzx, *(stand_in if t is None else t for t in (weight, bias, scale)), rstd, dx_e, dx_f,
+        *(rstd if t is None else t for t in (dscale, dshift)), *(terms if dweight is not None or dbias is not None
+        else (rstd, rstd)), C, S, G, C // G, geo.split, plan.stride_scale,
+    )  # fmt: skip
+    if dweight is not None or dbias is not None:
+        # both sums in one pass; a row of terms that was not written only feeds the spare row
+        GN_COL_SUM.pick(()).launch(
+            (cdiv(C, COLSUM_BLOCK),), *terms, spare if dweight is None else dweight,
+            spare if dbias is None else dbias, B, C,
+        )  # fmt: skip
+    GN_DX.pick(tile).launch(
+        (cdiv(S, geo.block_s), geo.c_blocks, B), x, dy, dx, mean, A, d, dx_e, dx_f, C, S, G, C // G
+    )
 
 
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu):
-    """The reference with the kernel path's extra outputs: (y, μ, r, coefficients A and d)."""
+def _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu, keep):
+    """The reference with the kernel path's saved statistics (μ, r, A and d, laid out as `_saved_layout` says)."""
     y = group_norm_silu_ref(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
+    y = torch.empty_like(x).copy_(y)  # y keeps x's strides (channels_last stays channels_last), as the fake says
+    if not keep:
+        return y, None
     mean, rstd = _stats_ref(x, num_groups, eps)
     B, C = x.shape[:2]
     one_plus_s = 1 + (scale if scale is not None else x.new_zeros(B, C, dtype=torch.float32))
     a = one_plus_s * (weight if weight is not None else 1.0)
     d = one_plus_s * (bias if bias is not None else 0.0) + (shift if shift is not None else 0.0)
     A = a * rstd.repeat_interleave(C // num_groups, dim=1)
-    # y keeps x's strides (channels_last stays channels_last), as the fake below says
-    return torch.empty_like(x).copy_(y), mean, rstd, torch.stack([A, d.expand(B, C)])
+    saved = x.new_zeros(_saved_layout(B, C, num_groups)[-1], dtype=torch.float32)
+    for view, value in zip(_saved_views(saved, B, C, num_groups), (mean, rstd, A, d.expand(B, C))):
+        view.copy_(value.reshape(-1))
+    return y, saved
 
 
 def _forward_impl(
@@ -730,58 +851,76 @@ def _forward_impl(
     num_groups: int,
     eps: float,
     silu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, μ (B, G), r (B, G), coefficients (2, B, C)); the last three are saved for the backward."""
+    plan: Optional[_Plan] = None,
+    keep: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(y, the statistics saved for the backward (fp32, `_saved_layout`); None unless ``keep``).
+
+    Eager calls pass their ``plan``; ``keep`` is False where no backward follows (inference).
+    """
     if use_triton(x):
-        return _forward_triton(x, weight, bias, scale, shift, num_groups, eps, silu)
-    return _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu)
+        if plan is None:
+            plan = _plan(x, num_groups, weight, bias, scale, shift, silu)
+        return _forward_triton(x, weight, bias, scale, shift, eps, plan, keep)
+    return _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu, keep)
 
 
-_group_norm_silu_op = torch.library.custom_op("fastdiff::group_norm_silu", _forward_impl, mutates_args=())
+def _forward_inference(x, weight, bias, scale, shift, num_groups, eps, silu, plan):
+    """An eager call that no backward follows: nothing saved, the statistics in scratch."""
+    return _forward_impl(x, weight, bias, scale, shift, num_groups, eps, silu, plan, False)
+
+
+def _saved_empty(x, weight, bias, scale, shift, num_groups, *_):
+    B, C = x.shape[:2]
+    return x.new_empty(_saved_layout(B, C, num_groups)[-1], dtype=torch.float32)
+
+
+_group_norm_silu_op = custom_op_filling_none(
+    "fastdiff::group_norm_silu", _forward_impl, tuple[torch.Tensor, torch.Tensor], _saved_empty,
+    eager_only=("plan", "keep"),
+)  # fmt: skip
 
 
 @_group_norm_silu_op.register_fake
 def _(x, weight, bias, scale, shift, num_groups, eps, silu):
-    B, C = x.shape[:2]
-    stats = x.new_empty((B, num_groups), dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats), x.new_empty((2, B, C), dtype=torch.float32)
+    return torch.empty_like(x), _saved_empty(x, weight, bias, scale, shift, num_groups)
 
 
 def _backward_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    coef: torch.Tensor,
+    saved: torch.Tensor,
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     scale: Optional[torch.Tensor],
     shift: Optional[torch.Tensor],
+    num_groups: int,
     eps: float,
     silu: bool,
-    geometry: Optional[Geometry] = None,
+    plan: Optional[_Plan] = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dx, dweight, dbias, dscale, dshift), None for an absent input's gradient.
 
-    ``geometry``: the forward's (`geometry_of`), saved with it; computed here when not given.
+    ``plan``: the forward's, which eager calls save with it; looked up here when not given.
     """
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # the kernels read dy with x's strides
     if use_triton(x):
-        geo = geometry if geometry is not None else geometry_of(x)
-        return _backward_triton(dy, x, mean, rstd, coef, weight, bias, scale, shift, silu, geo)
-    grads = group_norm_silu_backward_ref(dy, x, mean.shape[1], weight, bias, eps, scale, shift, silu)
+        if plan is None:
+            plan = _plan(x, num_groups, weight, bias, scale, shift, silu)
+        return _backward_triton(dy, x, saved, weight, bias, scale, shift, plan)
+    grads = group_norm_silu_backward_ref(dy, x, num_groups, weight, bias, eps, scale, shift, silu)
     return (torch.empty_like(x).copy_(grads[0]), *grads[1:])
 
 
 _group_norm_silu_backward_op = custom_op_filling_none(
     "fastdiff::group_norm_silu_backward", _backward_impl, tuple[(torch.Tensor,) * 5],
-    lambda dy, x, *_: x.new_empty(0, dtype=torch.float32), eager_only=("geometry",),
+    lambda dy, x, *_: x.new_empty(0, dtype=torch.float32), eager_only=("plan",),
 )  # fmt: skip
 
 
 @_group_norm_silu_backward_op.register_fake
-def _(dy, x, mean, rstd, coef, weight, bias, scale, shift, eps, silu):
+def _(dy, x, saved, weight, bias, scale, shift, num_groups, eps, silu):
     B, C = x.shape[:2]
     f32 = dict(dtype=torch.float32)
     return (
@@ -794,32 +933,33 @@ def _(dy, x, mean, rstd, coef, weight, bias, scale, shift, eps, silu):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, eps, silu = inputs
-    _, mean, rstd, coef = output
-    ctx.save_for_backward(x, mean, rstd, coef, weight, bias, scale, shift)
-    ctx.eps, ctx.silu = eps, silu
-    # the forward's geometry (cached per shape), for the eager kernel path
-    ctx.geometry = geometry_of(x) if use_triton(x) and not _backend.traced(x) else None
-    ctx.mark_non_differentiable(mean, rstd, coef)
+    x, weight, bias, scale, shift, *args = inputs  # args: num_groups, eps, silu (and an eager call's plan)
+    ctx.save_for_backward(x, output[1], weight, bias, scale, shift)
+    ctx.args = tuple(args)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' gradient
 
 
-def _backward(ctx, dy, _dmean, _drstd, _dcoef):
-    x, mean, rstd, coef, weight, bias, scale, shift = ctx.saved_tensors
-    args = (dy, x, mean, rstd, coef, weight, bias, scale, shift, ctx.eps, ctx.silu)
-    if ctx.geometry is None:
-        dx, dw, db, ds, dsh = _group_norm_silu_backward_call(*args)
-    else:  # eager kernel path: no dispatcher, and the forward's geometry
-        dx, dw, db, ds, dsh = _backward_impl(*args, ctx.geometry)
-    grads = [dx if ctx.needs_input_grad[0] else None]
-    for t, g, i in ((weight, dw, 1), (bias, db, 2), (scale, ds, 3), (shift, dsh, 4)):
-        grads.append(g if t is not None and ctx.needs_input_grad[i] else None)
-    return (*grads, None, None, None)
+def _backward(ctx, dy, _dsaved):
+    x, saved, weight, bias, scale, shift = ctx.saved_tensors
+    args = ctx.args
+    if len(args) > 3:  # an eager call: no dispatcher, and the forward's plan
+        dx, dw, db, ds, dsh = _backward_impl(dy, x, saved, weight, bias, scale, shift, *args)
+    else:
+        dx, dw, db, ds, dsh = _group_norm_silu_backward_call(dy, x, saved, weight, bias, scale, shift, *args)
+    need = ctx.needs_input_grad
+    grads = (dx if need[0] else None, dw if need[1] else None, db if need[2] else None, ds if need[3] else None,
+             dsh if need[4] else None)  # fmt: skip
+    return grads + _NO_GRADS[len(args)]  # none for num_groups, eps, silu (and the plan)
+
+
+_NO_GRADS = {3: (None,) * 3, 4: (None,) * 4}
 
 
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-_group_norm_silu_call = Op(_group_norm_silu_op, _forward_impl, _setup_context, _backward)
+_group_norm_silu_call = Op(_group_norm_silu_op, _forward_impl, _setup_context, _backward, _forward_inference)
 _group_norm_silu_backward_call = Op(_group_norm_silu_backward_op, _backward_impl)
 
 
@@ -854,13 +994,6 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, silu) -> None:
             _checks.check_device(name, t, x.device, "x")
 
 
-def _unit_stride_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` with unit stride along channels, in its own dtype: the kernels read γ, β, scale and shift
-    in any float dtype and any row stride (e.g. a chunk of a Linear's output), so a half-precision
-    model pays no cast per call."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def group_norm_silu(
     x: torch.Tensor,
     num_groups: int,
@@ -881,8 +1014,11 @@ def group_norm_silu(
     shift)`` in fp32, returned in x's dtype with x's memory layout.  Differentiable
     in x, weight, bias, scale and shift.
     """
-    _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
-    return group_norm_silu_unchecked(x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu)
+    if _backend.traced(x):
+        _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
+        return _group_norm_silu_call(*_prepared(x, weight, bias, scale, shift), num_groups, float(eps), silu)[0]
+    plan = _checked_plan(x, num_groups, weight, bias, eps, scale, shift, silu)
+    return _eager(plan, x, weight, bias, scale, shift, num_groups, float(eps), silu)
 
 
 def group_norm_silu_unchecked(
@@ -899,13 +1035,16 @@ def group_norm_silu_unchecked(
     """`group_norm_silu` without its argument checks, for a caller that made them once (a model's
     layer whose channels, groups and eps are fixed at construction).  Layouts are still taken
     care of; arguments `group_norm_silu` would refuse give undefined results."""
-    if sample_layout(x) is None:
-        x = x.contiguous()
-    args = (
-        x, _unit_stride_rows(weight), _unit_stride_rows(bias), _unit_stride_rows(scale), _unit_stride_rows(shift),
-        num_groups, float(eps), silu,
-    )  # fmt: skip
-    return _group_norm_silu_call(*args)[0]
+    if _backend.traced(x):
+        return _group_norm_silu_call(*_prepared(x, weight, bias, scale, shift), num_groups, float(eps), silu)[0]
+    plan = _plan(x, num_groups, weight, bias, scale, shift, silu)
+    return _eager(plan, x, weight, bias, scale, shift, num_groups, float(eps), silu)
+
+
+def _eager(plan: _Plan, x, weight, bias, scale, shift, num_groups, eps, silu) -> torch.Tensor:
+    if plan.copies:
+        x, weight, bias, scale, shift = _prepared(x, weight, bias, scale, shift)
+    return _group_norm_silu_call.eager(x, weight, bias, scale, shift, num_groups, eps, silu, plan)[0]
 
 
 # ----------------------------------------------------------------------------- launch tables
