@@ -300,14 +300,15 @@ def test_dry_run_diffusion_loss_matches_the_python_launcher(lib, shape, weighted
     pred, target = torch.randn(shape), torch.randn(shape)
     weight = torch.rand(shape[0]) if weighted else None
     B, N = shape[0], pred[0].numel()
-    want = _python_launches(noising._weighted_mse_triton, pred, target, weight)
+    plan = noising._loss_plan(pred, target, weight)
+    want = _python_launches(noising._weighted_mse_triton, pred, target, weight, plan)
     partial, loss = want[1][2][0], want[1][2][1]
     assert lib.fdk_diffusion_loss_partials(ctypes.c_int64(B), ctypes.c_int64(N)) == want[1][2][2]
     args = LossArgs(dtype=0, pred=_ptr(pred), target=_ptr(target), weight=_ptr(weight), loss=loss, partial=partial,
                     batch=B, per_sample=N)  # fmt: skip
     assert _library_launches(lib, lambda: lib.fdk_diffusion_loss_fwd(ctypes.byref(args), None)) == want
     grad = torch.ones(())
-    want = _python_launches(noising._sq_err_backward_triton, grad, pred, target, weight)
+    want = _python_launches(noising._sq_err_backward_triton, grad, pred, target, weight, plan)
     args = LossBwdArgs(dtype=0, grad=want[0][2][0], pred=_ptr(pred), target=_ptr(target), weight=_ptr(weight),
                        d_pred=want[0][2][4], batch=B, per_sample=N)  # fmt: skip
     assert _library_launches(lib, lambda: lib.fdk_diffusion_loss_bwd(ctypes.byref(args), None)) == want

@@ -29,9 +29,9 @@ from typing import Optional
 
 import torch
 
-from fastdiff.ops import _aot, _checks
-from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, divisible_key, dtype_code
+from fastdiff.ops import _aot, _backend, _checks
+from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, custom_op_without, use_triton
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, divisible_key, dtype_code
 from fastdiff.ops._layout import match_layout, sample_layout
 from fastdiff.ops._philox import randn_like_philox
 
@@ -248,70 +248,184 @@ LAUNCH_TABLES = _elementwise_tables() if HAS_TRITON else ()
 Q_SAMPLE, SQ_ERR_PARTIAL, SUM, SQ_ERR_BACKWARD = LAUNCH_TABLES or (None,) * 4
 
 
+# ----------------------------------------------------------------------------- launch plans
+
+
+def _noising_prepared(x0, t, acp, noise):
+    """The arguments as the kernel reads them: x0 contiguous unless it is channels-last, given noise in
+    x0's dtype and layout, int64 timesteps (one kernel for int32 and int64) and fp32 ᾱ, both dense."""
+    if sample_layout(x0) is None:
+        x0 = x0.contiguous()
+    if noise is not None:
+        noise = match_layout(noise if noise.dtype == x0.dtype else noise.to(x0.dtype), x0)
+    return x0, t.to(torch.int64).contiguous(), acp.to(torch.float32).contiguous(), noise
+
+
+class _NoisingPlan:
+    """The launch of one noising call signature (see `_launch.Plans`)."""
+
+    __slots__ = ("checked", "copies", "code", "sizes", "channels_last", "num_timesteps", "launches")
+
+    def __init__(self, x0, t, acp, noise, checked):
+        prepared = _noising_prepared(x0, t, acp, noise)
+        self.checked = checked
+        self.copies = any(a is not b for a, b in zip(prepared, (x0, t, acp, noise)))
+        x0 = prepared[0]
+        B = x0.shape[0]
+        N = x0.numel() // B if B else 0
+        C = x0.shape[1] if x0.ndim > 1 else 1
+        self.code, self.sizes, self.num_timesteps = dtype_code(x0.dtype), (B, C, N // C if C else 0), acp.shape[0]
+        self.channels_last = int(sample_layout(x0) == "channels_last")
+        self.launches = x0.numel() > 0
+
+
+_noising_plans, _checked_noising_plans = Plans(), Plans()
+
+
+def _noising_plan(x0, t, acp, noise) -> _NoisingPlan:
+    key = (
+        x0.shape, x0.stride(), x0.dtype, x0.get_device(), t.dtype, t.stride(), acp.dtype, acp.shape, acp.stride(),
+        None if noise is None else (noise.dtype, noise.stride()),
+    )  # fmt: skip
+    plan = _noising_plans.get(key)
+    if plan is None:
+        plan = _noising_plans.remember(key, _NoisingPlan(x0, t, acp, noise, checked=False))
+    return plan
+
+
+def _checked_noising_plan(x0, t, acp, noise) -> _NoisingPlan | None:
+    """The plan of a noising call whose arguments `q_sample` accepts (checked once per signature, which
+    holds what the checks read); raises as `_validate` otherwise.  None when traced."""
+    if _backend.traced(x0):
+        _validate(x0, t, acp, noise)
+        return None
+    try:
+        key = (
+            x0.shape, x0.stride(), x0.dtype, x0.device, type(t), t.dtype, t.shape, t.stride(), t.device, type(acp),
+            acp.dtype, acp.shape, acp.stride(), acp.device,
+            None if noise is None else (type(noise), noise.dtype, noise.shape, noise.stride(), noise.device),
+        )  # fmt: skip
+    except AttributeError:  # an argument that is not a tensor
+        key = None
+    plan = _checked_noising_plans.get(key)
+    if plan is None:
+        _validate(x0, t, acp, noise)
+        plan = _checked_noising_plans.remember(key, _NoisingPlan(x0, t, acp, noise, checked=True))
+    return plan
+
+
+class _LossPlan:
+    """The launches of one diffusion-loss call signature (see `_launch.Plans`)."""
+
+    __slots__ = ("copies", "code", "sizes", "blocks", "case_key")
+
+    def __init__(self, pred, target, weight):
+        prepared = _loss_prepared(pred, target, weight)
+        self.copies = any(a is not b for a, b in zip(prepared, (pred, target, weight)))
+        pred = prepared[0]
+        B = pred.shape[0]
+        N = pred.numel() // B
+        self.code, self.sizes, self.blocks = dtype_code(pred.dtype), (B, N), cdiv(N, BLOCK)
+        self.case_key = (self.code, int(weight is not None), divisible_key(N))
+
+
+def _loss_prepared(pred, target, weight):
+    """The arguments as the loss kernels read them: pred contiguous unless it is channels-last, target in
+    pred's dtype and layout, the weights (a constant) as dense fp32."""
+    if sample_layout(pred) is None:
+        pred = pred.contiguous()
+    target = match_layout(target if target.dtype == pred.dtype else target.to(pred.dtype), pred)
+    if weight is not None:
+        weight = weight.to(torch.float32).contiguous()
+    return pred, target, weight
+
+
+_loss_plans = Plans()
+
+
+def _loss_plan(pred, target, weight) -> _LossPlan:
+    key = (
+        pred.shape, pred.stride(), pred.dtype, target.dtype, target.stride(),
+        None if weight is None else (weight.dtype, weight.stride()),
+    )  # fmt: skip
+    plan = _loss_plans.get(key)
+    if plan is None:
+        plan = _loss_plans.remember(key, _LossPlan(pred, target, weight))
+    return plan
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
-def _noising_triton(x0, t, acp, noise, keys, want_v):
-    t = t.to(torch.int64)  # one kernel specialisation for int32 and int64 timesteps
-    layout = sample_layout(x0)
-    if layout is None:
-        x0, layout = x0.contiguous(), "contiguous"
-    B = x0.shape[0]
-    N = x0.numel() // B if B else 0
-    C = x0.shape[1] if x0.ndim > 1 else 1
-    S = N // C if C else 0
-    x_t = torch.empty_like(x0)
+def _noising_triton(x0, t, acp, noise, keys, want_v, plan: _NoisingPlan | None = None):
+    """(x_t, drawn noise or None, v or None).  ``plan``: the call's, with the arguments it prepared;
+    computed here (and the arguments prepared) when not given."""
+    if plan is None:
+        plan = _noising_plan(x0, t, acp, noise)
+        if plan.copies:
+            x0, t, acp, noise = _noising_prepared(x0, t, acp, noise)
     draw = noise is None
-    noise_buf = torch.empty_like(x0) if draw else match_layout(noise, x0)
-    v = torch.empty_like(x0) if want_v else x_t  # unused pointer when not want_v
-    acp = acp.to(torch.float32)
-    code = dtype_code(x0.dtype)
-    if x0.numel() and not (_aot.active(x0) and _aot.launch(
-        "q_sample", code, x0.data_ptr(), t.data_ptr(), acp.data_ptr(), acp.shape[0], noise_buf.data_ptr(),
-        _aot.ptr(keys) if draw else 0, x_t.data_ptr(), v.data_ptr() if want_v else 0, B, C, S,
-        int(layout == "channels_last"), _aot.stream(x0),
-    )):  # fmt: skip
-        # the layout only changes where drawn noise goes: given noise is read in memory order
-        cl = int(draw and layout == "channels_last")
-        case = Q_SAMPLE.pick((code, int(draw), int(want_v), cl, divisible_key(N)))
-        case.launch(
-            (cdiv(N, BLOCK), B), x0, t, acp, noise_buf, keys if draw else t, x_t, v, N, C, S, acp.shape[0]
-        )
-    return x_t, (noise_buf if draw else None), (v if want_v else None)
+    x_t = torch.empty_like(x0)
+    if draw:
+        noise = torch.empty_like(x0)
+    v = torch.empty_like(x0) if want_v else None
+    if not plan.launches:
+        return x_t, (noise if draw else None), v
+    B, C, S = plan.sizes
+    stream = _aot.target(x0)
+    if stream is not None:
+        status = _aot.binding().q_sample(
+            plan.code, x0.data_ptr(), t.data_ptr(), acp.data_ptr(), plan.num_timesteps, noise.data_ptr(),
+            keys.data_ptr() if draw else 0, x_t.data_ptr(), v.data_ptr() if want_v else 0, B, C, S,
+            plan.channels_last, stream,
+        )  # fmt: skip
+        if status == _aot.SUCCESS or _aot.declined("q_sample", status):
+            return x_t, (noise if draw else None), v
+    # the layout only changes where drawn noise goes: given noise is read in memory order
+    N = C * S
+    case = Q_SAMPLE.pick((plan.code, int(draw), int(want_v), plan.channels_last if draw else 0, divisible_key(N)))
+    case.launch(
+        (cdiv(N, BLOCK), B), x0, t, acp, noise, keys if draw else t, x_t, x_t if v is None else v, N, C, S,
+        plan.num_timesteps,
+    )  # fmt: skip
+    return x_t, (noise if draw else None), v
 
 
-def _weighted_mse_triton(pred, target, weight):
+def _weighted_mse_triton(pred, target, weight, plan: _LossPlan):
     """The loss in two launches: weighted per-block sums, then their sum in a fixed order (deterministic)."""
-    B = pred.shape[0]
-    N = pred.numel() // B
-    nblk = cdiv(N, BLOCK)
-    partial = torch.empty(B * nblk, device=pred.device, dtype=torch.float32)
+    B, N = plan.sizes
     loss = torch.empty((), device=pred.device, dtype=torch.float32)
-    code = dtype_code(pred.dtype)
-    if _aot.active(pred) and _aot.launch(
-        "diffusion_loss_fwd", code, pred.data_ptr(), target.data_ptr(), _aot.ptr(weight), loss.data_ptr(),
-        partial.data_ptr(), B, N, _aot.stream(pred),
-    ):  # fmt: skip
-        return loss
-    SQ_ERR_PARTIAL.pick((code, int(weight is not None), divisible_key(N))).launch(
-        (nblk, B), pred, target, pred if weight is None else weight, partial, N, nblk, 1.0 / (B * N)
+    stream = _aot.target(pred)
+    if stream is not None:
+        partial, hold = _aot.scratch(pred, stream, B * plan.blocks)  # fully written by the first launch
+        status = _aot.binding().diffusion_loss_fwd(
+            plan.code, pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            loss.data_ptr(), partial, B, N, stream,
+        )  # fmt: skip
+        if status == _aot.SUCCESS or _aot.declined("diffusion_loss_fwd", status):
+            return loss
+    partial = torch.empty(B * plan.blocks, device=pred.device, dtype=torch.float32)
+    SQ_ERR_PARTIAL.pick(plan.case_key).launch(
+        (plan.blocks, B), pred, target, pred if weight is None else weight, partial, N, plan.blocks, 1.0 / (B * N)
     )
-    SUM.pick(()).launch((1,), partial, loss, B * nblk)
+    SUM.pick(()).launch((1,), partial, loss, B * plan.blocks)
     return loss
 
 
-def _sq_err_backward_triton(grad, pred, target, weight):
-    B = pred.shape[0]
-    N = pred.numel() // B
+def _sq_err_backward_triton(grad, pred, target, weight, plan: _LossPlan):
+    B, N = plan.sizes
     dpred = torch.empty_like(pred)
-    grad = grad.to(torch.float32).reshape(())
-    code = dtype_code(pred.dtype)
-    if _aot.active(pred) and _aot.launch(
-        "diffusion_loss_bwd", code, grad.data_ptr(), pred.data_ptr(), target.data_ptr(), _aot.ptr(weight),
-        dpred.data_ptr(), B, N, _aot.stream(pred),
-    ):  # fmt: skip
-        return dpred
-    SQ_ERR_BACKWARD.pick((code, int(weight is not None), divisible_key(N))).launch(
+    if grad.dtype != torch.float32:
+        grad = grad.float()
+    stream = _aot.target(pred)
+    if stream is not None:
+        status = _aot.binding().diffusion_loss_bwd(
+            plan.code, grad.data_ptr(), pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
+            dpred.data_ptr(), B, N, stream,
+        )  # fmt: skip
+        if status == _aot.SUCCESS or _aot.declined("diffusion_loss_bwd", status):
+            return dpred
+    SQ_ERR_BACKWARD.pick(plan.case_key).launch(
         (cdiv(N, BLOCK), B), grad, pred, target, pred if weight is None else weight, dpred, N, 1.0 / (B * N)
     )
     return dpred
@@ -327,19 +441,23 @@ def _noising_impl(
     noise: Optional[torch.Tensor],
     keys: Optional[torch.Tensor],
     want_v: bool,
+    plan: Optional[_NoisingPlan] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(x_t, drawn noise or None, v or None): the eager path allocates nothing it does not return."""
-    _checks.check_timesteps("t", t, alphas_cumprod.shape[0])
+    """(x_t, drawn noise or None, v or None): the eager path allocates nothing it does not return.
+    ``plan``: an eager call's, with the arguments it prepared."""
+    if not _backend.dry_run_active():  # in dry run the tensors stand for a GPU's, whose values are not read
+        _checks.check_timesteps("t", t, alphas_cumprod.shape[0])
     if use_triton(x0):
-        return _noising_triton(x0, t, alphas_cumprod, noise, keys, want_v)
+        return _noising_triton(x0, t, alphas_cumprod, noise, keys, want_v, plan)
     drawn = draw_noise_ref(keys, x0) if noise is None else None
     x_t, v = noising_ref(x0, t, alphas_cumprod, drawn if noise is None else noise, want_v)
     return x_t, drawn, v
 
 
 _noising_op = custom_op_filling_none(
-    "fastdiff::noising", _noising_impl, tuple[torch.Tensor, torch.Tensor, torch.Tensor], lambda x0, *_: x0.new_empty(0)
-)
+    "fastdiff::noising", _noising_impl, tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lambda x0, *_: x0.new_empty(0), eager_only=("plan",),
+)  # fmt: skip
 
 
 @_noising_op.register_fake
@@ -348,13 +466,20 @@ def _(x0, t, alphas_cumprod, noise, keys, want_v):
     return torch.empty_like(x0), drawn, (torch.empty_like(x0) if want_v else x0.new_empty(0))
 
 
-def _weighted_mse_impl(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+def _weighted_mse_impl(
+    pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], plan: Optional[_LossPlan] = None
+) -> torch.Tensor:
+    """``plan``: an eager call's, with the arguments it prepared."""
     if use_triton(pred):
-        return _weighted_mse_triton(pred, target, weight)
+        if plan is None:
+            plan = _loss_plan(pred, target, weight)
+            if plan.copies:
+                pred, target, weight = _loss_prepared(pred, target, weight)
+        return _weighted_mse_triton(pred, target, weight, plan)
     return weighted_mse_ref(pred, target, weight)
 
 
-_weighted_mse_op = torch.library.custom_op("fastdiff::weighted_mse", _weighted_mse_impl, mutates_args=())
+_weighted_mse_op = custom_op_without("fastdiff::weighted_mse", _weighted_mse_impl, eager_only=("plan",))
 
 
 @_weighted_mse_op.register_fake
@@ -363,17 +488,21 @@ def _(pred, target, weight):
 
 
 def _weighted_mse_backward_impl(
-    grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]
+    grad: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    plan: Optional[_LossPlan] = None,
 ) -> torch.Tensor:
     if use_triton(pred):
-        return _sq_err_backward_triton(grad, pred, target, weight)
+        return _sq_err_backward_triton(grad, pred, target, weight, plan or _loss_plan(pred, target, weight))
     B, N = pred.shape[0], pred.numel() // pred.shape[0]
     w = 1.0 if weight is None else weight.view(-1, *([1] * (pred.ndim - 1)))
     return (2.0 * grad * w * (pred.float() - target.float()) / (B * N)).to(pred.dtype)
 
 
-_weighted_mse_backward_op = torch.library.custom_op(
-    "fastdiff::weighted_mse_backward", _weighted_mse_backward_impl, mutates_args=()
+_weighted_mse_backward_op = custom_op_without(
+    "fastdiff::weighted_mse_backward", _weighted_mse_backward_impl, eager_only=("plan",)
 )
 
 
@@ -383,16 +512,19 @@ def _(grad, pred, target, weight):
 
 
 def _mse_setup_context(ctx, inputs, output):
-    pred, target, weight = inputs
+    pred, target, weight, *plan = inputs  # and an eager call's plan
     ctx.save_for_backward(pred, target, weight)
-    ctx.target_needs_grad = target.requires_grad
+    ctx.target_needs_grad, ctx.plan = target.requires_grad, plan
 
 
 def _mse_backward(ctx, grad):
     pred, target, weight = ctx.saved_tensors
-    dpred = _weighted_mse_backward_call(grad, pred, target, weight)
+    if ctx.plan:  # an eager call: no dispatcher, and the forward's plan
+        dpred = _weighted_mse_backward_impl(grad, pred, target, weight, ctx.plan[0])
+    else:
+        dpred = _weighted_mse_backward_call(grad, pred, target, weight)
     dtarget = -dpred.to(target.dtype) if ctx.target_needs_grad else None
-    return dpred, dtarget, None
+    return (dpred, dtarget, None, None) if ctx.plan else (dpred, dtarget, None)
 
 
 _weighted_mse_op.register_autograd(_mse_backward, setup_context=_mse_setup_context)
@@ -429,8 +561,9 @@ def draw_keys(batch: int, device, generator: torch.Generator | None = None) -> t
     return keys.to(device, non_blocking=True)
 
 
-def _noising(x0, t, alphas_cumprod, noise, generator, want_v):
-    """`q_sample` and `training_target` after their checks: (x_t, noise, v or None)."""
+def _noising(x0, t, alphas_cumprod, noise, generator, want_v, plan):
+    """`q_sample` and `training_target` after their checks: (x_t, noise, v or None).  ``plan``: the
+    call's (`_noising_plan`), None when traced."""
     if noise is not None and noise.dtype != x0.dtype:
         noise = noise.to(x0.dtype)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or (noise is not None and noise.requires_grad))
@@ -442,8 +575,17 @@ def _noising(x0, t, alphas_cumprod, noise, generator, want_v):
         x_t, v = noising_ref(x0, t, alphas_cumprod, noise, want_v)
         return x_t, noise, v
     keys = draw_keys(x0.shape[0], x0.device, generator) if noise is None else None
-    x_t, drawn, v = _noising_call(x0, t, alphas_cumprod, noise, keys, want_v)
+    if plan is None:
+        x_t, drawn, v = _noising_call(x0, t, alphas_cumprod, noise, keys, want_v)
+    elif plan.copies:
+        x_t, drawn, v = _noising_call.eager(*_noising_prepared(x0, t, alphas_cumprod, noise), keys, want_v, plan)
+    else:
+        x_t, drawn, v = _noising_call.eager(x0, t, alphas_cumprod, noise, keys, want_v, plan)
     return x_t, (drawn if noise is None else noise), (v if want_v else None)
+
+
+def _unchecked_plan(x0, t, alphas_cumprod, noise) -> _NoisingPlan | None:
+    return None if _backend.traced(x0) else _noising_plan(x0, t, alphas_cumprod, noise)
 
 
 def q_sample(
@@ -460,8 +602,9 @@ def q_sample(
     [0, T); alphas_cumprod: (T,) fp32/fp64 on x0's device.  With ``noise=None`` the
     kernel draws N(0, I) noise itself from ``generator`` and returns it.
     """
-    _validate(x0, t, alphas_cumprod, noise)
-    return q_sample_unchecked(x0, t, alphas_cumprod, noise, generator=generator)
+    plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
+    x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, False, plan)
+    return x_t, noise
 
 
 def q_sample_unchecked(
@@ -474,7 +617,8 @@ def q_sample_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`q_sample` without its argument checks, for a loop that made them once.  Arguments
     `q_sample` would refuse give undefined results."""
-    x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, want_v=False)
+    plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
+    x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, False, plan)
     return x_t, noise
 
 
@@ -494,8 +638,8 @@ def training_target(
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    _validate(x0, t, alphas_cumprod, noise)
-    return training_target_unchecked(x0, t, alphas_cumprod, noise, prediction=prediction, generator=generator)
+    plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
+    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan)
 
 
 def training_target_unchecked(
@@ -509,8 +653,13 @@ def training_target_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`training_target` without its argument checks, for a training loop that made them once.
     Arguments `training_target` would refuse give undefined results."""
-    x_t, noise, v = _noising(x0, t, alphas_cumprod, noise, generator, want_v=prediction == "v")
-    target = {"epsilon": noise, "v": v, "sample": x0}[prediction]
+    plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
+    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan)
+
+
+def _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan):
+    x_t, noise, v = _noising(x0, t, alphas_cumprod, noise, generator, prediction == "v", plan)
+    target = noise if prediction == "epsilon" else v if prediction == "v" else x0
     return x_t, noise, target
 
 
@@ -542,6 +691,26 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     in a fixed order: deterministic, no atomics); the backward is one pass.  ``weight`` (B,) is
     treated as a constant (no gradient), e.g. `min_snr_weight`.
     """
+    if _backend.traced(pred):
+        _validate_loss(pred, target, weight)
+        return _diffusion_loss(pred, target, weight, None)
+    try:
+        key = (
+            pred.shape, pred.dtype, pred.device, type(target), target.shape, target.device,
+            None if weight is None else (type(weight), weight.dtype, weight.shape, weight.device),
+        )  # fmt: skip
+    except AttributeError:  # an argument that is not a tensor
+        key = None
+    if key not in _checked_losses:  # the checks read only what the key holds: made once per signature
+        _validate_loss(pred, target, weight)
+        _checked_losses.remember(key, True)
+    return _diffusion_loss(pred, target, weight, _loss_plan(pred, target, weight))
+
+
+_checked_losses = Plans()
+
+
+def _validate_loss(pred, target, weight) -> None:
     _checks.check_float("pred", pred)
     _checks.check_tensor("target", target)
     _checks.check_min_ndim("pred", pred, 1, " (B, ...)")
@@ -554,7 +723,6 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         _checks.check_device("weight", weight, pred.device, "pred")
     if B == 0 or pred.numel() == 0:
         raise ValueError(f"pred must not be empty, got shape {tuple(pred.shape)}")
-    return diffusion_loss_unchecked(pred, target, weight)
 
 
 def diffusion_loss_unchecked(
@@ -562,10 +730,15 @@ def diffusion_loss_unchecked(
 ) -> torch.Tensor:
     """`diffusion_loss` without its argument checks, for a training loop that made them once.
     Arguments `diffusion_loss` would refuse give undefined results."""
-    if sample_layout(pred) is None:
-        pred = pred.contiguous()
-    target = match_layout(target.to(pred.dtype) if target.dtype != pred.dtype else target, pred)
-    if weight is not None:
+    plan = None if _backend.traced(pred) else _loss_plan(pred, target, weight)
+    return _diffusion_loss(pred, target, weight, plan)
+
+
+def _diffusion_loss(pred, target, weight, plan):
+    if weight is not None and weight.requires_grad:
         weight = weight.detach()
-        weight = weight if weight.dtype == torch.float32 else weight.float()
-    return _weighted_mse_call(pred, target, weight)
+    if plan is None:  # traced
+        return _weighted_mse_call(*_loss_prepared(pred, target, weight))
+    if plan.copies:
+        pred, target, weight = _loss_prepared(pred, target, weight)
+    return _weighted_mse_call.eager(pred, target, weight, plan)
