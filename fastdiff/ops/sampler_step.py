@@ -65,9 +65,9 @@ from typing import Optional
 
 import torch
 
-from fastdiff.ops import _aot, _checks
+from fastdiff.ops import _aot, _backend, _checks
 from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, aligned_rows, divisible_key, dtype_code
+from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned_rows, divisible_key, dtype_code
 from fastdiff.ops._launch import dtype_name
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
 from fastdiff.ops._layout import match_layout, sample_layout
@@ -366,64 +366,123 @@ def _chunking(N: int) -> tuple[int, int]:
     return -(-N // chunk), chunk
 
 
+# ----------------------------------------------------------------------------- launch plans
+
+
+def _step_prepared(x, out_c, out_u, coeffs, x0_prev, seeds, known, mask):
+    """The arguments as the kernels read them: x contiguous unless it is channels-last, the (B, ...)
+    tensors in x's layout (a per-pixel mask dense), the coefficients as dense fp32, dense seeds."""
+    if sample_layout(x) is None:
+        x = x.contiguous()
+    out_c = match_layout(out_c, x)
+    if out_u is not None:
+        out_u = match_layout(out_u, x)
+    if x0_prev is not None:
+        x0_prev = match_layout(x0_prev, x)
+    if known is not None:
+        known = match_layout(known, x)
+        mask = mask.contiguous() if mask.shape != x.shape else match_layout(mask, x)
+    if seeds is not None:
+        seeds = seeds.contiguous()
+    return x, out_c, out_u, coeffs.to(torch.float32).contiguous(), x0_prev, seeds, known, mask
+
+
+class _StepPlan:
+    """The launches of one sampler-step call signature (see `_launch.Plans`)."""
+
+    __slots__ = ("copies", "code", "out_code", "sizes", "per_sample_coeffs", "per_pixel", "channels_last",
+                 "rescale", "chunks", "case_key")  # fmt: skip
+
+    def __init__(self, x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, rescale, clip, noise, write_x0):
+        given = (x, out_c, out_u, coeffs, x0_prev, seeds, known, mask)
+        prepared = _step_prepared(*given)
+        self.copies = any(a is not b for a, b in zip(prepared, given))
+        x, out_c, out_u, coeffs = prepared[:4]
+        B = x.shape[0]
+        N = x.numel() // B
+        C = x.shape[1] if x.ndim > 1 else 1
+        self.code, self.out_code, self.sizes = dtype_code(x.dtype), dtype_code(out_c.dtype), (B, C, N // C)
+        self.per_sample_coeffs = int(coeffs.ndim == 2)
+        self.per_pixel = int(known is not None and mask.shape != x.shape)
+        self.channels_last = int(sample_layout(x) == "channels_last")
+        self.rescale = int(out_u is not None and rescale)
+        self.chunks = _chunking(N)
+        flags = StepFlags(
+            guidance=out_u is not None, rescale=bool(self.rescale), clip=clip, multistep=x0_prev is not None,
+            write_x0=write_x0, noise=noise, inpaint=known is not None, mask_per_pixel=bool(self.per_pixel),
+            channels_last=bool(self.channels_last),
+        )  # fmt: skip
+        self.case_key = (self.code, self.out_code, flags.bits(), divisible_key(N))
+
+
+_step_plans = Plans()
+
+
+def _step_plan(x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, rescale, clip, noise, write_x0) -> _StepPlan:
+    """The plan of a call (computed on the first call of its signature): ``rescale``, ``clip``, ``noise``
+    and ``write_x0`` as booleans (guidance rescale > 0, a clip given, noise added, x̂0 returned)."""
+    key = (
+        x.shape, x.stride(), x.dtype, x.get_device(), out_c.dtype, out_c.stride(),
+        None if out_u is None else out_u.stride(), coeffs.dtype, coeffs.shape, coeffs.stride(),
+        None if x0_prev is None else x0_prev.stride(), None if seeds is None else seeds.stride(),
+        None if known is None else (known.stride(), mask.shape, mask.stride()), rescale, clip, noise, write_x0,
+    )  # fmt: skip
+    plan = _step_plans.get(key)
+    if plan is None:
+        plan = _step_plans.remember(
+            key, _StepPlan(x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, rescale, clip, noise, write_x0)
+        )
+    return plan
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
 def _sampler_step_triton(
     x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale, clip_x0, step,
-    add_noise, return_x0,
+    add_noise, return_x0, plan: _StepPlan | None = None,
 ):  # fmt: skip
-    layout = sample_layout(x)
-    if layout is None:
-        x, layout = x.contiguous(), "contiguous"
-    B = x.shape[0]
-    N = x.numel() // B
-    C = x.shape[1] if x.ndim > 1 else 1
-    S = N // C
-    out_c = match_layout(out_c, x)
-    out_u = match_layout(out_u, x) if out_u is not None else None
-    x0_prev = match_layout(x0_prev, x) if x0_prev is not None else None
-    per_pixel = False
-    if known is not None:
-        known = match_layout(known, x)
-        per_pixel = tuple(mask.shape) != tuple(x.shape)
-        mask = mask.contiguous() if per_pixel else match_layout(mask, x)
+    """(x_next, x̂0 or None).  ``plan``: the call's, with the arguments it prepared; computed here (and the
+    arguments prepared) when not given."""
+    if plan is None:
+        args = (x, out_c, out_u, coeffs, x0_prev, seeds, known, mask)
+        plan = _step_plan(*args, guidance_rescale > 0, clip_x0 is not None, bool(add_noise), bool(return_x0))
+        if plan.copies:
+            x, out_c, out_u, coeffs, x0_prev, seeds, known, mask = _step_prepared(*args)
     x_next = torch.empty_like(x)
-    x0_out = torch.empty_like(x) if return_x0 else x_next  # unused pointer unless WRITE_X0
-    coeffs = coeffs.to(torch.float32).contiguous()
-    stride_coef_b = NUM_COEFFICIENTS if coeffs.ndim == 2 else 0
-    rescale = out_u is not None and guidance_rescale > 0
-    num_chunks, chunk = _chunking(N)
-    n16 = divisible_key(N)
-    stats = torch.empty(B, num_chunks, 4, device=x.device, dtype=torch.float32) if rescale else None
-    if _aot.active(x) and _aot.launch(
-        "sampler_step", dtype_code(x.dtype), dtype_code(out_c.dtype), x.data_ptr(), out_c.data_ptr(),
-        _aot.ptr(out_u), coeffs.data_ptr(), int(coeffs.ndim == 2), _aot.ptr(x0_prev), _aot.ptr(seeds), _aot.ptr(known),
-        _aot.ptr(mask), int(per_pixel), x_next.data_ptr(), x0_out.data_ptr() if return_x0 else 0, _aot.ptr(stats), B,
-        C, S, int(layout == "channels_last"), int(add_noise), int(step), float(guidance_scale),
-        float(guidance_rescale), float(clip_x0) if clip_x0 is not None else 0.0, _aot.stream(x),
-    ):  # fmt: skip
-        return x_next, (x0_out if return_x0 else None)
-    if rescale:
-        STEP_STATS.pick((dtype_code(out_c.dtype), n16)).launch(
+    x0_out = torch.empty_like(x) if return_x0 else None
+    B, C, S = plan.sizes
+    num_chunks, chunk = plan.chunks
+    stream = _aot.target(x)
+    if stream is not None:
+        stats, hold = _aot.scratch(x, stream, B * num_chunks * 4) if plan.rescale else (0, None)
+        status = _aot.binding().sampler_step(
+            plan.code, plan.out_code, x.data_ptr(), out_c.data_ptr(), 0 if out_u is None else out_u.data_ptr(),
+            coeffs.data_ptr(), plan.per_sample_coeffs, 0 if x0_prev is None else x0_prev.data_ptr(),
+            0 if seeds is None else seeds.data_ptr(), 0 if known is None else known.data_ptr(),
+            0 if mask is None else mask.data_ptr(), plan.per_pixel, x_next.data_ptr(),
+            0 if x0_out is None else x0_out.data_ptr(), stats, B, C, S, plan.channels_last, int(add_noise), step,
+            guidance_scale, guidance_rescale, 0.0 if clip_x0 is None else clip_x0, stream,
+        )  # fmt: skip
+        if status == _aot.SUCCESS or _aot.declined("sampler_step", status):
+            return x_next, x0_out
+    N = C * S
+    stats = torch.empty(B, num_chunks, 4, device=x.device, dtype=torch.float32) if plan.rescale else None
+    if plan.rescale:
+        STEP_STATS.pick((plan.out_code, plan.case_key[-1])).launch(
             (num_chunks, B), out_c, out_u, stats, N, num_chunks, chunk, float(guidance_scale)
         )
-    flags = StepFlags(
-        guidance=out_u is not None, rescale=rescale, clip=clip_x0 is not None, multistep=x0_prev is not None,
-        write_x0=return_x0, noise=add_noise, inpaint=known is not None, mask_per_pixel=per_pixel,
-        channels_last=layout == "channels_last",
-    )  # fmt: skip
-    key = (dtype_code(x.dtype), dtype_code(out_c.dtype), flags.bits(), n16)
-    case = STEP.pick(key) or _step_case(x.dtype, out_c.dtype, flags, n16)  # combinations not shipped: JIT only
+    # combinations not shipped: JIT only
+    case = STEP.pick(plan.case_key) or _step_case(x.dtype, out_c.dtype, StepFlags.of(plan.case_key[2]), plan.case_key[3])
     case.launch(
         (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, x_next if stats is None else stats,
-        coeffs,
-        x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
-        known if known is not None else x, mask if mask is not None else x, x_next, x0_out,
-        N, C, S, stride_coef_b, num_chunks, chunk, int(step), float(guidance_scale), float(guidance_rescale),
+        coeffs, x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
+        known if known is not None else x, mask if mask is not None else x, x_next,
+        x_next if x0_out is None else x0_out, N, C, S, NUM_COEFFICIENTS * plan.per_sample_coeffs, num_chunks,
+        chunk, int(step), float(guidance_scale), float(guidance_rescale),
         float(clip_x0) if clip_x0 is not None else 0.0,
     )  # fmt: skip
-    return x_next, (x0_out if return_x0 else None)
+    return x_next, x0_out
 
 
 # ----------------------------------------------------------------------------- torch.library op
@@ -444,12 +503,14 @@ def _sampler_step_impl(
     step: int,
     add_noise: bool,
     return_x0: bool,
+    plan: Optional[_StepPlan] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(x_next, x̂0 or None): the eager path allocates nothing it does not return."""
+    """(x_next, x̂0 or None): the eager path allocates nothing it does not return.  ``plan``: an eager
+    call's, with the arguments it prepared."""
     if use_triton(x):
         x_next, x0 = _sampler_step_triton(
             x, model_output, uncond_output, coeffs, x0_prev, seeds, known, mask, guidance_scale,
-            guidance_rescale, clip_x0, step, add_noise, return_x0,
+            guidance_rescale, clip_x0, step, add_noise, return_x0, plan,
         )  # fmt: skip
     else:
         x_next, x0 = sampler_step_ref(
@@ -460,8 +521,9 @@ def _sampler_step_impl(
 
 
 _sampler_step_op = custom_op_filling_none(
-    "fastdiff::sampler_step", _sampler_step_impl, tuple[torch.Tensor, torch.Tensor], lambda x, *_: x.new_empty(0)
-)
+    "fastdiff::sampler_step", _sampler_step_impl, tuple[torch.Tensor, torch.Tensor], lambda x, *_: x.new_empty(0),
+    eager_only=("plan",),
+)  # fmt: skip
 
 
 @_sampler_step_op.register_fake
@@ -475,6 +537,11 @@ _sampler_step_call = Op(_sampler_step_op, _sampler_step_impl)
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def _like(t, x: torch.Tensor) -> bool:
+    """Whether `_check_like` passes, from as few reads as it can."""
+    return type(t) is torch.Tensor and t.dtype in _checks.FLOAT_DTYPES and t.shape == x.shape and t.device == x.device
 
 
 def _check_like(name: str, t, x: torch.Tensor) -> None:
@@ -548,6 +615,9 @@ def check_step_arguments(
 def check_model_output(x: torch.Tensor, model_output, uncond_output=None) -> None:
     """The checks of the model's output(s) against the state ``x``: a loop makes them at every
     step, because the model is the caller's code."""
+    if _like(model_output, x) and (uncond_output is None or _like(uncond_output, x)
+                                   and uncond_output.dtype == model_output.dtype):  # fmt: skip
+        return  # the common case in a few reads; the checks below say what is wrong otherwise
     _check_like("model_output", model_output, x)
     if uncond_output is not None:
         _check_like("uncond_output", uncond_output, x)
@@ -607,15 +677,56 @@ def sampler_step(
     and step: the Philox keys of the noise drawn when ``add_noise`` (coefficient "noise") or
     when inpainting.  known, mask: inpainting; mask (B, ...) or (B, 1, ...) with 1 = repaint.
     """
-    _validate(
+    validate = (
         x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds, step,
         add_noise, known, mask,
     )  # fmt: skip
-    return sampler_step_unchecked(
-        x, model_output, coeffs, uncond_output=uncond_output, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale, clip_x0=clip_x0, x0_prev=x0_prev, return_x0=return_x0, seeds=seeds,
-        step=step, add_noise=add_noise, known=known, mask=mask,
-    )  # fmt: skip
+    # the numbers are checked on every call, by type first (a signature cannot hold them)
+    if (
+        type(guidance_scale) is not float or not -math.inf < guidance_scale < math.inf
+        or type(guidance_rescale) is not float or not 0.0 <= guidance_rescale <= 1.0
+        or not (clip_x0 is None or type(clip_x0) is float and clip_x0 > 0) or type(step) is not int
+        or not 0 <= step < 2**62 or (add_noise is not True and add_noise is not False)
+    ):  # fmt: skip
+        _validate(*validate)
+    args = (x, model_output, uncond_output, coeffs, x0_prev, seeds, known, mask)
+    flags = (guidance_rescale > 0, clip_x0 is not None, bool(add_noise), bool(return_x0))
+    if _backend.traced(x):
+        _validate(*validate)
+        return _step(None, args, flags, guidance_scale, guidance_rescale, clip_x0, step)
+    return _step(_checked_step_plan(args, flags, validate), args, flags, guidance_scale, guidance_rescale, clip_x0,
+                 step)  # fmt: skip
+
+
+_checked_step_plans = Plans()
+
+
+def _checked_step_plan(args, flags, validate) -> _StepPlan:
+    """The plan of a call whose tensors `sampler_step` accepts; raises as `_validate` otherwise.
+
+    A signature is checked once: what the checks read of the tensors (types, shapes, dtypes, devices)
+    and which options are on are part of it.
+    """
+    x, out_c, out_u, coeffs, x0_prev, seeds, known, mask = args
+    try:
+        key = (
+            x.shape, x.stride(), x.dtype, x.device, flags,
+            type(out_c), out_c.dtype, out_c.shape, out_c.stride(), out_c.device,
+            None if out_u is None else (type(out_u), out_u.dtype, out_u.shape, out_u.stride(), out_u.device),
+            type(coeffs), coeffs.dtype, coeffs.shape, coeffs.stride(), coeffs.device,
+            None if x0_prev is None else (type(x0_prev), x0_prev.dtype, x0_prev.shape, x0_prev.stride(),
+                                          x0_prev.device),
+            None if seeds is None else (type(seeds), seeds.dtype, seeds.shape, seeds.stride(), seeds.device),
+            None if known is None else (type(known), known.dtype, known.shape, known.stride(), known.device),
+            None if mask is None else (type(mask), mask.dtype, mask.shape, mask.stride(), mask.device),
+        )  # fmt: skip
+    except AttributeError:  # an argument that is not a tensor
+        key = None
+    plan = _checked_step_plans.get(key)
+    if plan is None:
+        _validate(*validate)
+        plan = _checked_step_plans.remember(key, _StepPlan(*args, *flags))
+    return plan
 
 
 def coefficient_rows(coeffs: torch.Tensor, device) -> torch.Tensor:
@@ -649,12 +760,25 @@ def sampler_step_unchecked(
     """`sampler_step` without its argument checks, for a sampling loop that made them once
     (`check_step_arguments`) and checks each model output (`check_model_output`).  Arguments
     `sampler_step` would refuse give undefined results."""
-    x_next, x0 = _sampler_step_call(
-        x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, float(guidance_scale),
-        float(guidance_rescale), None if clip_x0 is None else float(clip_x0), step, bool(add_noise),
-        bool(return_x0),
+    args = (x, model_output, uncond_output, coeffs, x0_prev, seeds, known, mask)
+    flags = (guidance_rescale > 0, clip_x0 is not None, bool(add_noise), bool(return_x0))
+    plan = None if _backend.traced(x) else _step_plan(*args, *flags)
+    return _step(plan, args, flags, guidance_scale, guidance_rescale, clip_x0, step)
+
+
+def _step(plan, args, flags, guidance_scale, guidance_rescale, clip_x0, step):
+    """The op on ``args`` (`_StepPlan`'s order) with the options ``flags`` (`_step_plan`'s), through the
+    registered op when traced (``plan`` None)."""
+    if plan is not None and plan.copies:
+        args = _step_prepared(*args)
+    x, out_c, out_u, coeffs, x0_prev, seeds, known, mask = args
+    call = (
+        x, out_c, coeffs, out_u, x0_prev, seeds, known, mask, float(guidance_scale), float(guidance_rescale),
+        None if clip_x0 is None else float(clip_x0), step, flags[2], flags[3],
     )  # fmt: skip
-    return x_next, (x0 if return_x0 else None)
+    if plan is None:
+        return _sampler_step_call(*call)
+    return _sampler_step_call.eager(*call, plan)
 
 
 # ----------------------------------------------------------------------------- launch tables
@@ -677,6 +801,11 @@ class StepFlags:
     def bits(self) -> int:
         """The flags as one integer key (bit i = the i-th field)."""
         return sum(int(v) << i for i, v in enumerate(astuple(self)))
+
+    @classmethod
+    def of(cls, bits: int) -> "StepFlags":
+        """The flags of a key (the inverse of `bits`)."""
+        return cls(*(bool(bits >> i & 1) for i in range(len(fields(cls)))))
 
     def tag(self) -> str:
         return ",".join(f.name for f in fields(self) if getattr(self, f.name)) or "plain"
