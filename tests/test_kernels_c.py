@@ -380,8 +380,9 @@ def test_dry_run_sampler_step_matches_the_python_launcher(lib, shape, options):
     mask = torch.rand(B, 1, *shape[2:]) if "inpaint" in options else None
     rescale, clip = (0.7 if "rescale" in options else 0.0), (1.5 if "clip" in options else None)
     noise, return_x0 = "noise" in options, "x0" in options or "multistep" in options
-    want = _python_launches(step_mod._sampler_step_triton, x, out_c, uncond, coeffs, x0_prev, seeds, known, mask,
-                            3.5, rescale, clip, 7, noise, return_x0)  # fmt: skip
+    tensors = step_mod._Tensors(x, out_c, coeffs, uncond, x0_prev, seeds, known, mask)
+    want = _python_launches(step_mod._sampler_step_triton, tensors, step_mod._options(3.5, rescale, clip, 7, noise,
+                                                                                      return_x0))  # fmt: skip
     p = want[-1][2]
     args = StepArgs(dtype=0, out_dtype=0, x=_ptr(x), model_output=_ptr(out_c), uncond_output=_ptr(uncond),
                     coeffs=p[4], per_sample_coeffs=coeffs.ndim == 2, x0_prev=_ptr(x0_prev),

@@ -68,7 +68,7 @@ from fastdiff import samplers
 from fastdiff.checks import MAX_BATCH, check_int, check_out_file, check_seed, int_arg, number_arg
 from fastdiff.data import open_image, to_pil, to_tensor
 from fastdiff.ops._philox import randn_like_philox, step_keys
-from fastdiff.ops.sampler_step import _INDEX
+from fastdiff.ops.sampler_step import coefficient_index
 from fastdiff.schedule import sigmas_at
 
 HELP = "repaint the masked region of an image from a prompt (the rest is kept exactly)"
@@ -167,15 +167,15 @@ def _alpha_levels(plan: samplers.Plan, schedule) -> list[float]:
     s0 = float(sigmas_at(plan.timesteps[:1].cpu(), schedule)[0])
     alphas = [0.0 if math.isinf(s0) else 1 / math.sqrt(1 + s0 * s0)]
     coeffs = plan.coeffs.cpu()
-    alphas += [float(coeffs[i - 1, _INDEX["known"]]) for i in _boundaries(plan)[1:]]
+    alphas += [float(coeffs[i - 1, coefficient_index("known")]) for i in _boundaries(plan)[1:]]
     return alphas
 
 
 def _first_order(row: torch.Tensor) -> torch.Tensor:
     """The step with x̂0_prev replaced by x̂0 (the history is void after a jump)."""
     row = row.clone()
-    row[_INDEX["x0"]] += row[_INDEX["x0_prev"]]
-    row[_INDEX["x0_prev"]] = 0.0
+    row[coefficient_index("x0")] += row[coefficient_index("x0_prev")]
+    row[coefficient_index("x0_prev")] = 0.0
     return row
 
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import astuple, dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -87,7 +87,14 @@ COEFFICIENTS = (
     "known_noise",  # σ_next: ... α_next·known + σ_next·z'
 )
 NUM_COEFFICIENTS = len(COEFFICIENTS)
-_INDEX = {name: i for i, name in enumerate(COEFFICIENTS)}
+INDEX = {name: i for i, name in enumerate(COEFFICIENTS)}  # a coefficient's position in a vector
+
+
+def coefficient_index(name: str) -> int:
+    """The position of coefficient ``name`` in a coefficient vector (see COEFFICIENTS)."""
+    if name not in INDEX:
+        raise ValueError(f"unknown coefficient name {name!r}; known names: {COEFFICIENTS}")
+    return INDEX[name]
 
 # Guidance-rescale statistics: each sample is cut into at most this many chunks.
 MAX_CHUNKS = 64
@@ -105,7 +112,7 @@ def step_coefficients(**values: float) -> torch.Tensor:
         raise ValueError(f"unknown coefficient name(s) {sorted(unknown)}; known names: {COEFFICIENTS}")
     vec = torch.zeros(NUM_COEFFICIENTS, dtype=torch.float64)
     for name, value in values.items():
-        vec[_INDEX[name]] = float(value)
+        vec[INDEX[name]] = float(value)
     return vec
 
 
@@ -161,7 +168,7 @@ def sampler_step_ref(
     bcast = (k.shape[0],) + (1,) * (x.ndim - 1)
 
     def cf(name: str) -> torch.Tensor:
-        return k[:, _INDEX[name]].reshape(bcast)
+        return k[:, INDEX[name]].reshape(bcast)
 
     xf = x.to(ct)
     o = guided_output_ref(model_output, uncond_output, guidance_scale, guidance_rescale).to(ct)
@@ -191,6 +198,19 @@ if HAS_TRITON:
     import triton.language as tl
 
     from fastdiff.ops._philox import philox_normal
+
+    # Where the kernel reads each coefficient in a vector: compile-time constants, by name.
+    K_X0_FROM_X = tl.constexpr(INDEX["x0_from_x"])
+    K_X0_FROM_OUT = tl.constexpr(INDEX["x0_from_out"])
+    K_EPS_FROM_X = tl.constexpr(INDEX["eps_from_x"])
+    K_EPS_FROM_OUT = tl.constexpr(INDEX["eps_from_out"])
+    K_X = tl.constexpr(INDEX["x"])
+    K_X0 = tl.constexpr(INDEX["x0"])
+    K_EPS = tl.constexpr(INDEX["eps"])
+    K_X0_PREV = tl.constexpr(INDEX["x0_prev"])
+    K_NOISE = tl.constexpr(INDEX["noise"])
+    K_KNOWN = tl.constexpr(INDEX["known"])
+    K_KNOWN_NOISE = tl.constexpr(INDEX["known_noise"])
 
     # N may be specialised (cases for N a multiple of 16: vector loads) and chunk always is (a
     # multiple of STATS_BLOCK); other integers never are, as in the compiled library (see _launch).
@@ -317,13 +337,13 @@ if HAS_TRITON:
                 # std(o_c)/std(o): Bessel's N−1 cancels in the ratio
                 ratio = tl.sqrt(m2_c / m2_g)
                 o = o * (guidance_rescale * ratio + (1.0 - guidance_rescale))
-        x0 = tl.load(coef + 0) * x + tl.load(coef + 1) * o
-        eps = tl.load(coef + 2) * x + tl.load(coef + 3) * o
+        x0 = tl.load(coef + K_X0_FROM_X) * x + tl.load(coef + K_X0_FROM_OUT) * o
+        eps = tl.load(coef + K_EPS_FROM_X) * x + tl.load(coef + K_EPS_FROM_OUT) * o
         if CLIP:
             x0 = tl.minimum(tl.maximum(x0, -clip), clip)
-        x_next = tl.load(coef + 4) * x + tl.load(coef + 5) * x0 + tl.load(coef + 6) * eps
+        x_next = tl.load(coef + K_X) * x + tl.load(coef + K_X0) * x0 + tl.load(coef + K_EPS) * eps
         if MULTISTEP:
-            x_next += tl.load(coef + 7) * tl.load(X0_PREV + row + offs, mask=inside).to(tl.float32)
+            x_next += tl.load(coef + K_X0_PREV) * tl.load(X0_PREV + row + offs, mask=inside).to(tl.float32)
         if NOISE or INPAINT:
             key = tl.load(SEEDS + b) + step.to(tl.int64) * KEY_MULT  # int64 wrap-around, as step_keys
             if CHANNELS_LAST:
@@ -332,7 +352,7 @@ if HAS_TRITON:
             else:
                 logical = offs
         if NOISE:
-            x_next += tl.load(coef + 8) * philox_normal(key, logical)
+            x_next += tl.load(coef + K_NOISE) * philox_normal(key, logical)
         if INPAINT:
             if MASK_PER_PIXEL:
                 if CHANNELS_LAST:
@@ -343,7 +363,7 @@ if HAS_TRITON:
             else:
                 m = tl.load(MASK + row + offs, mask=inside).to(tl.float32)
             known = tl.load(KNOWN + row + offs, mask=inside).to(tl.float32)
-            renoised = tl.load(coef + 9) * known + tl.load(coef + 10) * philox_normal(key, N + logical)
+            renoised = tl.load(coef + K_KNOWN) * known + tl.load(coef + K_KNOWN_NOISE) * philox_normal(key, N + logical)
             x_next = m * x_next + (1.0 - m) * renoised
         tl.store(X_NEXT + row + offs, x_next.to(X_NEXT.dtype.element_ty), mask=inside)
         if WRITE_X0:
@@ -369,22 +389,56 @@ def _chunking(N: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- launch plans
 
 
-def _step_prepared(x, out_c, out_u, coeffs, x0_prev, seeds, known, mask):
-    """The arguments as the kernels read them: x contiguous unless it is channels-last, the (B, ...)
+class _Tensors(NamedTuple):
+    """One step's tensors, in the registered op's order (`_sampler_step_impl`)."""
+
+    x: torch.Tensor
+    model_output: torch.Tensor
+    coeffs: torch.Tensor
+    uncond_output: Optional[torch.Tensor]
+    x0_prev: Optional[torch.Tensor]
+    seeds: Optional[torch.Tensor]
+    known: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+
+
+class _Options(NamedTuple):
+    """One step's numbers and switches, in the registered op's order (after its tensors)."""
+
+    guidance_scale: float
+    guidance_rescale: float
+    clip_x0: Optional[float]
+    step: int
+    add_noise: bool
+    return_x0: bool
+
+    def flags(self) -> tuple[bool, bool, bool, bool]:
+        """What a launch plan depends on: (rescale, clip, noise, write x̂0)."""
+        return self.guidance_rescale > 0, self.clip_x0 is not None, self.add_noise, self.return_x0
+
+
+def _options(guidance_scale, guidance_rescale, clip_x0, step, add_noise, return_x0) -> _Options:
+    """The options as the op takes them: floats, an optional float, bools."""
+    return _Options(
+        float(guidance_scale), float(guidance_rescale), None if clip_x0 is None else float(clip_x0), step,
+        bool(add_noise), bool(return_x0),
+    )  # fmt: skip
+
+
+def _step_prepared(t: _Tensors) -> _Tensors:
+    """The tensors as the kernels read them: x contiguous unless it is channels-last, the (B, ...)
     tensors in x's layout (a per-pixel mask dense), the coefficients as dense fp32, dense seeds."""
-    if sample_layout(x) is None:
-        x = x.contiguous()
-    out_c = match_layout(out_c, x)
-    if out_u is not None:
-        out_u = match_layout(out_u, x)
-    if x0_prev is not None:
-        x0_prev = match_layout(x0_prev, x)
+    x = t.x if sample_layout(t.x) is not None else t.x.contiguous()
+    known, mask = t.known, t.mask
     if known is not None:
         known = match_layout(known, x)
         mask = mask.contiguous() if mask.shape != x.shape else match_layout(mask, x)
-    if seeds is not None:
-        seeds = seeds.contiguous()
-    return x, out_c, out_u, coeffs.to(torch.float32).contiguous(), x0_prev, seeds, known, mask
+    return _Tensors(
+        x, match_layout(t.model_output, x), t.coeffs.to(torch.float32).contiguous(),
+        None if t.uncond_output is None else match_layout(t.uncond_output, x),
+        None if t.x0_prev is None else match_layout(t.x0_prev, x), None if t.seeds is None else t.seeds.contiguous(),
+        known, mask,
+    )  # fmt: skip
 
 
 class _StepPlan:
@@ -393,66 +447,64 @@ class _StepPlan:
     __slots__ = ("copies", "code", "out_code", "sizes", "per_sample_coeffs", "per_pixel", "channels_last",
                  "rescale", "chunks", "case_key")  # fmt: skip
 
-    def __init__(self, x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, rescale, clip, noise, write_x0):
-        given = (x, out_c, out_u, coeffs, x0_prev, seeds, known, mask)
-        prepared = _step_prepared(*given)
-        self.copies = any(a is not b for a, b in zip(prepared, given))
-        x, out_c, out_u, coeffs = prepared[:4]
+    def __init__(self, t: _Tensors, flags: tuple[bool, bool, bool, bool]):
+        rescale, clip, noise, write_x0 = flags
+        prepared = _step_prepared(t)
+        self.copies = any(a is not b for a, b in zip(prepared, t))
+        x, out_c, coeffs = prepared.x, prepared.model_output, prepared.coeffs
+        guided, inpaint = t.uncond_output is not None, t.known is not None
         B = x.shape[0]
         N = x.numel() // B
         C = x.shape[1] if x.ndim > 1 else 1
         self.code, self.out_code, self.sizes = dtype_code(x.dtype), dtype_code(out_c.dtype), (B, C, N // C)
         self.per_sample_coeffs = int(coeffs.ndim == 2)
-        self.per_pixel = int(known is not None and mask.shape != x.shape)
+        self.per_pixel = int(inpaint and t.mask.shape != x.shape)
         self.channels_last = int(sample_layout(x) == "channels_last")
-        self.rescale = int(out_u is not None and rescale)
+        self.rescale = int(guided and rescale)
         self.chunks = _chunking(N)
-        flags = StepFlags(
-            guidance=out_u is not None, rescale=bool(self.rescale), clip=clip, multistep=x0_prev is not None,
-            write_x0=write_x0, noise=noise, inpaint=known is not None, mask_per_pixel=bool(self.per_pixel),
+        step_flags = StepFlags(
+            guidance=guided, rescale=bool(self.rescale), clip=clip, multistep=t.x0_prev is not None,
+            write_x0=write_x0, noise=noise, inpaint=inpaint, mask_per_pixel=bool(self.per_pixel),
             channels_last=bool(self.channels_last),
         )  # fmt: skip
-        self.case_key = (self.code, self.out_code, flags.bits(), divisible_key(N))
+        self.case_key = (self.code, self.out_code, step_flags.bits(), divisible_key(N))
 
 
 _step_plans = Plans()
 
 
-def _step_plan(x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, rescale, clip, noise, write_x0) -> _StepPlan:
-    """The plan of a call (computed on the first call of its signature): ``rescale``, ``clip``, ``noise``
-    and ``write_x0`` as booleans (guidance rescale > 0, a clip given, noise added, x̂0 returned)."""
+def _step_plan(t: _Tensors, flags: tuple[bool, bool, bool, bool]) -> _StepPlan:
+    """The plan of a call (computed on the first call of its signature); ``flags``: `_Options.flags`."""
+    x, known = t.x, t.known
     key = (
-        x.shape, x.stride(), x.dtype, x.get_device(), out_c.dtype, out_c.stride(),
-        None if out_u is None else out_u.stride(), coeffs.dtype, coeffs.shape, coeffs.stride(),
-        None if x0_prev is None else x0_prev.stride(), None if seeds is None else seeds.stride(),
-        None if known is None else (known.stride(), mask.shape, mask.stride()), rescale, clip, noise, write_x0,
+        x.shape, x.stride(), x.dtype, x.get_device(), t.model_output.dtype, t.model_output.stride(),
+        None if t.uncond_output is None else t.uncond_output.stride(), t.coeffs.dtype, t.coeffs.shape,
+        t.coeffs.stride(), None if t.x0_prev is None else t.x0_prev.stride(),
+        None if t.seeds is None else t.seeds.stride(),
+        None if known is None else (known.stride(), t.mask.shape, t.mask.stride()), flags,
     )  # fmt: skip
     plan = _step_plans.get(key)
     if plan is None:
-        plan = _step_plans.remember(
-            key, _StepPlan(x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, rescale, clip, noise, write_x0)
-        )
+        plan = _step_plans.remember(key, _StepPlan(t, flags))
     return plan
 
 
 # ----------------------------------------------------------------------------- launcher
 
 
-def _sampler_step_triton(
-    x, out_c, out_u, coeffs, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale, clip_x0, step,
-    add_noise, return_x0, plan: _StepPlan | None = None,
-):  # fmt: skip
-    """(x_next, x̂0 or None).  ``plan``: the call's, with the arguments it prepared; computed here (and the
-    arguments prepared) when not given."""
+def _sampler_step_triton(t: _Tensors, o: _Options, plan: _StepPlan | None = None):
+    """(x_next, x̂0 or None).  ``plan``: the call's, with the tensors it prepared; computed here (and the
+    tensors prepared) when not given."""
     if plan is None:
-        args = (x, out_c, out_u, coeffs, x0_prev, seeds, known, mask)
-        plan = _step_plan(*args, guidance_rescale > 0, clip_x0 is not None, bool(add_noise), bool(return_x0))
+        plan = _step_plan(t, o.flags())
         if plan.copies:
-            x, out_c, out_u, coeffs, x0_prev, seeds, known, mask = _step_prepared(*args)
+            t = _step_prepared(t)
+    x, out_c, coeffs, out_u, x0_prev, seeds, known, mask = t
     x_next = torch.empty_like(x)
-    x0_out = torch.empty_like(x) if return_x0 else None
+    x0_out = torch.empty_like(x) if o.return_x0 else None
     B, C, S = plan.sizes
     num_chunks, chunk = plan.chunks
+    clip = 0.0 if o.clip_x0 is None else o.clip_x0
     stream = _aot.target(x)
     if stream is not None:
         stats, hold = _aot.scratch(x, stream, B * num_chunks * 4) if plan.rescale else (0, None)
@@ -461,8 +513,8 @@ def _sampler_step_triton(
             coeffs.data_ptr(), plan.per_sample_coeffs, 0 if x0_prev is None else x0_prev.data_ptr(),
             0 if seeds is None else seeds.data_ptr(), 0 if known is None else known.data_ptr(),
             0 if mask is None else mask.data_ptr(), plan.per_pixel, x_next.data_ptr(),
-            0 if x0_out is None else x0_out.data_ptr(), stats, B, C, S, plan.channels_last, int(add_noise), step,
-            guidance_scale, guidance_rescale, 0.0 if clip_x0 is None else clip_x0, stream,
+            0 if x0_out is None else x0_out.data_ptr(), stats, B, C, S, plan.channels_last, int(o.add_noise),
+            o.step, o.guidance_scale, o.guidance_rescale, clip, stream,
         )  # fmt: skip
         if status == _aot.SUCCESS or _aot.declined("sampler_step", status):
             return x_next, x0_out
@@ -470,7 +522,7 @@ def _sampler_step_triton(
     stats = torch.empty(B, num_chunks, 4, device=x.device, dtype=torch.float32) if plan.rescale else None
     if plan.rescale:
         STEP_STATS.pick((plan.out_code, plan.case_key[-1])).launch(
-            (num_chunks, B), out_c, out_u, stats, N, num_chunks, chunk, float(guidance_scale)
+            (num_chunks, B), out_c, out_u, stats, N, num_chunks, chunk, o.guidance_scale
         )
     # combinations not shipped: JIT only
     case = STEP.pick(plan.case_key) or _step_case(x.dtype, out_c.dtype, StepFlags.of(plan.case_key[2]), plan.case_key[3])
@@ -479,8 +531,7 @@ def _sampler_step_triton(
         coeffs, x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
         known if known is not None else x, mask if mask is not None else x, x_next,
         x_next if x0_out is None else x0_out, N, C, S, NUM_COEFFICIENTS * plan.per_sample_coeffs, num_chunks,
-        chunk, int(step), float(guidance_scale), float(guidance_rescale),
-        float(clip_x0) if clip_x0 is not None else 0.0,
+        chunk, int(o.step), o.guidance_scale, o.guidance_rescale, clip,
     )  # fmt: skip
     return x_next, x0_out
 
@@ -506,11 +557,11 @@ def _sampler_step_impl(
     plan: Optional[_StepPlan] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x_next, x̂0 or None): the eager path allocates nothing it does not return.  ``plan``: an eager
-    call's, with the arguments it prepared."""
+    call's, with the tensors it prepared."""
     if use_triton(x):
         x_next, x0 = _sampler_step_triton(
-            x, model_output, uncond_output, coeffs, x0_prev, seeds, known, mask, guidance_scale,
-            guidance_rescale, clip_x0, step, add_noise, return_x0, plan,
+            _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask),
+            _Options(guidance_scale, guidance_rescale, clip_x0, step, add_noise, return_x0), plan,
         )  # fmt: skip
     else:
         x_next, x0 = sampler_step_ref(
@@ -627,8 +678,9 @@ def check_model_output(x: torch.Tensor, model_output, uncond_output=None) -> Non
             )
 
 
-def _validate(x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds,
-              step, add_noise, known, mask) -> None:  # fmt: skip
+def _validate(t: _Tensors, guidance_scale, guidance_rescale, clip_x0, step, add_noise) -> None:
+    """`sampler_step`'s checks, on the numbers as the caller gave them."""
+    x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask = t
     check_step_arguments(
         x, guided=uncond_output is not None, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
         clip_x0=clip_x0, seeds=seeds, add_noise=add_noise, known=known, mask=mask,
@@ -677,10 +729,7 @@ def sampler_step(
     and step: the Philox keys of the noise drawn when ``add_noise`` (coefficient "noise") or
     when inpainting.  known, mask: inpainting; mask (B, ...) or (B, 1, ...) with 1 = repaint.
     """
-    validate = (
-        x, model_output, coeffs, uncond_output, guidance_scale, guidance_rescale, clip_x0, x0_prev, seeds, step,
-        add_noise, known, mask,
-    )  # fmt: skip
+    t = _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask)
     # the numbers are checked on every call, by type first (a signature cannot hold them)
     if (
         type(guidance_scale) is not float or not -math.inf < guidance_scale < math.inf
@@ -688,45 +737,28 @@ def sampler_step(
         or not (clip_x0 is None or type(clip_x0) is float and clip_x0 > 0) or type(step) is not int
         or not 0 <= step < 2**62 or (add_noise is not True and add_noise is not False)
     ):  # fmt: skip
-        _validate(*validate)
-    args = (x, model_output, uncond_output, coeffs, x0_prev, seeds, known, mask)
-    flags = (guidance_rescale > 0, clip_x0 is not None, bool(add_noise), bool(return_x0))
+        _validate(t, guidance_scale, guidance_rescale, clip_x0, step, add_noise)
+    o = _options(guidance_scale, guidance_rescale, clip_x0, step, add_noise, return_x0)
     if _backend.traced(x):
-        _validate(*validate)
-        return _step(None, args, flags, guidance_scale, guidance_rescale, clip_x0, step)
-    return _step(_checked_step_plan(args, flags, validate), args, flags, guidance_scale, guidance_rescale, clip_x0,
-                 step)  # fmt: skip
+        _validate(t, guidance_scale, guidance_rescale, clip_x0, step, add_noise)
+        return _step(None, t, o)
+    try:
+        plan = _checked_step_plans.get(_checked_key(t, o))
+    except AttributeError:  # an argument that is not a tensor
+        plan = None
+    if plan is None:
+        _validate(t, guidance_scale, guidance_rescale, clip_x0, step, add_noise)
+        plan = _checked_step_plans.remember(_checked_key(t, o), _StepPlan(t, o.flags()))
+    return _step(plan, t, o)
 
 
 _checked_step_plans = Plans()
 
 
-def _checked_step_plan(args, flags, validate) -> _StepPlan:
-    """The plan of a call whose tensors `sampler_step` accepts; raises as `_validate` otherwise.
-
-    A signature is checked once: what the checks read of the tensors (types, shapes, dtypes, devices)
-    and which options are on are part of it.
-    """
-    x, out_c, out_u, coeffs, x0_prev, seeds, known, mask = args
-    try:
-        key = (
-            x.shape, x.stride(), x.dtype, x.device, flags,
-            type(out_c), out_c.dtype, out_c.shape, out_c.stride(), out_c.device,
-            None if out_u is None else (type(out_u), out_u.dtype, out_u.shape, out_u.stride(), out_u.device),
-            type(coeffs), coeffs.dtype, coeffs.shape, coeffs.stride(), coeffs.device,
-            None if x0_prev is None else (type(x0_prev), x0_prev.dtype, x0_prev.shape, x0_prev.stride(),
-                                          x0_prev.device),
-            None if seeds is None else (type(seeds), seeds.dtype, seeds.shape, seeds.stride(), seeds.device),
-            None if known is None else (type(known), known.dtype, known.shape, known.stride(), known.device),
-            None if mask is None else (type(mask), mask.dtype, mask.shape, mask.stride(), mask.device),
-        )  # fmt: skip
-    except AttributeError:  # an argument that is not a tensor
-        key = None
-    plan = _checked_step_plans.get(key)
-    if plan is None:
-        _validate(*validate)
-        plan = _checked_step_plans.remember(key, _StepPlan(*args, *flags))
-    return plan
+def _checked_key(t: _Tensors, o: _Options) -> tuple:
+    """The signature of a `sampler_step` call as its checks read it (types, shapes, dtypes, strides,
+    devices of the tensors; which options are on): the tensors are checked once per signature."""
+    return (o.flags(), *((None,) if u is None else (type(u), u.dtype, u.shape, u.stride(), u.device) for u in t))
 
 
 def coefficient_rows(coeffs: torch.Tensor, device) -> torch.Tensor:
@@ -760,25 +792,18 @@ def sampler_step_unchecked(
     """`sampler_step` without its argument checks, for a sampling loop that made them once
     (`check_step_arguments`) and checks each model output (`check_model_output`).  Arguments
     `sampler_step` would refuse give undefined results."""
-    args = (x, model_output, uncond_output, coeffs, x0_prev, seeds, known, mask)
-    flags = (guidance_rescale > 0, clip_x0 is not None, bool(add_noise), bool(return_x0))
-    plan = None if _backend.traced(x) else _step_plan(*args, *flags)
-    return _step(plan, args, flags, guidance_scale, guidance_rescale, clip_x0, step)
+    t = _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask)
+    o = _options(guidance_scale, guidance_rescale, clip_x0, step, add_noise, return_x0)
+    return _step(None if _backend.traced(x) else _step_plan(t, o.flags()), t, o)
 
 
-def _step(plan, args, flags, guidance_scale, guidance_rescale, clip_x0, step):
-    """The op on ``args`` (`_StepPlan`'s order) with the options ``flags`` (`_step_plan`'s), through the
-    registered op when traced (``plan`` None)."""
-    if plan is not None and plan.copies:
-        args = _step_prepared(*args)
-    x, out_c, out_u, coeffs, x0_prev, seeds, known, mask = args
-    call = (
-        x, out_c, coeffs, out_u, x0_prev, seeds, known, mask, float(guidance_scale), float(guidance_rescale),
-        None if clip_x0 is None else float(clip_x0), step, flags[2], flags[3],
-    )  # fmt: skip
+def _step(plan: _StepPlan | None, t: _Tensors, o: _Options):
+    """The op on ``t`` and ``o``, through the registered op when traced (``plan`` None)."""
     if plan is None:
-        return _sampler_step_call(*call)
-    return _sampler_step_call.eager(*call, plan)
+        return _sampler_step_call(*t, *o)
+    if plan.copies:
+        t = _step_prepared(t)
+    return _sampler_step_call.eager(*t, *o, plan)
 
 
 # ----------------------------------------------------------------------------- launch tables
