@@ -96,6 +96,27 @@ def test_kernel_draws_the_reference_noise(shape, dtype, channels_last, device, p
     assert rel_err(v, ref_v) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_given_keys_draw_the_reference_noise_of_those_keys(dtype, device, poisoned_alloc):
+    """training_target(keys=...) draws draw_noise_ref(keys, x0), and rows of a batch's keys draw
+    those rows' noise (a distributed rank's share of a global batch)."""
+    acp = _schedule(device)
+    x0, t = _inputs((4, 3, 5, 7), dtype, device)
+    keys = noising.draw_keys(4, device, torch.Generator(device).manual_seed(3))
+    x_t, noise, target = ops.training_target(x0, t, acp, prediction="v", keys=keys)
+    assert rel_err(noise, noising.draw_noise_ref(keys, x0)) < TOL[dtype]
+    ref_x_t, ref_v = noising.noising_ref(x0, t, acp, noise, want_v=True)
+    assert rel_err(x_t, ref_x_t) < TOL[dtype] and rel_err(target, ref_v) < TOL[dtype]
+    _, rows, _ = ops.training_target(x0[1:3], t[1:3], acp, keys=keys[1:3])
+    assert torch.equal(rows, noise[1:3])
+    with pytest.raises(ValueError, match="keys"):
+        ops.training_target(x0, t, acp, keys=keys, generator=torch.Generator(device))
+    with pytest.raises(TypeError, match="keys.*int64"):
+        ops.training_target(x0, t, acp, keys=keys.float())
+    with pytest.raises(ValueError, match="keys.*shape"):
+        ops.training_target(x0, t, acp, keys=keys[:3])
+
+
 def test_noise_does_not_depend_on_memory_layout(device):
     acp = _schedule(device)
     x0, t = _inputs((2, 5, 6, 7), torch.float32, device)

@@ -553,6 +553,18 @@ def _validate(x0, t, alphas_cumprod, noise) -> None:
         _checks.check_device("noise", noise, x0.device, "x0")
 
 
+def _validate_keys(keys, x0, noise, generator) -> None:
+    if noise is not None or generator is not None:
+        raise ValueError("keys draws the noise: give keys, noise or generator, not two of them")
+    _checks.check_tensor("keys", keys)
+    if keys.dtype != torch.int64:
+        raise TypeError(f"keys must be an int64 tensor, got {keys.dtype}")
+    _checks.check_shape("keys", keys, (x0.shape[0],), " (one key per sample)")
+    _checks.check_device("keys", keys, x0.device, "x0")
+    if not keys.is_contiguous():
+        raise ValueError("keys must be contiguous")
+
+
 def draw_keys(batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """One int64 Philox key per sample, drawn from ``generator`` (or torch's default)."""
     if generator is None:  # drawn where it is used: no copy (a same-device .to() still costs a dispatch)
@@ -561,9 +573,10 @@ def draw_keys(batch: int, device, generator: torch.Generator | None = None) -> t
     return keys.to(device, non_blocking=True)
 
 
-def _noising(x0, t, alphas_cumprod, noise, generator, want_v, plan):
+def _noising(x0, t, alphas_cumprod, noise, generator, want_v, plan, keys=None):
     """`q_sample` and `training_target` after their checks: (x_t, noise, v or None).  ``plan``: the
-    call's (`_noising_plan`), None when traced."""
+    call's (`_noising_plan`), None when traced; ``keys``: the Philox keys to draw the noise from
+    (else drawn from ``generator``)."""
     if noise is not None and noise.dtype != x0.dtype:
         noise = noise.to(x0.dtype)
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or (noise is not None and noise.requires_grad))
@@ -571,10 +584,11 @@ def _noising(x0, t, alphas_cumprod, noise, generator, want_v, plan):
         # The kernel has no backward: differentiate through the reference math.
         _checks.check_timesteps("t", t, alphas_cumprod.shape[0])
         if noise is None:
-            noise = draw_noise_ref(draw_keys(x0.shape[0], x0.device, generator), x0)
+            noise = draw_noise_ref(draw_keys(x0.shape[0], x0.device, generator) if keys is None else keys, x0)
         x_t, v = noising_ref(x0, t, alphas_cumprod, noise, want_v)
         return x_t, noise, v
-    keys = draw_keys(x0.shape[0], x0.device, generator) if noise is None else None
+    if noise is None and keys is None:
+        keys = draw_keys(x0.shape[0], x0.device, generator)
     if plan is None:
         x_t, drawn, v = _noising_call(x0, t, alphas_cumprod, noise, keys, want_v)
     elif plan.copies:
@@ -630,16 +644,22 @@ def training_target(
     *,
     prediction: str = "epsilon",
     generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass for a training step: ``(x_t, noise, target)``.
 
     ``prediction``: "epsilon" (target = noise), "v" (target = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0,
-    written by the same kernel) or "sample" (target = x0).
+    written by the same kernel) or "sample" (target = x0).  ``keys``: (B,) int64 Philox keys
+    on x0's device to draw the noise from (`draw_keys`), instead of drawing them from
+    ``generator``: e.g. each rank's rows of the keys of a global batch, so that a distributed
+    step draws the noise one process would (``draw_noise_ref(keys, x0)`` is that noise).
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
-    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan)
+    if keys is not None:
+        _validate_keys(keys, x0, noise, generator)
+    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys)
 
 
 def training_target_unchecked(
@@ -650,15 +670,16 @@ def training_target_unchecked(
     *,
     prediction: str = "epsilon",
     generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`training_target` without its argument checks, for a training loop that made them once.
     Arguments `training_target` would refuse give undefined results."""
     plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
-    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan)
+    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys)
 
 
-def _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan):
-    x_t, noise, v = _noising(x0, t, alphas_cumprod, noise, generator, prediction == "v", plan)
+def _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys):
+    x_t, noise, v = _noising(x0, t, alphas_cumprod, noise, generator, prediction == "v", plan, keys)
     target = noise if prediction == "epsilon" else v if prediction == "v" else x0
     return x_t, noise, target
 
