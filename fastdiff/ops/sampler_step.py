@@ -524,8 +524,9 @@ def _sampler_step_triton(t: _Tensors, o: _Options, plan: _StepPlan | None = None
         STEP_STATS.pick((plan.out_code, plan.case_key[-1])).launch(
             (num_chunks, B), out_c, out_u, stats, N, num_chunks, chunk, o.guidance_scale
         )
-    # combinations not shipped: JIT only
-    case = STEP.pick(plan.case_key) or _step_case(x.dtype, out_c.dtype, StepFlags.of(plan.case_key[2]), plan.case_key[3])
+    case = STEP.pick(plan.case_key)
+    if case is None:  # a combination not shipped: JIT only
+        case = _step_case(x.dtype, out_c.dtype, StepFlags.of(plan.case_key[2]), plan.case_key[3])
     case.launch(
         (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, x_next if stats is None else stats,
         coeffs, x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
@@ -758,7 +759,17 @@ _checked_step_plans = Plans()
 def _checked_key(t: _Tensors, o: _Options) -> tuple:
     """The signature of a `sampler_step` call as its checks read it (types, shapes, dtypes, strides,
     devices of the tensors; which options are on): the tensors are checked once per signature."""
-    return (o.flags(), *((None,) if u is None else (type(u), u.dtype, u.shape, u.stride(), u.device) for u in t))
+    x, out_c, coeffs, out_u, x0_prev, seeds, known, mask = t
+    return (
+        o.flags(), type(x), x.dtype, x.shape, x.stride(), x.device,
+        type(out_c), out_c.dtype, out_c.shape, out_c.stride(), out_c.device,
+        type(coeffs), coeffs.dtype, coeffs.shape, coeffs.stride(), coeffs.device,
+        None if out_u is None else (type(out_u), out_u.dtype, out_u.shape, out_u.stride(), out_u.device),
+        None if x0_prev is None else (type(x0_prev), x0_prev.dtype, x0_prev.shape, x0_prev.stride(), x0_prev.device),
+        None if seeds is None else (type(seeds), seeds.dtype, seeds.shape, seeds.stride(), seeds.device),
+        None if known is None else (type(known), known.dtype, known.shape, known.stride(), known.device),
+        None if mask is None else (type(mask), mask.dtype, mask.shape, mask.stride(), mask.device),
+    )  # fmt: skip
 
 
 def coefficient_rows(coeffs: torch.Tensor, device) -> torch.Tensor:
