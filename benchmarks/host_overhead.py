@@ -21,13 +21,16 @@ kernel's parameters, and stops before the driver call (`cuLaunchKernel`, about 1
 a GPU, is the only host cost left out).  Nothing is computed on the tensors.
 
 Shapes are tiny: the host path does not depend on the size, and CPU allocations of large
-blocks (mmap and page faults) say nothing about a GPU's caching allocator.  Each row is
-the best of several repeats of the mean over ``--calls`` calls; on a shared machine the
-figures still vary by tens of percent from run to run.
+blocks (mmap and page faults) say nothing about a GPU's caching allocator.  The rows are
+timed in rounds, each round taking the mean over ``--calls`` calls of every row in turn,
+so that a row and the ``torch.add`` baseline see the same load on a shared machine; a
+row's figure is its best round.  The ratios still vary by tens of percent from run to run
+where the load changes faster than a round.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import time
@@ -44,17 +47,16 @@ BASELINE = "torch.add(a, b, out=c)"
 TARGETS = {"fwd": 4.0, "fwd+bwd": 20.0}  # × the torch.add row
 
 
-def time_us(fn: Callable[[], object], calls: int = 300, repeats: int = 7) -> float:
-    """Best of ``repeats`` mean times of ``calls`` calls, in µs."""
+def warm_up(fn: Callable[[], object], calls: int) -> None:
     for _ in range(min(calls, 20)):
         fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e6
+
+
+def mean_us(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def _op(module: str, name: str):
@@ -176,17 +178,24 @@ def loop_cases() -> dict[str, Callable]:
 
 
 def measure(calls: int, repeats: int) -> list[dict]:
-    """Every row as {"name", "us"}: the baselines first, then the ops and the loops (in dry run: no launches)."""
+    """Every row as {"name", "us"}: the baselines first, then the ops and the loops (in dry run: no launches).
+
+    ``repeats`` rounds, each timing every row once (a mean over ``calls`` calls, fewer for the loops);
+    a row's figure is its best round."""
     torch.set_num_threads(1)
-    rows = [{"name": n, "us": time_us(fn, calls, repeats)} for n, fn in baseline_cases().items()]
     with fastdiff.ops.dry_run():
-        for name, fn in op_cases().items():
-            with torch.enable_grad() if "bwd" in name else torch.no_grad():
-                rows.append({"name": name, "us": time_us(fn, calls, repeats)})
-        with torch.no_grad():
-            for name, (fn, per) in loop_cases().items():
-                rows.append({"name": name, "us": time_us(fn, max(calls // 50, 2), repeats) / per})
-    return rows
+        rows = [(n, fn, calls, 1, None) for n, fn in baseline_cases().items()]
+        rows += [(n, fn, calls, 1, "bwd" in n) for n, fn in op_cases().items()]
+        rows += [(n, fn, max(calls // 50, 2), per, False) for n, (fn, per) in loop_cases().items()]
+        best = dict.fromkeys((name for name, *_ in rows), float("inf"))
+        for round_ in range(repeats + 1):  # the first round warms every row up
+            for name, fn, n, per, grad in rows:
+                with contextlib.nullcontext() if grad is None else torch.enable_grad() if grad else torch.no_grad():
+                    if round_ == 0:
+                        warm_up(fn, n)
+                    else:
+                        best[name] = min(best[name], mean_us(fn, n) / per)
+    return [{"name": name, "us": us} for name, us in best.items()]
 
 
 def _target(name: str) -> float | None:
