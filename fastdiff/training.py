@@ -703,10 +703,9 @@ class Trainer:
         if rows is None:  # the kernel draws the noise from g itself
             x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, generator=g)
             return x_t, t, target
-        offset, N = rows  # the same per-example Philox keys the kernel would draw for all N; keep ours
+        offset, N = rows  # the per-example Philox keys the kernel would draw for all N; the kernel draws from ours
         keys = ops.noising.draw_keys(N, "cpu", g)[offset : offset + x0.shape[0]].to(self.device)
-        noise = ops.noising.draw_noise_ref(keys, x0)
-        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, noise, prediction=cfg.prediction)
+        x_t, _, target = ops.training_target(x0, t, self.alphas_cumprod, prediction=cfg.prediction, keys=keys)
         return x_t, t, target
 
     def pipeline_spec(self) -> dict:
