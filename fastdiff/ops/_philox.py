@@ -143,6 +143,16 @@ if HAS_TRITON:
         return tl.where(flip, c, -c)
 
     @triton.jit
+    def nchw_offsets(offs, C, S, CHANNELS_LAST: tl.constexpr):
+        """The logical (NCHW) index of in-sample memory offsets: noise is addressed by it, so that a
+        sample draws the same numbers in either layout (channels-last memory order is (spatial, C))."""
+        if CHANNELS_LAST:
+            logical = (offs % C) * S + offs // C
+        else:
+            logical = offs
+        return logical
+
+    @triton.jit
     def philox_normal(key, offset):
         """N(0, 1) fp32 for each int32 ``offset`` under the int64 Philox ``key``."""
         w0, w1, _, _ = tl.randint4x(key, offset)

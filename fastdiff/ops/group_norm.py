@@ -184,6 +184,27 @@ if HAS_TRITON:
         return offs, (c[:, None] < C) & (s[None, :] < S)
 
     @triton.jit
+    def _centred_tile(
+        X,  # (B, C, S) or (B, S, C)
+        MEAN,  # (B, G) fp32
+        b,
+        c,  # (BLOCK_C,) channel indices
+        s,  # (BLOCK_S,) spatial indices
+        C,
+        S,
+        G,
+        CG,
+        CHANNELS_LAST: tl.constexpr,
+    ):
+        """x − μ in fp32 over a (BLOCK_C, BLOCK_S) tile of sample b, with the tile's in-sample offsets,
+        its bounds mask and the sample's start: what the apply and dx kernels read first."""
+        mu = tl.load(MEAN + b * G + c // CG, mask=c < C, other=0.0)
+        offs, mask = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+        sample = b.to(tl.int64) * C * S
+        x = tl.load(X + sample + offs, mask=mask, other=0.0).to(tl.float32)
+        return x - mu[:, None], offs, mask, sample
+
+    @triton.jit
     def _sigmoid(z):
         # e^{−z} overflows fp32 below z ≈ −88, where σ(z) < 1e-38 anyway: clamp instead of producing inf
         return 1.0 / (1.0 + tl.exp2(tl.minimum(-z * 1.4426950408889634, 126.0)))
@@ -331,13 +352,10 @@ if HAS_TRITON:
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         b = tl.program_id(2)
         cm = c < C
-        mu = tl.load(MEAN + b * G + c // CG, mask=cm, other=0.0)
         A = tl.load(COEF_A + b * C + c, mask=cm, other=0.0)
         d = tl.load(COEF_D + b * C + c, mask=cm, other=0.0)
-        offs, mask = _tile_offsets(c, s, C, S, CHANNELS_LAST)
-        sample = b.to(tl.int64) * C * S
-        x = tl.load(X + sample + offs, mask=mask, other=0.0).to(tl.float32)
-        z = (x - mu[:, None]) * A[:, None] + d[:, None]
+        xc, offs, mask, sample = _centred_tile(X, MEAN, b, c, s, C, S, G, CG, CHANNELS_LAST)
+        z = xc * A[:, None] + d[:, None]
         if SILU:
             z = z * _sigmoid(z)
         tl.store(Y + sample + offs, z.to(Y.dtype.element_ty), mask=mask)
@@ -480,13 +498,10 @@ if HAS_TRITON:
         b = tl.program_id(2)
         cm = c < C
         grp = b * G + c // CG
-        mu = tl.load(MEAN + grp, mask=cm, other=0.0)[:, None]
         E = tl.load(DX_E + grp, mask=cm, other=0.0)[:, None]
         F = tl.load(DX_F + grp, mask=cm, other=0.0)[:, None]
         A = tl.load(COEF_A + b * C + c, mask=cm, other=0.0)[:, None]
-        offs, mask = _tile_offsets(c, s, C, S, CHANNELS_LAST)
-        sample = b.to(tl.int64) * C * S
-        xc = tl.load(X + sample + offs, mask=mask, other=0.0).to(tl.float32) - mu
+        xc, offs, mask, sample = _centred_tile(X, MEAN, b, c, s, C, S, G, CG, CHANNELS_LAST)
         dz = tl.load(DY + sample + offs, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             d = tl.load(COEF_D + b * C + c, mask=cm, other=0.0)[:, None]

@@ -82,7 +82,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fastdiff.ops._philox import philox_normal
+    from fastdiff.ops._philox import nchw_offsets, philox_normal
 
     # N may be specialised (the launch table has cases for N a multiple of 16: vector loads);
     # the other integers never are, as in the compiled library (see _launch).
@@ -114,12 +114,7 @@ if HAS_TRITON:
         s = tl.sqrt(1.0 - abar)
         x0 = tl.load(X0 + row + offs, mask=mask).to(tl.float32)
         if DRAW:
-            if CHANNELS_LAST:
-                # memory order is (spatial, C); noise is addressed by the NCHW index
-                logical = (offs % C) * S + offs // C
-            else:
-                logical = offs
-            eps = philox_normal(tl.load(KEYS + b), logical)
+            eps = philox_normal(tl.load(KEYS + b), nchw_offsets(offs, C, S, CHANNELS_LAST))
             eps = eps.to(NOISE.dtype.element_ty)
             tl.store(NOISE + row + offs, eps, mask=mask)
             eps = eps.to(tl.float32)

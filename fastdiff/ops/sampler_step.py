@@ -197,7 +197,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fastdiff.ops._philox import philox_normal
+    from fastdiff.ops._philox import nchw_offsets, philox_normal
 
     # Where the kernel reads each coefficient in a vector: compile-time constants, by name.
     K_X0_FROM_X = tl.constexpr(INDEX["x0_from_x"])
@@ -346,11 +346,7 @@ if HAS_TRITON:
             x_next += tl.load(coef + K_X0_PREV) * tl.load(X0_PREV + row + offs, mask=inside).to(tl.float32)
         if NOISE or INPAINT:
             key = tl.load(SEEDS + b) + step.to(tl.int64) * KEY_MULT  # int64 wrap-around, as step_keys
-            if CHANNELS_LAST:
-                # memory order is (spatial, C); noise is addressed by the NCHW index
-                logical = (offs % C) * S + offs // C
-            else:
-                logical = offs
+            logical = nchw_offsets(offs, C, S, CHANNELS_LAST)
         if NOISE:
             x_next += tl.load(coef + K_NOISE) * philox_normal(key, logical)
         if INPAINT:
