@@ -810,6 +810,8 @@ def _step(plan: _StepPlan | None, t: _Tensors, o: _Options):
         return _sampler_step_call(*t, *o)
     if plan.copies:
         t = _step_prepared(t)
+    if use_triton(t.x):  # what the op's implementation would do, without unpacking t and o again
+        return _sampler_step_triton(t, o, plan)
     return _sampler_step_call.eager(*t, *o, plan)
 
 
