@@ -24,8 +24,9 @@ Shapes are tiny: the host path does not depend on the size, and CPU allocations 
 blocks (mmap and page faults) say nothing about a GPU's caching allocator.  The rows are
 timed in rounds, each round taking the mean over ``--calls`` calls of every row in turn,
 so that a row and the ``torch.add`` baseline see the same load on a shared machine; a
-row's figure is its best round.  The ratios still vary by tens of percent from run to run
-where the load changes faster than a round.
+row's figure is its best round.  Many short rounds (50 calls, 40 rounds) filter a loaded
+machine's spikes better than a few long ones; the ratios still vary by about ±20 % from run
+to run there.
 """
 from __future__ import annotations
 
@@ -217,8 +218,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=300, help="calls per timed repeat (default 300)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats; the best is kept (default 7)")
+    parser.add_argument("--calls", type=int, default=50, help="calls per row in a round (default 50)")
+    parser.add_argument("--repeats", type=int, default=40, help="timed rounds; a row's best is kept (default 40)")
     parser.add_argument("--json", action="store_true", help='print a JSON list of {"name": ..., "us": ...}')
     args = parser.parse_args(argv)
     if args.calls < 1 or args.repeats < 1:
