@@ -965,10 +965,7 @@ def _backward(ctx, dy, _dsaved):
     need = ctx.needs_input_grad
     grads = (dx if need[0] else None, dw if need[1] else None, db if need[2] else None, ds if need[3] else None,
              dsh if need[4] else None)  # fmt: skip
-    return grads + _NO_GRADS[len(args)]  # none for num_groups, eps, silu (and the plan)
-
-
-_NO_GRADS = {3: (None,) * 3, 4: (None,) * 4}
+    return grads + (None,) * len(args)  # none for num_groups, eps, silu (and the plan)
 
 
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
