@@ -250,11 +250,6 @@ def test_diffusion_loss_matches_float64(data, device, poisoned_alloc):
         assert ours.dtype == dtype and rel_err(ours, exact) < max(TOL[dtype], 2 * rel_err(theirs, exact))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="diffusion_loss takes pred of shape (B,), one value per sample, and its kernel computes the "
-    "loss, but the reference path (what CPU tensors take) raises IndexError: weighted_mse_ref flattens from dim 1",
-)
 @given(shape=shapes(min_ndim=1))
 @example(shape=(3,))
 def test_diffusion_loss_reference_path_matches_float64(shape):

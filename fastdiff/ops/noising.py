@@ -72,7 +72,7 @@ def noising_ref(
 
 def weighted_mse_ref(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """(1/B) Σ_b w_b · mean_i (pred − target)², in fp32 (w_b = 1 without ``weight``).  Differentiable."""
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    per_sample = (pred.float() - target.float()).pow(2).reshape(len(pred), -1).mean(1)  # (B,) too
     return (per_sample if weight is None else weight.float() * per_sample).mean()
 
 
