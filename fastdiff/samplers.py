@@ -10,9 +10,9 @@ A sampler is split in two small pure pieces:
   evaluations draw noise, keep or read the previous x̂0, and blend the inpainting region;
 * `sample`, one loop for every sampler: call the model, then ``fastdiff.ops.sampler_step`` — the only
   per-element work of a step.  The loop checks its arguments once (`prepare_loop`); each
-  evaluation (`Loop.step`) then checks only the model's output and calls the op's unchecked
+  evaluation (`step`) then checks only the model's output and calls the op's unchecked
   entry.  An application with its own loop (RePaint's jumps in ``apps.inpaint``) runs the same
-  evaluations.
+  evaluations through `step`.
 
 The state is always variance-preserving, x_t = α_t·x_0 + σ_t·ε (α_t = sqrt(ᾱ_t),
 σ_t = sqrt(1 − ᾱ_t)), and the model is always called as ``model(x_t, t)``: the σ-space
@@ -406,7 +406,8 @@ def _validate_sample(x_T, seeds, plan, guidance_scale, guidance_rescale, known, 
 
 @dataclass(frozen=True, eq=False)
 class Loop:
-    """What every evaluation of a sampling loop reads besides its state: made once, checked, by `prepare_loop`."""
+    """What every evaluation of a sampling loop reads besides its state: made once, checked, by
+    `prepare_loop`; each evaluation is then `step`."""
 
     model: Model
     plan: Plan  # on the state's device, fp32 coefficients
@@ -418,37 +419,6 @@ class Loop:
     mask: torch.Tensor | None
     model_t: tuple[torch.Tensor, ...]  # per evaluation, the model's t: (B,) or (2B,) under guidance
     coeffs: tuple[torch.Tensor, ...]  # per evaluation, its (K,) row of plan.coeffs
-
-    def step(
-        self, i: int, x: torch.Tensor, x0: torch.Tensor | None, *, coeffs: torch.Tensor | None = None,
-        key: int | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Evaluation ``i`` of the plan from state x (and the x̂0 kept by the previous one): ``(x_next, x0)``.
-
-        One model call, its output checked (the model is the caller's code), and one unchecked
-        fused step.  ``coeffs`` and ``key`` replace the plan's row and the noise's step key
-        (``i``) for a loop that revisits evaluations (RePaint).
-        """
-        plan, guided = self.plan, self.guidance_scale is not None
-        t = self.model_t[i]
-        if guided:
-            out = self.model(torch.cat([x, x]), t)
-            if out.shape[0] != t.shape[0]:
-                raise ValueError(
-                    f"model must return (2B, ...) = ({t.shape[0]}, ...) under guidance, got {tuple(out.shape)}"
-                )
-            out_u, out_c = out.chunk(2)
-        else:
-            out_u, out_c = None, self.model(x, t)
-        check_model_output(x, out_c, out_u)
-        blend = plan.blends[i]
-        return sampler_step_unchecked(
-            x, out_c, self.coeffs[i] if coeffs is None else coeffs, uncond_output=out_u,
-            guidance_scale=self.guidance_scale if guided else 1.0, guidance_rescale=self.guidance_rescale,
-            clip_x0=self.clip_x0, x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i],
-            seeds=self.seeds, step=i if key is None else key, add_noise=plan.add_noise[i],
-            known=self.known if blend else None, mask=self.mask if blend else None,
-        )  # fmt: skip
 
 
 def prepare_loop(
@@ -481,6 +451,48 @@ def prepare_loop(
     return Loop(model, plan, seeds, guidance_scale, guidance_rescale, clip_x0, known, mask, model_t, coeffs)
 
 
+def step(
+    loop: Loop, i: int, x: torch.Tensor, x0: torch.Tensor | None = None, *, coeffs: torch.Tensor | None = None,
+    key: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Evaluation ``i`` of ``loop.plan`` from the state x_t (B, ...): ``(x_next, x0)``.
+
+    One model call and one fused update (`fastdiff.ops.sampler_step`, unchecked: `prepare_loop`
+    checked everything but the model's output, which is checked here, the model being the
+    caller's code).  With c = the plan's row i, ô the (guided) model output and z ~ N(0, I)
+    keyed by (seed_b, key):
+
+        x̂0 = c.x0_from_x·x_t + c.x0_from_out·ô        ε̂ = c.eps_from_x·x_t + c.eps_from_out·ô
+        x̂0 ← clamp(x̂0, −clip_x0, clip_x0)            (with ``clip_x0``)
+        x'  = c.x·x_t + c.x0·x̂0 + c.x0_prev·x̂0_prev + c.eps·ε̂ + c.noise·z
+        x'  ← m·x' + (1 − m)·(c.known·x_known + c.known_noise·z')     (inpainting, where the plan blends)
+
+    x0: the x̂0 the previous evaluation returned, read where ``plan.reads_x0[i]`` (DPM-Solver++'s
+    history, Heun's corrector); the returned x0 is this evaluation's x̂0 where ``plan.keeps_x0[i]``,
+    else None.  Running i = 0 … E − 1 from (x_T, None) is `sample`.  ``coeffs`` and ``key`` replace
+    the row (K,) and the noise's step key (default i) for a loop that revisits evaluations (RePaint's
+    jumps, `fastdiff.apps.inpaint`): every key must be used once per image for the draws to be fresh.
+    """
+    plan, guided = loop.plan, loop.guidance_scale is not None
+    t = loop.model_t[i]
+    if guided:
+        out = loop.model(torch.cat([x, x]), t)
+        if out.shape[0] != t.shape[0]:
+            raise ValueError(f"model must return (2B, ...) = ({t.shape[0]}, ...) under guidance, got {tuple(out.shape)}")
+        out_u, out_c = out.chunk(2)
+    else:
+        out_u, out_c = None, loop.model(x, t)
+    check_model_output(x, out_c, out_u)
+    blend = plan.blends[i]
+    return sampler_step_unchecked(
+        x, out_c, loop.coeffs[i] if coeffs is None else coeffs, uncond_output=out_u,
+        guidance_scale=loop.guidance_scale if guided else 1.0, guidance_rescale=loop.guidance_rescale,
+        clip_x0=loop.clip_x0, x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i],
+        seeds=loop.seeds, step=i if key is None else key, add_noise=plan.add_noise[i],
+        known=loop.known if blend else None, mask=loop.mask if blend else None,
+    )  # fmt: skip
+
+
 def sample(
     model: Model,
     x_T: torch.Tensor,
@@ -508,5 +520,5 @@ def sample(
     )  # fmt: skip
     x, x0 = x_T, None
     for i in range(len(loop.plan)):
-        x, x0 = loop.step(i, x, x0)
+        x, x0 = step(loop, i, x, x0)
     return x

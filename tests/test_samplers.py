@@ -578,6 +578,40 @@ def test_loop_checks_its_arguments_once(name, monkeypatch, reference):
     assert calls == {"arguments": 1, "outputs": len(plan)}
 
 
+@pytest.mark.parametrize("name", ["ddpm", "dpmpp_2m", "heun"])
+def test_step_runs_the_plan(name, reference):
+    """`samplers.step` over i = 0 … E − 1 from (x_T, None) is `sample`, bit for bit; a replaced
+    row and noise key are the op's own update with that row and key."""
+    model, x_T, seeds, plan, kw = loop_case(name)
+    loop = samplers.prepare_loop(model, x_T, seeds, plan, **kw)
+    x, x0 = x_T, None
+    for i in range(len(plan)):
+        x, x0 = samplers.step(loop, i, x, x0)
+    assert torch.equal(x, samplers.sample(model, x_T, seeds, plan, **kw))
+    assert x0 is None  # the last evaluation keeps no x̂0
+
+    i = int(torch.randint(len(plan), ()))  # any evaluation, with a fresh row and a key the plan never uses
+    row = plan.coeffs[i].to(torch.float32) * (1 + torch.rand(plan.coeffs.shape[1]))
+    key = int(torch.randint(len(plan), 2**20, ()))
+    x_i = torch.randn_like(x_T)
+    x0_prev = torch.randn_like(x_T) if plan.reads_x0[i] else None
+    got = samplers.step(loop, i, x_i, x0_prev, coeffs=row, key=key)
+    guided, B = loop.guidance_scale is not None, x_T.shape[0]
+    t = plan.timesteps[i].expand(2 * B if guided else B)
+    out_u, out_c = model(torch.cat([x_i, x_i]), t).chunk(2) if guided else (None, model(x_i, t))
+    blend = plan.blends[i]
+    want = step_mod.sampler_step(
+        x_i, out_c, row, uncond_output=out_u, guidance_scale=kw.get("guidance_scale") or 1.0,
+        guidance_rescale=kw.get("guidance_rescale", 0.0), clip_x0=kw.get("clip_x0"), x0_prev=x0_prev,
+        return_x0=plan.keeps_x0[i], seeds=seeds, step=key, add_noise=plan.add_noise[i],
+        known=kw.get("known") if blend else None, mask=loop.mask if blend else None,
+    )  # fmt: skip
+    assert torch.equal(got[0], want[0])
+    assert (got[1] is None) == (want[1] is None) and (got[1] is None or torch.equal(got[1], want[1]))
+    default = samplers.step(loop, i, x_i, x0_prev)
+    assert not torch.equal(default[0], got[0])  # the row (and, where the step draws noise, the key) matter
+
+
 def test_loop_checks_each_model_output(reference):
     """A model whose output goes wrong after the first evaluation is caught at that evaluation."""
     model, x_T, seeds, plan, kw = loop_case("dpmpp_2m")

@@ -220,7 +220,7 @@ def repaint_sample(
                 row = None
                 if p > 0 and i == bounds[start] and plan.reads_x0[i]:
                     row = _first_order(loop.coeffs[i])
-                x, x0 = loop.step(i, x, x0, coeffs=row, key=i + p * E)
+                x, x0 = samplers.step(loop, i, x, x0, coeffs=row, key=i + p * E)
     return x
 
 
