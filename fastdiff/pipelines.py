@@ -62,15 +62,25 @@ _PLANS = {
 }
 
 
-def make_plan(name: str, schedule: schedules.Schedule, steps: int, prediction: str) -> samplers.Plan:
-    """The sampler's plan over ``steps`` "trailing" timesteps (they start at t = T − 1; Lin et al. 2023)."""
+def make_plan(
+    name: str, schedule: schedules.Schedule, steps: int, prediction: str, *, span: int | None = None
+) -> samplers.Plan:
+    """The sampler's plan over ``steps`` "trailing" timesteps of [0, span − 1] (Lin et al. 2023).
+
+    The timesteps start at t₀ = span − 1 and are spaced span/steps apart down to 0
+    (`schedule.timesteps`, or `schedule.continuous_timesteps` for the σ-space samplers).
+    span: how many of the schedule's T timesteps the plan may use, from t = 0; None is all
+    T (text to image, from pure noise); image-to-image (SDEdit) starts lower, at
+    span ≈ strength·T.  steps must lie in [1, span].
+    """
     if name not in _PLANS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
     fn, integer = _PLANS[name]
     T = schedule.num_timesteps
-    check_int(steps, "steps", 1, T)
-    ts = schedules.timesteps(steps, T, "trailing") if integer else schedules.continuous_timesteps(steps, T, "trailing")
-    return fn(schedule, ts, prediction=prediction)
+    span = T if span is None else check_int(span, "span", 1, T)
+    check_int(steps, "steps", 1, span)
+    spacing = schedules.timesteps if integer else schedules.continuous_timesteps
+    return fn(schedule, spacing(steps, span, "trailing"), prediction=prediction)
 
 
 @dataclass(frozen=True)
@@ -133,8 +143,14 @@ def make_grid(images: list, cols: int | None = None, pad: int = 2):
     return grid
 
 
-def _seeds(seeds, n: int) -> list[int]:
-    """One seed per image: ``seeds`` itself (a list), or an int s giving s, s + 1, …; each in [0, 2**63)."""
+def resolve_seeds(seeds, n: int) -> list[int]:
+    """The per-image seeds of ``n`` images, each an int64 Philox key in [0, 2**63).
+
+    ``seeds`` is a list of one int per image (kept as given), an int s (image i gets s + i),
+    or None (a random 32-bit s from the OS, then s + i).  Image i's noise is a function of its
+    seed alone (`samplers.initial_noise`, the sampler's per-step keys), so an image comes out
+    the same in any batch.  A list of the wrong length or a seed out of range is refused.
+    """
     if seeds is None:
         seeds = int.from_bytes(os.urandom(4), "little")
     if isinstance(seeds, int):
@@ -305,6 +321,31 @@ class Pipeline:
         return model
 
 
+    def in_batches(
+        self, n: int, batch_size: int, work, *, progress: bool, desc: str, unit: str = "img", total: int | None = None
+    ) -> torch.Tensor:
+        """``torch.cat([work(sl, bar) for sl in batches])``: items 0 … n − 1 in slices of ``batch_size``
+        (the last one shorter), under one progress bar, closed when the loop ends, on error too.
+
+        bar is a tqdm bar (`progress_bar`), or None when ``progress`` is off.  total None: the
+        bar counts the n images and advances by each batch's size once ``work`` returns it;
+        otherwise it counts ``total`` ``unit``s that ``work`` advances itself (`counting`:
+        per model evaluation, so that one large batch shows its progress too).
+        """
+        bar = progress_bar(progress, n if total is None else total, desc, unit)
+        out = []
+        try:
+            for start in range(0, n, batch_size):
+                sl = slice(start, min(start + batch_size, n))
+                out.append(work(sl, bar))
+                if bar is not None and total is None:
+                    bar.update(sl.stop - sl.start)
+        finally:
+            if bar is not None:
+                bar.close()
+        return torch.cat(out)
+
+
 class Text2Image(Pipeline):
     """A text-to-image pipeline: a UNet, a text encoder (with its prompt cache) and a schedule."""
 
@@ -334,10 +375,6 @@ class Text2Image(Pipeline):
         """(context (B′, L, D), pooled (B′, P)) for one batch, from the prompt cache; guided, B′ = 2B
         with the negatives first (the unconditional half, as `samplers.sample` expects)."""
         return self.prompts.encode(negatives + prompts if guided else prompts, self.device)
-
-    def _text_model(self, prompts: list[str], negatives: list[str], guided: bool):
-        """``model(x, t)`` with one batch's prompts bound; guided, the negatives come first (the unconditional half)."""
-        return self.denoiser(*self.encode_prompt(prompts, negatives, guided))
 
     def denoise(
         self, x_T, seeds, conditioning, sampling: Sampling, guidance_scale: float | None, *, known=None, mask=None,
@@ -435,20 +472,15 @@ class Text2Image(Pipeline):
         check_batching(batch_size, guidance_scale)
         if latents is not None:
             self._check_latents(latents, n)
-        seed_list = _seeds(seeds, n)
+        seed_list = resolve_seeds(seeds, n)
         loop = self.denoise_loop(sampler, steps, guidance_scale)
-        out = []
-        bar = progress_bar(progress, n, f"sample ({sampler or self.default_sampler}, {steps} steps)", "img")
-        for start in range(0, n, batch_size):
-            sl = slice(start, start + batch_size)
+
+        def batch(sl: slice, bar) -> torch.Tensor:
             given = None if latents is None else latents[sl]
-            x = self.sample_batch(loop, prompts[sl], negatives[sl], seed_list[sl], given)
-            out.append(self.decode(x).float())
-            if bar is not None:
-                bar.update(len(seed_list[sl]))
-        if bar is not None:
-            bar.close()
-        return torch.cat(out)
+            return self.decode(self.sample_batch(loop, prompts[sl], negatives[sl], seed_list[sl], given)).float()
+
+        desc = f"sample ({sampler or self.default_sampler}, {steps} steps)"
+        return self.in_batches(n, batch_size, batch, progress=progress, desc=desc)
 
     def __call__(self, prompts: list[str], *, output_type: str = "pil", **kwargs):
         """Images, one per prompt, as ``output_type`` (`to_output`: "pil", "np" or "pt");
@@ -641,9 +673,16 @@ def load_matching(model: torch.nn.Module, path: str | os.PathLike) -> None:
         ) from None
 
 
+def cached_pipeline(
+    checkpoint: str | os.PathLike, device: str | None = None, dtype: str | None = None
+) -> Text2Image:
+    """``Text2Image.from_pretrained(checkpoint, device, dtype=dtype)``, loaded once per (folder, device, dtype)
+    and reused: loading costs seconds (the text encoder).  The two most recent pipelines are kept."""
+    return _load_cached(str(Path(checkpoint).resolve()), device, dtype)
+
+
 @functools.lru_cache(maxsize=2)
-def _cached_pipeline(checkpoint: str, device: str | None, dtype: str | None = None) -> Text2Image:
-    """Loading costs seconds (the text encoder): `generate` reuses a pipeline per (checkpoint, device, dtype)."""
+def _load_cached(checkpoint: str, device: str | None, dtype: str | None) -> Text2Image:
     return Text2Image.from_pretrained(checkpoint, device, dtype=dtype)
 
 
@@ -675,7 +714,7 @@ def generate(
     if isinstance(prompts, str):
         prompts = [prompts]
     resolve_dtype(dtype, torch.float32)  # a bad name is refused before a pipeline loads
-    pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device, dtype)
+    pipe = cached_pipeline(checkpoint, device, dtype)
     x = pipe.generate_tensors(
         prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale, sampler=sampler, steps=steps,
         seeds=seeds, batch_size=batch_size, progress=progress,

@@ -33,7 +33,7 @@ def _reference_ops():
 @pytest.fixture(scope="module")
 def pipe():
     """The shipped pipeline on the CPU, shared with the other test modules of this process."""
-    p = pipelines._cached_pipeline(str(DEFAULT_CHECKPOINT.resolve()), "cpu")
+    p = pipelines.cached_pipeline(DEFAULT_CHECKPOINT, "cpu")
     p.checkpoint_sha256 = bulk.file_sha256(DEFAULT_CHECKPOINT / "model.safetensors")
     return p
 

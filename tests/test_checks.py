@@ -23,7 +23,7 @@ def no_model(monkeypatch):
         raise AssertionError("a model was loaded before the bad input was refused")
 
     monkeypatch.setattr(pipelines.Pipeline, "from_pretrained", classmethod(loaded))
-    monkeypatch.setattr(pipelines, "_cached_pipeline", loaded)
+    monkeypatch.setattr(pipelines, "cached_pipeline", loaded)
 
 
 def one_line_error(capsys, argv) -> str:

@@ -94,7 +94,7 @@ GENERATE = ["--per-prompt", "3", "--batch", "2", "--steps", "2", "--seed", "5"]
 
 def shipped_pipeline():
     """The shipped pipeline on the CPU, loaded once per test process."""
-    pipe = pipelines._cached_pipeline(str(DEFAULT_CHECKPOINT.resolve()), "cpu")
+    pipe = pipelines.cached_pipeline(DEFAULT_CHECKPOINT, "cpu")
     pipe.checkpoint_sha256 = bulk.file_sha256(DEFAULT_CHECKPOINT / "model.safetensors")
     return pipe
 

@@ -26,7 +26,7 @@ PROMPT = "a large green circle at the bottom left"
 def pipe():
     skip_without_shipped_model(pipelines.DEFAULT_CHECKPOINT)
     # The cache the command line uses too: one load per test process.
-    return pipelines._cached_pipeline(str(pipelines.DEFAULT_CHECKPOINT.resolve()), None)
+    return pipelines.cached_pipeline(pipelines.DEFAULT_CHECKPOINT)
 
 
 pytestmark = pytest.mark.usefixtures("reference_ops")

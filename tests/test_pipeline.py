@@ -5,15 +5,11 @@ import pytest
 import torch
 from test_training import SMALL, HashEncoder
 
-import fastdiff
-from fastdiff import pipelines
+from fastdiff import pipelines, samplers
 from fastdiff.nn import UNet, UNetConfig
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +116,97 @@ def test_errors(pipe, tmp_path):
         pipelines.Text2Image.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="output_type"):
         pipelines.generate("a", output_type="latent")
+
+
+# ----------------------------------------------------------------------------- seams the applications use
+
+
+def test_resolve_seeds():
+    n = int(torch.randint(1, 9, ()))
+    base = int(torch.randint(0, 2**62, ()))
+    assert pipelines.resolve_seeds(base, n) == [base + i for i in range(n)]
+    given = torch.randint(0, 2**62, (n,)).tolist()
+    assert pipelines.resolve_seeds(given, n) == given
+    drawn = pipelines.resolve_seeds(None, n)  # a random base, then consecutive
+    assert drawn == [drawn[0] + i for i in range(n)] and 0 <= drawn[0] < 2**32
+    assert pipelines.resolve_seeds(2**63 - n, n)[-1] == 2**63 - 1
+    with pytest.raises(ValueError, match="seeds must be an int"):
+        pipelines.resolve_seeds(2**63 - n + 1, n)  # the last image's seed is not an int64
+    with pytest.raises(ValueError, match=f"one int per image \\({n + 1}\\), got {n}"):
+        pipelines.resolve_seeds(given, n + 1)
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*63\)"):
+        pipelines.resolve_seeds(given[:-1] + [-1], n)
+
+
+PLAN_FUNCTIONS = {
+    "ddpm": (samplers.ddpm_plan, True), "ddim": (samplers.ddim_plan, True), "euler": (samplers.euler_plan, False),
+    "euler_a": (samplers.euler_ancestral_plan, False), "dpmpp_2m": (samplers.dpmpp_2m_plan, True),
+    "heun": (samplers.heun_plan, False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("sampler", pipelines.SAMPLERS)
+def test_make_plan_over_a_span(sampler):
+    from fastdiff.schedule import continuous_timesteps, make_schedule, timesteps
+
+    sched = make_schedule("cosine", 1000)
+    fn, integer = PLAN_FUNCTIONS[sampler]
+    spacing = timesteps if integer else continuous_timesteps
+    while True:  # trailing spacing has N + 1 points for some (T, N) (a float arange): not the span's concern
+        span = int(torch.randint(1, 1001, ()))
+        steps = int(torch.randint(1, span + 1, ()))
+        want = spacing(steps, span, "trailing")
+        if len(want) == steps:
+            break
+    plan = pipelines.make_plan(sampler, sched, steps, "v", span=span)
+    ref = fn(sched, want, prediction="v")
+    assert torch.equal(plan.timesteps, ref.timesteps) and torch.equal(plan.coeffs, ref.coeffs)
+    assert float(plan.timesteps[0]) == span - 1 == float(plan.timesteps.max())
+    full = pipelines.make_plan(sampler, sched, steps, "v")  # span None: all T timesteps
+    whole = pipelines.make_plan(sampler, sched, steps, "v", span=1000)
+    assert torch.equal(full.timesteps, whole.timesteps) and torch.equal(full.coeffs, whole.coeffs)
+    assert float(full.timesteps[0]) == 999
+    with pytest.raises(ValueError, match=r"steps must be an int in \[1, "):
+        pipelines.make_plan(sampler, sched, span + 1, "v", span=span)
+    for bad in (0, 1001, 1.5):
+        with pytest.raises(ValueError, match="span must be an int"):
+            pipelines.make_plan(sampler, sched, 1, "v", span=bad)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_in_batches(pipe, progress):
+    n, batch_size = int(torch.randint(1, 12, ())), int(torch.randint(1, 5, ()))
+    items = torch.randn(n, 3)
+    seen = []
+
+    def work(sl, bar):
+        seen.append((sl, bar))
+        return items[sl] * 2
+
+    out = pipe.in_batches(n, batch_size, work, progress=progress, desc="test")
+    assert torch.equal(out, items * 2)
+    starts = list(range(0, n, batch_size))
+    assert [sl for sl, _ in seen] == [slice(s, min(s + batch_size, n)) for s in starts]
+    bars = {id(bar) for _, bar in seen}
+    assert len(bars) == 1 and (seen[0][1] is None) != progress  # one bar for the whole loop
+    if progress:
+        bar = seen[0][1]
+        assert bar.n == bar.total == n and bar.disable  # advanced by each batch's size, then closed
+
+    def ticking(sl, bar):  # a bar of model evaluations, advanced by the work itself
+        bar.update(3)
+        return items[sl]
+
+    out = pipe.in_batches(n, batch_size, ticking, progress=True, desc="test", unit="eval", total=3 * len(starts))
+    assert torch.equal(out, items)
+
+    def failing(sl, bar):
+        seen.append(bar)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        pipe.in_batches(n, batch_size, failing, progress=True, desc="test")
+    assert seen[-1].n == 0 and seen[-1].disable  # not advanced, and closed
 
 
 def test_from_pretrained_without_a_path_loads_the_shipped_model():

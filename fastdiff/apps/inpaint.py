@@ -264,7 +264,7 @@ def inpaint_tensors(
     sampler: None for the pipeline's default.  latents: the initial noise (N, C, h, w) instead of
     the draw from ``seeds``, scaled as the sampler's plan says (as diffusers' ``latents``).
     """
-    from fastdiff.pipelines import check_batching, counting, progress_bar
+    from fastdiff.pipelines import check_batching, counting
 
     n = len(prompts)
     if known.shape[0] != n or mask.shape[0] != n or len(seeds) != n:
@@ -282,18 +282,16 @@ def inpaint_tensors(
     g = guidance_scale if guided else None
     how = f"{sampler or pipe.default_sampler}, {steps} steps"
     how += f", resample {resample} every {jump}" if resample else ""
-    bar = progress_bar(progress, n * len(plan) * (resample + 1), f"inpaint ({how})", "img·eval")
-    out = []
-    for s in range(0, n, batch_size):
-        sl = slice(s, s + batch_size)
-        batch = len(prompts[sl])
+
+    def batch(sl: slice, bar) -> torch.Tensor:
+        b = len(prompts[sl])
         seeds_t = torch.tensor(seeds[sl], dtype=torch.int64, device=pipe.device)
         kn, m, channels = sample_space(pipe, known[sl].to(pipe.device), mask[sl].to(pipe.device), guided)
-        context = pipe.encode_prompt(prompts[sl], [negative_prompt] * batch, guided)
-        model = counting(pipe.denoiser(*context, channels=channels), bar, per_call=batch)
+        context = pipe.encode_prompt(prompts[sl], [negative_prompt] * b, guided)
+        model = counting(pipe.denoiser(*context, channels=channels), bar, per_call=b)
         if latents is None:
             size = (kn if channels is None else channels).shape[-2:]
-            noise = samplers.initial_noise(seeds_t, (batch, pipe.sample_shape[0], *size))
+            noise = samplers.initial_noise(seeds_t, (b, pipe.sample_shape[0], *size))
         else:
             noise = latents[sl].to(pipe.device, torch.float32)
         x_T = run.start(noise)
@@ -304,10 +302,11 @@ def inpaint_tensors(
                 model, x_T, seeds_t, plan, pipe.schedule, known=kn, mask=m, guidance_scale=g, resample=resample,
                 jump=jump, clip_x0=run.clip_x0,
             )  # fmt: skip
-        out.append(pipe.decode(x).float().cpu())
-    if bar is not None:
-        bar.close()
-    return torch.cat(out)
+        return pipe.decode(x).float().cpu()
+
+    total = n * len(plan) * (resample + 1)
+    return pipe.in_batches(n, batch_size, batch, progress=progress, desc=f"inpaint ({how})", unit="img·eval",
+                           total=total)  # fmt: skip
 
 
 def inpaint(
@@ -338,7 +337,7 @@ def inpaint(
     model, or a diffusers Stable Diffusion folder, is loaded once and cached, with ``dtype``
     weights).  The unmasked pixels of the result equal the input's.
     """
-    from fastdiff.pipelines import DEFAULT_CHECKPOINT, _cached_pipeline, check_batching, check_images_fit, image_bytes
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, cached_pipeline, check_batching, check_images_fit, image_bytes
 
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -347,7 +346,7 @@ def inpaint(
     check_seed(seed, "seed", num_images)
     check_images_fit(num_images, f"num_images {num_images}")
     if pipe is None:
-        pipe = _cached_pipeline(str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve()), device, dtype)
+        pipe = cached_pipeline(checkpoint or DEFAULT_CHECKPOINT, device, dtype)
     check_images_fit(num_images, f"num_images {num_images}", image_bytes(3, pipe.resolution**2))
     known, m = prepare_inputs(image, mask, pipe.resolution, resize=resize, multiple=_sides_multiple(pipe))
     x = inpaint_tensors(
@@ -408,7 +407,7 @@ def _out_paths(out: str, n: int) -> list[Path]:
 
 
 def run(args) -> int:
-    from fastdiff.pipelines import _cached_pipeline, check_images_fit
+    from fastdiff.pipelines import cached_pipeline, check_images_fit
 
     check_images_fit(args.num_images, f"--num-images {args.num_images}")
     check_seed(args.seed, "--seed", args.num_images)
@@ -417,7 +416,7 @@ def run(args) -> int:
     if image.size != mask.size:
         (w, h), (mw, mh) = image.size, mask.size
         raise ValueError(f"--mask is {mw}x{mh} pixels but --image is {w}x{h}: they must have the same size")
-    pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device, args.dtype)
+    pipe = cached_pipeline(args.checkpoint, args.device, args.dtype)
     known, m = prepare_inputs(
         image, mask, pipe.resolution, resize=args.resize, multiple=_sides_multiple(pipe), names=("--image", "--mask")
     )

@@ -60,8 +60,8 @@ from fastdiff.data import COLOURS, JITTER, POSITIONS, SHAPES, SIZES, ShapesDatas
 from fastdiff.data import fit_image, open_image, to_pil, to_tensor
 from fastdiff.nn.style import StyleConfig, StyleUNet
 from fastdiff.nn.unet import UNet, UNetConfig
-from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Pipeline, _seeds, check_batching, counting
-from fastdiff.pipelines import load_weights, progress_bar, read_spec
+from fastdiff.pipelines import DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Pipeline, check_batching, counting
+from fastdiff.pipelines import load_weights, make_plan, read_spec, resolve_seeds
 from fastdiff.schedule import sigmas_at
 from fastdiff.training import Trainer, pipeline_spec
 
@@ -235,18 +235,11 @@ def build_model(spec: dict) -> UNet:
 
 
 def img2img_plan(sampler: str, schedule: schedules.Schedule, strength: float, steps: int, prediction: str):
-    """The sampler's plan over ``steps`` trailing timesteps of [0, t₀], t₀ = round(strength·T) − 1."""
-    from fastdiff.pipelines import _PLANS
-
-    if sampler not in _PLANS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    """The sampler's plan over ``steps`` trailing timesteps of [0, t₀], t₀ = round(strength·T) − 1
+    (`make_plan` with span = t₀ + 1; steps beyond the span's timesteps are dropped)."""
     check_strength(strength)
-    T = schedule.num_timesteps
-    span = max(1, round(strength * T))  # t₀ + 1 timesteps to choose from
-    steps = min(check_int(steps, "steps", 1), span)
-    fn, integer = _PLANS[sampler]
-    spacing = schedules.timesteps if integer else schedules.continuous_timesteps
-    return fn(schedule, spacing(steps, span, "trailing"), prediction=prediction)
+    span = max(1, round(strength * schedule.num_timesteps))  # t₀ + 1 timesteps to choose from
+    return make_plan(sampler, schedule, min(check_int(steps, "steps", 1), span), prediction, span=span)
 
 
 def check_strength(strength) -> None:
@@ -325,23 +318,18 @@ class Stylizer(Pipeline):
         if len(prompts) != n:
             raise ValueError(f"style_prompt must be a string or one per content image ({n}), got {len(prompts)}")
         check_batching(batch_size, guidance_scale)
-        seed_list = _seeds(seeds, n)
+        seed_list = resolve_seeds(seeds, n)
         plan = img2img_plan(sampler, self.schedule, strength, steps, self.prediction).to(self.device)
         acp = self.schedule.alphas_cumprod.to(self.device, torch.float32)
-        batches = [slice(i, i + batch_size) for i in range(0, n, batch_size)]
+
+        def batch(sl: slice, bar) -> torch.Tensor:
+            return self._batch(content[sl], style_image, sl, prompts[sl], seed_list[sl], plan, acp, guidance_scale,
+                               bar, negative_prompt)  # fmt: skip
+
         # one tick per model evaluation: a single image shows its progress too
         desc = f"stylize {n} image(s) ({sampler}, from t={int(plan.timesteps[0])})"
-        bar = progress_bar(progress, len(batches) * len(plan), desc, "step")
-        try:
-            out = [
-                self._batch(content[sl], style_image, sl, prompts[sl], seed_list[sl], plan, acp, guidance_scale, bar,
-                            negative_prompt)  # fmt: skip
-                for sl in batches
-            ]
-        finally:
-            if bar is not None:
-                bar.close()
-        return torch.cat(out)
+        total = -(-n // batch_size) * len(plan)
+        return self.in_batches(n, batch_size, batch, progress=progress, desc=desc, unit="step", total=total)
 
     def _batch(self, content, style_all, sl, prompts, seed_list, plan, acp, guidance_scale, bar, negative):
         B = content.shape[0]
@@ -403,27 +391,23 @@ def img2img_tensors(
     if len(prompts) != n or len(negatives) != n:
         raise ValueError(f"prompts and negative_prompt must be a string or one per image ({n})")
     check_batching(batch_size, guidance_scale)
-    seed_list = _seeds(seeds, n)
+    seed_list = resolve_seeds(seeds, n)
     run = pipe.img2img_sampling(sampler, steps, strength)
     # SDEdit (Meng et al. 2022): x_t₀ = α_t₀·z + σ_t₀·ε at the plan's first timestep
     s0 = float(sigmas_at(run.plan.timesteps[:1].cpu(), pipe.schedule)[0])
     alpha, sigma = (0.0, 1.0) if math.isinf(s0) else (1 / math.sqrt(1 + s0 * s0), s0 / math.sqrt(1 + s0 * s0))
     guided = guidance_scale != 1.0
-    bar = progress_bar(progress, n, f"img2img ({len(run.plan)} of {steps} steps)", "img")
-    out = []
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
+
+    def batch(sl: slice, bar) -> torch.Tensor:
         seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=pipe.device)
         z = pipe.encode(content[sl].to(pipe.device))
         eps = samplers.initial_noise(seeds_t, tuple(z.shape)) if noise is None else noise[sl].to(z.device, z.dtype)
         conditioning = pipe.encode_prompt(prompts[sl], negatives[sl], guided)
         x = pipe.denoise(alpha * z + sigma * eps, seeds_t, conditioning, run, guidance_scale if guided else None)
-        out.append(pipe.decode(x).float().cpu())
-        if bar is not None:
-            bar.update(len(seed_list[sl]))
-    if bar is not None:
-        bar.close()
-    return torch.cat(out)
+        return pipe.decode(x).float().cpu()
+
+    desc = f"img2img ({len(run.plan)} of {steps} steps)"
+    return pipe.in_batches(n, batch_size, batch, progress=progress, desc=desc)
 
 
 def _folder_content(name: str, image, multiple: int) -> torch.Tensor:
@@ -484,7 +468,7 @@ def stylize(
     Diffusion folder: then only ``style_prompt``, and any content size whose sides are
     multiples of 64 (`img2img_tensors`).  See the module docstring for the method.
     """
-    from fastdiff.pipelines import _cached_pipeline
+    from fastdiff.pipelines import cached_pipeline
     from fastdiff.sd import StableDiffusion, is_diffusers_folder
 
     check_strength(strength)
@@ -496,7 +480,7 @@ def stylize(
         if style_image is not None:
             raise ValueError("style_image: a Stable Diffusion folder has no style-image conditioning; use style_prompt")
         x = _folder_content("content", content, StableDiffusion.image_multiple(checkpoint))
-        pipe = _cached_pipeline(str(Path(checkpoint).resolve()), device, dtype)
+        pipe = cached_pipeline(checkpoint, device, dtype)
         out = img2img_tensors(
             pipe, x, style_prompt, negative_prompt=negative_prompt, strength=strength, guidance_scale=guidance_scale,
             sampler=sampler, steps=steps, seeds=[seed], progress=progress,
@@ -563,14 +547,14 @@ def run(args) -> int:
 
 
 def _stylize_folder(args) -> torch.Tensor:
-    from fastdiff.pipelines import _cached_pipeline
+    from fastdiff.pipelines import cached_pipeline
     from fastdiff.sd import StableDiffusion, img2img_steps
 
     if args.style_image:
         raise ValueError("--style-image: a Stable Diffusion folder has no style-image conditioning; use --style-prompt")
     img2img_steps(args.steps, args.strength)
     content = _folder_content("--content", args.content, StableDiffusion.image_multiple(args.checkpoint))
-    pipe = _cached_pipeline(str(Path(args.checkpoint).resolve()), args.device, args.dtype)
+    pipe = cached_pipeline(args.checkpoint, args.device, args.dtype)
     return img2img_tensors(
         pipe, content, args.style_prompt, negative_prompt=args.negative_prompt, strength=args.strength,
         guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seeds=[args.seed],

@@ -43,8 +43,8 @@ from fastdiff.data import COLOURS, POSITIONS, SHAPES, SIZES, JITTER, Skipped, re
 from fastdiff.nn.unet import UNetConfig
 from fastdiff.nn.video import VideoConfig, VideoUNet, correlated_noise
 from fastdiff.pipelines import (
-    DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Text2Image, _seeds, check_batching, check_images_fit, counting,
-    image_bytes, load_weights, make_plan, progress_bar, read_spec,
+    DEFAULT_CHECKPOINT, PIPELINE_FILE, SAMPLERS, Text2Image, check_batching, check_images_fit, counting,
+    image_bytes, load_weights, make_plan, read_spec, resolve_seeds,
 )
 from fastdiff.training import Trainer, TrainConfig
 
@@ -345,24 +345,22 @@ class VideoPipeline(Text2Image):
         check_batching(batch_size, guidance_scale)
         clip_bytes = image_bytes(self.unet.config.in_channels, frames * self.resolution**2)
         check_images_fit(len(prompts), "prompts (clips)", clip_bytes)
-        seed_list = _seeds(seeds, len(prompts))
+        seed_list = resolve_seeds(seeds, len(prompts))
         plan = make_plan(sampler, self.schedule, steps, self.prediction).to(self.device)
         guided = guidance_scale != 1.0
         C, R = self.unet.config.in_channels, self.resolution
-        total = len(plan) * -(-len(prompts) // batch_size)
-        bar = progress_bar(progress, total, f"video ({sampler}, {steps} steps, {frames} frames)", "eval")
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            sl = slice(start, start + batch_size)
+
+        def batch(sl: slice, bar) -> torch.Tensor:
             seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=self.device)
             # one draw of F + 1 frames per seed: the shared part and each frame's own
             x_T = correlated_noise(samplers.initial_noise(seeds_t, (len(seeds_t), C, frames + 1, R, R)), self.rho)
-            model = counting(self._text_model(prompts[sl], [negative_prompt] * len(seeds_t), guided), bar)
-            x = samplers.sample(model, x_T, seeds_t, plan, guidance_scale=guidance_scale if guided else None)
-            out.append(x.float())
-        if bar is not None:
-            bar.close()
-        return torch.cat(out)
+            context = self.encode_prompt(prompts[sl], [negative_prompt] * len(seeds_t), guided)
+            model = counting(self.denoiser(*context), bar)
+            return samplers.sample(model, x_T, seeds_t, plan, guidance_scale=guidance_scale if guided else None).float()
+
+        total = len(plan) * -(-len(prompts) // batch_size)
+        desc = f"video ({sampler}, {steps} steps, {frames} frames)"
+        return self.in_batches(len(prompts), batch_size, batch, progress=progress, desc=desc, unit="eval", total=total)
 
     def __call__(self, prompts: list[str], **kwargs) -> list[list]:
         """Clips as lists of PIL frames, one per prompt; keyword arguments as `generate_tensors`."""
