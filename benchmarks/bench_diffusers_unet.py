@@ -30,7 +30,7 @@ import copy
 import torch
 
 from benchmarks.harness import Case, Reference, compile_baselines, compiled, reference_dtype
-from fastdiff.patch import patch
+from fastdiff.dropin import patch
 
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

@@ -2,6 +2,7 @@
 import importlib
 
 from fastdiff import ops, schedule
+from fastdiff.dropin import is_patched, patch, unpatch
 from fastdiff.ops import use_backend
 
 __version__ = "0.1.0"
@@ -20,7 +21,5 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
-
-from fastdiff.patch import is_patched, patch, unpatch  # noqa: E402  (last: binds `patch` to the function)
 
 __all__ = ["ops", "schedule", "use_backend", "patch", "unpatch", "is_patched", "__version__", *_LAZY]

@@ -176,13 +176,13 @@ def test_every_op_compiles_fullgraph_forward_and_backward():
 
 def test_patched_diffusers_unet_has_no_graph_break():
     diffusers = pytest.importorskip("diffusers")
-    patch = importlib.import_module("fastdiff.patch")
+    from fastdiff import dropin
     model = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), norm_num_groups=4, layers_per_block=1, sample_size=8, in_channels=4,
         out_channels=4, cross_attention_dim=32, attention_head_dim=1, resnet_time_scale_shift="scale_shift",
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()  # fmt: skip
-    report = patch.patch(model)
+    report = dropin.patch(model)
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 32)
     with torch.no_grad():
         ex = torch._dynamo.explain(model)(x, t, c)
@@ -219,7 +219,7 @@ def test_fastdiff_unet_has_no_graph_break():
 def test_sampling_loop_captures_in_a_cuda_graph():
     """A patched diffusers UNet and the fused sampler step, three steps, captured and replayed."""
     diffusers = pytest.importorskip("diffusers")
-    patch = importlib.import_module("fastdiff.patch")
+    from fastdiff import dropin
     with fastdiff.use_backend("auto"):
         model = diffusers.UNet2DConditionModel(
             block_out_channels=(64, 128), norm_num_groups=32, layers_per_block=1, sample_size=16,
@@ -227,7 +227,7 @@ def test_sampling_loop_captures_in_a_cuda_graph():
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         ).to("cuda", torch.float16).eval()  # fmt: skip
-        patch.patch(model)
+        dropin.patch(model)
         coeffs = torch.stack([
             step_coefficients(x0_from_x=1.0 + s, x0_from_out=-0.5, eps_from_out=1.0, x0=0.8, eps=0.2) for s in range(3)
         ]).float().cuda()  # fmt: skip

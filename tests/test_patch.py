@@ -20,15 +20,14 @@ from torch import nn
 diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
-from fastdiff.patch import SDPA, FastAttnProcessor, FusedSDPA, PatchReport, is_patched, patch, unpatch  # noqa: E402
+from fastdiff import dropin  # noqa: E402
+from fastdiff.dropin import SDPA, FastAttnProcessor, FusedSDPA, PatchReport, is_patched, patch, unpatch  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
 
-# the module (``fastdiff.patch`` the attribute may be the function)
-patch_module = importlib.import_module("fastdiff.patch")
 
 LOW = [torch.float16, torch.bfloat16]
 
@@ -251,8 +250,8 @@ def test_processor_calls_the_op_and_hands_masks_to_the_original(monkeypatch):
         ref, ref_masked = attn(x), attn(x, attention_mask=mask)
         patch(attn)
         calls = []
-        real = patch_module.attention_unchecked
-        monkeypatch.setattr(patch_module, "attention_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = dropin.attention_unchecked
+        monkeypatch.setattr(dropin, "attention_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
         out = attn(x)
         assert calls == [1]
         out_masked = attn(x, attention_mask=mask)
@@ -354,6 +353,23 @@ def test_copies_of_a_patched_model_unpatch_on_their_own():
     assert is_patched(model) and [type(m) for m in model.modules()] != classes  # the original is untouched
     unpatch(loaded)
     assert [type(m) for m in loaded.modules()] == classes
+
+
+def test_no_module_is_shadowed_by_a_function():
+    """``fastdiff.patch`` is the function, its module is ``fastdiff.dropin``; every submodule of the
+    package is the attribute of its name (``import fastdiff.X as m`` gives the module)."""
+    import pkgutil
+    import sys
+
+    assert fastdiff.patch is patch is dropin.patch and callable(fastdiff.patch)
+    assert (fastdiff.unpatch, fastdiff.is_patched) == (dropin.unpatch, dropin.is_patched)
+    names = [m.name for m in pkgutil.iter_modules(fastdiff.__path__) if m.name not in ("__main__",)]
+    assert "dropin" in names and "patch" not in names
+    for name in names:
+        module = importlib.import_module(f"fastdiff.{name}")
+        assert getattr(fastdiff, name) is module is sys.modules[f"fastdiff.{name}"], name
+    # a patched model's classes live in the module, where pickle finds them
+    assert dropin.FusedResnetBlock2D.__module__ == "fastdiff.dropin" and FastAttnProcessor.__module__ == "fastdiff.dropin"
 
 
 def test_patch_twice_and_bad_arguments():
@@ -483,8 +499,8 @@ def test_sdpa_adapter(monkeypatch):
         report = patch(layer)
         assert type(layer.sdpa) is FusedSDPA and report.counts() == {"sdpa": 1}
         calls = []
-        real = patch_module.attention_unchecked
-        monkeypatch.setattr(patch_module, "attention_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = dropin.attention_unchecked
+        monkeypatch.setattr(dropin, "attention_unchecked", lambda *a, **k: calls.append(1) or real(*a, **k))
         out = layer(x)
         assert calls == [1]
         assert torch.equal(layer(x, is_causal=True), ref_causal) and calls == [1]  # no causal mask in the kernel
@@ -519,13 +535,13 @@ def test_patched_calls_skip_the_public_checks(monkeypatch):
     calls = collections.Counter()
 
     def spy(name):
-        real = getattr(patch_module, name)
+        real = getattr(dropin, name)
 
         def call(*args, **kwargs):
             calls[name] += 1
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(patch_module, name, call)
+        monkeypatch.setattr(dropin, name, call)
 
     spy("attention_unchecked")
     spy("group_norm_silu_unchecked")

@@ -1,5 +1,9 @@
 """Drop fastdiff's fused kernels into models built elsewhere: ``patch(model)`` / ``unpatch(model)``.
 
+The package exports these as ``fastdiff.patch``, ``fastdiff.unpatch`` and ``fastdiff.is_patched``;
+the classes they install (`FastAttnProcessor`, ``FusedResnetBlock2D``, `SDPA`, ...) live here,
+in ``fastdiff.dropin``, a module whose name no function takes.
+
 What ``patch`` rewrites, walking every sub-module of ``model`` (a ``torch.nn.Module`` or a
 diffusers pipeline, whose module components are patched one by one):
 
@@ -386,7 +390,8 @@ _FUSED_RESNET: list[type] = []  # the class, once built
 
 
 def __getattr__(name: str):
-    # `fastdiff.patch.FusedResnetBlock2D` resolves on demand, so a pickled patched model loads back
+    # `fastdiff.dropin.FusedResnetBlock2D` resolves on demand (the class is built on first use), so a
+    # pickled patched model loads back in a fresh process
     if name == "FusedResnetBlock2D":
         return _fused_resnet_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
