@@ -15,6 +15,7 @@ import fastdiff
 from fastdiff.nn import UNet, UNetConfig, timestep_embedding
 from fastdiff.nn.attention import Attention
 from fastdiff.nn.norm import GroupNormSiLU
+from fastdiff.nn.unet import zero_init
 
 # Small but complete: two levels, attention at level 1 and in the middle, scale-shift
 # ResBlocks, patchified input, a pooled embedding, odd context width.
@@ -72,6 +73,12 @@ def test_fresh_model_predicts_zero():
     cfg = UNetConfig(**SMALL)
     x, t, ctx, pooled = inputs(cfg)
     assert torch.count_nonzero(UNet(cfg)(x, t, ctx, pooled)) == 0
+
+
+def test_zero_init():
+    layer = torch.nn.Conv2d(int(torch.randint(1, 5, ())), 3, 3)
+    assert zero_init(layer) is layer
+    assert all(torch.count_nonzero(p) == 0 for p in layer.parameters())
 
 
 def test_channels_last_matches_contiguous():

@@ -167,7 +167,9 @@ def skip_layer_checks(model: nn.Module) -> None:
             m.check_inputs = False
 
 
-def _zero(module: nn.Module) -> nn.Module:
+def zero_init(module: nn.Module) -> nn.Module:
+    """``module`` with every parameter set to 0 (in place), returned.  The last layer of a residual
+    branch starts at 0, so the branch starts as the identity (Dhariwal & Nichol 2021, ADM)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -182,7 +184,7 @@ class ResBlock(nn.Module):
         self.emb_proj = nn.Linear(emb_dim, 2 * cout if scale_shift else cout)
         self.norm2 = GroupNormSiLU(groups, cout)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.conv2 = zero_init(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -235,7 +237,7 @@ class SpatialTransformer(nn.Module):
         self.norm = GroupNormSiLU(groups, dim, eps=1e-6, silu=False)
         self.proj_in = nn.Conv2d(dim, dim, 1)
         self.blocks = nn.ModuleList(TransformerBlock(dim, context_dim, dim_head, ff_mult) for _ in range(depth))
-        self.proj_out = _zero(nn.Conv2d(dim, dim, 1))
+        self.proj_out = zero_init(nn.Conv2d(dim, dim, 1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -334,7 +336,7 @@ class UNet(nn.Module):
             self.upsamplers.append(Upsample(ch) if level > 0 else nn.Identity())
 
         self.norm_out = GroupNormSiLU(c.num_groups, ch)
-        self.conv_out = _zero(nn.Conv2d(ch, p2 * c.out_channels, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(ch, p2 * c.out_channels, 3, padding=1))
         skip_layer_checks(self)
 
     @property

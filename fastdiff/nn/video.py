@@ -67,7 +67,7 @@ from torch import nn
 from fastdiff.nn.attention import Attention
 from fastdiff.nn.embeddings import timestep_embedding
 from fastdiff.nn.norm import GroupNormSiLU
-from fastdiff.nn.unet import UNet, UNetConfig, _zero, skip_layer_checks
+from fastdiff.nn.unet import UNet, UNetConfig, skip_layer_checks, zero_init
 from fastdiff.ops import _checks
 
 
@@ -154,10 +154,10 @@ class FrameEmbedding(nn.Module):
         super().__init__()
         self.frame_dim, self.pooled_dim, self.pool_heads = frame_dim, pooled_dim, pool_heads
         self.linear_1 = nn.Linear(frame_dim + pooled_dim, emb_dim)
-        self.linear_2 = _zero(nn.Linear(emb_dim, emb_dim))
+        self.linear_2 = zero_init(nn.Linear(emb_dim, emb_dim))
         if pool_heads:
             self.token_queries = nn.Parameter(torch.randn(pool_heads, context_dim) / context_dim**0.5)
-            self.token_proj = _zero(nn.Linear(pool_heads * context_dim, emb_dim))
+            self.token_proj = zero_init(nn.Linear(pool_heads * context_dim, emb_dim))
 
     def pool_tokens(self, context: torch.Tensor) -> torch.Tensor:
         """(B, L, D) text tokens → (B, heads·D): per head, the tokens averaged with softmax(q·token/√D) weights."""
@@ -204,7 +204,7 @@ class FrameLayout(nn.Module):
         self.register_buffer("text_whiten", torch.eye(pooled_dim))
         self.linear_1 = nn.Linear(pooled_dim + frame_dim, hidden)
         self.to_maps = nn.Linear(hidden, maps * self.SIZE**2)
-        self.to_channels = _zero(nn.Conv2d(maps, channels, 1))
+        self.to_channels = zero_init(nn.Conv2d(maps, channels, 1))
 
     @torch.no_grad()
     def set_text_statistics(self, pooled: torch.Tensor) -> None:
@@ -236,7 +236,7 @@ class TemporalAttention(nn.Module):
         self.norm = GroupNormSiLU(groups, dim, eps=1e-6, silu=False)
         self.proj_in = nn.Linear(dim, dim)
         self.attn = Attention(dim, heads=dim // dim_head, dim_head=dim_head)
-        self.proj_out = _zero(nn.Linear(dim, dim))
+        self.proj_out = zero_init(nn.Linear(dim, dim))
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         BF, C, H, W = x.shape
