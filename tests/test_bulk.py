@@ -24,10 +24,7 @@ from fastdiff.pipelines import DEFAULT_CHECKPOINT
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 @pytest.fixture(scope="module")

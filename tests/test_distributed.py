@@ -30,10 +30,7 @@ ROOT = TESTS.parent
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def torchrun(*argv, timeout=300) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 pipeline saved with ``save_pretrained``, the UNet/VAE conversions (both ways for the UNet), the
 scheduler mapping against diffusers' schedulers, fp16 variants, and one-line errors naming
 the file for every bad folder."""
-import dataclasses
 import json
 import re
 import shutil
@@ -29,10 +28,8 @@ IMAGE_ATOL = 1e-4
 PROMPTS, NEGATIVES = ["a red circle", "zz"], ["ci", "red"]
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(reference_ops):
-    """The kernels are proven against these references in their own tests; here, the wiring."""
-    yield
+# The kernels are proven against these references in their own tests; here, the wiring.
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def tiny_unet(linear_projection=False, heads=(1, 2), context_dim=24, in_channels=4):

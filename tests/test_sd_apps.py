@@ -26,9 +26,7 @@ from test_sd import IMAGE_ATOL, NEGATIVES, PROMPTS, copy_folder, sd_scheduler_co
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(reference_ops):
-    yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 @pytest.fixture(scope="module")

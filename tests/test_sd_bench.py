@@ -10,9 +10,7 @@ from benchmarks import harness
 pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops(reference_ops):
-    yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def test_end_to_end_rows_agree_with_diffusers():

@@ -13,7 +13,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import style_quality  # noqa: E402
 
-import fastdiff  # noqa: E402
 from fastdiff import cli, training  # noqa: E402
 from fastdiff.apps import stylize as st  # noqa: E402
 from fastdiff.data import COLOURS, analyse_shape_image, load_image, render_shape, to_pil, to_tensor  # noqa: E402
@@ -26,10 +25,7 @@ from test_training import HashEncoder  # noqa: E402  (deterministic stand-in tex
 SMALL = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(1,), num_groups=4, ff_mult=1)
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 class WideHashEncoder(HashEncoder):

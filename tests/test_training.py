@@ -8,17 +8,13 @@ import json
 import pytest
 import torch
 
-import fastdiff
 from fastdiff import training
 from fastdiff.data import ShapesDataset, Skipped
 
 SMALL = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(1,), num_groups=4, ff_mult=1)
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 class HashEncoder(torch.nn.Module):

@@ -25,10 +25,7 @@ FAULT = dict(steps=3, batch_size=2, grad_accum=1, checkpoint_every=1, keep_check
 STEPS = ("step_0000001", "step_0000002", "step_0000003")
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from test_training import HashEncoder, config, states, trainer
 from torch import nn
 
-import fastdiff
 from fastdiff import training
 from fastdiff.data import ShapesDataset
 from fastdiff.nn import unet as unet_module
@@ -22,10 +21,7 @@ from fastdiff.nn.attention import Attention
 from fastdiff.ops.attention import attention
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def position_keyed(opt, model=None):

@@ -25,10 +25,7 @@ SMALL = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _reference_ops():
-    with fastdiff.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_ops")
 
 
 def randomise(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,6 +42,12 @@ def inputs(cfg: UNetConfig, B=3, H=8, W=12, L=5):
     ctx = torch.randn(B, L, cfg.context_dim)
     pooled = torch.randn(B, cfg.pooled_dim) if cfg.pooled_dim else None
     return x, t, ctx, pooled
+
+
+def small_unet(train: bool = False):
+    """A randomised UNet of the SMALL config (in train or eval mode) and inputs (x, t, ctx, pooled) for it."""
+    cfg = UNetConfig(**SMALL)
+    return randomise(UNet(cfg)).train(train), inputs(cfg)
 
 
 @pytest.mark.parametrize("patch_size", [1, 2])
@@ -82,9 +85,7 @@ def test_zero_init():
 
 
 def test_channels_last_matches_contiguous():
-    cfg = UNetConfig(**SMALL)
-    model = randomise(UNet(cfg)).eval()
-    x, t, ctx, pooled = inputs(cfg)
+    model, (x, t, ctx, pooled) = small_unet()
     with torch.no_grad():
         ref = model(x, t, ctx, pooled)
         cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t, ctx, pooled)
@@ -92,9 +93,7 @@ def test_channels_last_matches_contiguous():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    cfg = UNetConfig(**SMALL)
-    model = randomise(UNet(cfg)).train()
-    x, t, ctx, pooled = inputs(cfg)
+    model, (x, t, ctx, pooled) = small_unet(train=True)
     target = torch.randn_like(x)
     grads = []
     for ckpt in (False, True):
@@ -107,9 +106,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_bf16_autocast_close_to_fp32():
-    cfg = UNetConfig(**SMALL)
-    model = randomise(UNet(cfg)).eval()
-    x, t, ctx, pooled = inputs(cfg)
+    model, (x, t, ctx, pooled) = small_unet()
     with torch.no_grad():
         ref = model(x, t, ctx, pooled)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -122,9 +119,7 @@ def test_bf16_autocast_close_to_fp32():
 
 def test_traces_without_graph_breaks():
     # fullgraph=True fails on any graph break: the fastdiff ops must be traceable custom ops.
-    cfg = UNetConfig(**SMALL)
-    model = randomise(UNet(cfg)).eval()
-    x, t, ctx, pooled = inputs(cfg)
+    model, (x, t, ctx, pooled) = small_unet()
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
@@ -225,9 +220,7 @@ def _set_layer_checks(model: torch.nn.Module, on: bool) -> None:
 def test_layers_skip_their_checks(monkeypatch):
     """The UNet checks its inputs once; its layers then call the ops' unchecked entries, with the
     checked path's numbers bit for bit.  A layer on its own still checks its arguments."""
-    cfg = UNetConfig(**SMALL)
-    model = randomise(UNet(cfg)).eval()
-    args = inputs(cfg)
+    model, args = small_unet()
     calls = _count_op_checks(monkeypatch)
     with torch.no_grad():
         fast = model(*args)
