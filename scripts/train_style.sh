@@ -4,8 +4,5 @@
 # (StyleTrainer.DEFAULTS is the recipe), on one CPU thread.
 # Interrupted? Run it again: it resumes from runs/tiny-style and ends with the same weights.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-py="${PYTHON:-.venv/bin/python}"
-[ -x "$py" ] || py=python
-exec "$py" -m fastdiff train --task style --output-dir runs/tiny-style --threads 1 \
+exec "$(dirname "$0")/fastdiff.sh" train --task style --output-dir runs/tiny-style --threads 1 \
   --export fastdiff/checkpoints/tiny-style "$@"

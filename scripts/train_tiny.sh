@@ -4,8 +4,5 @@
 # (on a small CPU a second OpenMP thread costs more than it gains on these tensors).
 # Interrupted? Run it again: it resumes from runs/tiny-shapes and ends with the same weights.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-py="${PYTHON:-.venv/bin/python}"
-[ -x "$py" ] || py=python
-exec "$py" -m fastdiff train --data shapes --output-dir runs/tiny-shapes --threads 1 \
+exec "$(dirname "$0")/fastdiff.sh" train --data shapes --output-dir runs/tiny-shapes --threads 1 \
   --export fastdiff/checkpoints/tiny-shapes "$@"

@@ -11,8 +11,6 @@
 # Extra arguments go to leg 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py="${PYTHON:-.venv/bin/python}"
-[ -x "$py" ] || py=python
-"$py" -m fastdiff train --task video --output-dir runs/tiny-video --threads 1 "$@"
-exec "$py" -m fastdiff train --task video-layout --init-from "runs/tiny-video/$(cat runs/tiny-video/latest)" \
+scripts/fastdiff.sh train --task video --output-dir runs/tiny-video --threads 1 "$@"
+exec scripts/fastdiff.sh train --task video-layout --init-from "runs/tiny-video/$(cat runs/tiny-video/latest)" \
   --output-dir runs/tiny-video-layout --threads 2 --export fastdiff/checkpoints/tiny-video
