@@ -18,7 +18,7 @@ from fastdiff.apps import stylize as st  # noqa: E402
 from fastdiff.data import COLOURS, analyse_shape_image, load_image, render_shape, to_pil, to_tensor  # noqa: E402
 from fastdiff.nn.style import StyleUNet  # noqa: E402
 from fastdiff.nn.unet import UNet, UNetConfig  # noqa: E402
-from fastdiff.pipelines import DEFAULT_CHECKPOINT, _PLANS  # noqa: E402
+from fastdiff.pipelines import DEFAULT_CHECKPOINT, make_plan  # noqa: E402
 from fastdiff.schedule import make_schedule  # noqa: E402
 from test_training import HashEncoder  # noqa: E402  (deterministic stand-in text encoder)
 
@@ -186,7 +186,7 @@ def test_img2img_plan_starts_at_the_strength(sampler, strength):
     assert float(plan.timesteps[0]) == t0
     assert len(plan.timesteps) == min(10, t0 + 1)
     assert (plan.timesteps[1:] < plan.timesteps[:-1]).all() and float(plan.timesteps[-1]) >= 0
-    assert plan.timesteps.is_floating_point() != _PLANS[sampler][1]
+    assert plan.timesteps.dtype == make_plan(sampler, sched, 1, "v").timesteps.dtype  # int64 where the sampler indexes ᾱ
 
 
 @pytest.mark.parametrize("strength", [0, -0.5, 1.01, "0.5"])
