@@ -32,7 +32,7 @@ the training examples (`EDIT_FRACTION`, t ≥ `EDIT_MIN_T`·T) are the SDEdit si
 itself: the noisy input is made from the same drawing in *another* colour, the target is
 the image in the style's colour (`StyleTrainer.noised`).
 
-Measured with ``scripts/style_quality.py`` (README): the rate at which the analyser reads
+Measured with ``scripts/style_quality.py`` (docs/applications.md): the rate at which the analyser reads
 the content's shape and position and the style's colour from the result.
 
 **Stable Diffusion folders** (``--checkpoint`` a diffusers folder: a style prompt, no style

@@ -198,7 +198,8 @@ class VideoTrainer(Trainer):
     frames: int = FRAMES
     noise_correlation: float = NOISE_CORRELATION
     # Attention pooling of the text tokens into the frame embedding (fastdiff.nn.video); off in the
-    # shipped recipe: a 2000-step fine-tune with 4 heads did not move the measured motion direction (README).
+    # shipped recipe: a 2000-step fine-tune with 4 heads did not move the measured motion direction
+    # (docs/notes/video-motion-direction.md).
     text_pool_heads: int = 0
     layout_maps: int = 0  # per-frame layout maps from the whitened prompt (fastdiff.nn.video.FrameLayout)
     trainable: tuple[str, ...] = ()  # names of the parameters that train, by prefix; () trains all
