@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.harness import Case, Reference, SameBytesCopy, compile_baselines, compiled, reference_dtype
 from fastdiff.ops import sampler_step
-from fastdiff.ops.sampler_step import COEFFICIENTS, step_coefficients
+from fastdiff.ops.fused_step import COEFFICIENTS, step_coefficients
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # name: (guidance rescale φ, add noise, inpaint)

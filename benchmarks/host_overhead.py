@@ -103,7 +103,7 @@ def _group_norm_cases(entry: str) -> dict[str, Callable]:
 
 
 def _attention_cases(entry: str) -> dict[str, Callable]:
-    attn = _op("attention", entry)
+    attn = _op("flash_attention", entry)
     if attn is None:
         return {}
     q = torch.randn(2, 2, 9, 32, dtype=torch.bfloat16)
@@ -130,10 +130,10 @@ def _noising_cases(suffix: str) -> dict[str, Callable]:
 
 
 def _sampler_step_cases(entry: str) -> dict[str, Callable]:
-    step = _op("sampler_step", entry)
+    step = _op("fused_step", entry)
     if step is None:
         return {}
-    coeffs = _op("sampler_step", "step_coefficients")(x0_from_x=1.2, x0_from_out=-0.6, eps_from_out=1.0, x=0.9, x0=0.1)
+    coeffs = _op("fused_step", "step_coefficients")(x0_from_x=1.2, x0_from_out=-0.6, eps_from_out=1.0, x=0.9, x0=0.1)
     coeffs = coeffs.float()
     x = torch.randn(2, 4, 6, 6, dtype=torch.bfloat16)
     seeds = torch.arange(2)

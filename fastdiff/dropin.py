@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops.attention import HEAD_DIMS, attention_unchecked
+from fastdiff.ops.flash_attention import HEAD_DIMS, attention_unchecked
 from fastdiff.ops.group_norm import group_norm_silu_unchecked
 
 _OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

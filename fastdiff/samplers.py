@@ -38,8 +38,8 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops._philox import randn_like_philox, step_keys
-from fastdiff.ops.sampler_step import NUM_COEFFICIENTS, check_model_output, check_step_arguments, coefficient_rows
-from fastdiff.ops.sampler_step import sampler_step_unchecked, step_coefficients
+from fastdiff.ops.fused_step import NUM_COEFFICIENTS, check_model_output, check_step_arguments, coefficient_rows
+from fastdiff.ops.fused_step import sampler_step_unchecked, step_coefficients
 from fastdiff.schedule import Schedule, sigmas_at
 
 PREDICTIONS = ("epsilon", "sample", "v")
@@ -54,7 +54,7 @@ class Plan:
 
     name: str  # the sampler, for messages
     timesteps: torch.Tensor  # (E,) timestep given to the model at each evaluation (int64 or float)
-    coeffs: torch.Tensor  # (E, K) step coefficients, order of ops.sampler_step.COEFFICIENTS
+    coeffs: torch.Tensor  # (E, K) step coefficients, order of ops.fused_step.COEFFICIENTS
     add_noise: tuple[bool, ...]  # (E,) the evaluation's update draws fresh noise z
     reads_x0: tuple[bool, ...]  # (E,) the update uses the previous evaluation's x̂0
     keeps_x0: tuple[bool, ...]  # (E,) the evaluation's x̂0 is kept for the next one

@@ -8,7 +8,7 @@ role), e.g. the forward tiles of bf16/fp16 head dim 128 on sm_90.  The sweep
 
 1. plans: runs the benchmark's shapes (``benchmarks/bench_attention.py``, ``--quick``: its quick
    set) through the launcher's own plans to find the slots each shape uses, forward and backward,
-   and asks the op for each slot's candidates (``attention.tuning_candidates``: the tiles in force
+   and asks the op for each slot's candidates (``flash_attention.tuning_candidates``: the tiles in force
    first, so nothing regresses blind);
 2. measures: every candidate at every shape of its slot, in bf16, as the device time of the whole
    forward or backward with only that slot replaced (CUDA-graph replay with rotated inputs,
@@ -50,7 +50,7 @@ sys.path.insert(0, ROOT)
 TUNED_FILE = os.path.join(ROOT, "fastdiff", "ops", "_tuned.py")
 MARGIN = 0.03  # a candidate must be this much faster than the tiles in force (run-to-run noise is ~1 %)
 CHECK_TOLERANCE = 2e-2  # bf16: a candidate's output against the tiles in force (accumulation order only)
-OPS_WITHOUT_CANDIDATES = ("noising", "group_norm", "sampler_step")
+OPS_WITHOUT_CANDIDATES = ("noising", "group_norm", "fused_step")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Plan:
 
 
 def attention_module():
-    return importlib.import_module("fastdiff.ops.attention")
+    return importlib.import_module("fastdiff.ops.flash_attention")
 
 
 def plan_sweep(arch: int, num_sms: int, shapes: list[tuple[int, ...]], quick: bool) -> Plan:

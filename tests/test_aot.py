@@ -10,7 +10,7 @@ import torch
 
 import fastdiff
 from fastdiff.ops import _aot, _launch
-from fastdiff.ops.sampler_step import step_coefficients
+from fastdiff.ops.fused_step import step_coefficients
 
 
 @pytest.fixture

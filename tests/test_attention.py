@@ -9,7 +9,6 @@ matrix is a covering subset: every head dim at one odd length pair, every odd
 length at one head dim, every dtype, every tile configuration the launcher can
 pick for fp32, and the layouts the UNet produces.
 """
-import importlib
 import math
 
 import pytest
@@ -17,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff
-from fastdiff.ops.attention import HEAD_DIMS, attention, attention_ref
+from fastdiff.ops.flash_attention import HEAD_DIMS, attention, attention_ref
 
-# The module itself (the package attribute `fastdiff.ops.attention` may be the function).
-attn_mod = importlib.import_module("fastdiff.ops.attention")
+from fastdiff.ops import flash_attention as attn_mod
 from tests.conftest import DTYPES, real_size, rel_err
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -268,7 +266,7 @@ def test_opcheck_registration():
     with fastdiff.use_backend("reference"):
         # aot_dispatch is covered by the torch.compile test below
         tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-        torch.library.opcheck(attn_mod._attention_fwd_op, (q, k, v, 0.25), test_utils=tests)
+        torch.library.opcheck(attn_mod._attention_fwd_call.registered, (q, k, v, 0.25), test_utils=tests)
 
 
 def test_torch_compile_fullgraph_no_graph_break():

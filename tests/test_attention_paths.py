@@ -8,7 +8,6 @@ that count where a test needs the large-grid tiles (1 SM: every grid is "large")
 programs that step through several query blocks.
 """
 import dataclasses
-import importlib
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 from fastdiff.ops._launch import record_launches
 from tests.test_attention import _check_against_float64, _qkv
 
-attn_mod = importlib.import_module("fastdiff.ops.attention")
+from fastdiff.ops import flash_attention as attn_mod
 
 
 @pytest.fixture

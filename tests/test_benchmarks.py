@@ -418,7 +418,7 @@ def test_gpu_check_runs_the_sweep_hook_then_quick_benchmarks(tmp_path):
     summary, calls = _gpu_check(tmp_path, "sweep", "memory", "attention+full+nocompile", GPU_CHECK_SWEEP=str(sweep))
     out = tmp_path / "out"
     assert calls[:3] == [
-        f"{sweep} --out {out}/res/sweep",
+        f"{sweep} --quick --budget-s 60 --out {out}/res/sweep",
         f"-m benchmarks.run --out {out}/res --only noising --only sampler_step --only group_norm --quick",
         f"-m benchmarks.run --out {out}/res --only attention --no-compile",
     ]

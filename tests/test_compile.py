@@ -17,7 +17,7 @@ from torch import nn
 
 import fastdiff
 from fastdiff import ops
-from fastdiff.ops.sampler_step import step_coefficients
+from fastdiff.ops.fused_step import step_coefficients
 
 from conftest import rel_err
 
@@ -95,9 +95,9 @@ def _train_inputs():
 # trips cost more host time than the kernels), traced calls must (see test_every_op_traces...).
 OP_CALLS = {
     "fastdiff.ops.group_norm": ("_group_norm_silu_call", "_group_norm_silu_backward_call"),
-    "fastdiff.ops.attention": ("_attention_fwd_call", "_attention_bwd_call"),
+    "fastdiff.ops.flash_attention": ("_attention_fwd_call", "_attention_bwd_call"),
     "fastdiff.ops.noising": ("_noising_call", "_weighted_mse_call", "_weighted_mse_backward_call"),
-    "fastdiff.ops.sampler_step": ("_sampler_step_call",),
+    "fastdiff.ops.fused_step": ("_sampler_step_call",),
 }
 
 

@@ -315,8 +315,8 @@ def test_op_passes_torch_library_opcheck():
     x = torch.randn(2, 4, 3, 5)
     w, b, sc, sh = torch.randn(4), torch.randn(4), torch.randn(2, 4), torch.randn(2, 4)
     with fastdiff.use_backend("reference"):
-        torch.library.opcheck(gn._group_norm_silu_op, (x, w, b, sc, sh, 2, 1e-5, True))
-        torch.library.opcheck(gn._group_norm_silu_op, (channels_last(x), None, None, None, None, 4, 1e-5, False))
+        torch.library.opcheck(gn._group_norm_silu_call.registered, (x, w, b, sc, sh, 2, 1e-5, True))
+        torch.library.opcheck(gn._group_norm_silu_call.registered, (channels_last(x), None, None, None, None, 4, 1e-5, False))
 
 
 @pytest.mark.parametrize(

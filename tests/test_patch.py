@@ -21,6 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import fastdiff  # noqa: E402
 from fastdiff import dropin  # noqa: E402
+from fastdiff.ops import flash_attention, group_norm  # noqa: E402
 from fastdiff.dropin import SDPA, FastAttnProcessor, FusedSDPA, PatchReport, is_patched, patch, unpatch  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel  # noqa: E402
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
@@ -356,18 +357,22 @@ def test_copies_of_a_patched_model_unpatch_on_their_own():
 
 
 def test_no_module_is_shadowed_by_a_function():
-    """``fastdiff.patch`` is the function, its module is ``fastdiff.dropin``; every submodule of the
-    package is the attribute of its name (``import fastdiff.X as m`` gives the module)."""
+    """``fastdiff.patch`` is the function, its module is ``fastdiff.dropin`` (and ``ops.attention`` /
+    ``ops.sampler_step`` are functions of ``ops.flash_attention`` / ``ops.fused_step``): every
+    module of every fastdiff package is the attribute of its name (``import fastdiff.X.Y as m``
+    gives the module)."""
     import pkgutil
     import sys
 
     assert fastdiff.patch is patch is dropin.patch and callable(fastdiff.patch)
     assert (fastdiff.unpatch, fastdiff.is_patched) == (dropin.unpatch, dropin.is_patched)
-    names = [m.name for m in pkgutil.iter_modules(fastdiff.__path__) if m.name not in ("__main__",)]
-    assert "dropin" in names and "patch" not in names
+    assert callable(fastdiff.ops.attention) and callable(fastdiff.ops.sampler_step)
+    names = [m.name for m in pkgutil.walk_packages(fastdiff.__path__, "fastdiff.") if not m.name.endswith("__main__")]
+    assert "fastdiff.dropin" in names and "fastdiff.patch" not in names and "fastdiff.ops.fused_step" in names
     for name in names:
-        module = importlib.import_module(f"fastdiff.{name}")
-        assert getattr(fastdiff, name) is module is sys.modules[f"fastdiff.{name}"], name
+        module = importlib.import_module(name)
+        parent, _, leaf = name.rpartition(".")
+        assert getattr(sys.modules[parent], leaf) is module is sys.modules[name], name
     # a patched model's classes live in the module, where pickle finds them
     assert dropin.FusedResnetBlock2D.__module__ == "fastdiff.dropin" and FastAttnProcessor.__module__ == "fastdiff.dropin"
 
@@ -549,8 +554,8 @@ def test_patched_calls_skip_the_public_checks(monkeypatch):
     def refuse(*args):
         raise AssertionError("a patched call ran an op's public checks")
 
-    for op in ("attention", "group_norm"):  # the modules (``fastdiff.ops.attention`` the attribute is the function)
-        monkeypatch.setattr(importlib.import_module(f"fastdiff.ops.{op}"), "_validate", refuse)
+    for module in (flash_attention, group_norm):
+        monkeypatch.setattr(module, "_validate", refuse)
     with torch.no_grad():
         outs = run_cond(model, x, t, c, torch.float32), layer(h), seq(img)
     n_norms = 2 * count(model, ResnetBlock2D) + 1  # two per block, and the output head

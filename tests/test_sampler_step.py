@@ -7,10 +7,10 @@ import torch
 from conftest import DTYPES, real_size, rel_err
 from fastdiff.ops import _backend, use_backend
 from fastdiff.ops._philox import randn_like_philox, step_keys
-from fastdiff.ops.sampler_step import (
+from fastdiff.ops.fused_step import (
     COEFFICIENTS,
     NUM_COEFFICIENTS,
-    _sampler_step_op,
+    _sampler_step_call,
     guided_output_ref,
     sampler_step,
     sampler_step_ref,
@@ -221,7 +221,7 @@ def test_registered_op_checks():
     op_args = (x, out, coeffs, kw["uncond_output"], kw["x0_prev"], kw["seeds"], kw["known"], kw["mask"],
                kw["guidance_scale"], kw["guidance_rescale"], None, kw["step"], True, True)  # fmt: skip
     with use_backend("reference"):
-        torch.library.opcheck(_sampler_step_op, op_args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(_sampler_step_call.registered, op_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_step_coefficients():

@@ -3,7 +3,6 @@
 Sampler-level tests run on the PyTorch reference of the fused step (fast, many samples);
 `test_loop_runs_the_kernel` runs one short loop through the Triton kernel (interpreter on CPU).
 """
-import importlib
 import math
 
 import numpy as np
@@ -12,9 +11,9 @@ import torch
 
 from fastdiff import samplers
 from fastdiff.ops import _backend, use_backend
-from fastdiff.ops.sampler_step import step_noise_ref
+from fastdiff.ops.fused_step import step_noise_ref
 
-step_mod = importlib.import_module("fastdiff.ops.sampler_step")  # the module: ops.sampler_step is the function
+from fastdiff.ops import fused_step as step_mod
 from fastdiff.schedule import make_schedule
 
 diffusers = pytest.importorskip("diffusers")

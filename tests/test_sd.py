@@ -14,7 +14,7 @@ import fastdiff
 from fastdiff import cli, schedule as schedules
 from fastdiff.nn.unet import UNet
 from fastdiff.nn.vae import VAE
-from fastdiff.ops.sampler_step import COEFFICIENTS
+from fastdiff.ops.fused_step import COEFFICIENTS
 from fastdiff.pipelines import Text2Image
 from fastdiff.sd import convert, scheduler as sd_scheduler
 from fastdiff.sd.pipeline import StableDiffusion

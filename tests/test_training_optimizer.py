@@ -18,7 +18,7 @@ from fastdiff import training
 from fastdiff.data import ShapesDataset
 from fastdiff.nn import unet as unet_module
 from fastdiff.nn.attention import Attention
-from fastdiff.ops.attention import attention
+from fastdiff.ops.flash_attention import attention
 
 
 pytestmark = pytest.mark.usefixtures("reference_ops")

@@ -13,7 +13,7 @@ import pytest
 from fastdiff.audit import table_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-attn = importlib.import_module("fastdiff.ops.attention")
+from fastdiff.ops import flash_attention as attn
 
 
 @pytest.fixture(scope="module")

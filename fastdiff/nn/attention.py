@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdiff.ops.attention import HEAD_DIMS, attention, attention_unchecked
+from fastdiff.ops.flash_attention import HEAD_DIMS, attention, attention_unchecked
 
 
 class Attention(nn.Module):

@@ -118,22 +118,46 @@ def wants_grad(*args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
-def custom_op_filling_none(name: str, impl, returns, empty, eager_only: tuple[str, ...] = ()):
-    """``torch.library.custom_op`` of ``impl``, which returns None for the outputs a call did not ask for
-    (so the eager path allocates nothing it does not return).  The registered op returns ``empty(*args)``
-    in their place instead: custom ops return tensors only, never None or an alias.  ``returns``: the
-    registered op's return annotation; ``eager_only``: as in `custom_op_without`."""
+def define_op(
+    name: str,
+    impl,
+    fake,
+    *,
+    eager_only: tuple[str, ...] = (),
+    returns=None,
+    empty=None,
+    setup_context=None,
+    backward=None,
+    inference=None,
+) -> "Op":
+    """One fastdiff op, defined in one call: the registered ``torch.library`` custom op, its fake
+    (shape-only) implementation, its autograd formula and the eager fast path (`Op`).
 
-    def registered(*args):
-        return tuple(empty(*args) if out is None else out for out in impl(*args))
+    ``impl``: the implementation, typed (the op's schema comes from its annotations).
+    ``fake``: what tracers run instead: empty outputs of the right shapes, dtypes and layouts.
+    ``eager_only``: trailing parameters of ``impl``, with defaults, that only eager calls pass
+    (e.g. the plan of a call, which the registered op computes itself); the registered op leaves
+    them out.
+    ``empty``: for an ``impl`` that returns None for the outputs a call did not ask for (so the
+    eager path allocates nothing it does not return): the registered op returns ``empty(*args)``
+    in their place, since custom ops return tensors only, never None; ``returns`` is then the
+    registered op's return annotation.
+    ``setup_context``, ``backward``: the autograd formula, as ``register_autograd`` takes it; an
+    op without one is never differentiated through (eager calls run ``impl`` as is).
+    ``inference``: as in `Op`.
+    """
+    if empty is None:
+        registered = _custom_op(name, lambda *args: impl(*args), impl, typing.get_type_hints(impl)["return"], eager_only)
+    else:
 
-    return _custom_op(name, registered, impl, returns, eager_only)
+        def filled(*args):
+            return tuple(empty(*args) if out is None else out for out in impl(*args))
 
-
-def custom_op_without(name: str, impl, eager_only: tuple[str, ...]):
-    """``torch.library.custom_op`` of ``impl`` without its ``eager_only`` parameters: trailing ones, with
-    defaults, that only eager calls pass (e.g. the plan of a call, which the registered op computes)."""
-    return _custom_op(name, lambda *args: impl(*args), impl, typing.get_type_hints(impl)["return"], eager_only)
+        registered = _custom_op(name, filled, impl, returns, eager_only)
+    registered.register_fake(fake)
+    if backward is not None:
+        registered.register_autograd(backward, setup_context=setup_context)
+    return Op(registered, impl, setup_context, backward, inference)
 
 
 def _custom_op(name: str, registered, impl, returns, eager_only: tuple[str, ...]):

@@ -56,7 +56,7 @@ import torch
 
 from fastdiff.ops import _checks
 from fastdiff.ops import _aot, _backend
-from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
+from fastdiff.ops._backend import HAS_TRITON, cdiv, define_op, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned, divisible_key, dtype_code
 from fastdiff.ops._layout import sample_layout
 
@@ -890,14 +890,7 @@ def _saved_empty(x, weight, bias, scale, shift, num_groups, *_):
     return x.new_empty(_saved_layout(B, C, num_groups)[-1], dtype=torch.float32)
 
 
-_group_norm_silu_op = custom_op_filling_none(
-    "fastdiff::group_norm_silu", _forward_impl, tuple[torch.Tensor, torch.Tensor], _saved_empty,
-    eager_only=("plan", "keep"),
-)  # fmt: skip
-
-
-@_group_norm_silu_op.register_fake
-def _(x, weight, bias, scale, shift, num_groups, eps, silu):
+def _forward_fake(x, weight, bias, scale, shift, num_groups, eps, silu):
     return torch.empty_like(x), _saved_empty(x, weight, bias, scale, shift, num_groups)
 
 
@@ -928,14 +921,7 @@ def _backward_impl(
     return (torch.empty_like(x).copy_(grads[0]), *grads[1:])
 
 
-_group_norm_silu_backward_op = custom_op_filling_none(
-    "fastdiff::group_norm_silu_backward", _backward_impl, tuple[(torch.Tensor,) * 5],
-    lambda dy, x, *_: x.new_empty(0, dtype=torch.float32), eager_only=("plan",),
-)  # fmt: skip
-
-
-@_group_norm_silu_backward_op.register_fake
-def _(dy, x, saved, weight, bias, scale, shift, num_groups, eps, silu):
+def _backward_fake(dy, x, saved, weight, bias, scale, shift, num_groups, eps, silu):
     B, C = x.shape[:2]
     f32 = dict(dtype=torch.float32)
     return (
@@ -968,11 +954,15 @@ def _backward(ctx, dy, _dsaved):
     return grads + (None,) * len(args)  # none for num_groups, eps, silu (and the plan)
 
 
-_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-_group_norm_silu_call = Op(_group_norm_silu_op, _forward_impl, _setup_context, _backward, _forward_inference)
-_group_norm_silu_backward_call = Op(_group_norm_silu_backward_op, _backward_impl)
+_group_norm_silu_call = define_op(
+    "fastdiff::group_norm_silu", _forward_impl, _forward_fake, eager_only=("plan", "keep"),
+    returns=tuple[torch.Tensor, torch.Tensor], empty=_saved_empty, setup_context=_setup_context, backward=_backward,
+    inference=_forward_inference,
+)  # fmt: skip
+_group_norm_silu_backward_call = define_op(
+    "fastdiff::group_norm_silu_backward", _backward_impl, _backward_fake, eager_only=("plan",),
+    returns=tuple[(torch.Tensor,) * 5], empty=lambda dy, x, *_: x.new_empty(0, dtype=torch.float32),
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- public API

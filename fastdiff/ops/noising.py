@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from fastdiff.ops import _aot, _backend, _checks
-from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, custom_op_without, use_triton
+from fastdiff.ops._backend import HAS_TRITON, cdiv, define_op, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, divisible_key, dtype_code
 from fastdiff.ops._layout import match_layout, sample_layout
 from fastdiff.ops._philox import randn_like_philox
@@ -449,14 +449,7 @@ def _noising_impl(
     return x_t, drawn, v
 
 
-_noising_op = custom_op_filling_none(
-    "fastdiff::noising", _noising_impl, tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    lambda x0, *_: x0.new_empty(0), eager_only=("plan",),
-)  # fmt: skip
-
-
-@_noising_op.register_fake
-def _(x0, t, alphas_cumprod, noise, keys, want_v):
+def _noising_fake(x0, t, alphas_cumprod, noise, keys, want_v):
     drawn = torch.empty_like(x0) if noise is None else x0.new_empty(0)
     return torch.empty_like(x0), drawn, (torch.empty_like(x0) if want_v else x0.new_empty(0))
 
@@ -474,11 +467,7 @@ def _weighted_mse_impl(
     return weighted_mse_ref(pred, target, weight)
 
 
-_weighted_mse_op = custom_op_without("fastdiff::weighted_mse", _weighted_mse_impl, eager_only=("plan",))
-
-
-@_weighted_mse_op.register_fake
-def _(pred, target, weight):
+def _weighted_mse_fake(pred, target, weight):
     return pred.new_empty((), dtype=torch.float32)
 
 
@@ -496,13 +485,7 @@ def _weighted_mse_backward_impl(
     return (2.0 * grad * w * (pred.float() - target.float()) / (B * N)).to(pred.dtype)
 
 
-_weighted_mse_backward_op = custom_op_without(
-    "fastdiff::weighted_mse_backward", _weighted_mse_backward_impl, eager_only=("plan",)
-)
-
-
-@_weighted_mse_backward_op.register_fake
-def _(grad, pred, target, weight):
+def _weighted_mse_backward_fake(grad, pred, target, weight):
     return torch.empty_like(pred)
 
 
@@ -522,10 +505,18 @@ def _mse_backward(ctx, grad):
     return (dpred, dtarget, None, None) if ctx.plan else (dpred, dtarget, None)
 
 
-_weighted_mse_op.register_autograd(_mse_backward, setup_context=_mse_setup_context)
-_noising_call = Op(_noising_op, _noising_impl)  # no backward: q_sample with gradients runs the reference math
-_weighted_mse_call = Op(_weighted_mse_op, _weighted_mse_impl, _mse_setup_context, _mse_backward)
-_weighted_mse_backward_call = Op(_weighted_mse_backward_op, _weighted_mse_backward_impl)
+# no backward: q_sample with gradients runs the reference math
+_noising_call = define_op(
+    "fastdiff::noising", _noising_impl, _noising_fake, eager_only=("plan",),
+    returns=tuple[torch.Tensor, torch.Tensor, torch.Tensor], empty=lambda x0, *_: x0.new_empty(0),
+)  # fmt: skip
+_weighted_mse_call = define_op(
+    "fastdiff::weighted_mse", _weighted_mse_impl, _weighted_mse_fake, eager_only=("plan",),
+    setup_context=_mse_setup_context, backward=_mse_backward,
+)  # fmt: skip
+_weighted_mse_backward_call = define_op(
+    "fastdiff::weighted_mse_backward", _weighted_mse_backward_impl, _weighted_mse_backward_fake, eager_only=("plan",)
+)
 
 
 # ----------------------------------------------------------------------------- public API

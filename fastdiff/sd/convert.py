@@ -37,7 +37,7 @@ from torch import nn
 
 from fastdiff.nn.unet import UNetConfig
 from fastdiff.nn.vae import VAEConfig
-from fastdiff.ops.attention import HEAD_DIMS
+from fastdiff.ops.flash_attention import HEAD_DIMS
 
 # ----------------------------------------------------------------------------- names
 

@@ -107,7 +107,7 @@ static fdk_status check_attention_sizes(fdk_dtype dtype, int64_t B, int64_t H, i
 
 #define STRIDES(s) {.l = (s)[0]}, {.l = (s)[1]}, {.l = (s)[2]}
 
-/* As fastdiff/ops/attention.py: SHORT_PROGRAMS_PER_SM, short_programs and the _Tables plans.  A short
+/* As fastdiff/ops/flash_attention.py: SHORT_PROGRAMS_PER_SM, short_programs and the _Tables plans.  A short
    path (every key in one block) applies when its table has a case and len_k <= its BLOCK_N; small-grid
    tiles when batch·heads·⌈len_q / BLOCK_M⌉ < #SMs and the table has them. */
 enum { ATTN_SHORT_PROGRAMS_PER_SM = 2 };
@@ -490,7 +490,7 @@ fdk_status fdk_group_norm_silu_bwd(const fdk_group_norm_silu_bwd_args *a, struct
 
 enum { STEP_MAX_CHUNKS = 64 };
 
-/* As _chunking in fastdiff/ops/sampler_step.py: at most 64 chunks, each a multiple of the stats block. */
+/* As _chunking in fastdiff/ops/fused_step.py: at most 64 chunks, each a multiple of the stats block. */
 static int64_t step_chunk(int64_t n, int stats_block) {
   int64_t per = cdiv(n, STEP_MAX_CHUNKS);
   return cdiv(per, stats_block) * stats_block;

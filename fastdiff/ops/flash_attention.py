@@ -121,7 +121,7 @@ from typing import NamedTuple
 import torch
 
 from fastdiff.ops import _aot, _checks, _tuned
-from fastdiff.ops._backend import HAS_TRITON, INTERPRET, Op, cdiv, use_triton
+from fastdiff.ops._backend import HAS_TRITON, INTERPRET, cdiv, define_op, use_triton
 from fastdiff.ops._launch import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, dtype_code
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
@@ -1242,11 +1242,7 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return _empty_out(q).copy_(o_ref), lse
 
 
-_attention_fwd_op = torch.library.custom_op("fastdiff::attention_fwd", _forward_impl, mutates_args=())
-
-
-@_attention_fwd_op.register_fake
-def _(q, k, v, scale):
+def _forward_fake(q, k, v, scale):
     return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -1268,11 +1264,7 @@ def _backward_impl(
     return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
 
 
-_attention_bwd_op = torch.library.custom_op("fastdiff::attention_bwd", _backward_impl, mutates_args=())
-
-
-@_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale):
+def _backward_fake(do, q, k, v, o, lse, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -1290,11 +1282,10 @@ def _backward(ctx, do, _dlse):
     return dq, dk, dv, None
 
 
-_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-_attention_fwd_call = Op(_attention_fwd_op, _forward_impl, _setup_context, _backward)
-_attention_bwd_call = Op(_attention_bwd_op, _backward_impl)
+_attention_fwd_call = define_op(
+    "fastdiff::attention_fwd", _forward_impl, _forward_fake, setup_context=_setup_context, backward=_backward
+)
+_attention_bwd_call = define_op("fastdiff::attention_bwd", _backward_impl, _backward_fake)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -66,7 +66,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastdiff.ops import _aot, _backend, _checks
-from fastdiff.ops._backend import HAS_TRITON, Op, cdiv, custom_op_filling_none, use_triton
+from fastdiff.ops._backend import HAS_TRITON, cdiv, define_op, use_triton
 from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned_rows, divisible_key, dtype_code
 from fastdiff.ops._launch import dtype_name
 from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
@@ -568,20 +568,16 @@ def _sampler_step_impl(
     return x_next, (x0 if return_x0 else None)
 
 
-_sampler_step_op = custom_op_filling_none(
-    "fastdiff::sampler_step", _sampler_step_impl, tuple[torch.Tensor, torch.Tensor], lambda x, *_: x.new_empty(0),
-    eager_only=("plan",),
-)  # fmt: skip
-
-
-@_sampler_step_op.register_fake
-def _(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
+def _sampler_step_fake(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
       clip_x0, step, add_noise, return_x0):  # fmt: skip
     return torch.empty_like(x), (torch.empty_like(x) if return_x0 else x.new_empty(0))
 
 
 # no backward: the step is never differentiated
-_sampler_step_call = Op(_sampler_step_op, _sampler_step_impl)
+_sampler_step_call = define_op(
+    "fastdiff::sampler_step", _sampler_step_impl, _sampler_step_fake, eager_only=("plan",),
+    returns=tuple[torch.Tensor, torch.Tensor], empty=lambda x, *_: x.new_empty(0),
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- public API
