@@ -1,7 +1,7 @@
 """Kernel audit: compile every Triton kernel of fastdiff for real GPUs, on any machine.
 
 Each op module declares the launch configurations it can use once, in its launch
-tables (``LAUNCH_TABLES``, see ``fastdiff.ops._launch``).  The audit compiles every
+tables (``LAUNCH_TABLES``, see ``fastdiff.ops.launch_tables``).  The audit compiles every
 case of every table for its archs — sm_80 (A100) and sm_90 (H100) — with
 ``triton.compile`` and an explicit ``GPUTarget`` (no GPU needed), exactly as the
 ahead-of-time build does, reads the cubin's resource use with
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from fastdiff.ops._launch import ARCHS, KernelCase, compile_case  # noqa: F401  (KernelCase: the case type)
+from fastdiff.ops.launch_tables import ARCHS, KernelCase, compile_case  # noqa: F401  (KernelCase: the case type)
 
 
 @dataclass

@@ -36,8 +36,8 @@ from typing import Callable
 
 import torch
 
-from fastdiff.ops import _checks
-from fastdiff.ops._philox import randn_like_philox, step_keys
+from fastdiff.ops import tensor_checks
+from fastdiff.ops.philox import randn_like_philox, step_keys
 from fastdiff.ops.fused_step import NUM_COEFFICIENTS, check_model_output, check_step_arguments, coefficient_rows
 from fastdiff.ops.fused_step import sampler_step_unchecked, step_coefficients
 from fastdiff.schedule import Schedule, sigmas_at
@@ -77,7 +77,7 @@ class Plan:
 
 def initial_noise(seeds: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """x_T ~ N(0, I) of ``shape`` = (B, ...), image b from ``seeds[b]`` (key of step −1, unused by the loop)."""
-    _checks.check_int("seeds", seeds)
+    tensor_checks.check_int("seeds", seeds)
     if tuple(seeds.shape) != (shape[0],):
         raise ValueError(f"seeds must have shape ({shape[0]},) (one per image), got {tuple(seeds.shape)}")
     keys = step_keys(seeds.to(torch.int64), torch.tensor(-1, dtype=torch.int64))
@@ -105,8 +105,8 @@ def _check_prediction(prediction: str) -> None:
 
 
 def _check_timesteps(timesteps, schedule: Schedule, integer: bool) -> torch.Tensor:
-    _checks.check_tensor("timesteps", timesteps)
-    _checks.check_ndim("timesteps", timesteps, 1, " (N,)")
+    tensor_checks.check_tensor("timesteps", timesteps)
+    tensor_checks.check_ndim("timesteps", timesteps, 1, " (N,)")
     if timesteps.numel() == 0:
         raise ValueError("timesteps must not be empty")
     if integer and timesteps.is_floating_point():
@@ -383,13 +383,13 @@ def heun_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: str = 
 
 
 def _validate_sample(x_T, seeds, plan, guidance_scale, guidance_rescale, known, mask) -> None:
-    _checks.check_float("x_T", x_T)
-    _checks.check_min_ndim("x_T", x_T, 2, " (B, ...)")
-    _checks.check_tensor("seeds", seeds)
+    tensor_checks.check_float("x_T", x_T)
+    tensor_checks.check_min_ndim("x_T", x_T, 2, " (B, ...)")
+    tensor_checks.check_tensor("seeds", seeds)
     if seeds.dtype != torch.int64:
         raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
-    _checks.check_shape("seeds", seeds, (x_T.shape[0],), " (one seed per image)")
-    _checks.check_device("seeds", seeds, x_T.device, "x_T")
+    tensor_checks.check_shape("seeds", seeds, (x_T.shape[0],), " (one seed per image)")
+    tensor_checks.check_device("seeds", seeds, x_T.device, "x_T")
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be a Plan (from ddim_plan, euler_plan, ...), got {type(plan).__name__}")
     if plan.coeffs.shape[1:] != (NUM_COEFFICIENTS,):

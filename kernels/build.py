@@ -14,13 +14,12 @@ Writes into DIR:
 Everything about a compiled kernel is read from what Triton produced — the kernel name and
 resources from its metadata, the parameter list (including the scratch pointers newer Tritons
 append) from the PTX entry — so the build follows whatever Triton is installed.  Compilation
-goes through ``fastdiff.ops._launch.compile_case``, the audit's one way: the two share
+goes through ``fastdiff.ops.launch_tables.compile_case``, the audit's one way: the two share
 Triton's cache.  Run by CMake (``CMakeLists.txt``); needs no GPU.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -30,7 +29,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # every case sets FP fus
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastdiff.audit import op_modules  # noqa: E402
-from fastdiff.ops._launch import ARCHS, compile_case, source_hash  # noqa: E402
+from fastdiff.ops.launch_tables import ARCHS, compile_case, source_hash  # noqa: E402
 
 # PTX parameter type -> (kind letter, bytes): p pointer, i 32-bit int, l 64-bit int, f fp32
 _PTX_KINDS = {".u64": ("l", 8), ".s64": ("l", 8), ".b64": ("l", 8), ".u32": ("i", 4), ".s32": ("i", 4),

@@ -267,7 +267,7 @@ _PRECOMPILE: list = []
 
 
 def _compile_one(i: int) -> str:
-    from fastdiff.ops._launch import compile_case
+    from fastdiff.ops.launch_tables import compile_case
 
     case, arch = _PRECOMPILE[i]
     try:

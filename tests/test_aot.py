@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.ops import _aot, _launch
+from fastdiff.ops import _aot, launch_tables
 from fastdiff.ops.fused_step import step_coefficients
 
 
@@ -39,7 +39,7 @@ def _all_tables():
 def _jit_launches(fn):
     from tests.test_kernels_c import _as_int
 
-    with _launch.record_launches() as log:
+    with launch_tables.record_launches() as log:
         fn()
     return [(c.name, g + (1,) * (3 - len(g)), [_as_int(a) for a in args]) for c, g, args in log]
 
@@ -106,7 +106,7 @@ def test_info_names_each_ops_path(library):
 
 def test_a_stale_library_is_not_used(monkeypatch):
     """Built from other kernel sources: the JIT path, and info() says why."""
-    monkeypatch.setattr(_launch, "source_hash", lambda: "not the library's")
+    monkeypatch.setattr(launch_tables, "source_hash", lambda: "not the library's")
     _aot._load.cache_clear()
     try:
         assert all(p.startswith("triton jit (") for p in fastdiff.ops.info().values())

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from fastdiff.ops._launch import record_launches
+from fastdiff.ops.launch_tables import record_launches
 from tests.test_attention import _check_against_float64, _qkv
 
 from fastdiff.ops import flash_attention as attn_mod

@@ -74,7 +74,7 @@ def test_audit_flags_spills_and_uncovered_kernels(tmp_path):
         """
         import triton, triton.language as tl, types
         from fastdiff.audit import audit_case, uncovered_kernels
-        from fastdiff.ops._launch import KernelCase
+        from fastdiff.ops.launch_tables import KernelCase
 
         @triton.jit
         def hog_kernel(X, BLOCK: tl.constexpr):

@@ -157,7 +157,7 @@ def _as_int(a) -> int:
 
 
 def _python_launches(fn, *args):
-    from fastdiff.ops._launch import record_launches
+    from fastdiff.ops.launch_tables import record_launches
 
     with record_launches() as log:
         fn(*args)

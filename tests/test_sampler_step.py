@@ -6,7 +6,7 @@ import torch
 
 from conftest import DTYPES, real_size, rel_err
 from fastdiff.ops import _backend, use_backend
-from fastdiff.ops._philox import randn_like_philox, step_keys
+from fastdiff.ops.philox import randn_like_philox, step_keys
 from fastdiff.ops.fused_step import (
     COEFFICIENTS,
     NUM_COEFFICIENTS,

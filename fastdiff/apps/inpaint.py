@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from fastdiff import samplers
 from fastdiff.checks import MAX_BATCH, check_int, check_out_file, check_seed, int_arg, number_arg
 from fastdiff.data import open_image, to_pil, to_tensor
-from fastdiff.ops._philox import randn_like_philox, step_keys
+from fastdiff.ops.philox import randn_like_philox, step_keys
 from fastdiff.ops.fused_step import coefficient_index
 from fastdiff.schedule import sigmas_at
 

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from fastdiff.nn.attention import Attention, image_to_tokens, tokens_to_image
 from fastdiff.nn.embeddings import TimestepEmbedding
 from fastdiff.nn.norm import GroupNormSiLU
-from fastdiff.ops import _checks
+from fastdiff.ops import tensor_checks
 
 # The fused kernels address one sample (one (batch, head) sequence for attention) with
 # 32-bit offsets; a model whose layers skip their checks bounds its inputs instead.
@@ -360,7 +360,7 @@ class UNet(nn.Module):
             t = t.expand(B)
         if t.shape != (B,):
             raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
-        _checks.check_tensor("context", context)
+        tensor_checks.check_tensor("context", context)
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != c.context_dim or context.shape[1] == 0:
             raise ValueError(
                 f"context must have shape ({B}, L, {c.context_dim}) with L >= 1, got {tuple(context.shape)}"
@@ -388,7 +388,7 @@ class UNet(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None
     ) -> torch.Tensor:
         c = self.config
-        _checks.check_float("x", x)
+        tensor_checks.check_float("x", x)
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must have shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
         t = self._check_inputs(x.shape, t, context, pooled)

@@ -68,7 +68,7 @@ from fastdiff.nn.attention import Attention
 from fastdiff.nn.embeddings import timestep_embedding
 from fastdiff.nn.norm import GroupNormSiLU
 from fastdiff.nn.unet import UNet, UNetConfig, skip_layer_checks, zero_init
-from fastdiff.ops import _checks
+from fastdiff.ops import tensor_checks
 
 
 @dataclass
@@ -313,7 +313,7 @@ class VideoUNet(UNet):
 
     def _check(self, x, t, context, pooled) -> torch.Tensor:
         c, v = self.config, self.video
-        _checks.check_float("x", x)
+        tensor_checks.check_float("x", x)
         if x.ndim != 5 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must have shape (B, {c.in_channels}, F, H, W), got {tuple(x.shape)}")
         if not 1 <= x.shape[2] <= v.max_frames:

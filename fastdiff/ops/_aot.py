@@ -2,7 +2,7 @@
 
 On CUDA, an eager op call launches through the library when it is installed with the package
 (``fastdiff/ops/libfastdiff_kernels.so`` and its binding ``_aot_binding``, built by ``pip install``)
-and was built from the kernel sources in this package (``_launch.source_hash``).  Nothing is then
+and was built from the kernel sources in this package (``launch_tables.source_hash``).  Nothing is then
 compiled at the first call, and a launch costs a C call instead of Triton's JIT binder.  Where the
 library declines a call (a configuration it does not ship, a view off a 16-byte boundary, a GPU
 other than sm_80/sm_90) that call launches through Triton's JIT instead.  ``info()`` tells which
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from fastdiff.ops import _backend, _launch
+from fastdiff.ops import _backend, launch_tables
 
 SUCCESS, UNSUPPORTED = 0, 2
 
@@ -33,7 +33,7 @@ def _load():
         from fastdiff.ops import _aot_binding as binding
     except ImportError as exc:
         return None, f"libfastdiff_kernels is not built ({exc}); `pip install -e .` builds it"
-    if binding.source_hash() != _launch.source_hash():
+    if binding.source_hash() != launch_tables.source_hash():
         return None, "libfastdiff_kernels was built from other kernel sources (stale); `pip install -e .` rebuilds it"
     return binding, ""
 

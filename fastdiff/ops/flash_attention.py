@@ -120,9 +120,9 @@ from typing import NamedTuple
 
 import torch
 
-from fastdiff.ops import _aot, _checks, _tuned
+from fastdiff.ops import _aot, tensor_checks, _tuned
 from fastdiff.ops._backend import HAS_TRITON, INTERPRET, cdiv, define_op, use_triton
-from fastdiff.ops._launch import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, dtype_code
+from fastdiff.ops.launch_tables import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, dtype_code
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
 LOG2E = 1.4426950408889634
@@ -312,7 +312,7 @@ if HAS_TRITON:
         alpha = tl.exp2(m_i - m_new)
         return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
-    # Integers are never specialised (see _launch): the kernels' pointer hints carry the alignment.
+    # Integers are never specialised (see launch_tables): the kernels' pointer hints carry the alignment.
     @triton.jit(do_not_specialize=_stride_args(q="m", k="n", v="n", o="m") + _SIZES)
     def _attn_fwd_kernel(
         Q,  # (B, H, Lq, D)
@@ -1293,12 +1293,12 @@ _attention_bwd_call = define_op("fastdiff::attention_bwd", _backward_impl, _back
 
 def _validate(q, k, v, scale) -> float:
     for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_float(name, x)
-        _checks.check_ndim(name, x, 4, " (B, H, L, D)")
+        tensor_checks.check_float(name, x)
+        tensor_checks.check_ndim(name, x, 4, " (B, H, L, D)")
     for name, x in (("k", k), ("v", v)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-        _checks.check_device(name, x, q.device, "q")
+        tensor_checks.check_device(name, x, q.device, "q")
         if x.shape[:2] != q.shape[:2]:
             raise ValueError(
                 f"{name} must have q's batch and heads {tuple(q.shape[:2])} in (B, H, L, D), got shape {tuple(x.shape)}"

@@ -42,7 +42,7 @@ Coefficients: one fp32 vector of ``len(COEFFICIENTS)`` per step — shape (K,), 
 different step per image — read by the kernel from device memory, so a sampling loop never
 synchronises with the host and can be captured in a CUDA graph.
 
-Noise: Philox keyed per image by ``step_keys(seeds, step)`` (see ``_philox``); z uses
+Noise: Philox keyed per image by ``step_keys(seeds, step)`` (see ``philox``); z uses
 element offsets 0 … N−1 (N = elements per image, logical NCHW order), z' offsets N … 2N−1.
 An image's noise therefore depends only on its seed and the step index, never on the batch
 it was drawn in, and the reference path draws exactly the same numbers as the kernel.
@@ -65,11 +65,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fastdiff.ops import _aot, _backend, _checks
+from fastdiff.ops import _aot, _backend, tensor_checks
 from fastdiff.ops._backend import HAS_TRITON, cdiv, define_op, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned_rows, divisible_key, dtype_code
-from fastdiff.ops._launch import dtype_name
-from fastdiff.ops._philox import KEY_STRIDE, randn_like_philox, step_keys
+from fastdiff.ops.launch_tables import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned_rows, divisible_key, dtype_code
+from fastdiff.ops.launch_tables import dtype_name
+from fastdiff.ops.philox import KEY_STRIDE, randn_like_philox, step_keys
 from fastdiff.ops._layout import match_layout, sample_layout
 
 # Names of the per-step coefficients, in the order the kernel reads them.
@@ -197,7 +197,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fastdiff.ops._philox import nchw_offsets, philox_normal
+    from fastdiff.ops.philox import nchw_offsets, philox_normal
 
     # Where the kernel reads each coefficient in a vector: compile-time constants, by name.
     K_X0_FROM_X = tl.constexpr(INDEX["x0_from_x"])
@@ -213,7 +213,7 @@ if HAS_TRITON:
     K_KNOWN_NOISE = tl.constexpr(INDEX["known_noise"])
 
     # N may be specialised (cases for N a multiple of 16: vector loads) and chunk always is (a
-    # multiple of STATS_BLOCK); other integers never are, as in the compiled library (see _launch).
+    # multiple of STATS_BLOCK); other integers never are, as in the compiled library (see launch_tables).
     @triton.jit(do_not_specialize=["num_chunks"])
     def _guidance_stats_kernel(
         OUT_C,  # (B, N) conditional model output
@@ -438,7 +438,7 @@ def _step_prepared(t: _Tensors) -> _Tensors:
 
 
 class _StepPlan:
-    """The launches of one sampler-step call signature (see `_launch.Plans`)."""
+    """The launches of one sampler-step call signature (see `launch_tables.Plans`)."""
 
     __slots__ = ("copies", "code", "out_code", "sizes", "per_sample_coeffs", "per_pixel", "channels_last",
                  "rescale", "chunks", "case_key")  # fmt: skip
@@ -585,13 +585,13 @@ _sampler_step_call = define_op(
 
 def _like(t, x: torch.Tensor) -> bool:
     """Whether `_check_like` passes, from as few reads as it can."""
-    return type(t) is torch.Tensor and t.dtype in _checks.FLOAT_DTYPES and t.shape == x.shape and t.device == x.device
+    return type(t) is torch.Tensor and t.dtype in tensor_checks.FLOAT_DTYPES and t.shape == x.shape and t.device == x.device
 
 
 def _check_like(name: str, t, x: torch.Tensor) -> None:
-    _checks.check_float(name, t)
-    _checks.check_shape(name, t, tuple(x.shape), " (the shape of x)")
-    _checks.check_device(name, t, x.device, "x")
+    tensor_checks.check_float(name, t)
+    tensor_checks.check_shape(name, t, tuple(x.shape), " (the shape of x)")
+    tensor_checks.check_device(name, t, x.device, "x")
 
 
 def check_step_arguments(
@@ -613,8 +613,8 @@ def check_step_arguments(
     then it checks each step's model output (`check_model_output`) and calls
     `sampler_step_unchecked`.  The coefficients, x̂0_prev and the step index are the loop's own.
     """
-    _checks.check_float("x", x)
-    _checks.check_min_ndim("x", x, 2, " (B, ...)")
+    tensor_checks.check_float("x", x)
+    tensor_checks.check_min_ndim("x", x, 2, " (B, ...)")
     B = x.shape[0]
     N = x.numel() // B if B else 0
     if B == 0 or N == 0:
@@ -637,17 +637,17 @@ def check_step_arguments(
     if add_noise or known is not None:
         if seeds is None:
             raise ValueError("seeds (B,) int64 is required when add_noise=True or known is given")
-        _checks.check_tensor("seeds", seeds)
+        tensor_checks.check_tensor("seeds", seeds)
         if seeds.dtype != torch.int64:
             raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
-        _checks.check_shape("seeds", seeds, (B,), " (one seed per image)")
-        _checks.check_device("seeds", seeds, x.device, "x")
+        tensor_checks.check_shape("seeds", seeds, (B,), " (one seed per image)")
+        tensor_checks.check_device("seeds", seeds, x.device, "x")
     if (known is None) != (mask is None):
         raise ValueError("known and mask go together: give both (inpainting) or neither")
     if known is not None:
         _check_like("known", known, x)
-        _checks.check_float("mask", mask)
-        _checks.check_device("mask", mask, x.device, "x")
+        tensor_checks.check_float("mask", mask)
+        tensor_checks.check_device("mask", mask, x.device, "x")
         per_pixel = (B, 1, *x.shape[2:])
         if tuple(mask.shape) not in (tuple(x.shape), per_pixel):
             raise ValueError(
@@ -679,8 +679,8 @@ def _validate(t: _Tensors, guidance_scale, guidance_rescale, clip_x0, step, add_
         clip_x0=clip_x0, seeds=seeds, add_noise=add_noise, known=known, mask=mask,
     )  # fmt: skip
     check_model_output(x, model_output, uncond_output)
-    _checks.check_float("coeffs", coeffs, (torch.float32, torch.float64))
-    _checks.check_device("coeffs", coeffs, x.device, "x")
+    tensor_checks.check_float("coeffs", coeffs, (torch.float32, torch.float64))
+    tensor_checks.check_device("coeffs", coeffs, x.device, "x")
     B = x.shape[0]
     if tuple(coeffs.shape) not in ((NUM_COEFFICIENTS,), (B, NUM_COEFFICIENTS)):
         raise ValueError(

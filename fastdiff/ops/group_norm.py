@@ -54,10 +54,10 @@ from typing import Optional
 
 import torch
 
-from fastdiff.ops import _checks
+from fastdiff.ops import tensor_checks
 from fastdiff.ops import _aot, _backend
 from fastdiff.ops._backend import HAS_TRITON, cdiv, define_op, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned, divisible_key, dtype_code
+from fastdiff.ops.launch_tables import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned, divisible_key, dtype_code
 from fastdiff.ops._layout import sample_layout
 
 # ----------------------------------------------------------------------------- reference
@@ -218,7 +218,7 @@ if HAS_TRITON:
         return dy * _sigmoid(z) * (1.0 + z * (1.0 - _sigmoid(z)))
 
     # C and S may be specialised (cases for both multiples of 16: vector loads); other
-    # integers never are, as in the compiled library (see _launch).
+    # integers never are, as in the compiled library (see launch_tables).
     @triton.jit(do_not_specialize=["CHUNK_S", "TILES", "SPLIT"])
     def _gn_stats_kernel(
         X,  # (B, C, S) or (B, S, C) input
@@ -637,7 +637,7 @@ def _prepared(x, weight, bias, scale, shift):
 
 
 class _Plan:
-    """The launches of one call signature (see `_launch.Plans`): what the launchers pass besides data
+    """The launches of one call signature (see `launch_tables.Plans`): what the launchers pass besides data
     pointers and eps, in the library's argument order where it can be."""
 
     __slots__ = ("checked", "copies", "geo", "silu", "code", "pd", "flags", "stride_scale", "stride_shift",
@@ -969,8 +969,8 @@ _group_norm_silu_backward_call = define_op(
 
 
 def _validate(x, num_groups, weight, bias, eps, scale, shift, silu) -> None:
-    _checks.check_float("x", x)
-    _checks.check_min_ndim("x", x, 2, " (B, C, *spatial)")
+    tensor_checks.check_float("x", x)
+    tensor_checks.check_min_ndim("x", x, 2, " (B, C, *spatial)")
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
@@ -991,9 +991,9 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, silu) -> None:
         ("shift", shift, (B, C), " (batch, channels of x)"),
     ):
         if t is not None:
-            _checks.check_float(name, t)
-            _checks.check_shape(name, t, shape, what)
-            _checks.check_device(name, t, x.device, "x")
+            tensor_checks.check_float(name, t)
+            tensor_checks.check_shape(name, t, shape, what)
+            tensor_checks.check_device(name, t, x.device, "x")
 
 
 def group_norm_silu(

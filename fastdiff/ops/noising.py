@@ -17,7 +17,7 @@ One kernel reads x_0 (and ε unless it draws it), and writes x_t, ε (when drawn
 and v (when asked): one pass over memory.  Noise drawn in-kernel is Philox keyed
 by one int64 per sample (drawn from the torch generator) and addressed by the
 element's logical NCHW index, so it does not depend on batch or memory layout and
-equals the reference path's noise (see ``_philox``).
+equals the reference path's noise (see ``philox``).
 
 Precision: ᾱ in fp32, all arithmetic in fp32, outputs in x_0's dtype.  Drawn noise
 is rounded to that dtype *before* x_t is formed, so the returned (x_t, ε) pair is
@@ -29,11 +29,11 @@ from typing import Optional
 
 import torch
 
-from fastdiff.ops import _aot, _backend, _checks
+from fastdiff.ops import _aot, _backend, tensor_checks
 from fastdiff.ops._backend import HAS_TRITON, cdiv, define_op, use_triton
-from fastdiff.ops._launch import DTYPE_CODES, KernelCase, LaunchTable, Plans, divisible_key, dtype_code
+from fastdiff.ops.launch_tables import DTYPE_CODES, KernelCase, LaunchTable, Plans, divisible_key, dtype_code
 from fastdiff.ops._layout import match_layout, sample_layout
-from fastdiff.ops._philox import randn_like_philox
+from fastdiff.ops.philox import randn_like_philox
 
 PREDICTIONS = ("epsilon", "v", "sample")
 
@@ -82,10 +82,10 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fastdiff.ops._philox import nchw_offsets, philox_normal
+    from fastdiff.ops.philox import nchw_offsets, philox_normal
 
     # N may be specialised (the launch table has cases for N a multiple of 16: vector loads);
-    # the other integers never are, as in the compiled library (see _launch).
+    # the other integers never are, as in the compiled library (see launch_tables).
     @triton.jit(do_not_specialize=["C", "S", "NUM_T"])
     def _q_sample_kernel(
         X0,  # (B, N) x_0, one sample per row of memory
@@ -257,7 +257,7 @@ def _noising_prepared(x0, t, acp, noise):
 
 
 class _NoisingPlan:
-    """The launch of one noising call signature (see `_launch.Plans`)."""
+    """The launch of one noising call signature (see `launch_tables.Plans`)."""
 
     __slots__ = ("checked", "copies", "code", "sizes", "channels_last", "num_timesteps", "launches")
 
@@ -310,7 +310,7 @@ def _checked_noising_plan(x0, t, acp, noise) -> _NoisingPlan | None:
 
 
 class _LossPlan:
-    """The launches of one diffusion-loss call signature (see `_launch.Plans`)."""
+    """The launches of one diffusion-loss call signature (see `launch_tables.Plans`)."""
 
     __slots__ = ("copies", "code", "sizes", "blocks", "case_key")
 
@@ -441,7 +441,7 @@ def _noising_impl(
     """(x_t, drawn noise or None, v or None): the eager path allocates nothing it does not return.
     ``plan``: an eager call's, with the arguments it prepared."""
     if not _backend.dry_run_active():  # in dry run the tensors stand for a GPU's, whose values are not read
-        _checks.check_timesteps("t", t, alphas_cumprod.shape[0])
+        tensor_checks.check_timesteps("t", t, alphas_cumprod.shape[0])
     if use_triton(x0):
         return _noising_triton(x0, t, alphas_cumprod, noise, keys, want_v, plan)
     drawn = draw_noise_ref(keys, x0) if noise is None else None
@@ -523,30 +523,30 @@ _weighted_mse_backward_call = define_op(
 
 
 def _validate(x0, t, alphas_cumprod, noise) -> None:
-    _checks.check_float("x0", x0)
-    _checks.check_min_ndim("x0", x0, 1, " (B, ...)")
-    _checks.check_int("t", t)
-    _checks.check_ndim("t", t, 1, " (B,)")
+    tensor_checks.check_float("x0", x0)
+    tensor_checks.check_min_ndim("x0", x0, 1, " (B, ...)")
+    tensor_checks.check_int("t", t)
+    tensor_checks.check_ndim("t", t, 1, " (B,)")
     if t.shape[0] != x0.shape[0]:
         raise ValueError(f"t must have one timestep per sample: shape ({x0.shape[0]},), got {tuple(t.shape)}")
-    _checks.check_device("t", t, x0.device, "x0")
-    _checks.check_float("alphas_cumprod", alphas_cumprod, (torch.float32, torch.float64))
-    _checks.check_ndim("alphas_cumprod", alphas_cumprod, 1, " (num_timesteps,)")
-    _checks.check_device("alphas_cumprod", alphas_cumprod, x0.device, "x0")
+    tensor_checks.check_device("t", t, x0.device, "x0")
+    tensor_checks.check_float("alphas_cumprod", alphas_cumprod, (torch.float32, torch.float64))
+    tensor_checks.check_ndim("alphas_cumprod", alphas_cumprod, 1, " (num_timesteps,)")
+    tensor_checks.check_device("alphas_cumprod", alphas_cumprod, x0.device, "x0")
     if noise is not None:
-        _checks.check_float("noise", noise)
-        _checks.check_shape("noise", noise, tuple(x0.shape), " (the shape of x0)")
-        _checks.check_device("noise", noise, x0.device, "x0")
+        tensor_checks.check_float("noise", noise)
+        tensor_checks.check_shape("noise", noise, tuple(x0.shape), " (the shape of x0)")
+        tensor_checks.check_device("noise", noise, x0.device, "x0")
 
 
 def _validate_keys(keys, x0, noise, generator) -> None:
     if noise is not None or generator is not None:
         raise ValueError("keys draws the noise: give keys, noise or generator, not two of them")
-    _checks.check_tensor("keys", keys)
+    tensor_checks.check_tensor("keys", keys)
     if keys.dtype != torch.int64:
         raise TypeError(f"keys must be an int64 tensor, got {keys.dtype}")
-    _checks.check_shape("keys", keys, (x0.shape[0],), " (one key per sample)")
-    _checks.check_device("keys", keys, x0.device, "x0")
+    tensor_checks.check_shape("keys", keys, (x0.shape[0],), " (one key per sample)")
+    tensor_checks.check_device("keys", keys, x0.device, "x0")
     if not keys.is_contiguous():
         raise ValueError("keys must be contiguous")
 
@@ -568,7 +568,7 @@ def _noising(x0, t, alphas_cumprod, noise, generator, want_v, plan, keys=None):
     needs_grad = torch.is_grad_enabled() and (x0.requires_grad or (noise is not None and noise.requires_grad))
     if needs_grad:
         # The kernel has no backward: differentiate through the reference math.
-        _checks.check_timesteps("t", t, alphas_cumprod.shape[0])
+        tensor_checks.check_timesteps("t", t, alphas_cumprod.shape[0])
         if noise is None:
             noise = draw_noise_ref(draw_keys(x0.shape[0], x0.device, generator) if keys is None else keys, x0)
         x_t, v = noising_ref(x0, t, alphas_cumprod, noise, want_v)
@@ -674,8 +674,8 @@ def min_snr_weight(
     t: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float = 5.0, prediction: str = "epsilon"
 ) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023), (B,) fp32, finite at SNR = 0."""
-    _checks.check_int("t", t)
-    _checks.check_device("t", t, alphas_cumprod.device, "alphas_cumprod")
+    tensor_checks.check_int("t", t)
+    tensor_checks.check_device("t", t, alphas_cumprod.device, "alphas_cumprod")
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if not gamma > 0:
@@ -718,16 +718,16 @@ _checked_losses = Plans()
 
 
 def _validate_loss(pred, target, weight) -> None:
-    _checks.check_float("pred", pred)
-    _checks.check_tensor("target", target)
-    _checks.check_min_ndim("pred", pred, 1, " (B, ...)")
-    _checks.check_shape("target", target, tuple(pred.shape), " (the shape of pred)")
-    _checks.check_device("target", target, pred.device, "pred")
+    tensor_checks.check_float("pred", pred)
+    tensor_checks.check_tensor("target", target)
+    tensor_checks.check_min_ndim("pred", pred, 1, " (B, ...)")
+    tensor_checks.check_shape("target", target, tuple(pred.shape), " (the shape of pred)")
+    tensor_checks.check_device("target", target, pred.device, "pred")
     B = pred.shape[0]
     if weight is not None:
-        _checks.check_float("weight", weight, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
-        _checks.check_shape("weight", weight, (B,), " (one weight per sample)")
-        _checks.check_device("weight", weight, pred.device, "pred")
+        tensor_checks.check_float("weight", weight, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        tensor_checks.check_shape("weight", weight, (B,), " (one weight per sample)")
+        tensor_checks.check_device("weight", weight, pred.device, "pred")
     if B == 0 or pred.numel() == 0:
         raise ValueError(f"pred must not be empty, got shape {tuple(pred.shape)}")
 

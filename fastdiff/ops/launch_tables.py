@@ -181,7 +181,7 @@ def compile_case(case: KernelCase, arch: int):
 
 # Files whose text decides what the library compiles: the op modules (kernels and tables), the
 # Philox device functions they call, this contract, and the tuning sweep's measured defaults.
-SOURCE_FILES = ("flash_attention.py", "group_norm.py", "noising.py", "fused_step.py", "_philox.py", "_launch.py",
+SOURCE_FILES = ("flash_attention.py", "group_norm.py", "noising.py", "fused_step.py", "philox.py", "launch_tables.py",
                 "_tuned.py")
 
 
