@@ -115,9 +115,13 @@ def test_reference_matches_float64(shape, G, parts, silu):
     want = torch_chain(x.double(), G, w64, b64, sc64, sh64, silu=silu)
     got = gn.group_norm_silu_ref(x, G, w, b, scale=sc, shift=sh, silu=silu)
     assert got.dtype == torch.float32
-    # fp32 is ill-conditioned where a group's σ ≪ |μ| (2-element groups): PyTorch's own fp32 error is the yardstick
+    # fp32 is ill-conditioned where a group's σ ≪ |μ| (2-element groups): PyTorch's own fp32 error is the yardstick.
+    # With 2 elements x̂ = ±1/sqrt(1 + eps/σ²), and two fp32 formulations round σ² differently: their errors are
+    # uncorrelated and one reached 3.5× the other's (about 1 seed in 150), so those groups get a floor of 1e-4
+    # (a wrong formula errs by far more).
     torch_err = rel_err(torch_chain(x, G, w, b, sc, sh, silu=silu), want)
-    assert rel_err(got, want) <= 2 * torch_err + 1e-6
+    floor = 1e-4 if x[0].numel() // G <= 2 else 1e-6
+    assert rel_err(got, want) <= 2 * torch_err + floor
 
 
 def test_reference_statistics_survive_a_large_mean():
