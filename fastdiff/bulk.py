@@ -451,8 +451,9 @@ def _repair(out: Path, files: set[str], ranks: list[int]) -> None:
     some line says what it should be is truncated or damaged: it is deleted, to be made again.
     Lines of other files are kept as they are.
     """
-    by_file = _by_file(_all_lines(out))
-    kept = {}
+    per_rank = {r: _read_lines(_journal(out, r)) for r in _folder_ranks(out)}
+    by_file = _by_file([line for r in sorted(per_rank) for line in per_rank[r]])
+    kept = {}  # the line each file keeps: one of the objects read above, found again by identity below
     for name in files & by_file.keys():
         path, lines = out / name, by_file[name]
         line = _describing(lines, path, check_hash=True)
@@ -462,7 +463,7 @@ def _repair(out: Path, files: set[str], ranks: list[int]) -> None:
             path.unlink()
     for r in ranks:
         journal = _journal(out, r)
-        lines = _read_lines(journal)
+        lines = per_rank.get(r, [])
         keep = [x for x in lines if x["file"] not in files or kept.get(x["file"]) is x]
         text = _encode(keep)
         old = journal.read_bytes() if journal.exists() else b""

@@ -179,6 +179,26 @@ def test_duplicate_lines_of_an_older_version_are_repaired(tmp_path, pipe):
     assert line_counts(tmp_path) == dict.fromkeys(want, 1)
 
 
+def test_a_finished_folder_keeps_its_manifest_file_on_a_rerun(tmp_path, pipe, monkeypatch):
+    """The repair keeps every line that describes its image: a rerun of a finished folder rewrites
+    no rank's manifest file and records no image again."""
+    jobs = bulk.jobs_from_prompts(["a red circle"], per_prompt=3)
+    settings = dict(batch_size=2, steps=2, progress=False)
+    bulk.run_jobs(pipe, jobs, tmp_path, **settings)
+    journal = tmp_path / "manifest.rank-0.jsonl"
+    before = journal.stat()
+    rewrite = bulk._rewrite
+
+    def no_journal_rewrite(path, text):
+        assert not path.name.startswith("manifest.rank-"), f"{path.name} was rewritten"
+        rewrite(path, text)
+
+    monkeypatch.setattr(bulk, "_rewrite", no_journal_rewrite)
+    monkeypatch.setattr(bulk, "_file_record", lambda path: pytest.fail(f"{path.name} was read again"))
+    assert bulk.run_jobs(pipe, jobs, tmp_path, **settings)["written"] == 0
+    assert (journal.stat().st_ino, journal.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
 def test_nan_guidance_is_refused_before_anything_is_written(tmp_path, pipe, capsys):
     jobs = bulk.jobs_from_prompts(["a red circle"], per_prompt=2)
     for bad in (math.nan, math.inf, -math.inf):
