@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.ops import _aot, launch_tables
+from fastdiff.ops import _aot, flash_attention, launch_tables
 from fastdiff.ops.fused_step import step_coefficients
 
 
@@ -102,6 +102,10 @@ def test_info_names_each_ops_path(library):
     paths = fastdiff.ops.info()
     assert set(paths) >= {"q_sample", "attention", "group_norm_silu", "sampler_step", "diffusion_loss"}
     assert all(p.startswith("library (") and "libfastdiff_kernels.so" in p for p in paths.values())
+    # each op's own module's table cases the library does not ship (the attention's tensor-descriptor forward)
+    jit_only = [case for table in flash_attention.LAUNCH_TABLES for case in table.cases() if case.jit_only]
+    assert jit_only and "Triton's JIT launches" in paths["attention"]
+    assert "Triton's JIT launches" not in paths["q_sample"]
 
 
 def test_a_stale_library_is_not_used(monkeypatch):

@@ -48,20 +48,15 @@ def active(x: torch.Tensor) -> bool:
     return target(x) is not None
 
 
-def stream(x: torch.Tensor) -> int:
-    """The raw CUDA stream the call runs on (0 off CUDA: the dry run has none)."""
-    return torch._C._cuda_getCurrentRawStream(x.device.index) if x.is_cuda else 0
-
-
 def target(x: torch.Tensor) -> int | None:
     """The raw CUDA stream a call on ``x`` launches on through the library (0 in dry run off CUDA), or
-    None when it launches through the JIT: `active` and `stream` in one look."""
+    None when it launches through the JIT."""
     if x.is_cuda:
         index = x.get_device()
         if index != torch._C._cuda_getDevice() or binding() is None:
             return None
         return torch._C._cuda_getCurrentRawStream(index)
-    return 0 if _backend._dry_run.get() and binding() is not None else None
+    return 0 if _backend.dry_run_active() and binding() is not None else None
 
 
 def launch(op: str, *args) -> bool:
@@ -78,10 +73,6 @@ def declined(op: str, status: int) -> bool:
     if status == UNSUPPORTED and not _backend.dry_run_active():
         return False
     raise RuntimeError(f"libfastdiff_kernels {op}: {binding().last_error()}")
-
-
-def ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 # Scratch for library calls, one buffer per (device, stream): (floats, buffer, its address).
@@ -102,13 +93,13 @@ def scratch(x: torch.Tensor, stream: int, floats: int) -> tuple[int, torch.Tenso
     graph a call gets a fresh buffer instead: the graph keeps the addresses it captured, and a
     buffer allocated in the capture belongs to the graph's memory pool.
     """
-    key = (x.get_device(), stream)
-    held = _scratch.get(key)
-    if held is not None and held[0] >= floats and not (stream and torch._C._cuda_isCurrentStreamCapturing()):
-        return held[2], None
     if stream and torch._C._cuda_isCurrentStreamCapturing():
         buffer = torch.empty(floats, device=x.device, dtype=torch.float32)
         return buffer.data_ptr(), buffer
+    key = (x.get_device(), stream)
+    held = _scratch.get(key)
+    if held is not None and held[0] >= floats:
+        return held[2], None
     size = max(floats, _SCRATCH_MIN, 2 * held[0] if held is not None else 0)
     buffer = torch.empty(size, device=x.device, dtype=torch.float32)  # allocated on `stream` (the current one)
     _scratch.pop(key, None)
@@ -139,6 +130,11 @@ def recorded() -> list[tuple[str, tuple[int, int, int], list[int]]]:
     return binding().dry_run_take()
 
 
+# each op and the fastdiff.ops module that defines it
+OP_MODULES = {"q_sample": "noising", "training_target": "noising", "diffusion_loss": "noising",
+              "attention": "flash_attention", "group_norm_silu": "group_norm", "sampler_step": "fused_step"}  # fmt: skip
+
+
 def info() -> dict[str, str]:
     """Which path each op's eager CUDA calls take: 'library (<path>)' or 'triton jit (<why>)'."""
     lib, why = _load()
@@ -146,8 +142,7 @@ def info() -> dict[str, str]:
         path = f"triton jit ({why})"
     else:
         path = f"library ({os.path.join(os.path.dirname(lib.__file__), 'libfastdiff_kernels.so')})"
-    ops = ("q_sample", "training_target", "diffusion_loss", "attention", "group_norm_silu", "sampler_step")
-    return {op: path + (_jit_only(op) if lib is not None else "") for op in ops}
+    return {op: path + (_jit_only(module) if lib is not None else "") for op, module in OP_MODULES.items()}
 
 
 def _jit_only(module: str) -> str:

@@ -147,7 +147,7 @@ def define_op(
     ``inference``: as in `Op`.
     """
     if empty is None:
-        registered = _custom_op(name, lambda *args: impl(*args), impl, typing.get_type_hints(impl)["return"], eager_only)
+        registered = _custom_op(name, lambda *args: impl(*args), impl, None, eager_only)
     else:
 
         def filled(*args):
@@ -165,6 +165,7 @@ def _custom_op(name: str, registered, impl, returns, eager_only: tuple[str, ...]
     params = [
         p.replace(annotation=hints[name]) for name, p in signature.parameters.items() if name not in eager_only
     ]
+    returns = hints["return"] if returns is None else returns
     registered.__signature__ = signature.replace(parameters=params, return_annotation=returns)
     registered.__name__ = registered.__qualname__ = impl.__name__
     registered.__module__ = impl.__module__

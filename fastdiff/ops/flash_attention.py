@@ -1170,9 +1170,10 @@ def _forward_triton(q, k, v, scale: float, tables: Tables | None = None) -> tupl
     Lk = k.shape[2]
     o = _empty_out(q)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    if tables is None and _aot.active(q) and _aot.launch(
+    stream = _aot.target(q) if tables is None else None
+    if stream is not None and _aot.launch(
         "attention_fwd", dtype_code(q.dtype), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-        B, H, Lq, Lk, D, *q.stride(), *k.stride(), *v.stride(), *o.stride(), scale, _aot.stream(q),
+        B, H, Lq, Lk, D, *q.stride(), *k.stride(), *v.stride(), *o.stride(), scale, stream,
     ):  # fmt: skip
         return o, lse
     plan = (tables or TABLES).forward_plan(_key(q), B * H, Lq, Lk, _num_sms(_device_index(q)))
@@ -1198,11 +1199,12 @@ def _backward_triton(
     plan = (tables or TABLES).backward_plan(key, B * H, Lq, Lk, _num_sms(_device_index(q)))
     # one fp32 scratch: δ for the long path, the dK/dV partials for the short one
     scratch = torch.empty(plan.scratch_floats, dtype=torch.float32, device=q.device)
-    if not (tables is None and _aot.active(q) and _aot.launch(
+    stream = _aot.target(q) if tables is None else None
+    if not (stream is not None and _aot.launch(
         "attention_bwd", key[1], do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
         lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), B, H, Lq, Lk, D,
         *do.stride(), *q.stride(), *k.stride(), *v.stride(), *o.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-        scale, scratch.data_ptr(), _aot.stream(q),
+        scale, scratch.data_ptr(), stream,
     )):  # fmt: skip
         _backward_jit(plan, do, q, k, v, o, lse, dq, dk, dv, scratch, scale)
     for g, buf in zip(grads, bufs):

@@ -504,15 +504,15 @@ def _sampler_step_triton(t: _Tensors, o: _Options, plan: _StepPlan | None = None
     stream = _aot.target(x)
     if stream is not None:
         stats, hold = _aot.scratch(x, stream, B * num_chunks * 4) if plan.rescale else (0, None)
-        status = _aot.binding().sampler_step(
+        if _aot.launch(
+            "sampler_step",
             plan.code, plan.out_code, x.data_ptr(), out_c.data_ptr(), 0 if out_u is None else out_u.data_ptr(),
             coeffs.data_ptr(), plan.per_sample_coeffs, 0 if x0_prev is None else x0_prev.data_ptr(),
             0 if seeds is None else seeds.data_ptr(), 0 if known is None else known.data_ptr(),
             0 if mask is None else mask.data_ptr(), plan.per_pixel, x_next.data_ptr(),
             0 if x0_out is None else x0_out.data_ptr(), stats, B, C, S, plan.channels_last, int(o.add_noise),
             o.step, o.guidance_scale, o.guidance_rescale, clip, stream,
-        )  # fmt: skip
-        if status == _aot.SUCCESS or _aot.declined("sampler_step", status):
+        ):  # fmt: skip
             return x_next, x0_out
     N = C * S
     stats = torch.empty(B, num_chunks, 4, device=x.device, dtype=torch.float32) if plan.rescale else None

@@ -640,13 +640,12 @@ class _Plan:
     """The launches of one call signature (see `launch_tables.Plans`): what the launchers pass besides data
     pointers and eps, in the library's argument order where it can be."""
 
-    __slots__ = ("checked", "copies", "geo", "silu", "code", "pd", "flags", "stride_scale", "stride_shift",
+    __slots__ = ("copies", "geo", "silu", "code", "pd", "flags", "stride_scale", "stride_shift",
                  "sizes", "saved", "o_rstd", "o_a", "o_d", "partials", "o_m2", "scratch", "o_q", "o_e", "o_f",
                  "o_tw", "o_tb", "o_spare")  # fmt: skip
 
-    def __init__(self, x, num_groups, weight, bias, scale, shift, silu, checked):
+    def __init__(self, x, num_groups, weight, bias, scale, shift, silu):
         prepared = _prepared(x, weight, bias, scale, shift)
-        self.checked = checked
         self.copies = any(a is not b for a, b in zip(prepared, (x, weight, bias, scale, shift)))
         x, weight, bias, scale, shift = prepared
         B, C = x.shape[:2]
@@ -686,7 +685,7 @@ def _plan(x, num_groups, weight, bias, scale, shift, silu) -> _Plan:
     )  # fmt: skip
     plan = _plans.get(key)
     if plan is None:
-        plan = _plans.remember(key, _Plan(x, num_groups, weight, bias, scale, shift, silu, checked=False))
+        plan = _plans.remember(key, _Plan(x, num_groups, weight, bias, scale, shift, silu))
     return plan
 
 
@@ -712,7 +711,7 @@ def _checked_plan(x, num_groups, weight, bias, eps, scale, shift, silu) -> _Plan
             or not 0.0 <= eps < math.inf:  # fmt: skip
         _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
     if plan is None:
-        plan = _checked_plans.remember(key, _Plan(x, num_groups, weight, bias, scale, shift, silu, checked=True))
+        plan = _checked_plans.remember(key, _Plan(x, num_groups, weight, bias, scale, shift, silu))
     return plan
 
 
@@ -733,14 +732,14 @@ def _forward_triton(x, weight, bias, scale, shift, eps, plan: _Plan, keep: bool)
             stats, hold = _aot.scratch(x, stream, plan.saved + plan.partials)
             partials = stats + 4 * plan.saved
         B, C, S, G, cl = plan.sizes
-        status = _aot.binding().group_norm_silu_fwd(
+        if _aot.launch(
+            "group_norm_silu_fwd",
             plan.code, plan.pd, x.data_ptr(), y.data_ptr(), 0 if weight is None else weight.data_ptr(),
             0 if bias is None else bias.data_ptr(), 0 if scale is None else scale.data_ptr(),
             0 if shift is None else shift.data_ptr(), plan.stride_scale, plan.stride_shift, stats,
             stats + plan.o_rstd, stats + plan.o_a, stats + plan.o_d, partials, partials + plan.o_m2, B, C, S, G,
             cl, plan.silu, eps, stream,
-        )  # fmt: skip
-        if status == _aot.SUCCESS or _aot.declined("group_norm_silu_fwd", status):
+        ):  # fmt: skip
             return y, saved
     _forward_jit(x, y, weight, bias, scale, shift, eps, plan, saved if keep else None)
     return y, saved
@@ -784,7 +783,8 @@ def _backward_triton(dy, x, saved, weight, bias, scale, shift, plan: _Plan):
         work, hold = _aot.scratch(x, stream, plan.scratch)
         stats = saved.data_ptr()
         affine = has_w or has_b
-        status = _aot.binding().group_norm_silu_bwd(
+        if _aot.launch(
+            "group_norm_silu_bwd",
             plan.code, plan.pd, dy.data_ptr(), x.data_ptr(), stats, stats + plan.o_rstd, stats + plan.o_a,
             stats + plan.o_d, 0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
             0 if scale is None else scale.data_ptr(), has_sh, plan.stride_scale, dx.data_ptr(),
@@ -793,8 +793,7 @@ def _backward_triton(dy, x, saved, weight, bias, scale, shift, plan: _Plan):
             0 if dscale is None else dscale.data_ptr(), 0 if dshift is None else dshift.data_ptr(), work,
             work + plan.o_q, work + plan.o_e, work + plan.o_f, work + plan.o_tw if affine else 0,
             work + plan.o_tb if affine else 0, B, C, S, G, cl, plan.silu, stream,
-        )  # fmt: skip
-        if status == _aot.SUCCESS or _aot.declined("group_norm_silu_bwd", status):
+        ):  # fmt: skip
             return dx, dweight, dbias, dscale, dshift
     _backward_jit(dy, x, saved, weight, bias, scale, plan, dx, dweight, dbias, dscale, dshift)
     return dx, dweight, dbias, dscale, dshift

@@ -259,11 +259,10 @@ def _noising_prepared(x0, t, acp, noise):
 class _NoisingPlan:
     """The launch of one noising call signature (see `launch_tables.Plans`)."""
 
-    __slots__ = ("checked", "copies", "code", "sizes", "channels_last", "num_timesteps", "launches")
+    __slots__ = ("copies", "code", "sizes", "channels_last", "num_timesteps", "launches")
 
-    def __init__(self, x0, t, acp, noise, checked):
+    def __init__(self, x0, t, acp, noise):
         prepared = _noising_prepared(x0, t, acp, noise)
-        self.checked = checked
         self.copies = any(a is not b for a, b in zip(prepared, (x0, t, acp, noise)))
         x0 = prepared[0]
         B = x0.shape[0]
@@ -284,7 +283,7 @@ def _noising_plan(x0, t, acp, noise) -> _NoisingPlan:
     )  # fmt: skip
     plan = _noising_plans.get(key)
     if plan is None:
-        plan = _noising_plans.remember(key, _NoisingPlan(x0, t, acp, noise, checked=False))
+        plan = _noising_plans.remember(key, _NoisingPlan(x0, t, acp, noise))
     return plan
 
 
@@ -305,7 +304,7 @@ def _checked_noising_plan(x0, t, acp, noise) -> _NoisingPlan | None:
     plan = _checked_noising_plans.get(key)
     if plan is None:
         _validate(x0, t, acp, noise)
-        plan = _checked_noising_plans.remember(key, _NoisingPlan(x0, t, acp, noise, checked=True))
+        plan = _checked_noising_plans.remember(key, _NoisingPlan(x0, t, acp, noise))
     return plan
 
 
@@ -369,12 +368,12 @@ def _noising_triton(x0, t, acp, noise, keys, want_v, plan: _NoisingPlan | None =
     B, C, S = plan.sizes
     stream = _aot.target(x0)
     if stream is not None:
-        status = _aot.binding().q_sample(
+        if _aot.launch(
+            "q_sample",
             plan.code, x0.data_ptr(), t.data_ptr(), acp.data_ptr(), plan.num_timesteps, noise.data_ptr(),
             keys.data_ptr() if draw else 0, x_t.data_ptr(), v.data_ptr() if want_v else 0, B, C, S,
             plan.channels_last, stream,
-        )  # fmt: skip
-        if status == _aot.SUCCESS or _aot.declined("q_sample", status):
+        ):  # fmt: skip
             return x_t, (noise if draw else None), v
     # the layout only changes where drawn noise goes: given noise is read in memory order
     N = C * S
@@ -393,11 +392,11 @@ def _weighted_mse_triton(pred, target, weight, plan: _LossPlan):
     stream = _aot.target(pred)
     if stream is not None:
         partial, hold = _aot.scratch(pred, stream, B * plan.blocks)  # fully written by the first launch
-        status = _aot.binding().diffusion_loss_fwd(
+        if _aot.launch(
+            "diffusion_loss_fwd",
             plan.code, pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
             loss.data_ptr(), partial, B, N, stream,
-        )  # fmt: skip
-        if status == _aot.SUCCESS or _aot.declined("diffusion_loss_fwd", status):
+        ):  # fmt: skip
             return loss
     partial = torch.empty(B * plan.blocks, device=pred.device, dtype=torch.float32)
     SQ_ERR_PARTIAL.pick(plan.case_key).launch(
@@ -414,11 +413,11 @@ def _sq_err_backward_triton(grad, pred, target, weight, plan: _LossPlan):
         grad = grad.float()
     stream = _aot.target(pred)
     if stream is not None:
-        status = _aot.binding().diffusion_loss_bwd(
+        if _aot.launch(
+            "diffusion_loss_bwd",
             plan.code, grad.data_ptr(), pred.data_ptr(), target.data_ptr(), 0 if weight is None else weight.data_ptr(),
             dpred.data_ptr(), B, N, stream,
-        )  # fmt: skip
-        if status == _aot.SUCCESS or _aot.declined("diffusion_loss_bwd", status):
+        ):  # fmt: skip
             return dpred
     SQ_ERR_BACKWARD.pick(plan.case_key).launch(
         (cdiv(N, BLOCK), B), grad, pred, target, pred if weight is None else weight, dpred, N, 1.0 / (B * N)
