@@ -41,7 +41,7 @@ import torch
 
 from fastdiff import samplers, schedule as schedules
 from fastdiff.checks import MAX_BATCH, check_fits_in_memory, check_int, check_number, check_out_dir, resolve_device
-from fastdiff.checks import SEED_LIMIT
+from fastdiff.checks import SEED_LIMIT, check_seed
 from fastdiff.data import to_pil
 from fastdiff.durable import fsync_path, write_atomic
 from fastdiff.nn.unet import UNet, UNetConfig
@@ -154,7 +154,7 @@ def resolve_seeds(seeds, n: int) -> list[int]:
     if seeds is None:
         seeds = int.from_bytes(os.urandom(4), "little")
     if isinstance(seeds, int):
-        check_int(seeds, "seeds", 0, SEED_LIMIT - n)
+        check_seed(seeds, "seeds", n)
         return [seeds + i for i in range(n)]
     seeds = [int(s) for s in seeds]
     if len(seeds) != n:

@@ -396,8 +396,6 @@ def _validate_sample(x_T, seeds, plan, guidance_scale, guidance_rescale, known, 
         raise ValueError(f"plan.coeffs must have shape (E, {NUM_COEFFICIENTS}), got {tuple(plan.coeffs.shape)}")
     if guidance_scale is not None and not isinstance(guidance_scale, (int, float)):
         raise TypeError(f"guidance_scale must be None or a float, got {type(guidance_scale).__name__}")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")  # NaN/inf: every image NaN
     if guidance_rescale and guidance_scale is None:
         raise ValueError("guidance_rescale needs guidance_scale (classifier-free guidance)")
     if (known is None) != (mask is None):

@@ -145,13 +145,12 @@ def _resize(known: torch.Tensor, mask: torch.Tensor, resolution: int) -> tuple[t
     return to_tensor(img), m
 
 
-def check_settings(steps, num_images, resample, jump, batch_size=1) -> None:
-    """Raise ValueError naming the first bad count, before any work."""
+def check_settings(steps, num_images, resample, jump) -> None:
+    """Raise ValueError naming the first bad count, before any work (batch size: `check_batching`)."""
     check_int(steps, "steps", 1)
     check_int(num_images, "num_images", 1)
     check_int(resample, "resample", 0, MAX_RESAMPLE)
     check_int(jump, "jump", 1)
-    check_int(batch_size, "batch_size", 1, MAX_BATCH)
 
 
 # ----------------------------------------------------------------------------- the RePaint loop
@@ -269,7 +268,7 @@ def inpaint_tensors(
     n = len(prompts)
     if known.shape[0] != n or mask.shape[0] != n or len(seeds) != n:
         raise ValueError(f"known, mask, prompts and seeds must have one entry per image ({n})")
-    check_settings(steps, 1, resample, jump, batch_size)
+    check_settings(steps, 1, resample, jump)
     check_batching(batch_size, guidance_scale)
     for s in seeds:
         check_seed(s, "seeds")
@@ -341,7 +340,7 @@ def inpaint(
 
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    check_settings(steps, num_images, resample, jump, batch_size)
+    check_settings(steps, num_images, resample, jump)
     check_batching(batch_size, guidance_scale)
     check_seed(seed, "seed", num_images)
     check_images_fit(num_images, f"num_images {num_images}")
