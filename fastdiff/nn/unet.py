@@ -94,6 +94,11 @@ class UNetConfig:
             if (level in self.attention_levels or level == last) and width % self.head_dim(level):
                 raise ValueError(f"attention widths must be divisible by dim_head={self.head_dim(level)}, got {width}")
 
+    @property
+    def downscale(self) -> int:
+        """H and W must be multiples of this: the patch size times a 2× downsampling between levels."""
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
+
     def head_dim(self, level: int) -> int:
         """Channels per attention head at ``level`` (the middle block uses the last level's)."""
         return self.dim_head if isinstance(self.dim_head, int) else self.dim_head[level]
@@ -342,7 +347,7 @@ class UNet(nn.Module):
     @property
     def downscale(self) -> int:
         """H and W must be multiples of this."""
-        return self.config.patch_size * 2 ** (len(self.config.channel_mult) - 1)
+        return self.config.downscale
 
     def _check_inputs(self, x_shape: tuple[int, ...], t, context, pooled, frames: int = 1) -> torch.Tensor:
         """Check a forward's inputs, x given by its shape (B, C, *spatial); returns t as (B,).

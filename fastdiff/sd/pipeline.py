@@ -124,7 +124,7 @@ class StableDiffusion(Text2Image):
         unet_file, vae_file = root / "unet" / "config.json", root / "vae" / "config.json"
         unet = convert.unet_config_from_diffusers(read_json(unet_file), unet_file)
         vae = convert.vae_config_from_diffusers(read_json(vae_file), vae_file)
-        return vae.downscale * unet.patch_size * 2 ** (len(unet.channel_mult) - 1)
+        return vae.downscale * unet.downscale
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
