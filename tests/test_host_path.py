@@ -28,34 +28,6 @@ def guided_model(x, t):
 # ----------------------------------------------------------------------------- the RePaint loop
 
 
-def checked_repaint(model, x_T, seeds, plan, schedule, *, known, mask, guidance_scale, resample, jump):
-    """`repaint_sample` as it was before it checked its arguments once: every step through the public op."""
-    levels, bounds = ip._alpha_levels(plan, schedule), ip._boundaries(plan)
-    plan, mask, B = plan.to(x_T.device), mask.to(x_T.dtype), x_T.shape[0]
-    E, n_steps = len(plan), len(bounds) - 1
-    x, x0, jumps = x_T, None, 0
-    for start in range(0, n_steps, jump):
-        end = min(start + jump, n_steps)
-        x0_start = x0
-        for p in range(resample + 1):
-            if p > 0:
-                x = ip._renoise(x, seeds, levels[end], levels[start], jumps)
-                jumps += 1
-            x0 = x0_start
-            for i in range(bounds[start], bounds[end]):
-                row = plan.coeffs[i]
-                if p > 0 and i == bounds[start] and plan.reads_x0[i]:
-                    row = ip._first_order(row)
-                out_u, out_c = model(torch.cat([x, x]), plan.timesteps[i].expand(2 * B)).chunk(2)
-                x, x0 = step_mod.sampler_step(
-                    x, out_c, row, uncond_output=out_u, guidance_scale=guidance_scale,
-                    x0_prev=x0 if plan.reads_x0[i] else None, return_x0=plan.keeps_x0[i], seeds=seeds,
-                    step=i + p * E, add_noise=plan.add_noise[i], known=known if plan.blends[i] else None,
-                    mask=mask if plan.blends[i] else None,
-                )  # fmt: skip
-    return x
-
-
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
 def test_repaint_loop_checks_once_and_keeps_its_numbers(sampler, monkeypatch):
     """RePaint's jumps run the sampler's evaluations: no step goes through the op's own checks, and
@@ -67,8 +39,13 @@ def test_repaint_loop_checks_once_and_keeps_its_numbers(sampler, monkeypatch):
     x_T = samplers.initial_noise(seeds, (2, 3, 5, 4))
     known, mask = torch.randn(2, 3, 5, 4), (torch.rand(2, 1, 5, 4) < 0.5).float()
     kw = dict(known=known, mask=mask, guidance_scale=3.0, resample=1, jump=2)
+    with use_backend("reference"), monkeypatch.context() as checked:
+        # the same loop with every step through the public op and its checks
+        calls = []
+        checked.setattr(samplers, "sampler_step_unchecked", lambda *a, **k: calls.append(1) or step_mod.sampler_step(*a, **k))
+        expected = ip.repaint_sample(guided_model, x_T, seeds, plan, schedule, **kw)
+    assert len(calls) > len(plan)  # every evaluation, and the jumps' repeats
     with use_backend("reference"):
-        expected = checked_repaint(guided_model, x_T, seeds, plan, schedule, **kw)
 
         def refuse(*args, **kwargs):
             raise AssertionError("a RePaint step went through sampler_step's own checks")
