@@ -320,22 +320,11 @@ if HAS_TRITON:
         V,  # (B, H, Lk, D)
         O,  # (B, H, Lq, D) out
         LSE,  # (B, H, Lq) fp32 out: base-2 log-sum-exp of each score row
-        stride_q_b,
-        stride_q_h,
-        stride_q_m,
-        stride_k_b,
-        stride_k_h,
-        stride_k_n,
-        stride_v_b,
-        stride_v_h,
-        stride_v_n,
-        stride_o_b,
-        stride_o_h,
-        stride_o_m,
-        H,
-        Lq,
-        Lk,
-        head_dim,  # D, a multiple of 8
+        stride_q_b, stride_q_h, stride_q_m,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_o_b, stride_o_h, stride_o_m,
+        H, Lq, Lk, head_dim,  # head_dim = D, a multiple of 8
         qk_scale,  # τ · log2(e)
         BLOCK_D0: tl.constexpr,  # the head dim's column blocks: D₀ = 2^⌊log2 D⌋ ...
         BLOCK_D1: tl.constexpr,  # ... and D₁ ≥ D − D₀ (0, 16 or 32)
@@ -398,25 +387,13 @@ if HAS_TRITON:
         V,  # (B, H, Lk, D)
         O,  # (B, H, Lq, D) out
         LSE,  # (B, H, Lq) fp32 out: base-2 log-sum-exp of each score row
-        stride_q_b,
-        stride_q_h,
-        stride_q_m,
-        stride_k_b,
-        stride_k_h,
-        stride_k_n,
-        stride_v_b,
-        stride_v_h,
-        stride_v_n,
-        stride_o_b,
-        stride_o_h,
-        stride_o_m,
-        H,
-        Lq,
-        Lk,
-        head_dim,  # D, a multiple of 8
+        stride_q_b, stride_q_h, stride_q_m,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_o_b, stride_o_h, stride_o_m,
+        H, Lq, Lk, head_dim,  # head_dim = D, a multiple of 8
         qk_scale,  # τ · log2(e)
-        BLOCK_D0: tl.constexpr,
-        BLOCK_D1: tl.constexpr,
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,  # the head dim's column blocks D₀ + D₁
         BLOCK_M: tl.constexpr,  # queries per step of a program's loop
         BLOCK_N: tl.constexpr,  # every key: Lk ≤ BLOCK_N
         DOT_PRECISION: tl.constexpr,
@@ -448,12 +425,8 @@ if HAS_TRITON:
         O,  # (B, H, Lq, D)
         DO,  # (B, H, Lq, D)
         DELTA,  # (B, H, Lq) fp32 out: δ_i = Σ_d dO_id O_id
-        stride_o_b,
-        stride_o_h,
-        stride_o_m,
-        stride_do_b,
-        stride_do_h,
-        stride_do_m,
+        stride_o_b, stride_o_h, stride_o_m,
+        stride_do_b, stride_do_h, stride_do_m,
         H,
         Lq,
         head_dim,  # D, a multiple of 8
@@ -495,32 +468,15 @@ if HAS_TRITON:
         DELTA,  # (B, H, Lq) fp32
         DK,  # (B, H, Lk, D) out
         DV,  # (B, H, Lk, D) out
-        stride_q_b,
-        stride_q_h,
-        stride_q_m,
-        stride_k_b,
-        stride_k_h,
-        stride_k_n,
-        stride_v_b,
-        stride_v_h,
-        stride_v_n,
-        stride_do_b,
-        stride_do_h,
-        stride_do_m,
-        stride_dk_b,
-        stride_dk_h,
-        stride_dk_n,
-        stride_dv_b,
-        stride_dv_h,
-        stride_dv_n,
-        H,
-        Lq,
-        Lk,
-        head_dim,  # D, a multiple of 8
-        sm_scale,  # τ
-        qk_scale,  # τ · log2(e)
-        BLOCK_D0: tl.constexpr,
-        BLOCK_D1: tl.constexpr,
+        stride_q_b, stride_q_h, stride_q_m,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_m,
+        stride_dk_b, stride_dk_h, stride_dk_n,
+        stride_dv_b, stride_dv_h, stride_dv_n,
+        H, Lq, Lk, head_dim,  # head_dim = D, a multiple of 8
+        sm_scale, qk_scale,  # τ and τ · log2(e)
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,  # the head dim's column blocks D₀ + D₁
         BLOCK_M: tl.constexpr,  # queries per iteration
         BLOCK_N: tl.constexpr,  # keys per program
         DOT_PRECISION: tl.constexpr,
@@ -580,29 +536,14 @@ if HAS_TRITON:
         LSE,  # (B, H, Lq) fp32, base 2
         DELTA,  # (B, H, Lq) fp32
         DQ,  # (B, H, Lq, D) out
-        stride_q_b,
-        stride_q_h,
-        stride_q_m,
-        stride_k_b,
-        stride_k_h,
-        stride_k_n,
-        stride_v_b,
-        stride_v_h,
-        stride_v_n,
-        stride_do_b,
-        stride_do_h,
-        stride_do_m,
-        stride_dq_b,
-        stride_dq_h,
-        stride_dq_m,
-        H,
-        Lq,
-        Lk,
-        head_dim,  # D, a multiple of 8
-        sm_scale,  # τ
-        qk_scale,  # τ · log2(e)
-        BLOCK_D0: tl.constexpr,
-        BLOCK_D1: tl.constexpr,
+        stride_q_b, stride_q_h, stride_q_m,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_do_b, stride_do_h, stride_do_m,
+        stride_dq_b, stride_dq_h, stride_dq_m,
+        H, Lq, Lk, head_dim,  # head_dim = D, a multiple of 8
+        sm_scale, qk_scale,  # τ and τ · log2(e)
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,  # the head dim's column blocks D₀ + D₁
         BLOCK_M: tl.constexpr,  # queries per program
         BLOCK_N: tl.constexpr,  # keys per iteration
         DOT_PRECISION: tl.constexpr,
@@ -642,32 +583,15 @@ if HAS_TRITON:
         LSE,  # (B, H, Lq) fp32, base 2
         DQ,  # (B, H, Lq, D) out
         PARTIAL,  # (2, P, B·H, Lk, D) fp32 out: each program's Σ dSᵀq and Σ Pᵀ dO
-        stride_q_b,
-        stride_q_h,
-        stride_q_m,
-        stride_k_b,
-        stride_k_h,
-        stride_k_n,
-        stride_v_b,
-        stride_v_h,
-        stride_v_n,
-        stride_o_b,
-        stride_o_h,
-        stride_o_m,
-        stride_do_b,
-        stride_do_h,
-        stride_do_m,
-        stride_dq_b,
-        stride_dq_h,
-        stride_dq_m,
-        H,
-        Lq,
-        Lk,
-        head_dim,  # D, a multiple of 8
-        sm_scale,  # τ
-        qk_scale,  # τ · log2(e)
-        BLOCK_D0: tl.constexpr,
-        BLOCK_D1: tl.constexpr,
+        stride_q_b, stride_q_h, stride_q_m,
+        stride_k_b, stride_k_h, stride_k_n,
+        stride_v_b, stride_v_h, stride_v_n,
+        stride_o_b, stride_o_h, stride_o_m,
+        stride_do_b, stride_do_h, stride_do_m,
+        stride_dq_b, stride_dq_h, stride_dq_m,
+        H, Lq, Lk, head_dim,  # head_dim = D, a multiple of 8
+        sm_scale, qk_scale,  # τ and τ · log2(e)
+        BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,  # the head dim's column blocks D₀ + D₁
         BLOCK_M: tl.constexpr,  # queries per step of a program's loop
         BLOCK_N: tl.constexpr,  # every key: Lk ≤ BLOCK_N
         DOT_PRECISION: tl.constexpr,
@@ -722,12 +646,8 @@ if HAS_TRITON:
         PARTIAL,  # (2, parts, B·H, Lk, D) fp32
         DK,  # (B, H, Lk, D) out: τ Σ_p PARTIAL[0, p]
         DV,  # (B, H, Lk, D) out: Σ_p PARTIAL[1, p]
-        stride_dk_b,
-        stride_dk_h,
-        stride_dk_n,
-        stride_dv_b,
-        stride_dv_h,
-        stride_dv_n,
+        stride_dk_b, stride_dk_h, stride_dk_n,
+        stride_dv_b, stride_dv_h, stride_dv_n,
         H,
         Lk,
         head_dim,  # D, a multiple of 8

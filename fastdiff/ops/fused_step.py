@@ -148,20 +148,11 @@ def step_noise_ref(seeds: torch.Tensor, step: int, shape: tuple[int, ...], count
 
 
 def sampler_step_ref(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    coeffs: torch.Tensor,
-    uncond_output: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
-    clip_x0: float | None = None,
-    x0_prev: torch.Tensor | None = None,
-    seeds: torch.Tensor | None = None,
-    step: int = 0,
-    add_noise: bool = False,
-    known: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor, uncond_output: torch.Tensor | None = None,
+    guidance_scale: float = 1.0, guidance_rescale: float = 0.0, clip_x0: float | None = None,
+    x0_prev: torch.Tensor | None = None, seeds: torch.Tensor | None = None, step: int = 0, add_noise: bool = False,
+    known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Reference (x_next, x̂0), both in x's dtype; math in fp32 (fp64 for fp64 inputs)."""
     ct = torch.promote_types(x.dtype, torch.float32)
     k = coeffs.to(ct).reshape(-1, NUM_COEFFICIENTS)  # (1 or B, K)
@@ -197,7 +188,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fastdiff.ops.philox import nchw_offsets, philox_normal
+    from fastdiff.ops.philox import nchw_offsets, philox_normal, sample_block
 
     # Where the kernel reads each coefficient in a vector: compile-time constants, by name.
     K_X0_FROM_X = tl.constexpr(INDEX["x0_from_x"])
@@ -306,10 +297,7 @@ if HAS_TRITON:
         MAX_CHUNKS_: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        b = tl.program_id(1)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < N
-        row = b.to(tl.int64) * N
+        b, offs, inside, row = sample_block(N, BLOCK)
         coef = COEF + b * stride_coef_b
         x = tl.load(X + row + offs, mask=inside).to(tl.float32)
         o = tl.load(OUT_C + row + offs, mask=inside).to(tl.float32)
@@ -537,22 +525,11 @@ def _sampler_step_triton(t: _Tensors, o: _Options, plan: _StepPlan | None = None
 
 
 def _sampler_step_impl(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    coeffs: torch.Tensor,
-    uncond_output: Optional[torch.Tensor],
-    x0_prev: Optional[torch.Tensor],
-    seeds: Optional[torch.Tensor],
-    known: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    guidance_scale: float,
-    guidance_rescale: float,
-    clip_x0: Optional[float],
-    step: int,
-    add_noise: bool,
-    return_x0: bool,
-    plan: Optional[_StepPlan] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    x: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor, uncond_output: Optional[torch.Tensor],
+    x0_prev: Optional[torch.Tensor], seeds: Optional[torch.Tensor], known: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], guidance_scale: float, guidance_rescale: float, clip_x0: Optional[float], step: int,
+    add_noise: bool, return_x0: bool, plan: Optional[_StepPlan] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
     """(x_next, x̂0 or None): the eager path allocates nothing it does not return.  ``plan``: an eager
     call's, with the tensors it prepared."""
     if use_triton(x):
@@ -776,22 +753,11 @@ def coefficient_rows(coeffs: torch.Tensor, device) -> torch.Tensor:
 
 
 def sampler_step_unchecked(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    coeffs: torch.Tensor,
-    *,
-    uncond_output: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
-    clip_x0: float | None = None,
-    x0_prev: torch.Tensor | None = None,
-    return_x0: bool = False,
-    seeds: torch.Tensor | None = None,
-    step: int = 0,
-    add_noise: bool = False,
-    known: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x: torch.Tensor, model_output: torch.Tensor, coeffs: torch.Tensor, *, uncond_output: torch.Tensor | None = None,
+    guidance_scale: float = 1.0, guidance_rescale: float = 0.0, clip_x0: float | None = None,
+    x0_prev: torch.Tensor | None = None, return_x0: bool = False, seeds: torch.Tensor | None = None, step: int = 0,
+    add_noise: bool = False, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """`sampler_step` without its argument checks, for a sampling loop that made them once
     (`check_step_arguments`) and checks each model output (`check_model_output`).  Arguments
     `sampler_step` would refuse give undefined results."""

@@ -190,10 +190,7 @@ if HAS_TRITON:
         b,
         c,  # (BLOCK_C,) channel indices
         s,  # (BLOCK_S,) spatial indices
-        C,
-        S,
-        G,
-        CG,
+        C, S, G, CG,
         CHANNELS_LAST: tl.constexpr,
     ):
         """x − μ in fp32 over a (BLOCK_C, BLOCK_S) tile of sample b, with the tile's in-sample offsets,
@@ -203,6 +200,13 @@ if HAS_TRITON:
         sample = b.to(tl.int64) * C * S
         x = tl.load(X + sample + offs, mask=mask, other=0.0).to(tl.float32)
         return x - mu[:, None], offs, mask, sample
+
+    @triton.jit
+    def _elementwise_tile(C, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Program (spatial tile, channel tile, b) of the elementwise passes: (s, c, b, c < C)."""
+        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        return s, c, tl.program_id(2), c < C
 
     @triton.jit
     def _sigmoid(z):
@@ -230,8 +234,7 @@ if HAS_TRITON:
         TILES,  # tiles per chunk
         SPLIT,  # chunks per channel
         CHANNELS_LAST: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         k = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -339,19 +342,11 @@ if HAS_TRITON:
         MEAN,  # (B, G) fp32
         COEF_A,  # (B, C) fp32
         COEF_D,  # (B, C) fp32
-        C,
-        S,
-        G,
-        CG,
-        CHANNELS_LAST: tl.constexpr,
-        SILU: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        C, S, G, CG,
+        CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        b = tl.program_id(2)
-        cm = c < C
+        s, c, b, cm = _elementwise_tile(C, BLOCK_C, BLOCK_S)
         A = tl.load(COEF_A + b * C + c, mask=cm, other=0.0)
         d = tl.load(COEF_D + b * C + c, mask=cm, other=0.0)
         xc, offs, mask, sample = _centred_tile(X, MEAN, b, c, s, C, S, G, CG, CHANNELS_LAST)
@@ -370,17 +365,10 @@ if HAS_TRITON:
         COEF_D,  # (B, C) fp32
         PP,  # (B, C, SPLIT) fp32 out: Σ_s dz over one chunk
         PQ,  # (B, C, SPLIT) fp32 out: Σ_s dz·x̂ over one chunk
-        C,
-        S,
-        G,
-        CG,
-        CHUNK_S,
-        TILES,
-        SPLIT,
-        CHANNELS_LAST: tl.constexpr,
-        SILU: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        C, S, G, CG,
+        CHUNK_S, TILES, SPLIT,
+        CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         k = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -423,10 +411,7 @@ if HAS_TRITON:
         DSHIFT,  # (B, C) fp32 out (HAS_SHIFT)
         TERM_W,  # (B, C) fp32 out: (1 + scale)·Q, summed over B for dγ (HAS_WEIGHT)
         TERM_B,  # (B, C) fp32 out: (1 + scale)·P, summed over B for dβ (HAS_BIAS)
-        C,
-        S,
-        G,
-        CG,
+        C, S, G, CG,
         SPLIT,
         stride_scale_b,
         HAS_WEIGHT: tl.constexpr,
@@ -484,19 +469,11 @@ if HAS_TRITON:
         COEF_D,  # (B, C) fp32
         DX_E,  # (B, G) fp32
         DX_F,  # (B, G) fp32
-        C,
-        S,
-        G,
-        CG,
-        CHANNELS_LAST: tl.constexpr,
-        SILU: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        C, S, G, CG,
+        CHANNELS_LAST: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        b = tl.program_id(2)
-        cm = c < C
+        s, c, b, cm = _elementwise_tile(C, BLOCK_C, BLOCK_S)
         grp = b * G + c // CG
         E = tl.load(DX_E + grp, mask=cm, other=0.0)[:, None]
         F = tl.load(DX_F + grp, mask=cm, other=0.0)[:, None]
@@ -857,17 +834,10 @@ def _forward_ref_outputs(x, weight, bias, scale, shift, num_groups, eps, silu, k
 
 
 def _forward_impl(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor],
-    num_groups: int,
-    eps: float,
-    silu: bool,
-    plan: Optional[_Plan] = None,
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor], num_groups: int, eps: float, silu: bool, plan: Optional[_Plan] = None,
     keep: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # fmt: skip
     """(y, the statistics saved for the backward (fp32, `_saved_layout`); None unless ``keep``).
 
     Eager calls pass their ``plan``; ``keep`` is False where no backward follows (inference).
@@ -894,18 +864,10 @@ def _forward_fake(x, weight, bias, scale, shift, num_groups, eps, silu):
 
 
 def _backward_impl(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    saved: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    shift: Optional[torch.Tensor],
-    num_groups: int,
-    eps: float,
-    silu: bool,
-    plan: Optional[_Plan] = None,
-) -> tuple[torch.Tensor, ...]:
+    dy: torch.Tensor, x: torch.Tensor, saved: torch.Tensor, weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], num_groups: int,
+    eps: float, silu: bool, plan: Optional[_Plan] = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """(dx, dweight, dbias, dscale, dshift), None for an absent input's gradient.
 
     ``plan``: the forward's, which eager calls save with it; looked up here when not given.
@@ -1023,16 +985,9 @@ def group_norm_silu(
 
 
 def group_norm_silu_unchecked(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    eps: float = 1e-5,
-    *,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    silu: bool = True,
-) -> torch.Tensor:
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    eps: float = 1e-5, *, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, silu: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """`group_norm_silu` without its argument checks, for a caller that made them once (a model's
     layer whose channels, groups and eps are fixed at construction).  Layouts are still taken
     care of; arguments `group_norm_silu` would refuse give undefined results."""

@@ -82,7 +82,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from fastdiff.ops.philox import nchw_offsets, philox_normal
+    from fastdiff.ops.philox import nchw_offsets, philox_normal, sample_block
 
     # N may be specialised (the launch table has cases for N a multiple of 16: vector loads);
     # the other integers never are, as in the compiled library (see launch_tables).
@@ -104,10 +104,7 @@ if HAS_TRITON:
         CHANNELS_LAST: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        b = tl.program_id(1)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        row = b.to(tl.int64) * N
+        b, offs, mask, row = sample_block(N, BLOCK)
         tb = tl.load(T + b)
         abar = tl.load(ACP + tb, mask=(tb >= 0) & (tb < NUM_T), other=float("nan"))
         a = tl.sqrt(abar)
@@ -174,10 +171,7 @@ if HAS_TRITON:
         HAS_WEIGHT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        b = tl.program_id(1)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        row = b.to(tl.int64) * N
+        b, offs, mask, row = sample_block(N, BLOCK)
         scale = 2.0 * tl.load(GRAD) * inv_count
         if HAS_WEIGHT:
             scale = scale * tl.load(WEIGHT + b)
@@ -429,14 +423,9 @@ def _sq_err_backward_triton(grad, pred, target, weight, plan: _LossPlan):
 
 
 def _noising_impl(
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    noise: Optional[torch.Tensor],
-    keys: Optional[torch.Tensor],
-    want_v: bool,
-    plan: Optional[_NoisingPlan] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: Optional[torch.Tensor],
+    keys: Optional[torch.Tensor], want_v: bool, plan: Optional[_NoisingPlan] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:  # fmt: skip
     """(x_t, drawn noise or None, v or None): the eager path allocates nothing it does not return.
     ``plan``: an eager call's, with the arguments it prepared."""
     if not _backend.dry_run_active():  # in dry run the tensors stand for a GPU's, whose values are not read
@@ -607,13 +596,9 @@ def q_sample(
 
 
 def q_sample_unchecked(
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    noise: torch.Tensor | None = None,
-    *,
+    x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None = None, *,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`q_sample` without its argument checks, for a loop that made them once.  Arguments
     `q_sample` would refuse give undefined results."""
     plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
@@ -648,15 +633,9 @@ def training_target(
 
 
 def training_target_unchecked(
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    noise: torch.Tensor | None = None,
-    *,
-    prediction: str = "epsilon",
-    generator: torch.Generator | None = None,
-    keys: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor | None = None, *,
+    prediction: str = "epsilon", generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """`training_target` without its argument checks, for a training loop that made them once.
     Arguments `training_target` would refuse give undefined results."""
     plan = _unchecked_plan(x0, t, alphas_cumprod, noise)

@@ -143,6 +143,14 @@ if HAS_TRITON:
         return tl.where(flip, c, -c)
 
     @triton.jit
+    def sample_block(N, BLOCK: tl.constexpr):
+        """Program (block, b) of a per-sample elementwise kernel over (B, N) rows of memory:
+        (b, its in-sample offsets, their in-bounds mask, the row's int64 base offset b·N)."""
+        b = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        return b, offs, offs < N, b.to(tl.int64) * N
+
+    @triton.jit
     def nchw_offsets(offs, C, S, CHANNELS_LAST: tl.constexpr):
         """The logical (NCHW) index of in-sample memory offsets: noise is addressed by it, so that a
         sample draws the same numbers in either layout (channels-last memory order is (spatial, C))."""
