@@ -65,7 +65,7 @@ def _sample(args) -> int:
     _threads(args.threads)
     prompts = [p for p in prompts for _ in range(args.num_images)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    pipe = Text2Image.from_pretrained(args.checkpoint, args.device)
+    pipe = Text2Image.from_pretrained(args.checkpoint, args.device, dtype=args.dtype)
     images = pipe(
         prompts, negative_prompt=args.negative_prompt, guidance_scale=args.guidance, sampler=args.sampler,
         steps=args.steps, seeds=seeds, batch_size=args.batch_size,
@@ -169,6 +169,7 @@ def _audit(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastdiff.bulk import add_dtype_argument
     from fastdiff.nn.unet import PRESETS
     from fastdiff.pipelines import DEFAULT_CHECKPOINT, SAMPLERS
     from fastdiff.training import MODEL_FIELDS, TrainConfig
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int_arg(0), default=0, help="seed of the first image; image i uses seed + i")
     sample.add_argument("--batch-size", type=int_arg(1, MAX_BATCH), default=16)
     sample.add_argument("--out", default="fastdiff-samples", help="output folder for PNGs and grid.png")
+    add_dtype_argument(sample)
     common(sample)
     sample.set_defaults(func=_sample)
 

@@ -113,6 +113,7 @@ NAN_AND_RANGE = [
     ("sample a", "--seed", "-1", "argument --seed: must be an int >= 0"),
     ("sample a", "--threads", "0", r"argument --threads: must be an int in \[1, 1024\], got 0"),
     ("sample a", "--device", "banana", "argument --device: must be cpu, cuda, cuda:N or mps, got 'banana'"),
+    ("sample a", "--dtype", "float8", "argument --dtype: invalid choice"),
     ("demo", "--steps", "-3", "argument --steps: must be an int >= 1"),
     ("demo", "--device", "banana", "argument --device: must be cpu"),
     ("generate --out {tmp}/o --prompts {prompts}", "--guidance", "nan", "argument --guidance: must be a finite"),

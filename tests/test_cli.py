@@ -64,3 +64,10 @@ def test_train_then_sample(capsys, tmp_path):
         )  # fmt: skip
     assert rc == 0, err
     assert (samples / "grid.png").is_file() and len(list(samples.glob("0*.png"))) == 4
+    with fastdiff.use_backend("reference"):
+        rc, out, err = run(
+            capsys, "sample", "a red circle", "--checkpoint", str(export), "--steps", "2", "--dtype", "bfloat16",
+            "--out", str(tmp_path / "bf16"),
+        )  # fmt: skip
+    assert rc == 0, err
+    assert len(list((tmp_path / "bf16").glob("0*.png"))) == 1
