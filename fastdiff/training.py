@@ -51,6 +51,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from fastdiff import distributed, ops
 from fastdiff.checks import check_out_dir
 from fastdiff.data import Skipped, collate, report
 from fastdiff.durable import fsync_path, replace_durably
+from fastdiff.lockfile import LockFile
 from fastdiff.nn.unet import PRESETS, UNet, UNetConfig
 from fastdiff.schedule import SCHEDULES, make_schedule
 
@@ -632,8 +634,9 @@ class Trainer:
             raise ValueError(f"{type(self).__name__} trains in one process only; run it without torchrun")
         if cfg.batch_size < self.world_size:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be >= the number of processes {self.world_size}")
-        # Decided before anything is built: a refused resume costs nothing.
-        self.checkpoint: Path | None = self._agreed_checkpoint(set(allow_changes)) if resume else None
+        # Decided before anything is built: a refused resume (or a folder in use) costs nothing.
+        self._lock: LockFile | None = None
+        self.checkpoint: Path | None = self._agreed_checkpoint(set(allow_changes), resume)
         if self.rank == 0:
             for name in remove_unfinished(self.out):
                 print(f"removed {self.out / name}: a checkpoint write that was killed", file=sys.stderr)
@@ -884,7 +887,8 @@ class Trainer:
     def train(self) -> Path:
         """Train to ``config.steps``; returns the final checkpoint folder."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0 and self._lock is None:  # a new folder, or a second call (the first gave it up)
+            self._hold_output_dir()
         bar = None
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -900,12 +904,13 @@ class Trainer:
                     self.sample_grid()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
+            if self.skipped and self.rank == 0:
+                print(report(self.skipped))
+            return self.checkpoint if self.checkpoint is not None else self.save()
         finally:
             if bar is not None:
                 bar.close()
-        if self.skipped and self.rank == 0:
-            print(report(self.skipped))
-        return self.checkpoint if self.checkpoint is not None else self.save()
+            self.release()
 
     # -- checkpoints --
 
@@ -959,19 +964,39 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _agreed_checkpoint(self, allowed: set[str]) -> Path | None:
-        """The checkpoint to resume from: rank 0 decides (`_pick_checkpoint`), every rank gets its answer
-        or its error (a rank left waiting for an answer would wait until the process group times out)."""
+    def _agreed_checkpoint(self, allowed: set[str], resume: bool) -> Path | None:
+        """Rank 0 takes the output folder (`_hold_output_dir`) and decides the checkpoint to resume from
+        (`_pick_checkpoint`; None without ``resume``); every rank gets its answer or its error (a rank
+        left waiting for an answer would wait until the process group times out)."""
         answer = None
         if self.rank == 0:
             try:
-                answer = self._pick_checkpoint(allowed)
+                if self.out.is_dir():  # else nothing is there to guard yet: `train` takes it
+                    self._hold_output_dir()
+                answer = self._pick_checkpoint(allowed) if resume else None
             except (ValueError, OSError) as e:
                 answer = e
         answer = distributed.broadcast_object(answer)
         if isinstance(answer, Exception):
+            self.release()  # a refused trainer holds nothing
             raise answer
         return answer
+
+    def _hold_output_dir(self) -> None:
+        """Lock ``output_dir`` (``.lock`` in it; from the constructor on where the folder exists, else from
+        `train` on) until `train` returns or this trainer is collected: a second
+        trainer there, in this process or another, is refused with `LockHeld` (one line naming the holder)
+        instead of deleting the first one's checkpoint in progress (`remove_unfinished`) and interleaving
+        its own.  The lock dies with its process, so a killed run leaves none behind."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = LockFile(self.out / ".lock", f"output_dir {str(self.out)!r}").acquire()
+        weakref.finalize(self, self._lock.release)
+
+    def release(self) -> None:
+        """Give the output folder up (`train` does when it returns); another trainer may then use it."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _pick_checkpoint(self, allowed: set[str]) -> Path | None:
         """`find_checkpoint`, said aloud; a folder of checkpoints none of which loads, or a

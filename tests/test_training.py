@@ -4,12 +4,14 @@ A small UNet and a stand-in text encoder keep each run to seconds; the ops run t
 reference path."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
 
 from fastdiff import training
 from fastdiff.data import ShapesDataset, Skipped
+from fastdiff.lockfile import LockHeld
 
 SMALL = dict(model_channels=16, channel_mult=(1, 2), attention_levels=(1,), num_groups=4, ff_mult=1)
 
@@ -104,7 +106,7 @@ def test_killed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name.rsplit("-", 1)[0] for p in tmp_path.glob(".*")] == [".tmp-step_0000003"]
     resumed = trainer(config(tmp_path, steps=2))
     assert resumed.step == 2
-    assert list(tmp_path.glob(".*")) == []  # the unfinished write is removed
+    assert [p.name for p in tmp_path.glob(".*")] == [".lock"]  # the unfinished write is removed; the resumed trainer holds the folder
     # the pointer file lost too: the newest complete folder still wins
     (tmp_path / "latest").unlink()
     assert training.latest_checkpoint(tmp_path).name == "step_0000002"
@@ -203,6 +205,23 @@ def test_config_takes_numpy_numbers_and_paths_and_stores_plain_ones(tmp_path):
     cfg = training.TrainConfig(output_dir=tmp_path, steps=np.int64(7), lr=np.float32(0.5), grad_clip=None)
     assert type(cfg.steps) is int and type(cfg.lr) is float and cfg.output_dir == str(tmp_path)
     json.dumps(dataclasses.asdict(cfg))  # state.json can hold it
+
+
+def test_a_folder_in_use_is_refused_until_its_trainer_is_done(tmp_path):
+    """Two trainers never share an output folder: the second would delete the first one's checkpoint
+    in progress as a killed write's leftovers.  A new folder is taken when training starts."""
+    first = trainer(config(tmp_path / "run", steps=2))
+    assert not (tmp_path / "run").exists()  # constructing writes nothing
+    first._hold_output_dir()  # as train() does first
+    with pytest.raises(LockHeld, match=rf"output_dir '{tmp_path / 'run'}' is in use by pid {os.getpid()} on host "):
+        trainer(config(tmp_path / "run", steps=2))
+    first.train()  # returns the folder
+    second = trainer(config(tmp_path / "run", steps=3))  # an existing folder: held from here on
+    assert second.step == 2
+    with pytest.raises(LockHeld, match="is in use by"):
+        trainer(config(tmp_path / "run", steps=3)).train()
+    del second  # a trainer dropped before it trains gives the folder up too
+    assert trainer(config(tmp_path / "run", steps=3)).train().name == "step_0000003"
 
 
 def test_trainer_refuses_bad_output_folders_and_sizes_before_any_work(tmp_path):

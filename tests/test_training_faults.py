@@ -198,17 +198,19 @@ def test_checkpoint_writes_killed_with_sigkill_then_resumed_equal_the_uninterrup
     script, run = tmp_path / "killed.py", tmp_path / "run"
     script.write_text(KILLED)
     leftovers = lambda: sorted(p.name.rsplit("-", 1)[0] for p in run.glob(".*"))  # noqa: E731 (names less the pid)
-    # 1. killed writing step 2's EMA (the 5th safetensors file): only its model is in the temporary folder
+    # 1. killed writing step 2's EMA (the 5th safetensors file): only its model is in the temporary folder;
+    #    the folder's lock file stays, but its lock died with the process
     proc = run_killed(script, run, "_save_tensors", 5)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert training.latest_checkpoint(run) == run / STEPS[0] and leftovers() == [".tmp-step_0000002"]
+    assert training.latest_checkpoint(run) == run / STEPS[0] and leftovers() == [".lock", ".tmp-step_0000002"]
     # 2. killed after step 2's folder was renamed into place, before `latest` moved to it
     proc = run_killed(script, run, "replace_durably", 2)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "removed" in proc.stderr and f"resuming from {run / STEPS[0]}" in proc.stdout
     assert (run / STEPS[1] / "state.json").is_file() and (run / "latest").read_text() == STEPS[0]
-    assert leftovers() == [".latest"]
+    assert leftovers() == [".latest", ".lock"]
     # 3. left alone: resumes at step 1 (step 2 is newer than `latest`), finishes, removes what the kills left
+    #    (the dead processes' lock taken over, then given up)
     proc = run_killed(script, run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"skipped {run / STEPS[1]}: newer than" in proc.stderr and "removed" in proc.stderr
