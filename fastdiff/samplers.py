@@ -120,7 +120,7 @@ def _check_timesteps(timesteps, schedule: Schedule, integer: bool) -> torch.Tens
     return ts
 
 
-def _vp(s: float) -> tuple[float, float]:
+def vp_alpha_sigma(s: float) -> tuple[float, float]:
     """(α, σ) of the VP state at EDM noise level s: α = 1/sqrt(1 + s²), σ = s·α (α = 0 at s = ∞)."""
     if math.isinf(s):
         return 0.0, 1.0
@@ -251,7 +251,7 @@ def euler_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: str =
     rows = []
     for i in range(N):
         last = i == N - 1
-        (al, sg), (al_n, sg_n) = _vp(s[i]), _vp(s[i + 1])
+        (al, sg), (al_n, sg_n) = vp_alpha_sigma(s[i]), vp_alpha_sigma(s[i + 1])
         rows.append(
             step_coefficients(
                 **_prediction(prediction, al, sg), x=sg_n / sg, x0=al_n - sg_n * al / sg, **_known(al_n, sg_n, last)
@@ -274,7 +274,7 @@ def euler_ancestral_plan(schedule: Schedule, timesteps: torch.Tensor, *, predict
     rows, noise = [], []
     for i in range(N):
         last = i == N - 1
-        (al, sg), (al_n, sg_n) = _vp(s[i]), _vp(s[i + 1])
+        (al, sg), (al_n, sg_n) = vp_alpha_sigma(s[i]), vp_alpha_sigma(s[i + 1])
         ratio_sq = 0.0 if math.isinf(s[i]) else s[i + 1] ** 2 / s[i] ** 2
         s_up = math.sqrt(s[i + 1] ** 2 * (1 - ratio_sq))
         s_down = math.sqrt(max(s[i + 1] ** 2 - s_up**2, 0.0))
@@ -302,11 +302,12 @@ def dpmpp_2m_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: st
     _check_prediction(prediction)
     ts, s = _sigma_sequence(schedule, timesteps)
     N = ts.shape[0]
-    lam = [math.log(a / g) if a > 0 and g > 0 else (math.inf if g == 0 else -math.inf) for a, g in map(_vp, s)]
+    lam = [math.log(a / g) if a > 0 and g > 0 else (math.inf if g == 0 else -math.inf)
+           for a, g in map(vp_alpha_sigma, s)]  # fmt: skip
     rows, reads = [], []
     for i in range(N):
         last = i == N - 1
-        (al, sg), (al_n, sg_n) = _vp(s[i]), _vp(s[i + 1])
+        (al, sg), (al_n, sg_n) = vp_alpha_sigma(s[i]), vp_alpha_sigma(s[i + 1])
         pred = _prediction(prediction, al, sg)
         if last:  # s' = 0: x' = x̂0
             rows.append(step_coefficients(**pred, x0=1.0, **_known(al_n, sg_n, last)))
@@ -352,7 +353,7 @@ def heun_plan(schedule: Schedule, timesteps: torch.Tensor, *, prediction: str = 
     model_t, rows, reads, keeps, blends = [], [], [], [], []
     for i in range(N):
         last = i == N - 1
-        (al, sg), (al_n, sg_n) = _vp(s[i]), _vp(s[i + 1])
+        (al, sg), (al_n, sg_n) = vp_alpha_sigma(s[i]), vp_alpha_sigma(s[i + 1])
         model_t.append(ts[i])
         rows.append(
             step_coefficients(

@@ -46,7 +46,6 @@ instead spend all ``steps`` on [0, t₀] with t₀ = round(strength·T) − 1 (`
 from __future__ import annotations
 
 import functools
-import math
 import os
 import random
 from pathlib import Path
@@ -395,7 +394,7 @@ def img2img_tensors(
     run = pipe.img2img_sampling(sampler, steps, strength)
     # SDEdit (Meng et al. 2022): x_t₀ = α_t₀·z + σ_t₀·ε at the plan's first timestep
     s0 = float(sigmas_at(run.plan.timesteps[:1].cpu(), pipe.schedule)[0])
-    alpha, sigma = (0.0, 1.0) if math.isinf(s0) else (1 / math.sqrt(1 + s0 * s0), s0 / math.sqrt(1 + s0 * s0))
+    alpha, sigma = samplers.vp_alpha_sigma(s0)
     guided = guidance_scale != 1.0
 
     def batch(sl: slice, bar) -> torch.Tensor:
