@@ -510,7 +510,8 @@ def _sampler_step_triton(t: _Tensors, o: _Options, plan: _StepPlan | None = None
         )
     case = STEP.pick(plan.case_key)
     if case is None:  # a combination not shipped: JIT only
-        case = _step_case(x.dtype, out_c.dtype, StepFlags.of(plan.case_key[2]), plan.case_key[3])
+        flags, n16 = StepFlags.of(plan.case_key[2]), plan.case_key[3]
+        case = _step_case(dtype_name(x.dtype), dtype_name(out_c.dtype), flags, n16)
     case.launch(
         (cdiv(N, BLOCK), B), x, out_c, out_u if out_u is not None else out_c, x_next if stats is None else stats,
         coeffs, x0_prev if x0_prev is not None else x, seeds if seeds is not None else coeffs,
@@ -820,9 +821,8 @@ _SHIPPED_STEPS = (  # the flag combinations the samplers use, plus every option 
 )
 
 
-def _step_case(x_dtype, out_dtype, flags: StepFlags, n16: int) -> KernelCase:
-    """The step kernel for one dtype pair and set of options (N a multiple of 16 when ``n16``)."""
-    x_dt, out_dt = dtype_name(x_dtype), dtype_name(out_dtype)
+def _step_case(x_dt: str, out_dt: str, flags: StepFlags, n16: int) -> KernelCase:
+    """The step kernel for a pair of dtype names ("fp32", ...) and options (N a multiple of 16 when ``n16``)."""
     sig = {
         "X": f"*{x_dt}", "OUT_C": f"*{out_dt}", "OUT_U": f"*{out_dt}", "STATS": "*fp32", "COEF": "*fp32",
         "X0_PREV": f"*{x_dt}", "SEEDS": "*i64", "KNOWN": f"*{x_dt}", "MASK": f"*{x_dt}", "X_NEXT": f"*{x_dt}",
@@ -841,11 +841,10 @@ def _launch_tables() -> tuple[LaunchTable, LaunchTable]:
     """Every dtype with the shipped options, N a multiple of 16 or not; and fp32 state with bf16
     model output (DDIM and DPM-Solver++).  Other combinations compile on demand (JIT only)."""
     steps, stats = {}, {}
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     for dt, code in DTYPE_CODES.items():
         for n16 in (0, 1):
             for flags in _SHIPPED_STEPS:
-                steps[(code, code, flags.bits(), n16)] = _step_case(dtypes[dt], dtypes[dt], flags, n16)
+                steps[(code, code, flags.bits(), n16)] = _step_case(dt, dt, flags, n16)
             stats[(code, n16)] = KernelCase(
                 f"sampler_step_stats[{dt}{',n16' if n16 else ''}]", _guidance_stats_kernel,
                 {"OUT_C": f"*{dt}", "OUT_U": f"*{dt}", "STATS": "*fp32", "N": "i32", "num_chunks": "i32",
@@ -854,7 +853,7 @@ def _launch_tables() -> tuple[LaunchTable, LaunchTable]:
             )  # fmt: skip
     for flags in (StepFlags(), StepFlags(multistep=True, write_x0=True)):
         key = (DTYPE_CODES["fp32"], DTYPE_CODES["bf16"], flags.bits(), 1)
-        steps[key] = _step_case(torch.float32, torch.bfloat16, flags, 1)
+        steps[key] = _step_case("fp32", "bf16", flags, 1)
     fields_ = ("x_dtype", "out_dtype", "flags", "n16")
     return LaunchTable("sampler_step", fields_, steps), LaunchTable("sampler_step_stats", ("dtype", "n16"), stats)
 
