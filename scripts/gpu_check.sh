@@ -9,7 +9,11 @@
 #
 #   bash scripts/gpu_check.sh OUT_DIR [STAGE ...]
 #
-# Stages (default: tests sweep attention memory unet), run in the order given:
+# Stages (default: build tests sweep attention memory unet), run in the order given:
+#   build       libfastdiff_kernels and its binding for this GPU's architecture, with this machine's
+#               python3 and triton (cmake + ninja into build/gpu, then copied into fastdiff/ops as
+#               an editable install does), then `fastdiff.ops.info()` into the log: a library built
+#               elsewhere is for another Python or stale, and without one every call takes the JIT
 #   tests       pytest of the kernel, compile, patch and sampler tests with FASTDIFF_BACKEND=auto
 #   sweep       the kernels' tuning sweep: the script named by GPU_CHECK_SWEEP (default
 #               scripts/tune_kernels.py), run with --quick --budget-s 60 --out OUT_DIR/res/sweep
@@ -28,7 +32,7 @@
 set -uo pipefail
 OUT_DIR=${1:?usage: gpu_check.sh OUT_DIR [STAGE ...]}
 shift
-STAGES=${*:-tests sweep attention memory unet}
+STAGES=${*:-build tests sweep attention memory unet}
 TOTAL=${GPU_CHECK_TOTAL_S:-480}
 RESERVE=15 # seconds kept for the final report
 SWEEP=${GPU_CHECK_SWEEP:-scripts/tune_kernels.py}
@@ -81,6 +85,13 @@ cat "$OUT_DIR/logs/environment.txt"
 
 for s in $STAGES; do
     case $s in
+    build)
+        cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ')
+        arch=$([[ ${cc:-90} -ge 90 ]] && echo 90 || echo 80) # the launch tables' two architectures
+        stage build 180 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+            -DFASTDIFF_PYTHON=\$(command -v python3) -DFASTDIFF_ARCHS=$arch && cmake --build build/gpu &&
+            cp build/gpu/libfastdiff_kernels.so build/gpu/_aot_binding*.so fastdiff/ops/ &&
+            python3 -c 'import fastdiff.ops as o; print(o.info())'" ;;
     tests)
         stage tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 90 -rfE \
             --junitxml="$OUT_DIR/logs/junit.xml" \

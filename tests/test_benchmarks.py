@@ -426,6 +426,25 @@ def test_gpu_check_runs_the_sweep_hook_then_quick_benchmarks(tmp_path):
     assert "stage sweep: exit 0" in summary and "stage bench-memory: exit 0" in summary
 
 
+@pytest.mark.parametrize("compute_cap, arch", [("9.0", "90"), ("8.6", "80"), ("10.0", "90")])
+def test_gpu_check_builds_the_library_for_the_gpu_it_runs_on(tmp_path, compute_cap, arch):
+    """The build stage configures for the launch tables' architecture of this GPU with this machine's
+    python3; a failed build is noted and the stages after it still run (on Triton's JIT)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {compute_cap}\n")
+    # configure succeeds, the build fails: nothing is copied into the source tree
+    (bin_dir / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/cmake.log\n[ "$1" = -S ]\n')
+    for tool in ("nvidia-smi", "cmake"):
+        (bin_dir / tool).chmod(0o755)
+    summary, calls = _gpu_check(tmp_path, "build", "attention")
+    configure, build = (tmp_path / "cmake.log").read_text().splitlines()
+    assert f"-DFASTDIFF_PYTHON={bin_dir}/python3 -DFASTDIFF_ARCHS={arch}" in configure
+    assert configure.startswith("-S . -B build/gpu -G Ninja") and build == "--build build/gpu"
+    assert "stage build: exit 1" in summary and "stage bench-attention: exit 0" in summary
+    assert calls[0] == f"-m benchmarks.run --out {tmp_path}/out/res --only attention --quick"
+
+
 def test_gpu_check_skips_a_missing_sweep_and_keeps_within_its_total(tmp_path):
     summary, calls = _gpu_check(
         tmp_path, "sweep", "attention", GPU_CHECK_SWEEP="scripts/absent.py", GPU_CHECK_TOTAL_S="30"
