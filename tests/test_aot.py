@@ -56,12 +56,12 @@ def _same(jit, lib):
         assert _scalars(name, b) == _scalars(name, a), name
 
 
-def _calls():
-    x = torch.randn(2, 4, 8, 8)
-    t, acp = torch.tensor([3, 70]), torch.linspace(0.99, 0.01, 100)
-    q = torch.randn(2, 3, 33, 64)
-    coeffs = step_coefficients(x0_from_x=1.1, x0_from_out=-0.4, eps_from_out=1.0, x=0.9, x0=0.1, noise=0.1)
-    w, b = torch.randn(4), torch.randn(4)
+def _calls(device="cpu", dtype=torch.float32):
+    x = torch.randn(2, 4, 8, 8, device=device, dtype=dtype)
+    t, acp = torch.tensor([3, 70], device=device), torch.linspace(0.99, 0.01, 100, device=device)
+    q = torch.randn(2, 3, 33, 64, device=device, dtype=dtype)
+    coeffs = step_coefficients(x0_from_x=1.1, x0_from_out=-0.4, eps_from_out=1.0, x=0.9, x0=0.1, noise=0.1).to(device)
+    w, b = torch.randn(4, device=device), torch.randn(4, device=device)
     ops = fastdiff.ops
     return {
         "q_sample": lambda: ops.q_sample(x, t, acp, torch.randn_like(x)),
@@ -70,7 +70,21 @@ def _calls():
         "attention": lambda: ops.attention(q, q, q),
         "group_norm_silu": lambda: ops.group_norm_silu(x, 2, w, b),
         "sampler_step": lambda: ops.sampler_step(x, x, coeffs, uncond_output=x, guidance_scale=2.0,
-                                                 seeds=torch.arange(2), add_noise=True),  # fmt: skip
+                                                 seeds=torch.arange(2, device=device), add_noise=True),  # fmt: skip
+    }
+
+
+def _gradients(device, dtype):
+    """Backward passes: GroupNorm+SiLU's and attention's gradients (long keys and short keys)."""
+    x = torch.randn(2, 4, 8, 8, device=device, dtype=dtype, requires_grad=True)
+    q = torch.randn(1, 2, 300, 40, device=device, dtype=dtype, requires_grad=True)
+    ctx = torch.randn(1, 2, 77, 40, device=device, dtype=dtype, requires_grad=True)
+    ops = fastdiff.ops
+    return {
+        "group_norm_silu backward": lambda: torch.autograd.grad(ops.group_norm_silu(x, 2).float().square().sum(), x),
+        "attention backward": lambda: torch.autograd.grad(ops.attention(q, q, q).float().square().sum(), q),
+        "attention backward, short keys": lambda: torch.autograd.grad(
+            ops.attention(q, ctx, ctx).float().square().sum(), (q, ctx)),
     }
 
 
@@ -118,3 +132,26 @@ def test_a_stale_library_is_not_used(monkeypatch):
     finally:
         monkeypatch.undo()
         _aot._load.cache_clear()
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    return [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a CUDA device")
+@pytest.mark.parametrize("op", [*_calls(), "group_norm_silu backward", "attention backward",
+                                "attention backward, short keys"])  # fmt: skip
+def test_the_library_and_the_jit_give_the_same_bits_on_cuda(library, op, monkeypatch):
+    """The library's cubins are Triton's own compilations of the same cases, launched with the same grids
+    and arguments: every output equals the JIT's bit for bit (same inputs, same Philox keys)."""
+    calls = {**_calls("cuda", torch.bfloat16), **_gradients("cuda", torch.bfloat16)}
+    assert _aot.active(torch.empty(1, device="cuda")), "the library is not this device's path"
+    torch.manual_seed(0)
+    from_library = _tensors(calls[op]())
+    monkeypatch.setattr(_aot, "binding", lambda: None)  # every launch through Triton's JIT
+    torch.manual_seed(0)
+    from_jit = _tensors(calls[op]())
+    torch.cuda.synchronize()
+    assert len(from_library) == len(from_jit) > 0
+    for a, b in zip(from_library, from_jit):
+        assert torch.equal(a, b), op
