@@ -92,6 +92,108 @@ def test_example_builds_and_runs_or_reports_the_missing_driver(build_dir):
         assert proc.returncode == 2 and "FDK_ERROR_NO_DRIVER: no CUDA driver" in proc.stdout, proc.stdout + proc.stderr
 
 
+# A stand-in for libcuda.so.1: three devices (sm_90 with 132 SMs, sm_80 with 108, sm_70 with 80), the
+# current one chosen by fake_use_device; it counts attribute queries and launches and runs nothing.
+FAKE_DRIVER = r"""
+#include <stdint.h>
+#include <cuda.h>
+static const int majors[3] = {9, 8, 7}, sms[3] = {132, 108, 80};
+static int current;
+int fake_attribute_queries, fake_launches;
+void fake_use_device(int dev) { current = dev; }
+CUresult cuInit(unsigned flags) { return CUDA_SUCCESS; }
+CUresult cuGetErrorName(CUresult r, const char **name) { *name = "CUDA_ERROR_FAKE"; return CUDA_SUCCESS; }
+CUresult cuCtxGetCurrent(CUcontext *ctx) { *ctx = (CUcontext)(uintptr_t)(256 * (current + 1)); return CUDA_SUCCESS; }
+CUresult cuCtxGetDevice(CUdevice *dev) { *dev = current; return CUDA_SUCCESS; }
+CUresult cuDeviceGetAttribute(int *v, CUdevice_attribute what, CUdevice dev) {
+  fake_attribute_queries++;
+  *v = what == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR ? majors[dev] : sms[dev];
+  return CUDA_SUCCESS;
+}
+CUresult cuModuleLoadData(CUmodule *m, const void *image) { *m = (CUmodule)(uintptr_t)16; return CUDA_SUCCESS; }
+CUresult cuModuleGetFunction(CUfunction *f, CUmodule m, const char *name) {
+  *f = (CUfunction)(uintptr_t)32;
+  return CUDA_SUCCESS;
+}
+CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute what, int v) { return CUDA_SUCCESS; }
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared, CUstream stream, void **params, void **extra) {
+  fake_launches++;
+  return CUDA_SUCCESS;
+}
+"""
+
+# Asks the library, three times round the three devices, for a GroupNorm split (it depends on the SM
+# count) and a q_sample launch (the library here has sm_90 cases only).
+DEVICE_CALLS = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+#include "fastdiff_kernels.h"
+static void report(const char *what, fdk_status s) {
+  printf("%s: %s%s%s\n", what, fdk_status_name(s), s ? " " : "", s ? fdk_last_error() : "");
+}
+int main(void) {
+  if (fdk_init() != FDK_SUCCESS) return puts(fdk_last_error()), 1;
+  void *cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  void (*use_device)(int) = (void (*)(int))dlsym(cuda, "fake_use_device");
+  int *queries = dlsym(cuda, "fake_attribute_queries"), *launches = dlsym(cuda, "fake_launches");
+  for (int round = 0; round < 3; round++) {
+    for (int dev = 0; dev < 3; dev++) {
+      use_device(dev);
+      int64_t split = 0;
+      fdk_status s = fdk_group_norm_silu_split(1, 64, 1 << 20, 0, &split);
+      char what[64];
+      snprintf(what, sizeof what, "device %d split %lld", dev, (long long)split);
+      report(what, s);
+      char *p = (char *)4096;
+      fdk_q_sample_args q = {FDK_FLOAT32, p, (const int64_t *)(p + 256), (const float *)(p + 512), 10, p + 768, NULL,
+                             p + 1024, NULL, 2, 3, 5, 0};
+      snprintf(what, sizeof what, "device %d q_sample", dev);
+      report(what, fdk_q_sample(&q, NULL));
+    }
+  }
+  printf("attribute queries %d launches %d\n", *queries, *launches);
+  return 0;
+}
+"""
+
+
+def test_devices_are_queried_once_each_and_calls_follow_the_current_one(lib, build_dir, tmp_path):
+    """Through a stand-in driver: each device's properties are read from the driver once, and every call
+    plans for the thread's current device (its SM count, its arch's cases, its error)."""
+    cuda_include = os.path.join(os.path.dirname(importlib.import_module("triton").__file__), "backends", "nvidia",
+                                "include")  # fmt: skip
+    (tmp_path / "fake_cuda.c").write_text(FAKE_DRIVER)
+    (tmp_path / "calls.c").write_text(DEVICE_CALLS)
+    for cmd in (["cc", "-shared", "-fPIC", "-I", cuda_include, "-o", "libcuda.so.1", "fake_cuda.c"],
+                ["cc", "-std=c11", "-Wall", "-Werror", "-I", os.path.dirname(HEADER), "-o", "calls", "calls.c",
+                 "-L", build_dir, f"-Wl,-rpath,{build_dir}", "-lfastdiff_kernels", "-ldl"]):  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([str(tmp_path / "calls")], capture_output=True, text=True,
+                          env=os.environ | {"LD_LIBRARY_PATH": str(tmp_path)})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+
+    def dry_run_split(arch, sms):
+        split = ctypes.c_int64()
+        lib.fdk_set_dry_run(arch, sms)
+        try:
+            assert lib.fdk_group_norm_silu_split(1, 64, 1 << 20, 0, ctypes.byref(split)) == 0
+        finally:
+            lib.fdk_set_dry_run(0, 0)
+        return split.value
+
+    assert dry_run_split(90, 132) != dry_run_split(80, 108)  # the calls below tell the devices apart
+    unsupported = "FDK_ERROR_UNSUPPORTED no kernels for compute capability 7.x (sm_80 and sm_90 ship)"
+    want = [f"device 0 split {dry_run_split(90, 132)}: FDK_SUCCESS", "device 0 q_sample: FDK_SUCCESS",
+            f"device 1 split {dry_run_split(80, 108)}: FDK_SUCCESS",
+            "device 1 q_sample: FDK_ERROR_UNSUPPORTED no compiled q_sample case for key (0,0,0,0,0) on sm_80",
+            f"device 2 split 0: {unsupported}", f"device 2 q_sample: {unsupported}"]  # fmt: skip
+    assert lines[:-1] == want * 3
+    assert lines[-1] == "attribute queries 6 launches 3"  # 2 attributes of 3 devices; q_sample on device 0, thrice
+
+
 def test_library_loads_and_refuses_without_driver_or_bad_input(lib):
     lib.fdk_last_error.restype = ctypes.c_char_p
     lib.fdk_status_name.restype = ctypes.c_char_p

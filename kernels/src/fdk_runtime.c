@@ -158,6 +158,29 @@ static void record(int entry, const unsigned grid[3], const fdk_arg *args, int n
 
 static int table_arch(int major) { return major == 9 ? 90 : major == 8 ? 80 : 0; }
 
+/* Each device's compute capability major and SM count, by ordinal, read from the driver at the
+   device's first call: major << 16 | SMs, 0 until then.  A device's properties never change, so
+   threads reading one at the same time store the same value. */
+static int device_properties[FDK_MAX_DEVICES];
+
+static fdk_status properties_of(CUdevice dev, int *major, int *num_sms) {
+  if (dev < 0 || dev >= FDK_MAX_DEVICES)
+    return fdk_fail(FDK_ERROR_UNSUPPORTED, "device %d: the library serves devices 0 to %d", (int)dev,
+                    FDK_MAX_DEVICES - 1);
+  int known = __atomic_load_n(&device_properties[dev], __ATOMIC_RELAXED);
+  if (!known) {
+    CUresult r = cu.cuDeviceGetAttribute(major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
+    if (r != CUDA_SUCCESS) return cuda_fail(r, "cuDeviceGetAttribute(COMPUTE_CAPABILITY_MAJOR)");
+    if ((r = cu.cuDeviceGetAttribute(num_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev)) != CUDA_SUCCESS)
+      return cuda_fail(r, "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)");
+    known = *major << 16 | *num_sms;
+    __atomic_store_n(&device_properties[dev], known, __ATOMIC_RELAXED);
+  }
+  *major = known >> 16;
+  *num_sms = known & 0xffff;
+  return FDK_SUCCESS;
+}
+
 fdk_status fdk_device(int *arch, int *num_sms) {
   if (dry_arch) {
     *arch = dry_arch;
@@ -166,15 +189,15 @@ fdk_status fdk_device(int *arch, int *num_sms) {
   }
   fdk_status s = fdk_init();
   if (s) return s;
+  /* the thread's current device, read on every call: the properties are cached, not which device */
   CUcontext ctx;
   CUdevice dev;
   CUresult r = cu.cuCtxGetCurrent(&ctx);
   if (r != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetCurrent");
   if (!ctx) return fdk_fail(FDK_ERROR_CUDA, "no current CUDA context on this thread (e.g. call cudaSetDevice first)");
   if ((r = cu.cuCtxGetDevice(&dev)) != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetDevice");
-  int major = 0;
-  cu.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
-  cu.cuDeviceGetAttribute(num_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev);
+  int major;
+  if ((s = properties_of(dev, &major, num_sms))) return s;
   *arch = table_arch(major);
   if (!*arch) return fdk_fail(FDK_ERROR_UNSUPPORTED, "no kernels for compute capability %d.x (sm_80 and sm_90 ship)",
                               major);
