@@ -18,10 +18,9 @@ static int elem_size(fdk_dtype d) { return d == FDK_FLOAT32 ? 4 : 2; }
     if (s_ != FDK_SUCCESS) return s_; \
   } while (0)
 
-/* The case of `table` for key on this device (or the dry run's arch). */
-static fdk_status pick(int table, const int *key, int nkey, int *entry) {
-  int arch, sms;
-  CHECK(fdk_device(&arch, &sms));
+/* The case of `table` for key on arch: the call's device's (fdk_device, read once per call) or the
+   dry run's. */
+static fdk_status pick(int table, const int *key, int nkey, int arch, int *entry) {
   *entry = fdk_find(table, key, arch);
   if (*entry < 0) {
     char text[96];
@@ -58,8 +57,9 @@ fdk_status fdk_q_sample(const fdk_q_sample_args *a, struct CUstream_st *stream) 
   int draw = a->keys != NULL, want_v = a->v != NULL;
   /* the layout only changes where drawn noise goes: given noise is read in memory order */
   int key[5] = {a->dtype, draw, want_v, draw && a->channels_last, divisible16(n)};
-  int entry;
-  CHECK(pick(FDK_TABLE_q_sample, key, 5, &entry));
+  int arch, sms, entry;
+  CHECK(fdk_device(&arch, &sms));
+  CHECK(pick(FDK_TABLE_q_sample, key, 5, arch, &entry));
   unsigned grid[3] = {(unsigned)cdiv(n, cx(entry, FDK_CX_BLOCK)), (unsigned)a->batch, 1};
   fdk_arg args[11] = {{.p = a->x0}, {.p = a->t}, {.p = a->alphas_cumprod}, {.p = a->noise},
                       {.p = draw ? (const void *)a->keys : (const void *)a->t}, {.p = a->x_t},
@@ -151,7 +151,7 @@ fdk_status fdk_attention_fwd(const fdk_attention_fwd_args *a, struct CUstream_st
   if ((entry = short_case(FDK_TABLE_attention_fwd_short, key, arch, a->len_k)) >= 0) {
     programs = short_programs(bh, cdiv(a->len_q, cx(entry, FDK_CX_BLOCK_M)), sms);
   } else {
-    CHECK(pick(FDK_TABLE_attention_fwd, key, 4, &entry));
+    CHECK(pick(FDK_TABLE_attention_fwd, key, 4, arch, &entry));
     entry = small_grid_case(FDK_TABLE_attention_fwd, key, 4, arch, entry, bh, a->len_q, sms);
     programs = cdiv(a->len_q, cx(entry, FDK_CX_BLOCK_M));
   }
@@ -163,24 +163,23 @@ fdk_status fdk_attention_fwd(const fdk_attention_fwd_args *a, struct CUstream_st
   return fdk_launch(entry, grid, args, 22, stream);
 }
 
-/* The short backward's case (or -1) and its programs per (batch, head). */
-static fdk_status attention_bwd_short(fdk_dtype dtype, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D,
-                                      int *entry, int64_t *parts) {
-  int arch, sms;
-  CHECK(fdk_device(&arch, &sms));
+/* The short backward's case on arch (or -1), and in *parts its programs per (batch, head) for sms SMs. */
+static int attention_bwd_short(fdk_dtype dtype, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, int arch,
+                               int sms, int64_t *parts) {
   int key[3] = {arch, dtype, (int)D};
-  *entry = short_case(FDK_TABLE_attention_bwd_short, key, arch, Lk);
-  *parts = *entry >= 0 ? short_programs(B * H, cdiv(Lq, cx(*entry, FDK_CX_BLOCK_M)), sms) : 0;
-  return FDK_SUCCESS;
+  int entry = short_case(FDK_TABLE_attention_bwd_short, key, arch, Lk);
+  *parts = entry >= 0 ? short_programs(B * H, cdiv(Lq, cx(entry, FDK_CX_BLOCK_M)), sms) : 0;
+  return entry;
 }
 
 fdk_status fdk_attention_bwd_partials(fdk_dtype dtype, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
                                       int64_t head_dim, int64_t *floats) {
   CHECK(check_attention_sizes(dtype, batch, heads, len_q, len_k, head_dim));
   CHECK(fdk_check_ptr(floats, "floats"));
-  int entry;
+  int arch, sms;
+  CHECK(fdk_device(&arch, &sms));
   int64_t parts;
-  CHECK(attention_bwd_short(dtype, batch, heads, len_q, len_k, head_dim, &entry, &parts));
+  attention_bwd_short(dtype, batch, heads, len_q, len_k, head_dim, arch, sms, &parts);
   *floats = 2 * parts * batch * heads * len_k * head_dim;
   return FDK_SUCCESS;
 }
@@ -205,11 +204,11 @@ fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *a, struct CUstream_st
   unsigned bh = (unsigned)(a->batch * a->heads);
   float scale = (float)a->scale, scale2 = (float)(a->scale * LOG2E);
   int64_t parts;
-  int sh, red, rkey[1] = {a->dtype};
-  CHECK(attention_bwd_short(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim, &sh, &parts));
+  int red, rkey[1] = {a->dtype};
+  int sh = attention_bwd_short(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim, arch, sms, &parts);
   if (sh >= 0) { /* one kernel for dq and the dK, dV partials, then their sum */
     CHECK(fdk_check_ptr(a->dkdv_partial, "dkdv_partial"));
-    CHECK(pick(FDK_TABLE_attention_bwd_reduce, rkey, 1, &red));
+    CHECK(pick(FDK_TABLE_attention_bwd_reduce, rkey, 1, arch, &red));
     unsigned grid[3] = {bh, (unsigned)parts, 1};
     fdk_arg args[32] = {{.p = a->q}, {.p = a->k}, {.p = a->v}, {.p = a->o}, {.p = a->d_o}, {.p = a->lse},
                         {.p = a->dq}, {.p = a->dkdv_partial}, STRIDES(a->stride_q), STRIDES(a->stride_k),
@@ -226,16 +225,16 @@ fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *a, struct CUstream_st
   CHECK(fdk_check_ptr(a->delta, "delta"));
   /* pick every case before launching anything: a missing one launches nothing */
   int key[5] = {arch, a->dtype, (int)a->head_dim, 1, 1}, pre, dq, kv[2], passes = 1;
-  CHECK(pick(FDK_TABLE_attention_bwd_pre, key, 3, &pre));
+  CHECK(pick(FDK_TABLE_attention_bwd_pre, key, 3, arch, &pre));
   if ((kv[0] = fdk_find(FDK_TABLE_attention_bwd_dkdv, key, arch)) < 0) { /* head dim 160: dK and dV apart */
     key[4] = 0;
-    CHECK(pick(FDK_TABLE_attention_bwd_dkdv, key, 5, &kv[0]));
+    CHECK(pick(FDK_TABLE_attention_bwd_dkdv, key, 5, arch, &kv[0]));
     key[3] = 0, key[4] = 1;
-    CHECK(pick(FDK_TABLE_attention_bwd_dkdv, key, 5, &kv[1]));
+    CHECK(pick(FDK_TABLE_attention_bwd_dkdv, key, 5, arch, &kv[1]));
     passes = 2;
   }
   key[3] = 0;
-  CHECK(pick(FDK_TABLE_attention_bwd_dq, key, 4, &dq));
+  CHECK(pick(FDK_TABLE_attention_bwd_dq, key, 4, arch, &dq));
   dq = small_grid_case(FDK_TABLE_attention_bwd_dq, key, 4, arch, dq, bh, a->len_q, sms);
   unsigned grid_pre[3] = {bh, (unsigned)cdiv(a->len_q, cx(pre, FDK_CX_BLOCK_M)), 1};
   fdk_arg pre_args[12] = {{.p = a->o}, {.p = a->d_o}, {.p = a->delta}, STRIDES(a->stride_o), STRIDES(a->stride_do),
@@ -286,9 +285,10 @@ fdk_status fdk_diffusion_loss_fwd(const fdk_diffusion_loss_args *a, struct CUstr
   CHECK(fdk_check_ptr(a->loss, "loss"));
   CHECK(fdk_check_ptr(a->partial, "partial"));
   if (a->weight) CHECK(fdk_check_ptr(a->weight, "weight"));
-  int key[3] = {a->dtype, a->weight != NULL, divisible16(a->per_sample)}, partial, total;
-  CHECK(pick(FDK_TABLE_sq_err_partial, key, 3, &partial));
-  CHECK(pick(FDK_TABLE_sum, key, 0, &total));
+  int key[3] = {a->dtype, a->weight != NULL, divisible16(a->per_sample)}, arch, sms, partial, total;
+  CHECK(fdk_device(&arch, &sms));
+  CHECK(pick(FDK_TABLE_sq_err_partial, key, 3, arch, &partial));
+  CHECK(pick(FDK_TABLE_sum, key, 0, arch, &total));
   int64_t blocks = cdiv(a->per_sample, cx(partial, FDK_CX_BLOCK));
   unsigned grid[3] = {(unsigned)blocks, (unsigned)a->batch, 1}, one[3] = {1, 1, 1};
   fdk_arg args[7] = {{.p = a->pred}, {.p = a->target}, {.p = a->weight ? (const void *)a->weight : a->pred},
@@ -307,8 +307,9 @@ fdk_status fdk_diffusion_loss_bwd(const fdk_diffusion_loss_bwd_args *a, struct C
   CHECK(fdk_check_ptr(a->target, "target"));
   CHECK(fdk_check_ptr(a->d_pred, "d_pred"));
   if (a->weight) CHECK(fdk_check_ptr(a->weight, "weight"));
-  int key[3] = {a->dtype, a->weight != NULL, divisible16(a->per_sample)}, entry;
-  CHECK(pick(FDK_TABLE_sq_err_backward, key, 3, &entry));
+  int key[3] = {a->dtype, a->weight != NULL, divisible16(a->per_sample)}, arch, sms, entry;
+  CHECK(fdk_device(&arch, &sms));
+  CHECK(pick(FDK_TABLE_sq_err_backward, key, 3, arch, &entry));
   unsigned grid[3] = {(unsigned)cdiv(a->per_sample, cx(entry, FDK_CX_BLOCK)), (unsigned)a->batch, 1};
   fdk_arg args[7] = {{.p = a->grad}, {.p = a->pred}, {.p = a->target},
                      {.p = a->weight ? (const void *)a->weight : a->pred}, {.p = a->d_pred}, {.l = a->per_sample},
@@ -400,9 +401,9 @@ fdk_status fdk_group_norm_silu_fwd(const fdk_group_norm_silu_fwd_args *a, struct
   int apply_key[6] = {a->dtype, a->channels_last, g.block_c, g.block_s, silu, g.divisible};
   int final_key[5] = {a->params_dtype, a->weight != NULL, a->bias != NULL, a->scale != NULL, a->shift != NULL};
   int stats, finalize, apply;
-  CHECK(pick(FDK_TABLE_gn_stats, stats_key, 5, &stats));
-  CHECK(pick(FDK_TABLE_gn_finalize, final_key, 5, &finalize));
-  CHECK(pick(FDK_TABLE_gn_apply, apply_key, 6, &apply));
+  CHECK(pick(FDK_TABLE_gn_stats, stats_key, 5, arch, &stats));
+  CHECK(pick(FDK_TABLE_gn_finalize, final_key, 5, arch, &finalize));
+  CHECK(pick(FDK_TABLE_gn_apply, apply_key, 6, arch, &apply));
   int64_t chunk_s = (int64_t)g.tiles * g.block_s;
   const void *stand_in = first_present(a->weight, a->bias, a->scale, a->shift, a->mean);
   unsigned grid_stats[3] = {(unsigned)g.split, (unsigned)g.c_blocks, (unsigned)B};
@@ -452,10 +453,10 @@ fdk_status fdk_group_norm_silu_bwd(const fdk_group_norm_silu_bwd_args *a, struct
   int tile_key[6] = {a->dtype, a->channels_last, g.block_c, g.block_s, silu, g.divisible};
   int final_key[5] = {a->params_dtype, a->weight != NULL, a->bias != NULL, a->scale != NULL, a->has_shift != 0};
   int reduce, finalize, col_sum = -1, dx;
-  CHECK(pick(FDK_TABLE_gn_bwd_reduce, tile_key, 6, &reduce));
-  CHECK(pick(FDK_TABLE_gn_bwd_finalize, final_key, 5, &finalize));
-  if (affine) CHECK(pick(FDK_TABLE_gn_col_sum, tile_key, 0, &col_sum));
-  CHECK(pick(FDK_TABLE_gn_dx, tile_key, 6, &dx));
+  CHECK(pick(FDK_TABLE_gn_bwd_reduce, tile_key, 6, arch, &reduce));
+  CHECK(pick(FDK_TABLE_gn_bwd_finalize, final_key, 5, arch, &finalize));
+  if (affine) CHECK(pick(FDK_TABLE_gn_col_sum, tile_key, 0, arch, &col_sum));
+  CHECK(pick(FDK_TABLE_gn_dx, tile_key, 6, arch, &dx));
   int64_t chunk_s = (int64_t)g.tiles * g.block_s;
   unsigned grid_tiles[3] = {(unsigned)g.split, (unsigned)g.c_blocks, (unsigned)B};
   fdk_arg reduce_args[15] = {{.p = a->x}, {.p = a->dy}, {.p = a->mean}, {.p = a->rstd}, {.p = a->coef_a},
@@ -537,9 +538,10 @@ fdk_status fdk_sampler_step(const fdk_sampler_step_args *a, struct CUstream_st *
   int bits = 0;
   for (int i = 0; i < 9; i++) bits |= flags[i] << i;
   int step_key[4] = {a->dtype, a->out_dtype, bits, divisible16(n)}, stats_key[2] = {a->out_dtype, divisible16(n)};
-  int step, stats = -1;
-  CHECK(pick(FDK_TABLE_sampler_step, step_key, 4, &step));
-  if (rescale) CHECK(pick(FDK_TABLE_sampler_step_stats, stats_key, 2, &stats));
+  int arch, sms, step, stats = -1;
+  CHECK(fdk_device(&arch, &sms));
+  CHECK(pick(FDK_TABLE_sampler_step, step_key, 4, arch, &step));
+  if (rescale) CHECK(pick(FDK_TABLE_sampler_step_stats, stats_key, 2, arch, &stats));
   int64_t chunk = step_chunk(n, stats_block()), num_chunks = cdiv(n, chunk);
   if (rescale) {
     unsigned grid[3] = {(unsigned)num_chunks, (unsigned)a->batch, 1};
