@@ -1,8 +1,8 @@
 /* The op functions: check the arguments, pick the case from the launch tables by the key the
    Python launcher uses (fastdiff/ops/<op>.py), compute the grid and launch.  The tests compare
    the launches planned here with the Python launcher's over a grid of shapes (dry run). */
+#include <pthread.h>
 #include <stdio.h>
-#include <string.h>
 
 #include "fdk_internal.h"
 
@@ -34,6 +34,27 @@ static fdk_status pick(int table, const int *key, int nkey, int arch, int *entry
 }
 
 static int cx(int entry, int which) { return fdk_entries[entry].constexprs[which]; }
+
+/* The BLOCK of each table's first compiled case (0 where it has none), read from the tables once, at
+   the first call that asks. */
+static int first_blocks[FDK_NUM_TABLES];
+static pthread_once_t first_blocks_once = PTHREAD_ONCE_INIT;
+
+static void read_first_blocks(void) {
+  for (int t = 0; t < FDK_NUM_TABLES; t++) {
+    const fdk_table *table = &fdk_tables[t];
+    int i = 0, n = table->nrows * FDK_NUM_ARCHS;
+    while (i < n && table->ids[i] < 0) i++;
+    first_blocks[t] = i < n ? cx(table->ids[i], FDK_CX_BLOCK) : 0;
+  }
+}
+
+/* The BLOCK every case of `table` shares (for every key and arch), or 0 when the library has none of
+   them: what sizes a call's scratch and chunks before its case is picked. */
+static int shared_block(int table) {
+  pthread_once(&first_blocks_once, read_first_blocks);
+  return first_blocks[table];
+}
 
 /* ---------------------------------------------------------------------------- noising */
 
@@ -265,15 +286,8 @@ static fdk_status check_loss_sizes(fdk_dtype dtype, int64_t batch, int64_t per_s
   return FDK_SUCCESS;
 }
 
-/* the elementwise block of the loss kernels, from the table (the same for every case and arch) */
-static int loss_block(void) {
-  for (int e = 0; e < fdk_num_entries; e++)
-    if (!strncmp(fdk_entries[e].case_name, "sq_err_partial[", 15)) return cx(e, FDK_CX_BLOCK);
-  return 0;
-}
-
 int64_t fdk_diffusion_loss_partials(int64_t batch, int64_t per_sample) {
-  int block = loss_block();
+  int block = shared_block(FDK_TABLE_sq_err_partial);
   return block ? batch * cdiv(per_sample, block) : -1;
 }
 
@@ -497,14 +511,8 @@ static int64_t step_chunk(int64_t n, int stats_block) {
   return cdiv(per, stats_block) * stats_block;
 }
 
-static int stats_block(void) {
-  for (int e = 0; e < fdk_num_entries; e++)
-    if (!strncmp(fdk_entries[e].case_name, "sampler_step_stats[", 19)) return cx(e, FDK_CX_BLOCK);
-  return 0;
-}
-
 int64_t fdk_sampler_step_chunks(int64_t per_sample) {
-  int block = stats_block();
+  int block = shared_block(FDK_TABLE_sampler_step_stats);
   return block && per_sample > 0 ? cdiv(per_sample, step_chunk(per_sample, block)) : -1;
 }
 
@@ -542,7 +550,7 @@ fdk_status fdk_sampler_step(const fdk_sampler_step_args *a, struct CUstream_st *
   CHECK(fdk_device(&arch, &sms));
   CHECK(pick(FDK_TABLE_sampler_step, step_key, 4, arch, &step));
   if (rescale) CHECK(pick(FDK_TABLE_sampler_step_stats, stats_key, 2, arch, &stats));
-  int64_t chunk = step_chunk(n, stats_block()), num_chunks = cdiv(n, chunk);
+  int64_t chunk = step_chunk(n, shared_block(FDK_TABLE_sampler_step_stats)), num_chunks = cdiv(n, chunk);
   if (rescale) {
     unsigned grid[3] = {(unsigned)num_chunks, (unsigned)a->batch, 1};
     fdk_arg args[7] = {{.p = a->model_output}, {.p = a->uncond_output}, {.p = a->stats}, {.l = n},
