@@ -550,7 +550,9 @@ fdk_status fdk_sampler_step(const fdk_sampler_step_args *a, struct CUstream_st *
   CHECK(fdk_device(&arch, &sms));
   CHECK(pick(FDK_TABLE_sampler_step, step_key, 4, arch, &step));
   if (rescale) CHECK(pick(FDK_TABLE_sampler_step_stats, stats_key, 2, arch, &stats));
-  int64_t chunk = step_chunk(n, shared_block(FDK_TABLE_sampler_step_stats)), num_chunks = cdiv(n, chunk);
+  int block = shared_block(FDK_TABLE_sampler_step_stats);
+  if (!block) return fdk_fail(FDK_ERROR_UNSUPPORTED, "no compiled sampler_step_stats case (its block sizes the chunks)");
+  int64_t chunk = step_chunk(n, block), num_chunks = cdiv(n, chunk);
   if (rescale) {
     unsigned grid[3] = {(unsigned)num_chunks, (unsigned)a->batch, 1};
     fdk_arg args[7] = {{.p = a->model_output}, {.p = a->uncond_output}, {.p = a->stats}, {.l = n},
