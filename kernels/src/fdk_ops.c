@@ -126,6 +126,25 @@ static fdk_status check_attention_sizes(fdk_dtype dtype, int64_t B, int64_t H, i
   return FDK_SUCCESS;
 }
 
+/* A (B, H, L, D) operand: L is len_q, or len_k for k, v and their gradients (by_keys). */
+typedef struct { const char *name; const void *p; const int64_t *stride; int by_keys; } attention_operand;
+
+/* The checks the forward and the backward share: the sizes, then, unless batch·heads·len_q = 0 (*empty:
+   nothing to launch), each (B, H, L, D) operand in turn, lse and scale. */
+static fdk_status check_attention(fdk_dtype dtype, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D,
+                                  const attention_operand *operands, int n, const float *lse, double scale,
+                                  int *empty) {
+  CHECK(check_attention_sizes(dtype, B, H, Lq, Lk, D));
+  *empty = B * H * Lq == 0;
+  if (*empty) return FDK_SUCCESS;
+  int64_t qs[4] = {B, H, Lq, D}, ks[4] = {B, H, Lk, D};
+  for (int i = 0; i < n; i++)
+    CHECK(check_bhld(operands[i].name, operands[i].p, operands[i].stride, operands[i].by_keys ? ks : qs, dtype));
+  CHECK(fdk_check_ptr(lse, "lse"));
+  if (!(scale > 0)) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "scale must be > 0");
+  return FDK_SUCCESS;
+}
+
 #define STRIDES(s) {.l = (s)[0]}, {.l = (s)[1]}, {.l = (s)[2]}
 
 /* As fastdiff/ops/flash_attention.py: SHORT_PROGRAMS_PER_SM, short_programs and the _Tables plans.  A short
@@ -156,16 +175,12 @@ static int small_grid_case(int table, int *key, int n, int arch, int entry, int6
 
 fdk_status fdk_attention_fwd(const fdk_attention_fwd_args *a, struct CUstream_st *stream) {
   if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
-  CHECK(check_attention_sizes(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim));
-  if (a->batch * a->heads * a->len_q == 0) return FDK_SUCCESS;
-  int64_t qs[4] = {a->batch, a->heads, a->len_q, a->head_dim}, ks[4] = {a->batch, a->heads, a->len_k, a->head_dim};
-  CHECK(check_bhld("q", a->q, a->stride_q, qs, a->dtype));
-  CHECK(check_bhld("k", a->k, a->stride_k, ks, a->dtype));
-  CHECK(check_bhld("v", a->v, a->stride_v, ks, a->dtype));
-  CHECK(check_bhld("o", a->o, a->stride_o, qs, a->dtype));
-  CHECK(fdk_check_ptr(a->lse, "lse"));
-  if (!(a->scale > 0)) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "scale must be > 0");
-  int arch, sms, entry;
+  attention_operand operands[4] = {{"q", a->q, a->stride_q, 0}, {"k", a->k, a->stride_k, 1},
+                                   {"v", a->v, a->stride_v, 1}, {"o", a->o, a->stride_o, 0}};
+  int empty, arch, sms, entry;
+  CHECK(check_attention(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim, operands, 4, a->lse, a->scale,
+                        &empty));
+  if (empty) return FDK_SUCCESS;
   CHECK(fdk_device(&arch, &sms));
   int key[4] = {arch, a->dtype, (int)a->head_dim, 0};
   int64_t bh = a->batch * a->heads, programs;
@@ -207,20 +222,14 @@ fdk_status fdk_attention_bwd_partials(fdk_dtype dtype, int64_t batch, int64_t he
 
 fdk_status fdk_attention_bwd(const fdk_attention_bwd_args *a, struct CUstream_st *stream) {
   if (!a) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "args must not be NULL");
-  CHECK(check_attention_sizes(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim));
-  if (a->batch * a->heads * a->len_q == 0) return FDK_SUCCESS;
-  int64_t qs[4] = {a->batch, a->heads, a->len_q, a->head_dim}, ks[4] = {a->batch, a->heads, a->len_k, a->head_dim};
-  CHECK(check_bhld("do", a->d_o, a->stride_do, qs, a->dtype));
-  CHECK(check_bhld("q", a->q, a->stride_q, qs, a->dtype));
-  CHECK(check_bhld("k", a->k, a->stride_k, ks, a->dtype));
-  CHECK(check_bhld("v", a->v, a->stride_v, ks, a->dtype));
-  CHECK(check_bhld("o", a->o, a->stride_o, qs, a->dtype));
-  CHECK(check_bhld("dq", a->dq, a->stride_dq, qs, a->dtype));
-  CHECK(check_bhld("dk", a->dk, a->stride_dk, ks, a->dtype));
-  CHECK(check_bhld("dv", a->dv, a->stride_dv, ks, a->dtype));
-  CHECK(fdk_check_ptr(a->lse, "lse"));
-  if (!(a->scale > 0)) return fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "scale must be > 0");
-  int arch, sms;
+  attention_operand operands[8] = {{"do", a->d_o, a->stride_do, 0}, {"q", a->q, a->stride_q, 0},
+                                   {"k", a->k, a->stride_k, 1},     {"v", a->v, a->stride_v, 1},
+                                   {"o", a->o, a->stride_o, 0},     {"dq", a->dq, a->stride_dq, 0},
+                                   {"dk", a->dk, a->stride_dk, 1},  {"dv", a->dv, a->stride_dv, 1}};
+  int empty, arch, sms;
+  CHECK(check_attention(a->dtype, a->batch, a->heads, a->len_q, a->len_k, a->head_dim, operands, 8, a->lse, a->scale,
+                        &empty));
+  if (empty) return FDK_SUCCESS;
   CHECK(fdk_device(&arch, &sms));
   unsigned bh = (unsigned)(a->batch * a->heads);
   float scale = (float)a->scale, scale2 = (float)(a->scale * LOG2E);
