@@ -28,12 +28,11 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for real GPUs
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # every case sets FP fusion itself; silence the notice
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastdiff.audit import op_modules  # noqa: E402
+from fastdiff.audit import op_modules, table_cases  # noqa: E402
 from fastdiff.ops.launch_tables import ARCHS, compile_case, source_hash  # noqa: E402
 
-# PTX parameter type -> (kind letter, bytes): p pointer, i 32-bit int, l 64-bit int, f fp32
-_PTX_KINDS = {".u64": ("l", 8), ".s64": ("l", 8), ".b64": ("l", 8), ".u32": ("i", 4), ".s32": ("i", 4),
-              ".b32": ("i", 4), ".f32": ("f", 4)}  # fmt: skip
+# PTX parameter type -> kind letter: p pointer, i 32-bit int, l 64-bit int, f fp32
+_PTX_KINDS = {".u64": "l", ".s64": "l", ".b64": "l", ".u32": "i", ".s32": "i", ".b32": "i", ".f32": "f"}
 _SIG_KINDS = {"i32": "i", "i64": "l", "fp32": "f"}
 
 _JOBS: list = []  # (case, arch), filled before the workers fork
@@ -55,7 +54,7 @@ def ptx_params(ptx: str, kernel: str) -> str:
         ty = next((t for t in _PTX_KINDS if f".param {t} " in line + " "), None)
         if ty is None:
             raise RuntimeError(f"unknown PTX parameter {line!r} of {kernel}")
-        kinds.append(_PTX_KINDS[ty][0])
+        kinds.append(_PTX_KINDS[ty])
     return "".join(kinds)
 
 
@@ -159,16 +158,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     archs = tuple(args.arch or ARCHS)
     os.makedirs(args.out, exist_ok=True)
-    tables = [table for mod in op_modules() for table in mod.LAUNCH_TABLES]
-    seen = set()
-    for table in tables:
-        for case in table.cases():
-            for arch in archs:
-                wanted = not args.match or any(m in case.name for m in args.match.split("|"))
-                # a jit_only case keeps its table rows with no entry: the dispatcher declines them
-                if arch in case.archs and wanted and not case.jit_only and (id(case), arch) not in seen:
-                    seen.add((id(case), arch))
-                    _JOBS.append((case, arch))
+    modules = op_modules()
+    tables = [table for mod in modules for table in mod.LAUNCH_TABLES]
+    texts = args.match.split("|") if args.match else []
+    for mod in modules:
+        for case in table_cases(mod):
+            # a jit_only case keeps its table rows with no entry: the dispatcher declines them
+            if case.jit_only or (texts and not any(t in case.name for t in texts)):
+                continue
+            _JOBS.extend((case, arch) for arch in archs if arch in case.archs)
     if args.jobs > 1 and len(_JOBS) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
