@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -83,6 +84,26 @@ class Plan:
 
 def attention_module():
     return importlib.import_module("fastdiff.ops.flash_attention")
+
+
+@functools.lru_cache(maxsize=None)
+def candidate_tables(slot: Slot, tiles):
+    """The attention's launch tables with ``tiles`` in ``slot``, built once per candidate: its timings at
+    every shape, its compilation ahead and its audit read the same tables."""
+    return attention_module().TABLES.with_tiles(slot.arch, slot.key, slot.role, tiles)
+
+
+@functools.lru_cache(maxsize=None)
+def _names_in_force() -> frozenset[str]:
+    return frozenset(case.name for table in attention_module().TABLES.tables for case in table.cases())
+
+
+def new_cases(slot: Slot, tiles) -> list:
+    """The cases a candidate adds to the tables in force, for the slot's arch: what is compiled ahead for it,
+    and what the audit must pass."""
+    cases = {case.name: case for table in candidate_tables(slot, tiles).tables for case in table.cases()
+             if case.name not in _names_in_force() and slot.arch in case.archs}  # fmt: skip
+    return list(cases.values())
 
 
 def plan_sweep(arch: int, num_sms: int, shapes: list[tuple[int, ...]], quick: bool) -> Plan:
@@ -193,15 +214,10 @@ def audit_vet(slot: Slot, tiles) -> str:
     """The audit's verdict on every case the candidate adds to the tables ("" when all pass)."""
     from fastdiff.audit import audit_case
 
-    attn = attention_module()
-    tables = attn.TABLES.with_tiles(slot.arch, slot.key, slot.role, tiles)
-    before = {case.name for table in attn.TABLES.tables for case in table.cases()}
-    for table in tables.tables:
-        for case in table.cases():
-            if case.name not in before and slot.arch in case.archs:
-                row = audit_case(case, slot.arch)
-                if not row.ok:
-                    return f"{case.name}: {row.error}"
+    for case in new_cases(slot, tiles):
+        row = audit_case(case, slot.arch)
+        if not row.ok:
+            return f"{case.name}: {row.error}"
     return ""
 
 
@@ -237,7 +253,7 @@ class GpuTimer:
         harness, attn = self.harness, attention_module()
         slot, shape, direction = work.slot, work.shape, work.direction
         scale = shape[-1] ** -0.5
-        tables = attn.TABLES.with_tiles(slot.arch, slot.key, slot.role, work.candidate)
+        tables = candidate_tables(slot, work.candidate)
         run = attn.forward_with if direction == "fwd" else attn.backward_with
 
         def impl(*inputs):
@@ -281,16 +297,14 @@ def precompile(plan: Plan, jobs: int, deadline: float) -> int:
     """Every candidate's new cases compiled in parallel into Triton's cache, which the JIT then reads; none
     is started after ``deadline`` (``time.monotonic()``: the JIT compiles the rest when they are timed).
     Returns how many were compiled."""
-    attn = attention_module()
     _PRECOMPILE.clear()
-    seen = {case.name for table in attn.TABLES.tables for case in table.cases()}
+    seen = set()  # a case several candidates add is compiled once
     for slot, candidates in plan.slots.items():
         for cand in candidates[1:]:
-            for table in attn.TABLES.with_tiles(slot.arch, slot.key, slot.role, cand).tables:
-                for case in table.cases():
-                    if case.name not in seen and slot.arch in case.archs:
-                        seen.add(case.name)
-                        _PRECOMPILE.append((case, slot.arch))
+            for case in new_cases(slot, cand):
+                if case.name not in seen:
+                    seen.add(case.name)
+                    _PRECOMPILE.append((case, slot.arch))
     if jobs > 1 and len(_PRECOMPILE) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, wait
@@ -344,11 +358,9 @@ def main(argv=None) -> int:
 
     from benchmarks.bench_attention import shapes
 
-    gpu = torch.cuda.is_available()
-    arch, num_sms = (90, 132)
-    if gpu:
-        major, _ = torch.cuda.get_device_capability()
-        arch, num_sms = (90 if major >= 9 else 80), torch.cuda.get_device_properties(0).multi_processor_count
+    # the current GPU's arch, SM count and name, in one read; without a GPU the plan is an H100's
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()) if torch.cuda.is_available() else None
+    arch, num_sms = ((90 if gpu.major >= 9 else 80), gpu.multi_processor_count) if gpu is not None else (90, 132)
     plan = plan_sweep(arch, num_sms, shapes(args.quick, "cuda"), args.quick)
     for op in OPS_WITHOUT_CANDIDATES:
         print(f"{op}: no tuning candidates declared (one configuration per key)")
@@ -357,7 +369,7 @@ def main(argv=None) -> int:
               f"{len(plan.shapes[slot])} shape(s)")  # fmt: skip
     if args.dry_plan:
         return 0
-    if not gpu:
+    if gpu is None:
         print("the sweep measures on a CUDA GPU; none here (--dry-plan prints the plan)")
         return 2
     # half the budget at most for compiling, so that the sweep ends within about --budget-s
@@ -366,10 +378,10 @@ def main(argv=None) -> int:
     times = measure_all(plan, GpuTimer(), args.budget_s - (time.monotonic() - t0))
     verdicts = rank(plan, times, audit_vet)
     previous = load_tuned(TUNED_FILE)
-    table = tuned_table(previous, verdicts, torch.cuda.get_device_name(), datetime.date.today().isoformat())
+    table = tuned_table(previous, verdicts, gpu.name, datetime.date.today().isoformat())
     import triton
 
-    meta = {"device": torch.cuda.get_device_name(), "arch": arch, "num_sms": num_sms, "quick": args.quick,
+    meta = {"device": gpu.name, "arch": arch, "num_sms": num_sms, "quick": args.quick,
             "torch": torch.__version__, "triton": triton.__version__, "seconds": round(time.monotonic() - t0, 1)}
     path = write_outputs(args.out, plan, times, verdicts, table, meta)
     for v in verdicts:
