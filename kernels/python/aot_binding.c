@@ -119,17 +119,6 @@ OP(sampler_step, T, F(T, dtype, 'e'), F(T, out_dtype, 'e'), F(T, x, 'p'), F(T, m
    F(T, clip_x0, 'd'))
 #undef T
 
-static PyObject *py_group_norm_silu_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-  (void)self;
-  if (nargs != 4) return PyErr_Format(PyExc_TypeError, "group_norm_silu_split takes 4 arguments");
-  int64_t split = 0;
-  fdk_status s = fdk_group_norm_silu_split(PyLong_AsLongLong(args[0]), PyLong_AsLongLong(args[1]),
-                                           PyLong_AsLongLong(args[2]), (int)PyLong_AsLong(args[3]), &split);
-  if (PyErr_Occurred()) return NULL;
-  return s == FDK_SUCCESS ? PyLong_FromLongLong(split) : PyLong_FromLong(-(long)s);
-}
-
-static PyObject *py_init(PyObject *self, PyObject *unused) { (void)self, (void)unused; return PyLong_FromLong(fdk_init()); }
 static PyObject *py_last_error(PyObject *self, PyObject *unused) {
   (void)self, (void)unused;
   return PyUnicode_FromString(fdk_last_error());
@@ -162,9 +151,8 @@ static PyObject *py_dry_run_take(PyObject *self, PyObject *unused) {
 #define FAST(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_FASTCALL, NULL}
 static PyMethodDef methods[] = {
     FAST(q_sample), FAST(diffusion_loss_fwd), FAST(diffusion_loss_bwd), FAST(attention_fwd), FAST(attention_bwd),
-    FAST(group_norm_silu_split), FAST(group_norm_silu_fwd), FAST(group_norm_silu_bwd), FAST(sampler_step),
+    FAST(group_norm_silu_fwd), FAST(group_norm_silu_bwd), FAST(sampler_step),
     FAST(set_dry_run),
-    {"init", py_init, METH_NOARGS, NULL},
     {"last_error", py_last_error, METH_NOARGS, NULL},
     {"source_hash", py_source_hash, METH_NOARGS, NULL},
     {"dry_run_take", py_dry_run_take, METH_NOARGS, NULL},
