@@ -149,8 +149,9 @@ def test_fp32_configs(D, device, poisoned_alloc):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_qkv_views_are_read_in_place(dtype, device, poisoned_alloc, monkeypatch):
-    """Self-attention on strided views of one qkv projection: no copy of q, k, v, correct gradients."""
-    copied = []
+    """Self-attention on strided views of one qkv projection: the launchers get the views themselves
+    (no copy of q, k, v, nor of dO), and the gradients are correct."""
+    copied, launched = [], []
     real_layout = attn_mod._kernel_layout
 
     def spy(x):
@@ -159,10 +160,18 @@ def test_fused_qkv_views_are_read_in_place(dtype, device, poisoned_alloc, monkey
         return y
 
     monkeypatch.setattr(attn_mod, "_kernel_layout", spy)
+    for name, first in (("_forward_triton", 0), ("_backward_triton", 1)):  # where q, k, v start in each
+
+        def launcher(*args, _real=getattr(attn_mod, name), _first=first):
+            launched.append([(x.data_ptr(), x.stride()) for x in args[_first : _first + 3]])
+            return _real(*args)
+
+        monkeypatch.setattr(attn_mod, name, launcher)
     leaves, views = _qkv(1, 2, 67, 67, 64, dtype, device, layout="fused")
     assert not views(leaves)[0].is_contiguous()
     _check_against_float64(leaves, views)
-    assert len(copied) == 3 + 5 and not any(copied)  # forward q, k, v; backward dO, q, k, v, O
+    assert launched == [[(x.data_ptr(), x.stride()) for x in views(leaves)]] * 2  # forward, backward
+    assert not any(copied)
 
 
 def test_block_multiple_lengths(device, poisoned_alloc):
@@ -170,17 +179,21 @@ def test_block_multiple_lengths(device, poisoned_alloc):
     _check_against_float64(*_qkv(1, 1, 128, 128, 64, torch.float16, device))
 
 
-def test_unaligned_and_transposed_inputs_are_copied(device, poisoned_alloc):
-    """A head dim that is not unit-stride, and a data pointer off the 16-byte grid, still give the right answer."""
+@pytest.mark.parametrize("odd", ["pointer", "strides"])
+def test_unaligned_and_transposed_inputs_are_copied(odd, device, poisoned_alloc):
+    """A data pointer off the 16-byte grid (with strides the kernels read), or a head dim that is not
+    unit-stride, still give the right answer and gradients: the launchers copy the one, the public
+    function the other (before autograd records the op)."""
     B, H, L, D = 1, 2, 19, 32
-    base = torch.randn(B * H * L * D + 1, device=device, dtype=torch.float16)
-    q = base[1:].view(B, H, L, D)  # 2 bytes off the 16-byte grid
-    k = torch.randn(B, H, D, L, device=device, dtype=torch.float16).transpose(2, 3)  # stride(-1) == L
-    v = torch.randn(B, H, L, D, device=device, dtype=torch.float16)
-    out = attention(q, k, v)
-    ref = attention_ref(q.double(), k.double(), v.double())
-    low = _lowp_attention(q, k, v, 1 / math.sqrt(D))
-    assert rel_err(out, ref) <= 2 * rel_err(low, ref) + FLOOR[torch.float16]
+    shapes = {"pointer": [(B * H * L * D + 1,), (B, H, L, D)], "strides": [(B, H, L, D), (B, H, D, L)]}[odd]
+    leaves = [torch.randn(shape, device=device, dtype=torch.float16) for shape in shapes + [(B, H, L, D)]]
+
+    def views(ls):
+        if odd == "pointer":
+            return ls[0][1:].view(B, H, L, D), ls[1], ls[2]  # q 2 bytes off the 16-byte grid
+        return ls[0], ls[1].transpose(2, 3), ls[2]  # k with stride(-1) == L
+
+    _check_against_float64(leaves, views)
 
 
 # A padded key row of the dK/dV tile may overflow (exp2(0 − lse) with lse ≈ −900); that

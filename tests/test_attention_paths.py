@@ -38,9 +38,10 @@ def _launches(fn, *args, **kwargs) -> list:
 def _paths(B, H, Lq, Lk, D, dtype, tables=None) -> tuple[list, list]:
     """The forward's and the backward's launches for one shape."""
     q, k, v = (torch.empty(B, H, L, D, dtype=dtype) for L in (Lq, Lk, Lk))
-    fwd = _launches(attn_mod._forward_triton, q, k, v, 0.3, tables)
+    tables = tables or attn_mod.TABLES
+    fwd = _launches(attn_mod.forward_with, tables, q, k, v, 0.3)
     lse = torch.empty(B, H, Lq)
-    bwd = _launches(attn_mod._backward_triton, torch.empty_like(q), q, k, v, attn_mod._empty_out(q), lse, 0.3, tables)
+    bwd = _launches(attn_mod.backward_with, tables, torch.empty_like(q), q, k, v, attn_mod._empty_out(q), lse, 0.3)
     return fwd, bwd
 
 

@@ -325,7 +325,7 @@ def test_dry_run_attention_matches_the_python_launcher(lib, dtype, head_dim, B, 
     k, v = (torch.empty(B, Lk, H, head_dim, dtype=dtype).transpose(1, 2) for _ in range(2))  # strided views
     code = {torch.float32: 0, torch.bfloat16: 2}[dtype]
     scale = head_dim**-0.5
-    want = _python_launches(attn._forward_triton, q, k, v, scale)
+    want = _python_launches(attn.forward_with, attn.TABLES, q, k, v, scale)
     (_, _, p), = want  # fmt: skip
     o_strides = _S4(*p[14:17], 1)  # the output's strides, as the launcher made it
     args = AttnFwdArgs(dtype=code, q=p[0], k=p[1], v=p[2], o=p[3], lse=p[4], batch=B, heads=H, len_q=Lq, len_k=Lk,
@@ -335,7 +335,7 @@ def test_dry_run_attention_matches_the_python_launcher(lib, dtype, head_dim, B, 
 
     do, out = torch.empty_like(q), attn._empty_out(q)
     lse = torch.empty(B, H, Lq)
-    want = _python_launches(attn._backward_triton, do, q, k, v, out, lse, scale)
+    want = _python_launches(attn.backward_with, attn.TABLES, do, q, k, v, out, lse, scale)
     if len(want) == 2:  # the short path: dq and the dK/dV partials, then their sum
         (_, _, main), (_, _, red) = want
         dq, dk, dv, scratch = main[6], red[1], red[2], main[7]

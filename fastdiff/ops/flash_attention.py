@@ -116,13 +116,13 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-from fastdiff.ops import _aot, tensor_checks, _tuned
+from fastdiff.ops import _aot, _backend, tensor_checks, _tuned
 from fastdiff.ops._backend import HAS_TRITON, INTERPRET, cdiv, define_op, use_triton
-from fastdiff.ops.launch_tables import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, dtype_code
+from fastdiff.ops.launch_tables import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, Plans, dtype_code
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
 LOG2E = 1.4426950408889634
@@ -823,11 +823,6 @@ def _device_index(x: torch.Tensor) -> int | None:
     return x.device.index if x.is_cuda else None
 
 
-def _key(x: torch.Tensor) -> tuple[int, int, int]:
-    """The launch tables' key of a call: (arch, dtype code, head dim)."""
-    return _arch(_device_index(x)), dtype_code(x.dtype), x.shape[-1]
-
-
 # ----------------------------------------------------------------------------- launch tables and plans
 
 SHORT_PROGRAMS_PER_SM = 2  # short paths: programs per SM (each holds K and V on chip)
@@ -1036,15 +1031,21 @@ else:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _aligned(x: torch.Tensor) -> bool:
-    """Unit-stride head dim and 16-byte aligned rows: what the kernels' hints promise."""
-    step = 16 // x.element_size()
-    strides = x.stride()
+def _aligned_strides(shape, strides, itemsize: int) -> bool:
+    """A unit-stride head dim and 16-byte multiples for the other strides (of dims longer than 1)."""
+    step = 16 // itemsize
+    B, H, L, _ = shape
     return (
         strides[3] == 1
-        and x.data_ptr() % 16 == 0
-        and all(st % step == 0 for st, n in zip(strides[:3], x.shape[:3]) if n > 1)
+        and (B == 1 or strides[0] % step == 0)
+        and (H == 1 or strides[1] % step == 0)
+        and (L == 1 or strides[2] % step == 0)
     )
+
+
+def _aligned(x: torch.Tensor) -> bool:
+    """Unit-stride head dim and 16-byte aligned rows: what the kernels' hints promise."""
+    return x.data_ptr() % 16 == 0 and _aligned_strides(x.shape, x.stride(), x.element_size())
 
 
 def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
@@ -1083,59 +1084,133 @@ def _empty_out(q: torch.Tensor) -> torch.Tensor:
     return torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _forward_triton(q, k, v, scale: float, tables: Tables | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``tables``: launch through these (a tuning candidate's) with Triton's JIT instead of the library."""
+def _empty_lse(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, Lq) fp32: the log-sum-exp₂ of each query row."""
+    return q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+class _Plan:
+    """The launches of one call signature (see `launch_tables.Plans`): what the launchers pass besides data
+    pointers, the scale and the strides of dO and O (read per call), in the library's argument order.
+
+    ``copies``: some of q, k and v have strides the kernels do not read (`_aligned`); the plan of their
+    dense copies launches.  The gradients are laid out as ``torch.empty_like`` of their inputs (as the
+    fake says), which for inputs the kernels read is a layout they write (the inputs' own strides where
+    they are dense, else contiguous).
+    """
+
+    __slots__ = ("copies", "rows", "empty", "code", "key", "bh", "device_index", "sizes", "out_shape",
+                 "out_stride", "fwd_args", "qkv_strides", "grad_strides", "grad_args", "backward_floats")  # fmt: skip
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        itemsize = q.element_size()
+        self.copies = not all(_aligned_strides(x.shape, x.stride(), itemsize) for x in (q, k, v))
+        B, H, Lq, D = q.shape
+        Lk = k.shape[2]
+        self.rows = B * H * Lq  # query rows: the log-sum-exp's floats
+        self.empty = self.rows == 0
+        # a dtype outside the tables only runs the reference (`attention` refuses it; the unchecked entry may not)
+        self.code = dtype_code(q.dtype) if q.dtype in tensor_checks.FLOAT_DTYPES else -1
+        self.device_index = _device_index(q)
+        self.key = (_arch(self.device_index), self.code, D)
+        self.bh, self.sizes = B * H, (B, H, Lq, Lk, D)
+        self.out_shape, self.out_stride = (B, H, Lq, D), (Lq * H * D, D, H * D, 1)  # (B, Lq, H, D) memory order
+        self.qkv_strides = (*q.stride(), *k.stride(), *v.stride())
+        self.fwd_args = (*self.sizes, *self.qkv_strides, *self.out_stride)
+        self.grad_strides = tuple(torch.empty_like(x, device="meta").stride() for x in (q, k, v))
+        self.grad_args = tuple(s for stride in self.grad_strides for s in stride)
+        self.backward_floats = None  # the backward's fp32 scratch, looked up by its first library launch
+
+    def scratch_floats(self) -> int:
+        """The backward's fp32 scratch: the short path's dK/dV partials, else δ (`BackwardPlan`)."""
+        if self.backward_floats is None:
+            _, _, Lq, Lk, _ = self.sizes
+            plan = TABLES.backward_plan(self.key, self.bh, Lq, Lk, _num_sms(self.device_index))
+            self.backward_floats = plan.scratch_floats
+        return self.backward_floats
+
+
+_plans = Plans()
+
+
+def _plan(q, k, v) -> _Plan:
+    """The plan of a call (computed on the first call of its signature), without checking it."""
+    key = (q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), v.shape, v.stride())
+    return _plans.get(key) or _plans.remember(key, _Plan(q, k, v))
+
+
+def _in_kernel_layout(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Plan]:
+    """q, k and v as the kernels read them (dense copies of those they cannot read in place), and their plan."""
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    o = _empty_out(q)
-    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    return q, k, v, _plan(q, k, v)
+
+
+def _forward_triton(
+    q, k, v, scale: float, plan: _Plan, keep: bool = True, tables: Tables | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(o, lse₂) for q, k and v with strides the kernels read (``plan``'s; a view off a 16-byte boundary is
+    copied here).  lse₂ is None unless ``keep`` (no backward follows: the library writes it to scratch).
+    ``tables``: launch through these (a tuning candidate's) with Triton's JIT instead of the library."""
+    if plan.empty:
+        return _empty_out(q), _empty_lse(q) if keep else None
+    q_ptr, k_ptr, v_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    if (q_ptr | k_ptr | v_ptr) % 16:  # a view off a 16-byte boundary (rare): dense copies, and their plan
+        q, k, v, plan = _in_kernel_layout(q, k, v)
+        return _forward_triton(q, k, v, scale, plan, keep, tables)
+    o = q.new_empty_strided(plan.out_shape, plan.out_stride)
+    lse = _empty_lse(q) if keep else None
     stream = _aot.target(q) if tables is None else None
-    if stream is not None and _aot.launch(
-        "attention_fwd", dtype_code(q.dtype), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-        B, H, Lq, Lk, D, *q.stride(), *k.stride(), *v.stride(), *o.stride(), scale, stream,
-    ):  # fmt: skip
-        return o, lse
-    plan = (tables or TABLES).forward_plan(_key(q), B * H, Lq, Lk, _num_sms(_device_index(q)))
-    if plan.case.jit_only:  # tensor descriptors
+    if stream is not None:
+        lse_ptr, hold = (lse.data_ptr(), None) if keep else _aot.scratch(q, stream, plan.rows)
+        if _aot.launch(
+            "attention_fwd", plan.code, q_ptr, k_ptr, v_ptr, o.data_ptr(), lse_ptr, *plan.fwd_args, scale, stream
+        ):
+            return o, lse
+    B, H, Lq, Lk, D = plan.sizes
+    launch = (tables or TABLES).forward_plan(plan.key, plan.bh, Lq, Lk, _num_sms(plan.device_index))
+    if launch.case.jit_only:  # tensor descriptors
         _set_tma_allocator()
         q, k, v = _tma_layout(q), _tma_layout(k), _tma_layout(v)
-    plan.case.launch(plan.grid, q, k, v, o, lse, *_bhl_strides(q, k, v, o), H, Lq, Lk, D, scale * LOG2E)
+    lse_out = lse if keep else _empty_lse(q)  # the JIT writes it to a tensor
+    launch.case.launch(launch.grid, q, k, v, o, lse_out, *_bhl_strides(q, k, v, o), H, Lq, Lk, D, scale * LOG2E)
     return o, lse
 
 
 def _backward_triton(
-    do, q, k, v, o, lse, scale: float, tables: Tables | None = None
+    do, q, k, v, o, lse, scale: float, plan: _Plan, tables: Tables | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Gradients take the layout of torch.empty_like of each input (as the fake does);
-    # the kernels write an aligned buffer, copied over only in the rare other case.
-    grads = [torch.empty_like(x) for x in (q, k, v)]
-    bufs = [g if _aligned(g) else torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
-    dq, dk, dv = bufs
-    do, q, k, v, o = (_kernel_layout(x) for x in (do, q, k, v, o))
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    key = _key(q)
-    plan = (tables or TABLES).backward_plan(key, B * H, Lq, Lk, _num_sms(_device_index(q)))
-    # one fp32 scratch: δ for the long path, the dK/dV partials for the short one
-    scratch = torch.empty(plan.scratch_floats, dtype=torch.float32, device=q.device)
+    """(dq, dk, dv) laid out as ``plan`` says, for q, k and v as in `_forward_triton` and o with strides the
+    kernels read (dO is copied if it has others).  ``tables``: as in `_forward_triton`."""
+    if plan.empty:
+        return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    q_ptr, k_ptr, v_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    if (q_ptr | k_ptr | v_ptr) % 16:  # as in `_forward_triton`
+        q, k, v, plan = _in_kernel_layout(q, k, v)
+        return _backward_triton(do, q, k, v, o, lse, scale, plan, tables)
+    do = _kernel_layout(do)
+    gq, gk, gv = plan.grad_strides
+    dq, dk, dv = q.new_empty_strided(q.shape, gq), k.new_empty_strided(k.shape, gk), v.new_empty_strided(v.shape, gv)
     stream = _aot.target(q) if tables is None else None
-    if not (stream is not None and _aot.launch(
-        "attention_bwd", key[1], do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(),
-        lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), scratch.data_ptr(), B, H, Lq, Lk, D,
-        *do.stride(), *q.stride(), *k.stride(), *v.stride(), *o.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-        scale, scratch.data_ptr(), stream,
-    )):  # fmt: skip
-        _backward_jit(plan, do, q, k, v, o, lse, dq, dk, dv, scratch, scale)
-    for g, buf in zip(grads, bufs):
-        if buf is not g:
-            g.copy_(buf)
-    return tuple(grads)
+    if stream is not None:
+        # one fp32 scratch: δ for the long path, the dK/dV partials for the short one
+        work, hold = _aot.scratch(q, stream, plan.scratch_floats())
+        if _aot.launch(
+            "attention_bwd", plan.code, do.data_ptr(), q_ptr, k_ptr, v_ptr, o.data_ptr(), lse.data_ptr(),
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), work, *plan.sizes, *do.stride(), *plan.qkv_strides,
+            *o.stride(), *plan.grad_args, scale, work, stream,
+        ):  # fmt: skip
+            return dq, dk, dv
+    _, _, Lq, Lk, _ = plan.sizes
+    launches = (tables or TABLES).backward_plan(plan.key, plan.bh, Lq, Lk, _num_sms(plan.device_index))
+    _backward_jit(launches, do, q, k, v, o, lse, dq, dk, dv, scale)
+    return dq, dk, dv
 
 
-def _backward_jit(plan: BackwardPlan, do, q, k, v, o, lse, dq, dk, dv, scratch, scale: float) -> None:
+def _backward_jit(plan: BackwardPlan, do, q, k, v, o, lse, dq, dk, dv, scale: float) -> None:
+    """The backward's launches through Triton's JIT, with fresh scratch."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    scratch = torch.empty(plan.scratch_floats, dtype=torch.float32, device=q.device)
     scales = (scale, scale * LOG2E)  # τ and τ·log2(e)
     if plan.short:
         main, red = plan.launches
@@ -1154,18 +1229,36 @@ def _backward_jit(plan: BackwardPlan, do, q, k, v, o, lse, dq, dk, dv, scratch, 
 # ----------------------------------------------------------------------------- torch.library ops
 
 
-def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse₂): o (B, H, Lq, D) in (B, Lq, H, D) memory order; lse₂ (B, H, Lq) fp32."""
+def _forward_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    plan: Optional[_Plan] = None,
+    keep: bool = True,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(o, lse₂): o (B, H, Lq, D) in (B, Lq, H, D) memory order; lse₂ (B, H, Lq) fp32, None unless ``keep``.
+
+    Eager calls pass their ``plan``, with q, k and v in the kernels' layout (`_eager`); ``keep`` is False
+    where no backward follows (inference).
+    """
+    if use_triton(q):
+        if plan is None:  # the registered op: any layout
+            q, k, v, plan = _in_kernel_layout(q, k, v)
+        return _forward_triton(q, k, v, scale, plan, keep)
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
-        return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-    if use_triton(q, k, v):
-        return _forward_triton(q, k, v, scale)
+        return _empty_out(q), _empty_lse(q)
     o_ref, lse = _forward_ref(q, k, v, scale)
     return _empty_out(q).copy_(o_ref), lse
 
 
+def _forward_inference(q, k, v, scale, plan):
+    """An eager call that no backward follows: the log-sum-exp is not kept."""
+    return _forward_impl(q, k, v, scale, plan, False)
+
+
 def _forward_fake(q, k, v, scale):
-    return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _empty_out(q), _empty_lse(q)
 
 
 def _backward_impl(
@@ -1176,12 +1269,21 @@ def _backward_impl(
     o: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
+    plan: Optional[_Plan] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each laid out like ``torch.empty_like`` of its input."""
+    """(dq, dk, dv), each laid out like ``torch.empty_like`` of its input.
+
+    ``plan``: the forward's, which eager calls save with it (their q, k and v are in the kernels' layout).
+    """
+    if plan is not None and use_triton(q):
+        return _backward_triton(do, q, k, v, o, lse, scale, plan)
     if q.shape[0] * q.shape[1] * q.shape[2] == 0:
         return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if use_triton(do, q, k, v):
-        return _backward_triton(do, q, k, v, o, lse, scale)
+    if use_triton(q):  # the registered op: the saved tensors in any layout
+        grads = [torch.empty_like(x) for x in (q, k, v)]
+        q, k, v, plan = _in_kernel_layout(q, k, v)
+        written = _backward_triton(do, q, k, v, _kernel_layout(o), lse, scale, plan)
+        return tuple(w if w.stride() == g.stride() else g.copy_(w) for g, w in zip(grads, written))
     grads = _backward_ref(do, q, k, v, o, lse, scale)
     return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
 
@@ -1191,23 +1293,26 @@ def _backward_fake(do, q, k, v, o, lse, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
+    q, k, v, scale, *plan = inputs  # and an eager call's plan
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale, ctx.plan = scale, plan
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zeros for the log-sum-exp's gradient
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_call(do, q, k, v, o, lse, ctx.scale)
-    return dq, dk, dv, None
+    if ctx.plan:  # an eager call: no dispatcher, and the forward's plan
+        return (*_backward_impl(do, q, k, v, o, lse, ctx.scale, ctx.plan[0]), None, None)
+    return (*_attention_bwd_call(do, q, k, v, o, lse, ctx.scale), None)
 
 
 _attention_fwd_call = define_op(
-    "fastdiff::attention_fwd", _forward_impl, _forward_fake, setup_context=_setup_context, backward=_backward
-)
-_attention_bwd_call = define_op("fastdiff::attention_bwd", _backward_impl, _backward_fake)
+    "fastdiff::attention_fwd", _forward_impl, _forward_fake, eager_only=("plan", "keep"),
+    returns=tuple[torch.Tensor, torch.Tensor], empty=lambda q, *_: _empty_lse(q), setup_context=_setup_context,
+    backward=_backward, inference=_forward_inference,
+)  # fmt: skip
+_attention_bwd_call = define_op("fastdiff::attention_bwd", _backward_impl, _backward_fake, eager_only=("plan",))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -1266,7 +1371,17 @@ def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     """`attention` without its argument checks, for a caller that made them once (a model's layer
     whose shapes are fixed at construction): ``scale`` is the float `attention` would resolve
     (1/sqrt(D) by default).  Arguments `attention` would refuse give undefined results."""
-    return _attention_fwd_call(q, k, v, scale)[0]
+    if _backend.traced(q):
+        return _attention_fwd_call(q, k, v, scale)[0]
+    return _eager(_plan(q, k, v), q, k, v, scale)
+
+
+def _eager(plan: _Plan, q, k, v, scale: float) -> torch.Tensor:
+    """The call in plain eager mode: q, k and v go to the op with strides the kernels read (copied where
+    they have others, before autograd records the op, so that its backward reads the copies)."""
+    if plan.copies:
+        q, k, v, plan = _in_kernel_layout(q, k, v)
+    return _attention_fwd_call.eager(q, k, v, scale, plan)[0]
 
 
 # ----------------------------------------------------------------------------- tuning (scripts/tune_kernels.py)
@@ -1315,9 +1430,11 @@ def tuned_entry(tiles: Tiles) -> dict:
 
 def forward_with(tables: Tables, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, lse₂) through ``tables`` with Triton's JIT: a tuning candidate (no checks, no autograd)."""
-    return _forward_triton(q, k, v, scale, tables)
+    q, k, v, plan = _in_kernel_layout(q, k, v)
+    return _forward_triton(q, k, v, scale, plan, tables=tables)
 
 
 def backward_with(tables: Tables, do, q, k, v, o, lse, scale: float) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv) through ``tables`` with Triton's JIT: a tuning candidate."""
-    return _backward_triton(do, q, k, v, o, lse, scale, tables)
+    q, k, v, plan = _in_kernel_layout(q, k, v)
+    return _backward_triton(do, q, k, v, _kernel_layout(o), lse, scale, plan, tables)
