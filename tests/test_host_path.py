@@ -89,6 +89,33 @@ def test_noising_unchecked_entries_equal_the_public_ones():
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+def test_attention_checks_each_call_signature_once(monkeypatch):
+    """`attention` validates a call signature (types, shapes, strides, dtypes, devices) on its first call
+    only; the scale is checked on every call, and a signature that differs in anything the checks read
+    (here k's dtype) is validated afresh."""
+    from fastdiff.ops import flash_attention as attn_mod
+    from fastdiff.ops.launch_tables import Plans
+
+    checks = []
+    real = attn_mod._validate
+    monkeypatch.setattr(attn_mod, "_checked_plans", Plans())
+    monkeypatch.setattr(attn_mod, "_validate", lambda *args: checks.append(args) or real(*args))
+    q, k = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 3, 32)
+    with use_backend("reference"):
+        first = attn_mod.attention(q, k, k)
+        assert len(checks) == 1
+        assert torch.equal(attn_mod.attention(q.clone(), k.clone(), k.clone()), first)
+        assert torch.equal(attn_mod.attention(q, k, k, scale=32**-0.5), first)
+        assert len(checks) == 1
+        for scale, exc in ((float("nan"), ValueError), (0.0, ValueError), (True, TypeError), ("x", TypeError)):
+            with pytest.raises(exc, match="scale"):
+                attn_mod.attention(q, k, k, scale=scale)
+        assert attn_mod.attention(q, k, k, scale=1).dtype == q.dtype  # an int scale is accepted, as a float
+        with pytest.raises(TypeError, match="k must have q's dtype"):
+            attn_mod.attention(q, k.half(), k.half())
+    assert len(checks) == 2
+
+
 # ----------------------------------------------------------------------------- layouts
 
 

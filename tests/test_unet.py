@@ -16,6 +16,7 @@ from fastdiff.nn.attention import Attention
 from fastdiff.nn.norm import GroupNormSiLU
 from fastdiff.nn.unet import zero_init
 from fastdiff.ops import flash_attention, group_norm
+from fastdiff.ops.launch_tables import Plans
 
 # Small but complete: two levels, attention at level 1 and in the middle, scale-shift
 # ResBlocks, patchified input, a pooled embedding, odd context width.
@@ -197,10 +198,12 @@ def test_sd15_shape_matches_diffusers():
 
 
 def _count_op_checks(monkeypatch) -> dict[str, int]:
-    """Counts of the argument checks of GroupNorm+SiLU's and attention's public functions."""
+    """Counts of the argument checks of GroupNorm+SiLU's and attention's public functions (each call
+    signature is checked once: the ops' record of checked signatures starts empty here)."""
     calls = {}
     for name, module in (("group_norm", group_norm), ("attention", flash_attention)):
         calls[name] = 0
+        monkeypatch.setattr(module, "_checked_plans", Plans())
 
         def spy(*args, _name=name, _check=module._validate):
             calls[_name] += 1

@@ -1099,7 +1099,7 @@ class _Plan:
     they are dense, else contiguous).
     """
 
-    __slots__ = ("copies", "rows", "empty", "code", "key", "bh", "device_index", "sizes", "out_shape",
+    __slots__ = ("copies", "scale", "rows", "empty", "code", "key", "bh", "device_index", "sizes", "out_shape",
                  "out_stride", "fwd_args", "qkv_strides", "grad_strides", "grad_args", "backward_floats")  # fmt: skip
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -1107,6 +1107,7 @@ class _Plan:
         self.copies = not all(_aligned_strides(x.shape, x.stride(), itemsize) for x in (q, k, v))
         B, H, Lq, D = q.shape
         Lk = k.shape[2]
+        self.scale = 1.0 / math.sqrt(D)  # `attention`'s default
         self.rows = B * H * Lq  # query rows: the log-sum-exp's floats
         self.empty = self.rows == 0
         # a dtype outside the tables only runs the reference (`attention` refuses it; the unchecked entry may not)
@@ -1130,13 +1131,35 @@ class _Plan:
         return self.backward_floats
 
 
-_plans = Plans()
+_plans, _checked_plans = Plans(), Plans()
 
 
 def _plan(q, k, v) -> _Plan:
     """The plan of a call (computed on the first call of its signature), without checking it."""
     key = (q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), v.shape, v.stride())
     return _plans.get(key) or _plans.remember(key, _Plan(q, k, v))
+
+
+def _checked_plan(q, k, v, scale) -> _Plan:
+    """The plan of a call whose arguments `attention` accepts; raises as `_validate` otherwise.
+
+    A signature is checked once: what the checks read of the tensors (types, shapes, strides, dtypes,
+    devices) is part of it.  ``scale`` is checked on every call, by its caller.
+    """
+    try:
+        key = (
+            q.shape, q.stride(), q.dtype, q.device, type(k), k.shape, k.stride(), k.dtype, k.device, type(v),
+            v.shape, v.stride(), v.dtype, v.device,
+        )  # fmt: skip
+    except AttributeError:  # k or v is not a tensor
+        key = None
+    return _checked_plans.get(key) or _checked_plans.remember(key, _validated_plan(q, k, v, scale))
+
+
+def _validated_plan(q, k, v, scale) -> _Plan:
+    """The plan of a signature not seen yet, once `_validate` accepts the call's arguments."""
+    _validate(q, k, v, scale)
+    return _Plan(q, k, v)
 
 
 def _in_kernel_layout(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Plan]:
@@ -1345,8 +1368,10 @@ def _validate(q, k, v, scale) -> float:
             raise ValueError(
                 f"{name} is too long for 32-bit token offsets: shape {tuple(x.shape)}, strides {x.stride()}"
             )
-    if scale is None:
-        return 1.0 / math.sqrt(D)
+    return 1.0 / math.sqrt(D) if scale is None else _checked_scale(scale)
+
+
+def _checked_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
@@ -1363,8 +1388,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     with a unit-stride head dim.  ``scale`` defaults to 1/sqrt(D).  Differentiable in
     q, k and v.  Returns (B, H, Lq, D) in q's dtype, stored as (B, Lq, H, D).
     """
-    scale = _validate(q, k, v, scale)
-    return attention_unchecked(q, k, v, scale=scale)
+    if _backend.traced(q):
+        return _attention_fwd_call(q, k, v, _validate(q, k, v, scale))[0]
+    plan = _checked_plan(q, k, v, scale)
+    if scale is None:
+        scale = plan.scale
+    elif type(scale) is not float or not 0.0 < scale < math.inf:  # the checks' fast path: a float within range
+        scale = _checked_scale(scale)
+    return _eager(plan, q, k, v, scale)
 
 
 def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
