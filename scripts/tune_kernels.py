@@ -357,10 +357,11 @@ def main(argv=None) -> int:
     import torch
 
     from benchmarks.bench_attention import shapes
+    from fastdiff.ops import launch_tables
 
-    # the current GPU's arch, SM count and name, in one read; without a GPU the plan is an H100's
-    gpu = torch.cuda.get_device_properties(torch.cuda.current_device()) if torch.cuda.is_available() else None
-    arch, num_sms = ((90 if gpu.major >= 9 else 80), gpu.multi_processor_count) if gpu is not None else (90, 132)
+    # the current GPU's tables and SM count, as the launchers read them; without a GPU the plan is an H100's
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    arch, num_sms = launch_tables.device_arch(device), launch_tables.device_sms(device)
     plan = plan_sweep(arch, num_sms, shapes(args.quick, "cuda"), args.quick)
     for op in OPS_WITHOUT_CANDIDATES:
         print(f"{op}: no tuning candidates declared (one configuration per key)")
@@ -369,19 +370,20 @@ def main(argv=None) -> int:
               f"{len(plan.shapes[slot])} shape(s)")  # fmt: skip
     if args.dry_plan:
         return 0
-    if gpu is None:
+    if device is None:
         print("the sweep measures on a CUDA GPU; none here (--dry-plan prints the plan)")
         return 2
+    name = torch.cuda.get_device_name(device)
     # half the budget at most for compiling, so that the sweep ends within about --budget-s
     compiled = precompile(plan, args.jobs, t0 + args.budget_s / 2)
     print(f"compiled {compiled} of the candidates' {len(_PRECOMPILE)} new cases in {time.monotonic() - t0:.0f} s")
     times = measure_all(plan, GpuTimer(), args.budget_s - (time.monotonic() - t0))
     verdicts = rank(plan, times, audit_vet)
     previous = load_tuned(TUNED_FILE)
-    table = tuned_table(previous, verdicts, gpu.name, datetime.date.today().isoformat())
+    table = tuned_table(previous, verdicts, name, datetime.date.today().isoformat())
     import triton
 
-    meta = {"device": gpu.name, "arch": arch, "num_sms": num_sms, "quick": args.quick,
+    meta = {"device": name, "arch": arch, "num_sms": num_sms, "quick": args.quick,
             "torch": torch.__version__, "triton": triton.__version__, "seconds": round(time.monotonic() - t0, 1)}
     path = write_outputs(args.out, plan, times, verdicts, table, meta)
     for v in verdicts:

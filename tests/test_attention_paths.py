@@ -23,7 +23,7 @@ def sms(monkeypatch):
     """Plan the grids for this many SMs (the plans are cached per SM count, so nothing stale leaks)."""
 
     def set_sms(n: int) -> None:
-        monkeypatch.setattr(attn_mod, "_num_sms", lambda device_index: n)
+        monkeypatch.setattr(attn_mod, "device_sms", lambda device_index: n)
 
     return set_sms
 
@@ -103,7 +103,7 @@ def test_tma_forward(D, dtype, device, poisoned_alloc, monkeypatch):
     tiles = dataclasses.replace(attn_mod.TABLES.configs16[90][D].fwd, tma=True)
     tables = attn_mod.TABLES.with_tiles(90, D, "fwd", tiles)
     monkeypatch.setattr(attn_mod, "TABLES", tables)
-    monkeypatch.setattr(attn_mod, "_num_sms", lambda device_index: 1)
+    monkeypatch.setattr(attn_mod, "device_sms", lambda device_index: 1)
     fwd, _ = _paths(1, 3, 37, 131, D, dtype)
     assert fwd[0][0].constexprs["TMA"] and fwd[0][0].jit_only
     _check_against_float64(*_qkv(1, 3, 37, 131, D, dtype, device))

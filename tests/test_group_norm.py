@@ -234,7 +234,7 @@ def test_parameters_in_mixed_float_dtypes(device, kernel_path, poisoned_alloc):
 @pytest.mark.parametrize("shape", [(1, 4, 70, 70), (2, 4, 70, 70), (2, 64, 33, 31)])
 def test_split_and_multi_tile_chunks(shape, sms, device, kernel_path, monkeypatch, poisoned_alloc, request):
     """Groups split over several programs, chunks of several tiles, a short last chunk."""
-    monkeypatch.setattr(gn, "_num_sms", lambda index: sms)
+    monkeypatch.setattr(gn, "device_sms", lambda index: sms)
     forget = [gn._geometry.cache_clear, gn._plans.clear, gn._checked_plans.clear]  # cached per shape
     for clear in forget:  # this test must see the patched SM count
         clear()

@@ -122,7 +122,8 @@ import torch
 
 from fastdiff.ops import _aot, _backend, tensor_checks, _tuned
 from fastdiff.ops._backend import HAS_TRITON, INTERPRET, cdiv, define_op, use_triton
-from fastdiff.ops.launch_tables import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, Plans, dtype_code
+from fastdiff.ops.launch_tables import ARCHS, DTYPE_CODES, KernelCase, LaunchTable, Plans, device_arch, device_sms
+from fastdiff.ops.launch_tables import dtype_code
 
 HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
 LOG2E = 1.4426950408889634
@@ -801,24 +802,6 @@ def configs_with(tuned: dict) -> dict[int, dict[int, AttnConfig]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _arch(device_index: int | None) -> int:
-    """Which table a device uses: 90 for Hopper and newer, else 80.  Interpreter: 90."""
-    if INTERPRET or device_index is None:
-        return 90
-    major, _ = torch.cuda.get_device_capability(device_index)
-    return 90 if major >= 9 else 80
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int | None) -> int:
-    """Multiprocessors the grids are planned for: the GPU's, else an H100's 132 (the interpreter;
-    the library's dry run plans for 132 too unless told otherwise)."""
-    if INTERPRET or device_index is None:
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _device_index(x: torch.Tensor) -> int | None:
     return x.device.index if x.is_cuda else None
 
@@ -1113,7 +1096,7 @@ class _Plan:
         # a dtype outside the tables only runs the reference (`attention` refuses it; the unchecked entry may not)
         self.code = dtype_code(q.dtype) if q.dtype in tensor_checks.FLOAT_DTYPES else -1
         self.device_index = _device_index(q)
-        self.key = (_arch(self.device_index), self.code, D)
+        self.key = (device_arch(self.device_index), self.code, D)
         self.bh, self.sizes = B * H, (B, H, Lq, Lk, D)
         self.out_shape, self.out_stride = (B, H, Lq, D), (Lq * H * D, D, H * D, 1)  # (B, Lq, H, D) memory order
         self.qkv_strides = (*q.stride(), *k.stride(), *v.stride())
@@ -1126,7 +1109,7 @@ class _Plan:
         """The backward's fp32 scratch: the short path's dK/dV partials, else δ (`BackwardPlan`)."""
         if self.backward_floats is None:
             _, _, Lq, Lk, _ = self.sizes
-            plan = TABLES.backward_plan(self.key, self.bh, Lq, Lk, _num_sms(self.device_index))
+            plan = TABLES.backward_plan(self.key, self.bh, Lq, Lk, device_sms(self.device_index))
             self.backward_floats = plan.scratch_floats
         return self.backward_floats
 
@@ -1190,7 +1173,7 @@ def _forward_triton(
         ):
             return o, lse
     B, H, Lq, Lk, D = plan.sizes
-    launch = (tables or TABLES).forward_plan(plan.key, plan.bh, Lq, Lk, _num_sms(plan.device_index))
+    launch = (tables or TABLES).forward_plan(plan.key, plan.bh, Lq, Lk, device_sms(plan.device_index))
     if launch.case.jit_only:  # tensor descriptors
         _set_tma_allocator()
         q, k, v = _tma_layout(q), _tma_layout(k), _tma_layout(v)
@@ -1224,7 +1207,7 @@ def _backward_triton(
         ):  # fmt: skip
             return dq, dk, dv
     _, _, Lq, Lk, _ = plan.sizes
-    launches = (tables or TABLES).backward_plan(plan.key, plan.bh, Lq, Lk, _num_sms(plan.device_index))
+    launches = (tables or TABLES).backward_plan(plan.key, plan.bh, Lq, Lk, device_sms(plan.device_index))
     _backward_jit(launches, do, q, k, v, o, lse, dq, dk, dv, scale)
     return dq, dk, dv
 

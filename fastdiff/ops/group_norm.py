@@ -57,7 +57,8 @@ import torch
 from fastdiff.ops import tensor_checks
 from fastdiff.ops import _aot, _backend
 from fastdiff.ops._backend import HAS_TRITON, cdiv, define_op, use_triton
-from fastdiff.ops.launch_tables import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned, divisible_key, dtype_code
+from fastdiff.ops.launch_tables import DTYPE_CODES, KernelCase, LaunchTable, Plans, aligned, device_sms, divisible_key
+from fastdiff.ops.launch_tables import dtype_code
 from fastdiff.ops._layout import sample_layout
 
 # ----------------------------------------------------------------------------- reference
@@ -534,14 +535,6 @@ def _tile_shape(layout: str, C: int, S: int) -> tuple[int, int]:
     return (32, 64) if S < 1024 else (TILE // 1024, 1024)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int | None) -> int:
-    """Streaming multiprocessors of the GPU (an H100's 132 where there is none, e.g. the interpreter)."""
-    if device_index is None or not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split(device_index: int | None, B: int, c_blocks: int, S: int, block_s: int) -> tuple[int, int]:
     """(SPLIT, TILES): spatial chunks per channel block and tiles per chunk.
 
@@ -550,7 +543,7 @@ def _split(device_index: int | None, B: int, c_blocks: int, S: int, block_s: int
     block, no merge overhead).
     """
     n_tiles = cdiv(S, block_s)
-    want = cdiv(PROGRAMS_PER_SM * _num_sms(device_index), B * c_blocks)
+    want = cdiv(PROGRAMS_PER_SM * device_sms(device_index), B * c_blocks)
     split = max(1, min(want, n_tiles, MAX_SPLIT))
     tiles = cdiv(n_tiles, split)
     return cdiv(n_tiles, tiles), tiles

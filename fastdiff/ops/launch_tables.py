@@ -24,6 +24,7 @@ run the same machine code):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 ARCHS = (80, 90)  # compute capabilities the library ships cubins for
@@ -97,6 +98,32 @@ class LaunchTable:
                 seen.add(id(case))
                 out.append(case)
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device_index: int | None) -> int:
+    """The architecture whose tables a CUDA device uses (`ARCHS`): 90 for Hopper and newer, else 80.
+    No device (the interpreter, a dry run on CPU): 90."""
+    from fastdiff.ops._backend import INTERPRET
+
+    if device_index is None or INTERPRET:
+        return 90
+    import torch
+
+    return 90 if torch.cuda.get_device_capability(device_index)[0] >= 9 else 80
+
+
+@functools.lru_cache(maxsize=None)
+def device_sms(device_index: int | None) -> int:
+    """The multiprocessors a device's grids are planned for: its own, else an H100's 132 (no device:
+    the interpreter; the library's dry run plans for 132 too unless told otherwise)."""
+    from fastdiff.ops._backend import INTERPRET
+
+    if device_index is None or INTERPRET:
+        return 132
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def divisible_key(*values: int) -> int:
