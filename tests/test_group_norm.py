@@ -179,17 +179,22 @@ def test_backward_kernel(shape, G, parts, layout, dtype, device, kernel_path, po
     x, w, b, sc, sh = make_inputs(shape, parts, dtype, device, layout)
     dy = torch.randn(x.shape, device=device).to(dtype)
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b, sc, sh)]
-    f32 = [None if t is None else t.detach().float().requires_grad_() for t in (x, w, b, sc, sh)]
+    # against the float64 truth.  In 2-element groups x̂ = ±1 up to eps, so dx cancels to ~1e-7 of its terms
+    # (exactly 0 at eps = 0) and any fp32 formulation's dx is mostly round-off (ours reached 2.3× PyTorch's):
+    # floors of 1e-2 for dx and 1e-4 for the others there.  A wrong formula errs by far more than ‖dx‖.
+    few = x[0].numel() // G <= 2
+    f64 = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b, sc, sh)]
     low = [None if t is None else t.detach().clone().requires_grad_() for t in (x, w, b, sc, sh)]
     fastdiff.ops.group_norm_silu(leaves[0], G, leaves[1], leaves[2], scale=leaves[3], shift=leaves[4]).backward(dy)
-    gn.group_norm_silu_ref(f32[0], G, f32[1], f32[2], scale=f32[3], shift=f32[4]).backward(dy.float())
+    gn.group_norm_silu_ref(f64[0], G, f64[1], f64[2], scale=f64[3], shift=f64[4]).backward(dy.double())
     torch_chain(low[0], G, low[1], low[2], low[3], low[4]).backward(dy)
-    for name, ours, ref, eager in zip(("dx", "dweight", "dbias", "dscale", "dshift"), leaves, f32, low):
+    for name, ours, ref, eager in zip(("dx", "dweight", "dbias", "dscale", "dshift"), leaves, f64, low):
         if ours is None:
             continue
         assert ours.grad.dtype == ours.dtype and ours.grad.shape == ours.shape, name
         torch_err = rel_err(eager.grad, ref.grad)
-        assert rel_err(ours.grad, ref.grad) <= tolerance(torch_err, dtype), name
+        floor = (1e-2 if name == "dx" else 1e-4) if few else 0.0
+        assert rel_err(ours.grad, ref.grad) <= tolerance(torch_err, dtype) + floor, name
 
 
 @pytest.mark.parametrize("flags", range(16))
