@@ -637,38 +637,44 @@ class Trainer:
         # Decided before anything is built: a refused resume (or a folder in use) costs nothing.
         self._lock: LockFile | None = None
         self.checkpoint: Path | None = self._agreed_checkpoint(set(allow_changes), resume)
-        if self.rank == 0:
-            for name in remove_unfinished(self.out):
-                print(f"removed {self.out / name}: a checkpoint write that was killed", file=sys.stderr)
-        self.device = distributed.device(device)
-        self.text_encoder = text_encoder if text_encoder is not None else load_text_encoder(cfg.text_encoder, self.device)
-        self.prompts = PromptCache(self.text_encoder)
-        self.unet_config = cfg.unet_config(self.text_encoder.dim, self.text_encoder.pooled_dim)
-        torch.manual_seed(cfg.seed)  # the initial weights
-        self.model = self.build_model().to(self.device)
-        downscale = getattr(self.model, "downscale", 1)  # a UNet's H and W are multiples of it
-        if cfg.resolution % downscale:
-            raise ValueError(f"resolution must be a multiple of {downscale} for this UNet, got {cfg.resolution}")
-        if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = self.build_model().to(self.device).requires_grad_(False)
-        self.ema.load_state_dict(self.model.state_dict())
-        self.ema.eval()
-        # The module that trains: DDP around the model when there are several processes.
-        self.net = self._wrap_ddp(self.model) if self.world_size > 1 else self.model
-        self._fallback: dict | None = None  # a recent batch of this rank, for a step where its slice is empty
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-        )
-        sched = make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr)
-        self.schedule = sched
-        self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
-        self.step = 0
-        self.skipped: list[Skipped] = list(getattr(dataset, "skipped", []))
-        self.last_loss = float("nan")
-        self._perm_epoch, self._perm = -1, None
-        if self.checkpoint is not None:
-            self.load(self.checkpoint)
+        try:  # a trainer that fails to build gives the folder up at once (its traceback may outlive it)
+            if self.rank == 0:
+                for name in remove_unfinished(self.out):
+                    print(f"removed {self.out / name}: a checkpoint write that was killed", file=sys.stderr)
+            self.device = distributed.device(device)
+            if text_encoder is None:
+                text_encoder = load_text_encoder(cfg.text_encoder, self.device)
+            self.text_encoder = text_encoder
+            self.prompts = PromptCache(self.text_encoder)
+            self.unet_config = cfg.unet_config(self.text_encoder.dim, self.text_encoder.pooled_dim)
+            torch.manual_seed(cfg.seed)  # the initial weights
+            self.model = self.build_model().to(self.device)
+            downscale = getattr(self.model, "downscale", 1)  # a UNet's H and W are multiples of it
+            if cfg.resolution % downscale:
+                raise ValueError(f"resolution must be a multiple of {downscale} for this UNet, got {cfg.resolution}")
+            if cfg.channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+            self.ema = self.build_model().to(self.device).requires_grad_(False)
+            self.ema.load_state_dict(self.model.state_dict())
+            self.ema.eval()
+            # The module that trains: DDP around the model when there are several processes.
+            self.net = self._wrap_ddp(self.model) if self.world_size > 1 else self.model
+            self._fallback: dict | None = None  # a recent batch of this rank, for a step where its slice is empty
+            self.optimizer = torch.optim.AdamW(
+                self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+            )
+            sched = make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr)
+            self.schedule = sched
+            self.alphas_cumprod = sched.alphas_cumprod.to(self.device, torch.float32)
+            self.step = 0
+            self.skipped: list[Skipped] = list(getattr(dataset, "skipped", []))
+            self.last_loss = float("nan")
+            self._perm_epoch, self._perm = -1, None
+            if self.checkpoint is not None:
+                self.load(self.checkpoint)
+        except BaseException:
+            self.release()
+            raise
 
     # -- what a subclass (an application's trainer) may change --
 

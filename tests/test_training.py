@@ -221,7 +221,11 @@ def test_a_folder_in_use_is_refused_until_its_trainer_is_done(tmp_path):
     with pytest.raises(LockHeld, match="is in use by"):
         trainer(config(tmp_path / "run", steps=3)).train()
     del second  # a trainer dropped before it trains gives the folder up too
+    with pytest.raises(ValueError, match="resolution must be a multiple of 4") as refused:
+        trainer(config(tmp_path / "run", steps=3, resolution=18), allow_changes=["resolution"])
+    # a trainer that failed to build holds nothing, though its traceback (and so the trainer) lives on (`refused`)
     assert trainer(config(tmp_path / "run", steps=3)).train().name == "step_0000003"
+    assert refused.traceback  # (still alive up to here)
 
 
 def test_trainer_refuses_bad_output_folders_and_sizes_before_any_work(tmp_path):
