@@ -1,6 +1,7 @@
 """Builds libfastdiff_kernels with CMake while the package installs (``pip install [-e] .``).
 
-The library and its Python binding land in ``fastdiff/ops/`` (in the source tree for an editable
+The library, its Python binding and the C++ eager entries (``_eager``, built against the installed
+torch) land in ``fastdiff/ops/`` (in the source tree for an editable
 install), where ``fastdiff.ops._aot`` finds them.  The kernels are compiled by the interpreter that
 installs fastdiff (it has torch and triton).  A build that fails, or a machine without cmake or a
 C compiler, leaves the package installed without the library: fastdiff then launches every
@@ -41,7 +42,8 @@ class CMakeBuild(build_ext):
         except (OSError, subprocess.CalledProcessError) as exc:
             print(f"warning: libfastdiff_kernels not built ({exc}); fastdiff will use Triton's JIT", file=sys.stderr)
             return None
-        return [os.path.join(build, "libfastdiff_kernels.so"), *glob.glob(os.path.join(build, "_aot_binding*.so"))]
+        modules = [p for name in ("_aot_binding", "_eager") for p in glob.glob(os.path.join(build, f"{name}*.so"))]
+        return [os.path.join(build, "libfastdiff_kernels.so"), *modules]
 
     def build_extension(self, ext):
         """The library next to its binding in fastdiff/ops: in the wheel, and in the source tree when editable."""

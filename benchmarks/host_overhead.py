@@ -3,8 +3,8 @@
 At diffusion sizes the memory-bound ops take a few µs on a GPU, so what a call costs on
 the host (argument checks, allocations, autograd, dispatch, launch set-up) decides their
 speed.  This measures that path on any machine, with ATen baselines from the same run:
-``torch.add(a, b, out=c)`` (one native elementwise op) and ``F.group_norm`` on tiny
-tensors.  The targets (a benchmark, never a timed test): every forward op within 4× the
+``torch.add(a, b, out=c)`` (one native elementwise op), ``x * 2`` forward+backward (the least
+a call through autograd and ``backward()`` costs) and ``F.group_norm`` on tiny tensors.  The targets (a benchmark, never a timed test): every forward op within 4× the
 ``torch.add`` row, every forward+backward within 20×.
 
 Rows: each public op (validate + launch path), forward and, where the op has a
@@ -45,6 +45,7 @@ import fastdiff.ops
 from benchmarks.harness import forward_backward
 
 BASELINE = "torch.add(a, b, out=c)"
+AUTOGRAD_FLOOR = "x * 2 fwd+bwd (autograd's floor)"
 TARGETS = {"fwd": 4.0, "fwd+bwd": 20.0}  # × the torch.add row
 
 
@@ -70,14 +71,17 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def baseline_cases() -> dict[str, Callable]:
-    """ATen on tiny tensors: one elementwise op, and GroupNorm forward and forward+backward."""
+    """ATen on tiny tensors: one elementwise op, the cheapest forward+backward autograd runs (one ATen op
+    and its backward node), and GroupNorm forward and forward+backward."""
     a, b, c = torch.randn(16), torch.randn(16), torch.empty(16)
     x = torch.randn(2, 8, 4, 4)
     w, bias = torch.randn(8), torch.randn(8)
     gn_leaves = _leaves(x, w, bias)
     gn_fb = forward_backward(lambda *t: F.group_norm(t[0], 4, t[1], t[2]), gn_leaves, torch.randn_like(x))
+    mul_fb = forward_backward(lambda t: torch.mul(t, 2.0), _leaves(x), torch.randn_like(x))
     return {
         BASELINE: lambda: torch.add(a, b, out=c),
+        AUTOGRAD_FLOOR: mul_fb,
         "F.group_norm fwd": lambda: F.group_norm(x, 4, w, bias),
         "F.group_norm fwd+bwd": gn_fb,
     }
@@ -200,7 +204,7 @@ def measure(calls: int, repeats: int) -> list[dict]:
 
 
 def _target(name: str) -> float | None:
-    if name == BASELINE or name.startswith(("F.", "samplers.", "UNet")):
+    if name in (BASELINE, AUTOGRAD_FLOOR) or name.startswith(("F.", "samplers.", "UNet")):
         return None
     return TARGETS["fwd+bwd" if "bwd" in name else "fwd"]
 

@@ -148,7 +148,8 @@ def test_the_library_and_the_jit_give_the_same_bits_on_cuda(library, op, monkeyp
     assert _aot.active(torch.empty(1, device="cuda")), "the library is not this device's path"
     torch.manual_seed(0)
     from_library = _tensors(calls[op]())
-    monkeypatch.setattr(_aot, "binding", lambda: None)  # every launch through Triton's JIT
+    monkeypatch.setattr(_aot, "binding", lambda: None)  # every launch through Triton's JIT,
+    monkeypatch.setattr(_aot, "eager", _aot.NO_EAGER)  # none from the C++ entries
     torch.manual_seed(0)
     from_jit = _tensors(calls[op]())
     torch.cuda.synchronize()

@@ -11,6 +11,13 @@ path each op takes.
 ``dry_run()`` makes every op take the kernel path on any device, down to and excluding the driver
 call: the library checks, picks and plans the launches and records them instead of launching
 (host-overhead measurements on a machine without a GPU, and tests).
+
+``eager``: the eager calls that record no gradient, in C++ (``fastdiff/ops/_eager``, built with the
+library against the installed torch; ``kernels/python/eager.cpp``).  Each public op tries it first: it
+reads the call's signature, finds its plan, allocates the outputs with ATen and calls the library, or
+returns None and the Python path takes the call.  Plans come from the ops' planners (`set_planner`),
+which make the public function's checks on the first checked call of a signature.  Where the module
+is not built, or was built against another torch, every call takes the Python path.
 """
 from __future__ import annotations
 
@@ -73,6 +80,62 @@ def declined(op: str, status: int) -> bool:
     if status == UNSUPPORTED and not _backend.dry_run_active():
         return False
     raise RuntimeError(f"libfastdiff_kernels {op}: {binding().last_error()}")
+
+
+class _PythonPath:
+    """Stands in for `_eager` where it is not usable: every entry returns None (the Python path)."""
+
+    def __getattr__(self, op: str):
+        return _python_path
+
+
+def _python_path(*args) -> None:
+    return None
+
+
+NO_EAGER = _PythonPath()
+_planners: dict[str, object] = {}
+
+
+class _Unloaded:
+    """`eager` until its first use: loads the module (after the library, which it links) then."""
+
+    def __getattr__(self, op: str):
+        global eager
+        eager = _load_eager()
+        return getattr(eager, op)
+
+
+def _load_eager():
+    """The configured `_eager` module, or `NO_EAGER` (with the library missing or stale, or the module
+    not built, or built against another torch)."""
+    if binding() is None:
+        return NO_EAGER
+    try:
+        from fastdiff.ops import _eager as module
+    except ImportError:
+        return NO_EAGER
+    if module.torch_version() != torch.__version__:
+        return NO_EAGER
+    cuda = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getCurrentRawStream") else None
+    if _backend.environment_backend() == "reference":
+        cuda = None  # CUDA calls take the reference, in Python
+    module.configure(*_backend.context_variables(), cuda, torch._C._cuda_getCurrentRawStream if cuda else None)
+    for op, planner in _planners.items():
+        module.set_planner(op, planner)
+    return module
+
+
+def set_planner(op: str, planner) -> None:
+    """``planner(*args)`` makes the plan of a signature of ``eager.<op>(*args)`` (see `eager`): it makes
+    the public function's checks when the call is a checked one (its last argument True), and returns
+    the plan's integers, or None where that signature takes the Python path."""
+    _planners[op] = planner
+    if not isinstance(eager, (_Unloaded, _PythonPath)):
+        eager.set_planner(op, planner)
+
+
+eager = _Unloaded()
 
 
 # Scratch for library calls, one buffer per (device, stream): (floats, buffer, its address).

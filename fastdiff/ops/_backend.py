@@ -85,6 +85,17 @@ def dry_run_mode():
         _dry_run.reset(token)
 
 
+def environment_backend() -> str:
+    """``FASTDIFF_BACKEND`` as read at import ("auto" when unset)."""
+    return _env_backend
+
+
+def context_variables() -> tuple[contextvars.ContextVar, contextvars.ContextVar]:
+    """The context variables behind `dry_run_active` and `use_backend` (the C++ eager entries read them
+    directly: `fastdiff.ops._aot.eager`)."""
+    return _dry_run, _override
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """True when this call should run the Triton kernel for these tensors."""
     if _dry_run.get():

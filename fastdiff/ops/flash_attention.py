@@ -1371,6 +1371,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     with a unit-stride head dim.  ``scale`` defaults to 1/sqrt(D).  Differentiable in
     q, k and v.  Returns (B, H, Lq, D) in q's dtype, stored as (B, Lq, H, D).
     """
+    if not torch.compiler.is_compiling():
+        o = _aot.eager.attention(q, k, v, scale, True)
+        if o is not None:
+            return o
     if _backend.traced(q):
         return _attention_fwd_call(q, k, v, _validate(q, k, v, scale))[0]
     plan = _checked_plan(q, k, v, scale)
@@ -1385,9 +1389,24 @@ def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     """`attention` without its argument checks, for a caller that made them once (a model's layer
     whose shapes are fixed at construction): ``scale`` is the float `attention` would resolve
     (1/sqrt(D) by default).  Arguments `attention` would refuse give undefined results."""
+    if not torch.compiler.is_compiling():
+        o = _aot.eager.attention(q, k, v, scale, False)
+        if o is not None:
+            return o
     if _backend.traced(q):
         return _attention_fwd_call(q, k, v, scale)[0]
     return _eager(_plan(q, k, v), q, k, v, scale)
+
+
+def _eager_plan(q, k, v, scale, checked) -> tuple[int, ...] | None:
+    """The plan of `_aot.eager.attention`'s signature (checked first when ``checked``): the library's numbers."""
+    plan = _checked_plan(q, k, v, scale) if checked else _plan(q, k, v)
+    if plan.copies or plan.empty or plan.code < 0:
+        return None
+    return (plan.code, *plan.fwd_args)
+
+
+_aot.set_planner("attention", _eager_plan)
 
 
 def _eager(plan: _Plan, q, k, v, scale: float) -> torch.Tensor:

@@ -700,6 +700,13 @@ def sampler_step(
     and step: the Philox keys of the noise drawn when ``add_noise`` (coefficient "noise") or
     when inpainting.  known, mask: inpainting; mask (B, ...) or (B, 1, ...) with 1 = repaint.
     """
+    if not torch.compiler.is_compiling():
+        out = _aot.eager.sampler_step(
+            x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
+            clip_x0, step, add_noise, return_x0, True,
+        )  # fmt: skip
+        if out is not None:
+            return out
     t = _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask)
     # the numbers are checked on every call, by type first (a signature cannot hold them)
     if (
@@ -762,9 +769,36 @@ def sampler_step_unchecked(
     """`sampler_step` without its argument checks, for a sampling loop that made them once
     (`check_step_arguments`) and checks each model output (`check_model_output`).  Arguments
     `sampler_step` would refuse give undefined results."""
+    if not torch.compiler.is_compiling():
+        out = _aot.eager.sampler_step(
+            x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
+            clip_x0, step, add_noise, return_x0, False,
+        )  # fmt: skip
+        if out is not None:
+            return out
     t = _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask)
     o = _options(guidance_scale, guidance_rescale, clip_x0, step, add_noise, return_x0)
     return _step(None if _backend.traced(x) else _step_plan(t, o.flags()), t, o)
+
+
+def _eager_plan(
+    x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale, clip_x0,
+    step, add_noise, return_x0, checked,
+) -> tuple[int, ...] | None:  # fmt: skip
+    """The plan of `_aot.eager.sampler_step`'s signature (checked first when ``checked``): the library's
+    numbers, then the chunks of the guidance statistics (their scratch)."""
+    t = _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask)
+    o = _options(guidance_scale, guidance_rescale, clip_x0, step, add_noise, return_x0)
+    if checked:
+        _validate(t, guidance_scale, guidance_rescale, clip_x0, step, add_noise)
+    plan = _step_plan(t, o.flags())
+    if plan.copies:
+        return None
+    return (plan.code, plan.out_code, plan.per_sample_coeffs, plan.per_pixel, *plan.sizes, plan.channels_last,
+            plan.rescale, plan.chunks[0])  # fmt: skip
+
+
+_aot.set_planner("sampler_step", _eager_plan)
 
 
 def _step(plan: _StepPlan | None, t: _Tensors, o: _Options):

@@ -970,6 +970,10 @@ def group_norm_silu(
     shift)`` in fp32, returned in x's dtype with x's memory layout.  Differentiable
     in x, weight, bias, scale and shift.
     """
+    if not torch.compiler.is_compiling():
+        y = _aot.eager.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, True)
+        if y is not None:
+            return y
     if _backend.traced(x):
         _validate(x, num_groups, weight, bias, eps, scale, shift, silu)
         return _group_norm_silu_call(*_prepared(x, weight, bias, scale, shift), num_groups, float(eps), silu)[0]
@@ -984,6 +988,10 @@ def group_norm_silu_unchecked(
     """`group_norm_silu` without its argument checks, for a caller that made them once (a model's
     layer whose channels, groups and eps are fixed at construction).  Layouts are still taken
     care of; arguments `group_norm_silu` would refuse give undefined results."""
+    if not torch.compiler.is_compiling():
+        y = _aot.eager.group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, False)
+        if y is not None:
+            return y
     if _backend.traced(x):
         return _group_norm_silu_call(*_prepared(x, weight, bias, scale, shift), num_groups, float(eps), silu)[0]
     plan = _plan(x, num_groups, weight, bias, scale, shift, silu)
@@ -994,6 +1002,22 @@ def _eager(plan: _Plan, x, weight, bias, scale, shift, num_groups, eps, silu) ->
     if plan.copies:
         x, weight, bias, scale, shift = _prepared(x, weight, bias, scale, shift)
     return _group_norm_silu_call.eager(x, weight, bias, scale, shift, num_groups, eps, silu, plan)[0]
+
+
+def _eager_plan(x, weight, bias, scale, shift, num_groups, eps, silu, checked) -> tuple[int, ...] | None:
+    """The plan of `_aot.eager.group_norm_silu`'s signature (checked first when ``checked``): the library's
+    numbers, then the floats of the statistics and partials (one scratch) and their offsets."""
+    if checked:
+        plan = _checked_plan(x, num_groups, weight, bias, eps, scale, shift, silu)
+    else:
+        plan = _plan(x, num_groups, weight, bias, scale, shift, silu)
+    if plan.copies:
+        return None
+    return (plan.code, plan.pd, plan.stride_scale, plan.stride_shift, *plan.sizes, plan.silu, plan.saved,
+            plan.partials, plan.o_rstd, plan.o_a, plan.o_d, plan.o_m2)  # fmt: skip
+
+
+_aot.set_planner("group_norm_silu", _eager_plan)
 
 
 # ----------------------------------------------------------------------------- launch tables

@@ -590,6 +590,10 @@ def q_sample(
     [0, T); alphas_cumprod: (T,) fp32/fp64 on x0's device.  With ``noise=None`` the
     kernel draws N(0, I) noise itself from ``generator`` and returns it.
     """
+    if generator is None and not torch.compiler.is_compiling():
+        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, None, False, True)
+        if out is not None:
+            return out[0], out[1]
     plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
     x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, False, plan)
     return x_t, noise
@@ -601,6 +605,10 @@ def q_sample_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`q_sample` without its argument checks, for a loop that made them once.  Arguments
     `q_sample` would refuse give undefined results."""
+    if generator is None and not torch.compiler.is_compiling():
+        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, None, False, False)
+        if out is not None:
+            return out[0], out[1]
     plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
     x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, False, plan)
     return x_t, noise
@@ -626,6 +634,10 @@ def training_target(
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    if generator is None and not torch.compiler.is_compiling():
+        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, keys, prediction == "v", True)
+        if out is not None:
+            return _with_target(out, x0, prediction)
     plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
     if keys is not None:
         _validate_keys(keys, x0, noise, generator)
@@ -638,14 +650,38 @@ def training_target_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """`training_target` without its argument checks, for a training loop that made them once.
     Arguments `training_target` would refuse give undefined results."""
+    if generator is None and not torch.compiler.is_compiling():
+        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, keys, prediction == "v", False)
+        if out is not None:
+            return _with_target(out, x0, prediction)
     plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
     return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys)
 
 
 def _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys):
-    x_t, noise, v = _noising(x0, t, alphas_cumprod, noise, generator, prediction == "v", plan, keys)
-    target = noise if prediction == "epsilon" else v if prediction == "v" else x0
-    return x_t, noise, target
+    return _with_target(_noising(x0, t, alphas_cumprod, noise, generator, prediction == "v", plan, keys), x0, prediction)
+
+
+def _with_target(noised, x0, prediction):
+    """(x_t, noise, v or None) → (x_t, noise, the target of ``prediction``)."""
+    x_t, noise, v = noised
+    return x_t, noise, noise if prediction == "epsilon" else v if prediction == "v" else x0
+
+
+def _eager_noising_plan(x0, t, alphas_cumprod, noise, keys, want_v, checked) -> tuple[int, ...] | None:
+    """The plan of `_aot.eager.noising`'s signature (checked first when ``checked``): the library's numbers."""
+    if checked:
+        plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
+        if keys is not None:
+            _validate_keys(keys, x0, noise, None)
+    else:
+        plan = _noising_plan(x0, t, alphas_cumprod, noise)
+    if plan.copies or not plan.launches:
+        return None
+    return (plan.code, plan.num_timesteps, *plan.sizes, plan.channels_last)
+
+
+_aot.set_planner("noising", _eager_noising_plan)
 
 
 def min_snr_weight(
@@ -676,6 +712,10 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     in a fixed order: deterministic, no atomics); the backward is one pass.  ``weight`` (B,) is
     treated as a constant (no gradient), e.g. `min_snr_weight`.
     """
+    if not torch.compiler.is_compiling():
+        loss = _aot.eager.diffusion_loss(pred, target, weight, True)
+        if loss is not None:
+            return loss
     if _backend.traced(pred):
         _validate_loss(pred, target, weight)
         return _diffusion_loss(pred, target, weight, None)
@@ -715,8 +755,27 @@ def diffusion_loss_unchecked(
 ) -> torch.Tensor:
     """`diffusion_loss` without its argument checks, for a training loop that made them once.
     Arguments `diffusion_loss` would refuse give undefined results."""
+    if not torch.compiler.is_compiling():
+        loss = _aot.eager.diffusion_loss(pred, target, weight, False)
+        if loss is not None:
+            return loss
     plan = None if _backend.traced(pred) else _loss_plan(pred, target, weight)
     return _diffusion_loss(pred, target, weight, plan)
+
+
+def _eager_loss_plan(pred, target, weight, checked) -> tuple[int, ...] | None:
+    """The plan of `_aot.eager.diffusion_loss`'s signature (checked first when ``checked``): the library's
+    numbers, then the floats of the per-block sums (their scratch)."""
+    if checked:
+        _validate_loss(pred, target, weight)
+    plan = _loss_plan(pred, target, weight)
+    if plan.copies:
+        return None
+    B, N = plan.sizes
+    return (plan.code, B, N, B * plan.blocks)
+
+
+_aot.set_planner("diffusion_loss", _eager_loss_plan)
 
 
 def _diffusion_loss(pred, target, weight, plan):

@@ -1,0 +1,525 @@
+/* fastdiff.ops._eager: the ops' eager calls that record no gradient, at the cost of a native op.
+ *
+ * Such a call used to spend most of its host time in Python before the library's C function:
+ * reading its signature (types, dtypes, devices, shapes, strides) to find its launch plan,
+ * allocating its outputs, unpacking data pointers.  Each entry here does that in C++.  It reads
+ * the signature off the tensors, finds the plan of that signature, allocates the outputs with
+ * ATen and calls libfastdiff_kernels, on the current CUDA stream (or in dry run).
+ *
+ * Plans come from Python: the first call of a signature asks the op's planner (registered by its
+ * module with `set_planner`), which makes the public function's checks when the call is a checked
+ * one (raising its errors) and returns the plan's integers, or None when that signature takes the
+ * Python path (an input the kernels read only after a copy, an empty tensor).  A plan made for an
+ * unchecked call serves unchecked calls only, until a checked call of its signature is checked.
+ *
+ * An entry returns None where the Python path must take the call (it then behaves as before):
+ *   - the first tensor is not exactly a torch.Tensor (a tracer's or a subclass), or another is not
+ *     a tensor;
+ *   - autograd records the call (grad mode on and a differentiable input requiring grad);
+ *   - the call does not launch through the library: off the current CUDA device, the reference
+ *     backend in force, or CPU tensors outside dry run;
+ *   - a checked call whose numbers are not of the types its fast check takes (the Python path then
+ *     checks them, and raises where they are wrong);
+ *   - the library declines the signature (no compiled case: Triton's JIT takes it, in Python).
+ *
+ * Scratch (statistics, partial sums, an inference call's log-sum-exp) is a fresh ATen allocation:
+ * the caching allocator serves it with no device call, stream-ordered, and it stays valid in a
+ * CUDA-graph capture.
+ */
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/ops/randint.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#include "fastdiff_kernels.h"
+
+namespace {
+
+/* ---------------------------------------------------------------------------- configuration */
+
+PyObject *dry_run_flag = nullptr;   // fastdiff.ops._backend's contextvar: True inside dry_run()
+PyObject *backend_override = nullptr; // its contextvar: the use_backend() name in force, or None
+PyObject *current_device = nullptr; // torch._C._cuda_getDevice
+PyObject *raw_stream = nullptr;     // torch._C._cuda_getCurrentRawStream
+PyObject *reference_name = nullptr; // "reference"
+int64_t launches = 0;               // calls launched from here (tests)
+
+bool contextvar_is(PyObject *var, PyObject *value) {
+  PyObject *v = nullptr;
+  if (var == nullptr || PyContextVar_Get(var, nullptr, &v) < 0 || v == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  bool same = v == value || (PyUnicode_Check(v) && PyUnicode_Check(value) && PyUnicode_Compare(v, value) == 0);
+  Py_DECREF(v);
+  return same;
+}
+
+/* ---------------------------------------------------------------------------- signatures and plans */
+
+using Key = std::vector<int64_t>;
+
+struct KeyHash {
+  size_t operator()(const Key &key) const {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t w : key) h = (h ^ static_cast<uint64_t>(w)) * 1099511628211ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+constexpr int MAX_PLAN = 32;
+
+struct Plan {
+  bool launches = false; // false: the signature takes the Python path
+  bool checked = false;  // the public function's checks passed for this signature
+  bool declined = false; // the library has no case for it
+  int size = 0;
+  int64_t ints[MAX_PLAN] = {};
+};
+
+struct Registry {
+  explicit Registry(const char *op) : op(op) {}
+  const char *op; // the library's name of the op, in error messages
+  PyObject *planner = nullptr;
+  std::unordered_map<Key, Plan, KeyHash> plans;
+};
+
+constexpr size_t MAX_SIGNATURES = 1024; // past this many, the plans are forgotten and made again
+
+/* One call's tensors as its signature and data: tensors are added in the op's argument order. */
+struct Call {
+  Key key;
+  const at::Tensor *tensors[8] = {};
+  int count = 0;
+  bool wants_grad = false;
+
+  Call() { key.reserve(96); }
+
+  // false where the argument is neither None nor a tensor (or, first, not exactly a torch.Tensor)
+  bool add(PyObject *arg, bool differentiable) {
+    if (arg == Py_None) {
+      key.push_back(-1);
+      tensors[count++] = nullptr;
+      return true;
+    }
+    if (count == 0 ? !THPVariable_CheckExact(arg) : !THPVariable_Check(arg)) return false;
+    const at::Tensor &t = THPVariable_Unpack(arg);
+    key.push_back(reinterpret_cast<intptr_t>(Py_TYPE(arg)));
+    key.push_back(static_cast<int64_t>(t.scalar_type()));
+    key.push_back(static_cast<int64_t>(t.device().type()) * 1024 + t.device().index());
+    key.push_back(t.dim());
+    for (int64_t s : t.sizes()) key.push_back(s);
+    for (int64_t s : t.strides()) key.push_back(s);
+    wants_grad |= differentiable && t.requires_grad();
+    tensors[count++] = &t;
+    return true;
+  }
+
+  const at::Tensor &operator[](int i) const { return *tensors[i]; }
+  void *ptr(int i) const { return tensors[i] ? tensors[i]->data_ptr() : nullptr; }
+};
+
+enum Path { PYTHON = 0, LAUNCH = 1, FAILED = -1 };
+
+/* Where a call on x launches: LAUNCH with *stream set (the current CUDA stream; 0 in dry run on the
+   CPU) or PYTHON; *dry says whether dry run is on. */
+Path stream_for(const at::Tensor &x, void **stream, bool *dry) {
+  *dry = contextvar_is(dry_run_flag, Py_True);
+  *stream = nullptr;
+  if (x.is_cpu()) return *dry ? LAUNCH : PYTHON;
+  if (!x.is_cuda() || current_device == nullptr || raw_stream == nullptr) return PYTHON;
+  if (contextvar_is(backend_override, reference_name)) return PYTHON;
+  PyObject *device = PyObject_CallNoArgs(current_device);
+  if (device == nullptr) return FAILED;
+  long current = PyLong_AsLong(device);
+  Py_DECREF(device);
+  if (current != x.device().index()) return PyErr_Occurred() ? FAILED : PYTHON;
+  PyObject *index = PyLong_FromLong(current);
+  PyObject *s = index ? PyObject_CallOneArg(raw_stream, index) : nullptr;
+  Py_XDECREF(index);
+  if (s == nullptr) return FAILED;
+  *stream = PyLong_AsVoidPtr(s);
+  Py_DECREF(s);
+  return PyErr_Occurred() ? FAILED : LAUNCH;
+}
+
+/* The plan of the call's signature: asks the planner on a signature not seen (or, for a checked
+   call, not checked) yet.  nullptr with PYTHON or FAILED in *path otherwise. */
+Plan *find_plan(Registry &r, Call &call, bool checked, PyObject *const *args, Py_ssize_t nargs, Path *path) {
+  *path = PYTHON;
+  auto it = r.plans.find(call.key);
+  if (it == r.plans.end() || (checked && !it->second.checked)) {
+    if (r.planner == nullptr) return nullptr;
+    PyObject *made = PyObject_Vectorcall(r.planner, args, nargs, nullptr); // raises a checked call's errors
+    if (made == nullptr) {
+      *path = FAILED;
+      return nullptr;
+    }
+    Plan plan;
+    plan.checked = checked || (it != r.plans.end() && it->second.checked);
+    if (made != Py_None) {
+      PyObject *ints = PySequence_Fast(made, "a plan is a tuple of ints");
+      Py_ssize_t n = ints ? PySequence_Fast_GET_SIZE(ints) : 0;
+      if (ints == nullptr || n > MAX_PLAN) {
+        if (ints) PyErr_Format(PyExc_ValueError, "%s: a plan of %zd ints (at most %d)", r.op, n, MAX_PLAN);
+        Py_XDECREF(ints);
+        Py_DECREF(made);
+        *path = FAILED;
+        return nullptr;
+      }
+      for (Py_ssize_t i = 0; i < n; i++) plan.ints[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(ints, i));
+      plan.size = static_cast<int>(n);
+      plan.launches = true;
+      Py_DECREF(ints);
+    }
+    Py_DECREF(made);
+    if (PyErr_Occurred()) {
+      *path = FAILED;
+      return nullptr;
+    }
+    if (it == r.plans.end() && r.plans.size() >= MAX_SIGNATURES) r.plans.clear();
+    it = r.plans.insert_or_assign(call.key, plan).first;
+  }
+  if (!it->second.launches || it->second.declined) return nullptr;
+  *path = LAUNCH;
+  return &it->second;
+}
+
+/* After the library's call: LAUNCH on success; PYTHON where it declined (the plan remembers it), so
+   that the Python path launches through the JIT; FAILED with its message otherwise, and in dry run
+   (where there is no JIT to fall back on). */
+Path finish(const char *op, fdk_status status, Plan *plan, bool dry) {
+  if (status == FDK_SUCCESS) {
+    launches++;
+    return LAUNCH;
+  }
+  if (status == FDK_ERROR_UNSUPPORTED && !dry) {
+    plan->declined = true;
+    return PYTHON;
+  }
+  PyErr_Format(PyExc_RuntimeError, "libfastdiff_kernels %s: %s", op, fdk_last_error());
+  return FAILED;
+}
+
+at::Tensor floats(const at::Tensor &like, int64_t n) { return at::empty({n}, like.options().dtype(at::kFloat)); }
+
+PyObject *wrap(const at::Tensor &t) { return t.defined() ? THPVariable_Wrap(t) : Py_NewRef(Py_None); }
+
+bool is_float(PyObject *o) { return PyFloat_CheckExact(o); }
+bool is_bool(PyObject *o) { return o == Py_True || o == Py_False; }
+
+#define ENTRY(name) PyObject *name(PyObject *, PyObject *const *args, Py_ssize_t nargs)
+#define ARGS(n)                                                                              \
+  if (nargs != (n)) return PyErr_Format(PyExc_TypeError, "%s takes %d arguments", __func__, (n))
+#define PYTHON_PATH Py_RETURN_NONE
+// the common prologue: the call's path, then its plan (PYTHON_PATH or the error where there is none)
+#define PLAN(registry, checked)                                                              \
+  void *stream;                                                                              \
+  bool dry;                                                                                  \
+  Path path = stream_for(call[0], &stream, &dry);                                            \
+  Plan *found = path == LAUNCH ? find_plan(registry, call, checked, args, nargs, &path) : nullptr; \
+  if (path == FAILED) return nullptr;                                                        \
+  if (path == PYTHON) PYTHON_PATH;                                                           \
+  Plan &plan = *found;                                                                       \
+  const int64_t *p = plan.ints
+#define LAUNCHED(status)                                                                     \
+  switch (finish(registry.op, (status), &plan, dry)) {                                  \
+    case FAILED: return nullptr;                                                             \
+    case PYTHON: PYTHON_PATH;                                                                \
+    default: break;                                                                          \
+  }
+
+Registry group_norm_silu_plans{"group_norm_silu_fwd"}, attention_plans{"attention_fwd"},
+    sampler_step_plans{"sampler_step"}, noising_plans{"q_sample"}, loss_plans{"diffusion_loss_fwd"};
+
+/* ---------------------------------------------------------------------------- the ops */
+
+/* group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, checked) -> y.
+   Plan: dtype, params dtype, scale and shift row strides, B, C, S, G, channels-last, silu, the
+   saved statistics' floats and the partials' floats, the offsets (bytes) of rstd, A, d in the
+   statistics and of M2 in the partials. */
+ENTRY(group_norm_silu) {
+  ARGS(9);
+  bool checked = args[8] == Py_True;
+  Call call;
+  for (int i = 0; i < 5; i++)
+    if (!call.add(args[i], true)) PYTHON_PATH;
+  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  PyObject *groups = args[5], *eps_arg = args[6], *silu = args[7];
+  if (checked && (!PyLong_CheckExact(groups) || !is_float(eps_arg) || !is_bool(silu))) PYTHON_PATH;
+  double eps = PyFloat_AsDouble(eps_arg);
+  if (checked && !(eps >= 0.0 && eps < INFINITY)) PYTHON_PATH;
+  call.key.push_back(PyLong_AsLongLong(groups));
+  call.key.push_back(PyObject_IsTrue(silu));
+  if (PyErr_Occurred()) return nullptr;
+  Registry &registry = group_norm_silu_plans;
+  PLAN(registry, checked);
+  try {
+    const at::Tensor &x = call[0];
+    at::Tensor y = at::empty_like(x);
+    at::Tensor scratch = floats(x, p[10] + p[11]);
+    char *stats = static_cast<char *>(scratch.data_ptr()), *partials = stats + 4 * p[10];
+    fdk_group_norm_silu_fwd_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]);
+    a.params_dtype = static_cast<fdk_dtype>(p[1]);
+    a.x = x.data_ptr();
+    a.y = y.data_ptr();
+    a.weight = call.ptr(1), a.bias = call.ptr(2), a.scale = call.ptr(3), a.shift = call.ptr(4);
+    a.stride_scale = p[2], a.stride_shift = p[3];
+    a.mean = reinterpret_cast<float *>(stats);
+    a.rstd = reinterpret_cast<float *>(stats + p[12]);
+    a.coef_a = reinterpret_cast<float *>(stats + p[13]);
+    a.coef_d = reinterpret_cast<float *>(stats + p[14]);
+    a.partial_mean = reinterpret_cast<float *>(partials);
+    a.partial_m2 = reinterpret_cast<float *>(partials + p[15]);
+    a.batch = p[4], a.channels = p[5], a.spatial = p[6], a.groups = p[7];
+    a.channels_last = static_cast<int>(p[8]), a.silu = static_cast<int>(p[9]);
+    a.eps = eps;
+    LAUNCHED(fdk_group_norm_silu_fwd(&a, static_cast<CUstream_st *>(stream)));
+    return wrap(y);
+  } catch (const std::exception &e) {
+    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
+  }
+}
+
+/* attention(q, k, v, scale, checked) -> o (B, H, Lq, D) stored as (B, Lq, H, D).
+   Plan: dtype, B, H, Lq, Lk, D, the strides of q, k, v and o (4 each). */
+ENTRY(attention) {
+  ARGS(5);
+  bool checked = args[4] == Py_True;
+  Call call;
+  for (int i = 0; i < 3; i++)
+    if (!call.add(args[i], true)) PYTHON_PATH;
+  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  PyObject *scale_arg = args[3];
+  double scale = 0.0;
+  if (scale_arg != Py_None) {
+    if (checked && !is_float(scale_arg)) PYTHON_PATH;
+    scale = PyFloat_AsDouble(scale_arg);
+    if (PyErr_Occurred()) return nullptr;
+    if (checked && !(scale > 0.0 && scale < INFINITY)) PYTHON_PATH;
+  } else if (!checked) {
+    PYTHON_PATH; // the unchecked entry takes the scale `attention` resolved
+  }
+  Registry &registry = attention_plans;
+  PLAN(registry, checked);
+  if ((reinterpret_cast<uintptr_t>(call.ptr(0)) | reinterpret_cast<uintptr_t>(call.ptr(1)) |
+       reinterpret_cast<uintptr_t>(call.ptr(2))) % 16)
+    PYTHON_PATH; // a view off a 16-byte boundary: copied in Python
+  try {
+    const at::Tensor &q = call[0];
+    const int64_t *sizes = p + 1, *strides = p + 6;
+    if (scale_arg == Py_None) scale = 1.0 / std::sqrt(static_cast<double>(sizes[4]));
+    at::Tensor o = at::empty_strided({sizes[0], sizes[1], sizes[2], sizes[4]},
+                                     {strides[12], strides[13], strides[14], strides[15]}, q.options());
+    at::Tensor lse = floats(q, sizes[0] * sizes[1] * sizes[2]);
+    fdk_attention_fwd_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]);
+    a.q = call.ptr(0), a.k = call.ptr(1), a.v = call.ptr(2);
+    a.o = o.data_ptr();
+    a.lse = lse.data_ptr<float>();
+    a.batch = sizes[0], a.heads = sizes[1], a.len_q = sizes[2], a.len_k = sizes[3], a.head_dim = sizes[4];
+    std::memcpy(a.stride_q, strides, sizeof a.stride_q);
+    std::memcpy(a.stride_k, strides + 4, sizeof a.stride_k);
+    std::memcpy(a.stride_v, strides + 8, sizeof a.stride_v);
+    std::memcpy(a.stride_o, strides + 12, sizeof a.stride_o);
+    a.scale = scale;
+    LAUNCHED(fdk_attention_fwd(&a, static_cast<CUstream_st *>(stream)));
+    return wrap(o);
+  } catch (const std::exception &e) {
+    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
+  }
+}
+
+/* sampler_step(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale,
+   guidance_rescale, clip_x0, step, add_noise, return_x0, checked) -> (x_next, x̂0 or None).
+   Plan: dtype, output dtype, per-sample coefficients, per-pixel mask, B, C, S, channels-last,
+   rescale, chunks of the guidance statistics. */
+ENTRY(sampler_step) {
+  ARGS(15);
+  bool checked = args[14] == Py_True;
+  Call call;
+  for (int i = 0; i < 8; i++)
+    if (!call.add(args[i], false)) PYTHON_PATH; // no gradient: the op is never differentiated
+  PyObject *gs = args[8], *gr = args[9], *clip_arg = args[10], *step_arg = args[11], *noise_arg = args[12];
+  double guidance_scale = 0.0, guidance_rescale = 0.0, clip = 0.0;
+  int64_t step = 0;
+  if (checked) {
+    if (!is_float(gs) || !is_float(gr) || !(clip_arg == Py_None || is_float(clip_arg)) ||
+        !PyLong_CheckExact(step_arg) || !is_bool(noise_arg))
+      PYTHON_PATH;
+  }
+  guidance_scale = PyFloat_AsDouble(gs);
+  guidance_rescale = PyFloat_AsDouble(gr);
+  if (clip_arg != Py_None) clip = PyFloat_AsDouble(clip_arg);
+  int overflow = 0;
+  step = PyLong_AsLongLongAndOverflow(step_arg, &overflow);
+  int add_noise = PyObject_IsTrue(noise_arg), return_x0 = PyObject_IsTrue(args[13]);
+  if (PyErr_Occurred()) return nullptr;
+  if (checked && (!std::isfinite(guidance_scale) || !(guidance_rescale >= 0.0 && guidance_rescale <= 1.0) ||
+                  (clip_arg != Py_None && !(clip > 0.0)) || overflow || step < 0 || step >= (int64_t{1} << 62)))
+    PYTHON_PATH;
+  if (overflow) PYTHON_PATH;
+  for (int64_t flag : {int64_t{guidance_rescale > 0.0}, int64_t{clip_arg != Py_None}, int64_t{add_noise},
+                       int64_t{return_x0}})
+    call.key.push_back(flag);
+  Registry &registry = sampler_step_plans;
+  PLAN(registry, checked);
+  try {
+    const at::Tensor &x = call[0];
+    at::Tensor x_next = at::empty_like(x), x0_out = return_x0 ? at::empty_like(x) : at::Tensor();
+    at::Tensor stats = p[8] ? floats(x, p[4] * p[9] * 4) : at::Tensor();
+    fdk_sampler_step_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]), a.out_dtype = static_cast<fdk_dtype>(p[1]);
+    a.x = call.ptr(0), a.model_output = call.ptr(1), a.coeffs = static_cast<const float *>(call.ptr(2));
+    a.uncond_output = call.ptr(3), a.x0_prev = call.ptr(4), a.seeds = static_cast<const int64_t *>(call.ptr(5));
+    a.known = call.ptr(6), a.mask = call.ptr(7);
+    a.per_sample_coeffs = static_cast<int>(p[2]), a.mask_per_pixel = static_cast<int>(p[3]);
+    a.x_next = x_next.data_ptr();
+    a.x0_out = return_x0 ? x0_out.data_ptr() : nullptr;
+    a.stats = p[8] ? stats.data_ptr<float>() : nullptr;
+    a.batch = p[4], a.channels = p[5], a.spatial = p[6], a.channels_last = static_cast<int>(p[7]);
+    a.add_noise = add_noise, a.step = step;
+    a.guidance_scale = guidance_scale, a.guidance_rescale = guidance_rescale, a.clip_x0 = clip;
+    LAUNCHED(fdk_sampler_step(&a, static_cast<CUstream_st *>(stream)));
+    return Py_BuildValue("(NN)", wrap(x_next), wrap(x0_out));
+  } catch (const std::exception &e) {
+    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
+  }
+}
+
+/* noising(x0, t, alphas_cumprod, noise, keys, want_v, checked) -> (x_t, noise, v or None): the
+   noise as given, or drawn in the kernel from `keys` (drawn here, as torch.randint does, when both
+   are None).  Plan: dtype, number of timesteps, B, C, S, channels-last. */
+ENTRY(noising) {
+  ARGS(7);
+  bool checked = args[6] == Py_True;
+  Call call;
+  for (int i = 0; i < 5; i++)
+    if (!call.add(args[i], i == 0 || i == 3)) PYTHON_PATH; // x0 and noise are differentiable
+  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  int want_v = PyObject_IsTrue(args[5]);
+  if (want_v < 0) return nullptr;
+  call.key.push_back(want_v);
+  Registry &registry = noising_plans;
+  PLAN(registry, checked);
+  try {
+    const at::Tensor &x0 = call[0];
+    bool draw = call.tensors[3] == nullptr;
+    at::Tensor keys;
+    if (draw) keys = call.tensors[4] ? *call.tensors[4] : at::randint(0, int64_t{1} << 62, {p[2]}, x0.options().dtype(at::kLong));
+    at::Tensor x_t = at::empty_like(x0), noise = draw ? at::empty_like(x0) : call[3];
+    at::Tensor v = want_v ? at::empty_like(x0) : at::Tensor();
+    fdk_q_sample_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]);
+    a.x0 = x0.data_ptr();
+    a.t = static_cast<const int64_t *>(call.ptr(1));
+    a.alphas_cumprod = static_cast<const float *>(call.ptr(2));
+    a.num_timesteps = p[1];
+    a.noise = noise.data_ptr();
+    a.keys = draw ? keys.data_ptr<int64_t>() : nullptr;
+    a.x_t = x_t.data_ptr();
+    a.v = want_v ? v.data_ptr() : nullptr;
+    a.batch = p[2], a.channels = p[3], a.spatial = p[4], a.channels_last = static_cast<int>(p[5]);
+    LAUNCHED(fdk_q_sample(&a, static_cast<CUstream_st *>(stream)));
+    return Py_BuildValue("(NNN)", wrap(x_t), wrap(noise), wrap(v));
+  } catch (const std::exception &e) {
+    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
+  }
+}
+
+/* diffusion_loss(pred, target, weight, checked) -> the fp32 scalar loss.  Plan: dtype, B, N, the
+   partial sums' floats. */
+ENTRY(diffusion_loss) {
+  ARGS(4);
+  bool checked = args[3] == Py_True;
+  Call call;
+  for (int i = 0; i < 3; i++)
+    if (!call.add(args[i], i < 2)) PYTHON_PATH; // the weight is a constant
+  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  Registry &registry = loss_plans;
+  PLAN(registry, checked);
+  try {
+    const at::Tensor &pred = call[0];
+    at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat)), partial = floats(pred, p[3]);
+    fdk_diffusion_loss_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]);
+    a.pred = call.ptr(0), a.target = call.ptr(1), a.weight = static_cast<const float *>(call.ptr(2));
+    a.loss = loss.data_ptr<float>(), a.partial = partial.data_ptr<float>();
+    a.batch = p[1], a.per_sample = p[2];
+    LAUNCHED(fdk_diffusion_loss_fwd(&a, static_cast<CUstream_st *>(stream)));
+    return wrap(loss);
+  } catch (const std::exception &e) {
+    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
+  }
+}
+
+/* ---------------------------------------------------------------------------- module */
+
+Registry *registry_named(PyObject *name) {
+  const char *s = PyUnicode_AsUTF8(name);
+  if (s == nullptr) return nullptr;
+  struct { const char *name; Registry *r; } all[] = {
+      {"group_norm_silu", &group_norm_silu_plans}, {"attention", &attention_plans},
+      {"sampler_step", &sampler_step_plans}, {"noising", &noising_plans}, {"diffusion_loss", &loss_plans}};
+  for (auto &e : all)
+    if (std::strcmp(s, e.name) == 0) return e.r;
+  PyErr_Format(PyExc_KeyError, "no op %R", name);
+  return nullptr;
+}
+
+ENTRY(configure) {
+  ARGS(4);
+  PyObject **slots[] = {&dry_run_flag, &backend_override, &current_device, &raw_stream};
+  for (int i = 0; i < 4; i++) {
+    Py_XSETREF(*slots[i], args[i] == Py_None ? nullptr : Py_NewRef(args[i]));
+  }
+  if (reference_name == nullptr && (reference_name = PyUnicode_InternFromString("reference")) == nullptr) return nullptr;
+  Py_RETURN_NONE;
+}
+
+ENTRY(set_planner) {
+  ARGS(2);
+  Registry *r = registry_named(args[0]);
+  if (r == nullptr) return nullptr;
+  Py_XSETREF(r->planner, Py_NewRef(args[1]));
+  r->plans.clear();
+  Py_RETURN_NONE;
+}
+
+PyObject *forget(PyObject *, PyObject *) {
+  for (Registry *r : {&group_norm_silu_plans, &attention_plans, &sampler_step_plans, &noising_plans, &loss_plans})
+    r->plans.clear();
+  Py_RETURN_NONE;
+}
+
+PyObject *launched(PyObject *, PyObject *) { return PyLong_FromLongLong(launches); }
+
+PyObject *torch_version(PyObject *, PyObject *) { return PyUnicode_FromString(FASTDIFF_TORCH_VERSION); }
+
+#define FAST(name) {#name, (PyCFunction)(void (*)(void))name, METH_FASTCALL, nullptr}
+PyMethodDef methods[] = {
+    FAST(group_norm_silu), FAST(attention), FAST(sampler_step), FAST(noising), FAST(diffusion_loss),
+    FAST(configure), FAST(set_planner),
+    {"forget", forget, METH_NOARGS, "Forget every plan (they are made again on the next call)."},
+    {"launched", launched, METH_NOARGS, "How many calls launched from here."},
+    {"torch_version", torch_version, METH_NOARGS, "The torch version this module was built against."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_eager", "The ops' eager calls in C++ (fastdiff.ops._aot)", -1,
+                      methods, nullptr, nullptr, nullptr, nullptr};
+
+} // namespace
+
+PyMODINIT_FUNC PyInit__eager(void) { return PyModule_Create(&module); }

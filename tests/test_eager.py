@@ -1,0 +1,183 @@
+"""The ops' eager calls in C++ (``fastdiff.ops._aot.eager``, ``kernels/python/eager.cpp``), without a GPU.
+
+In dry run a call of every op goes through the C++ entry (counted by ``launched()``) or, with the
+entry switched off, through the Python path; both must plan the same library launches (cases, grids,
+scalars, and the inputs' pointers in the same places) and return outputs of the same shapes, dtypes
+and strides.  Calls the entry leaves to Python (autograd, copies, numbers of other types) must take
+the Python path, and a checked call must make the public function's checks, raising its errors.
+Skipped, with the reason, where the module is not built.
+"""
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.ops import _aot, flash_attention, fused_step, group_norm, noising
+from fastdiff.ops.fused_step import coefficient_rows, step_coefficients
+
+
+@pytest.fixture
+def eager():
+    if _aot.binding() is None:
+        pytest.skip(_aot._load()[1])
+    module = _aot._load_eager() if isinstance(_aot.eager, _aot._Unloaded) else _aot.eager
+    if module is _aot.NO_EAGER:
+        pytest.skip("fastdiff.ops._eager is not built for this torch")
+    _aot.eager = module
+    return module
+
+
+def _poisoned(*shape, dtype=torch.float32, channels_last=False):
+    x = torch.randn(*shape).to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _cases():
+    """name -> a call of a public op (fresh tensors per call: the layouts and options vary)."""
+    ops = fastdiff.ops
+    bf16, f16 = torch.bfloat16, torch.float16
+    x = _poisoned(3, 6, 5, 7, dtype=bf16, channels_last=True)
+    x32 = _poisoned(2, 4, 3, 5)
+    xc = _poisoned(3, 6, 5, 7, dtype=bf16)
+    w, b, film = torch.randn(6, dtype=bf16), torch.randn(6, dtype=bf16), torch.randn(3, 6, dtype=bf16)
+    q = _poisoned(2, 3, 19, 40, dtype=f16)
+    k, v = _poisoned(2, 3, 77, 40, dtype=f16), _poisoned(2, 3, 77, 40, dtype=f16)
+    t, acp = torch.tensor([3, 70, 11]), torch.linspace(0.99, 0.01, 100)
+    keys = torch.tensor([5, 2**40, 7])
+    coeffs = coefficient_rows(step_coefficients(x0_from_x=1.1, x0_from_out=-0.4, eps_from_out=1.0, x=0.9, x0=0.1,
+                                                noise=0.1).unsqueeze(0), "cpu")[0]  # fmt: skip
+    seeds = torch.arange(3)
+    mask = (torch.rand(3, 1, 5, 7) > 0.5).to(bf16).to(memory_format=torch.channels_last)
+    return {
+        "group_norm_silu, bf16 channels-last, FiLM": lambda: ops.group_norm_silu(x, 3, w, b, scale=film, shift=film),
+        "group_norm_silu, fp32, no affine": lambda: ops.group_norm_silu(x32, 2, silu=False),
+        "group_norm_silu_unchecked": lambda: group_norm.group_norm_silu_unchecked(x32, 4, w.float()[:4], None, 1e-6),
+        "attention": lambda: ops.attention(q, q, q),
+        "attention, cross, scale": lambda: ops.attention(q, k, v, scale=0.3),
+        "attention_unchecked": lambda: flash_attention.attention_unchecked(q, k, v, scale=40**-0.5),
+        "q_sample, drawn noise": lambda: ops.q_sample(x, t, acp),
+        "q_sample, given noise": lambda: ops.q_sample(x32[:2], t[:2], acp, torch.randn_like(x32[:2])),
+        "q_sample_unchecked": lambda: noising.q_sample_unchecked(x, t, acp),
+        "training_target v, keys": lambda: ops.training_target(x, t, acp, prediction="v", keys=keys),
+        "training_target_unchecked sample": lambda: noising.training_target_unchecked(x, t, acp, prediction="sample"),
+        "diffusion_loss, weighted": lambda: ops.diffusion_loss(x32, torch.randn_like(x32), torch.rand(2)),
+        "diffusion_loss_unchecked": lambda: noising.diffusion_loss_unchecked(x, torch.randn_like(x)),
+        "sampler_step, guided, noise": lambda: ops.sampler_step(
+            xc, xc, coeffs, uncond_output=xc, guidance_scale=3.5, seeds=seeds, step=4, add_noise=True),
+        "sampler_step, every option, channels-last": lambda: ops.sampler_step(
+            x, x, coeffs, uncond_output=x, guidance_scale=3.5, guidance_rescale=0.7, clip_x0=1.0, x0_prev=x,
+            return_x0=True, seeds=seeds, step=4, add_noise=True, known=x, mask=mask),
+        "sampler_step_unchecked": lambda: fused_step.sampler_step_unchecked(x32, x32, coeffs),
+    }  # fmt: skip
+
+
+def _outputs(out) -> list:
+    return [(o.shape, o.dtype, o.stride()) if isinstance(o, torch.Tensor) else o
+            for o in (out if isinstance(out, tuple) else (out,))]  # fmt: skip
+
+
+def _launches(records, inputs: dict[int, str]) -> list:
+    """The recorded launches with each input's pointer named, and every other pointer as "p": the
+    scalars, grids and cases compare exactly."""
+    return [(name, grid, [inputs.get(a, "p" if a > 2**40 else a) for a in args]) for name, grid, args in records]
+
+
+def _run(call, monkeypatch, through_eager: bool):
+    with monkeypatch.context() as m:
+        if not through_eager:
+            m.setattr(_aot, "eager", _aot.NO_EAGER)
+        with fastdiff.ops.dry_run(), torch.no_grad():
+            _aot.recorded()
+            before = _aot.eager.launched() if through_eager else 0
+            out = call()
+            launched = _aot.eager.launched() - before if through_eager else 0
+            return out, _aot.recorded(), launched
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_the_cpp_entry_launches_what_the_python_path_launches(eager, name, monkeypatch):
+    call = _cases()[name]
+    torch.manual_seed(0)
+    out_py, records_py, _ = _run(call, monkeypatch, through_eager=False)
+    torch.manual_seed(0)
+    out_cpp, records_cpp, launched = _run(call, monkeypatch, through_eager=True)
+    assert launched == 1, f"{name} did not launch from the C++ entry"
+    assert records_cpp and len(records_cpp) == len(records_py)
+    assert _outputs(out_cpp) == _outputs(out_py)
+    # the inputs' pointers by name (the tensors the call closes over); outputs and scratch are fresh per call
+    held = [c.cell_contents for c in call.__closure__ or ()]
+    inputs = {t.data_ptr(): f"input{i}" for i, t in enumerate(held) if isinstance(t, torch.Tensor)}
+    assert _launches(records_cpp, inputs) == _launches(records_py, inputs)
+    assert all(isinstance(o, torch.Tensor) or o is None for o in (out_cpp if isinstance(out_cpp, tuple) else [out_cpp]))
+
+
+def test_a_plan_is_made_once_per_signature(eager, monkeypatch):
+    made = []
+    planner = _aot._planners["attention"]
+    monkeypatch.setitem(_aot._planners, "attention", planner)
+    eager.set_planner("attention", lambda *args: made.append(args[-1]) or planner(*args))
+    try:
+        q = torch.randn(1, 2, 9, 32, dtype=torch.bfloat16)
+        with fastdiff.ops.dry_run():
+            for _ in range(3):
+                flash_attention.attention_unchecked(q, q, q, scale=0.2)
+            for _ in range(3):
+                fastdiff.ops.attention(q, q, q)
+            flash_attention.attention_unchecked(q, q, q, scale=0.2)
+            fastdiff.ops.attention(q[:, :1], q[:, :1], q[:, :1])  # another signature
+    finally:
+        eager.set_planner("attention", planner)
+    # unchecked once; checked once more (an unchecked plan was never checked); then the new signature
+    assert made == [False, True, True]
+
+
+def test_a_checked_call_makes_the_checks_of_its_public_function(eager):
+    x = torch.randn(2, 4, 3, 3)
+    acp = torch.linspace(0.99, 0.01, 10)
+    with fastdiff.ops.dry_run():
+        noising.q_sample_unchecked(x, torch.tensor([1, 2, 3]), acp)  # unchecked: planned, not checked
+        with pytest.raises(ValueError, match="t must have one timestep per sample"):
+            fastdiff.ops.q_sample(x, torch.tensor([1, 2, 3]), acp)
+        with pytest.raises(ValueError, match="num_groups must divide the 4 channels"):
+            fastdiff.ops.group_norm_silu(x, 3)
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            fastdiff.ops.group_norm_silu(x, 2, eps=-1.0)
+        with pytest.raises(ValueError, match="guidance_rescale"):
+            fastdiff.ops.sampler_step(x, x, step_coefficients(x=1.0), guidance_rescale=1.5)
+        q = torch.randn(1, 1, 5, 48, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="head"):
+            fastdiff.ops.attention(q, q, q)
+
+
+@pytest.mark.parametrize("why", ["autograd records it", "a copy first", "numbers of other types", "a tracer's tensor"])
+def test_calls_the_entry_leaves_to_python_take_the_python_path(eager, why):
+    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    with fastdiff.ops.dry_run():
+        before = eager.launched()
+        if why == "autograd records it":
+            y = fastdiff.ops.group_norm_silu(x.requires_grad_(), 2)
+            assert y.grad_fn is not None
+        elif why == "a copy first":
+            fastdiff.ops.group_norm_silu(x.transpose(2, 3), 2)  # neither contiguous nor channels-last
+        elif why == "numbers of other types":
+            fastdiff.ops.group_norm_silu(x, 2, eps=0)  # an int eps: checked in Python
+            fastdiff.ops.sampler_step(x, x, step_coefficients(x=1.0), guidance_scale=2)
+        else:
+            fastdiff.ops.group_norm_silu(torch.nn.Parameter(x.float()), 2)
+        assert eager.launched() == before
+        assert _aot.recorded(), "the Python path launched through the library"
+
+
+def test_outside_dry_run_cpu_calls_take_the_reference(eager):
+    x = torch.randn(2, 4, 3, 3)
+    before = eager.launched()
+    y = fastdiff.ops.group_norm_silu(x, 2)
+    assert eager.launched() == before
+    torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2)))
+
+
+def test_a_call_the_library_declines_raises_its_message_in_dry_run(eager):
+    """A head dim the library has no case for (the unchecked entry lets it through): in dry run there is
+    no JIT to fall back on, so the C++ entry raises the library's message, as the Python path does."""
+    q = torch.randn(1, 1, 5, 48, dtype=torch.bfloat16)
+    with fastdiff.ops.dry_run(), pytest.raises(RuntimeError, match="libfastdiff_kernels attention_fwd: .*48"):
+        flash_attention.attention_unchecked(q, q, q, scale=0.1)
