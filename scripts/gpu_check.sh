@@ -10,7 +10,8 @@
 #   bash scripts/gpu_check.sh OUT_DIR [STAGE ...]
 #
 # Stages (default: build tests sweep attention memory unet), run in the order given:
-#   build       libfastdiff_kernels and its binding for this GPU's architecture, with this machine's
+#   build       libfastdiff_kernels, its binding and the C++ eager entries (fastdiff.ops._eager, against
+#               this machine's torch) for this GPU's architecture, with this machine's
 #               python3 and triton (cmake + ninja into build/gpu, then copied into fastdiff/ops as
 #               an editable install does), then `fastdiff.ops.info()` into the log: a library built
 #               elsewhere is for another Python or stale, and without one every call takes the JIT
@@ -90,14 +91,14 @@ for s in $STAGES; do
         arch=$([[ ${cc:-90} -ge 90 ]] && echo 90 || echo 80) # the launch tables' two architectures
         stage build 180 bash -c "cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
             -DFASTDIFF_PYTHON=\$(command -v python3) -DFASTDIFF_ARCHS=$arch && cmake --build build/gpu &&
-            cp build/gpu/libfastdiff_kernels.so build/gpu/_aot_binding*.so fastdiff/ops/ &&
+            cp build/gpu/libfastdiff_kernels.so build/gpu/_aot_binding*.so \$(ls build/gpu/_eager*.so 2>/dev/null) fastdiff/ops/ &&
             python3 -c 'import fastdiff.ops as o; print(o.info())'" ;;
     tests)
         stage tests 100 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 90 -rfE \
             --junitxml="$OUT_DIR/logs/junit.xml" \
             tests/test_noising.py tests/test_philox.py tests/test_sampler_step.py tests/test_group_norm.py \
             tests/test_attention.py tests/test_attention_paths.py tests/test_compile.py tests/test_patch.py \
-            tests/test_samplers.py tests/test_unet.py tests/test_aot.py ;;
+            tests/test_samplers.py tests/test_unet.py tests/test_aot.py tests/test_eager.py ;;
     sweep)
         # The tuning sweep times each kernel's candidate configurations at the benchmark shapes and
         # proposes the winners (res/sweep/_tuned.py; adopted by --apply and a commit).  It

@@ -26,27 +26,29 @@ def eager():
     return module
 
 
-def _poisoned(*shape, dtype=torch.float32, channels_last=False):
-    x = torch.randn(*shape).to(dtype)
+def _input(*shape, dtype=torch.float32, channels_last=False, device="cpu"):
+    x = torch.randn(*shape, device=device).to(dtype)
     return x.to(memory_format=torch.channels_last) if channels_last else x
 
 
-def _cases():
+def _cases(device="cpu"):
     """name -> a call of a public op (fresh tensors per call: the layouts and options vary)."""
     ops = fastdiff.ops
     bf16, f16 = torch.bfloat16, torch.float16
-    x = _poisoned(3, 6, 5, 7, dtype=bf16, channels_last=True)
-    x32 = _poisoned(2, 4, 3, 5)
-    xc = _poisoned(3, 6, 5, 7, dtype=bf16)
-    w, b, film = torch.randn(6, dtype=bf16), torch.randn(6, dtype=bf16), torch.randn(3, 6, dtype=bf16)
-    q = _poisoned(2, 3, 19, 40, dtype=f16)
-    k, v = _poisoned(2, 3, 77, 40, dtype=f16), _poisoned(2, 3, 77, 40, dtype=f16)
-    t, acp = torch.tensor([3, 70, 11]), torch.linspace(0.99, 0.01, 100)
-    keys = torch.tensor([5, 2**40, 7])
+    x = _input(3, 6, 5, 7, dtype=bf16, channels_last=True, device=device)
+    x32 = _input(2, 4, 3, 5, device=device)
+    xc = _input(3, 6, 5, 7, dtype=bf16, device=device)
+    w, b = _input(6, dtype=bf16, device=device), _input(6, dtype=bf16, device=device)
+    film = _input(3, 6, dtype=bf16, device=device)
+    q = _input(2, 3, 19, 40, dtype=f16, device=device)
+    k, v = _input(2, 3, 77, 40, dtype=f16, device=device), _input(2, 3, 77, 40, dtype=f16, device=device)
+    t, acp = torch.tensor([3, 70, 11], device=device), torch.linspace(0.99, 0.01, 100, device=device)
+    keys = torch.tensor([5, 2**40, 7], device=device)
     coeffs = coefficient_rows(step_coefficients(x0_from_x=1.1, x0_from_out=-0.4, eps_from_out=1.0, x=0.9, x0=0.1,
-                                                noise=0.1).unsqueeze(0), "cpu")[0]  # fmt: skip
-    seeds = torch.arange(3)
-    mask = (torch.rand(3, 1, 5, 7) > 0.5).to(bf16).to(memory_format=torch.channels_last)
+                                                noise=0.1).unsqueeze(0), device)[0]  # fmt: skip
+    seeds = torch.arange(3, device=device)
+    mask = (torch.rand(3, 1, 5, 7, device=device) > 0.5).to(bf16).to(memory_format=torch.channels_last)
+    weight = torch.rand(2, device=device)
     return {
         "group_norm_silu, bf16 channels-last, FiLM": lambda: ops.group_norm_silu(x, 3, w, b, scale=film, shift=film),
         "group_norm_silu, fp32, no affine": lambda: ops.group_norm_silu(x32, 2, silu=False),
@@ -59,7 +61,7 @@ def _cases():
         "q_sample_unchecked": lambda: noising.q_sample_unchecked(x, t, acp),
         "training_target v, keys": lambda: ops.training_target(x, t, acp, prediction="v", keys=keys),
         "training_target_unchecked sample": lambda: noising.training_target_unchecked(x, t, acp, prediction="sample"),
-        "diffusion_loss, weighted": lambda: ops.diffusion_loss(x32, torch.randn_like(x32), torch.rand(2)),
+        "diffusion_loss, weighted": lambda: ops.diffusion_loss(x32, torch.randn_like(x32), weight),
         "diffusion_loss_unchecked": lambda: noising.diffusion_loss_unchecked(x, torch.randn_like(x)),
         "sampler_step, guided, noise": lambda: ops.sampler_step(
             xc, xc, coeffs, uncond_output=xc, guidance_scale=3.5, seeds=seeds, step=4, add_noise=True),
@@ -181,3 +183,36 @@ def test_a_call_the_library_declines_raises_its_message_in_dry_run(eager):
     q = torch.randn(1, 1, 5, 48, dtype=torch.bfloat16)
     with fastdiff.ops.dry_run(), pytest.raises(RuntimeError, match="libfastdiff_kernels attention_fwd: .*48"):
         flash_attention.attention_unchecked(q, q, q, scale=0.1)
+
+
+def _poison_cuda_allocator():
+    """Fill the caching allocator's free small blocks with NaN: the next small outputs start as NaN."""
+    blocks = [torch.full((16384,), float("nan"), device="cuda") for _ in range(64)]
+    del blocks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="launches on a CUDA device")
+@pytest.mark.parametrize("name", list(_cases()))
+def test_on_cuda_the_cpp_entry_gives_the_python_paths_bits(eager, name, monkeypatch):
+    """The CUDA half of the entry (the current device and stream, ATen allocations on them): the same
+    launches as the Python path, so the same bits (same inputs, same Philox keys)."""
+    call = _cases("cuda")[name]
+    with torch.no_grad():
+        torch.manual_seed(0)
+        _poison_cuda_allocator()
+        before = eager.launched()
+        from_cpp = call()
+        assert eager.launched() == before + 1, f"{name} did not launch from the C++ entry on CUDA"
+        monkeypatch.setattr(_aot, "eager", _aot.NO_EAGER)
+        torch.manual_seed(0)
+        _poison_cuda_allocator()
+        from_python = call()
+    torch.cuda.synchronize()
+    for a, b in zip(from_cpp if isinstance(from_cpp, tuple) else [from_cpp],
+                    from_python if isinstance(from_python, tuple) else [from_python]):  # fmt: skip
+        if a is None:
+            assert b is None
+            continue
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+        assert not a.isnan().any(), f"{name}: an output the kernels did not write"
+        assert torch.equal(a, b), name

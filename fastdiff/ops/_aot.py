@@ -108,15 +108,20 @@ class _Unloaded:
 
 def _load_eager():
     """The configured `_eager` module, or `NO_EAGER` (with the library missing or stale, or the module
-    not built, or built against another torch)."""
+    not built, or built against another torch: `eager_status` says which)."""
+    global eager_status
     if binding() is None:
+        eager_status = "not used without the library"
         return NO_EAGER
     try:
         from fastdiff.ops import _eager as module
-    except ImportError:
+    except ImportError as exc:
+        eager_status = f"not built ({exc}); `pip install -e .` builds it"
         return NO_EAGER
     if module.torch_version() != torch.__version__:
+        eager_status = f"built against torch {module.torch_version()}, not {torch.__version__}; `pip install -e .`"
         return NO_EAGER
+    eager_status = f"C++ ({module.__file__})"
     cuda = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getCurrentRawStream") else None
     if _backend.environment_backend() == "reference":
         cuda = None  # CUDA calls take the reference, in Python
@@ -136,6 +141,7 @@ def set_planner(op: str, planner) -> None:
 
 
 eager = _Unloaded()
+eager_status = "not loaded yet"
 
 
 # Scratch for library calls, one buffer per (device, stream): (floats, buffer, its address).
@@ -199,12 +205,18 @@ OP_MODULES = {"q_sample": "noising", "training_target": "noising", "diffusion_lo
 
 
 def info() -> dict[str, str]:
-    """Which path each op's eager CUDA calls take: 'library (<path>)' or 'triton jit (<why>)'."""
+    """Which path each op's eager CUDA calls take: 'library (<path>)' or 'triton jit (<why>)', and with
+    the library, whether calls that record no gradient enter through C++ (`eager`) or Python (why)."""
     lib, why = _load()
     if lib is None:
         path = f"triton jit ({why})"
     else:
         path = f"library ({os.path.join(os.path.dirname(lib.__file__), 'libfastdiff_kernels.so')})"
+    if lib is not None:
+        global eager
+        if isinstance(eager, _Unloaded):
+            eager = _load_eager()
+        path += f"; calls that record no gradient enter through {eager_status}"
     return {op: path + (_jit_only(module) if lib is not None else "") for op, module in OP_MODULES.items()}
 
 
