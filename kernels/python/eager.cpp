@@ -161,13 +161,15 @@ Plan *find_plan(Registry &r, Call &call, bool checked, PyObject *const *args, Py
   auto it = r.plans.find(call.key);
   if (it == r.plans.end() || (checked && !it->second.checked)) {
     if (r.planner == nullptr) return nullptr;
+    bool was_checked = it != r.plans.end() && it->second.checked;
+    // Python code from here on (it may let another thread in): `it` is looked up again below
     PyObject *made = PyObject_Vectorcall(r.planner, args, nargs, nullptr); // raises a checked call's errors
     if (made == nullptr) {
       *path = FAILED;
       return nullptr;
     }
     Plan plan;
-    plan.checked = checked || (it != r.plans.end() && it->second.checked);
+    plan.checked = checked || was_checked;
     if (made != Py_None) {
       PyObject *ints = PySequence_Fast(made, "a plan is a tuple of ints");
       Py_ssize_t n = ints ? PySequence_Fast_GET_SIZE(ints) : 0;
@@ -188,7 +190,7 @@ Plan *find_plan(Registry &r, Call &call, bool checked, PyObject *const *args, Py
       *path = FAILED;
       return nullptr;
     }
-    if (it == r.plans.end() && r.plans.size() >= MAX_SIGNATURES) r.plans.clear();
+    if (r.plans.size() >= MAX_SIGNATURES && r.plans.find(call.key) == r.plans.end()) r.plans.clear();
     it = r.plans.insert_or_assign(call.key, plan).first;
   }
   if (!it->second.launches || it->second.declined) return nullptr;
