@@ -700,13 +700,10 @@ def sampler_step(
     and step: the Philox keys of the noise drawn when ``add_noise`` (coefficient "noise") or
     when inpainting.  known, mask: inpainting; mask (B, ...) or (B, 1, ...) with 1 = repaint.
     """
-    if not torch.compiler.is_compiling():
-        out = _aot.eager.sampler_step(
-            x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
-            clip_x0, step, add_noise, return_x0, True,
-        )  # fmt: skip
-        if out is not None:
-            return out
+    out = _cpp_step(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale,
+                    guidance_rescale, clip_x0, step, add_noise, return_x0, True)  # fmt: skip
+    if out is not None:
+        return out
     t = _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask)
     # the numbers are checked on every call, by type first (a signature cannot hold them)
     if (
@@ -769,16 +766,19 @@ def sampler_step_unchecked(
     """`sampler_step` without its argument checks, for a sampling loop that made them once
     (`check_step_arguments`) and checks each model output (`check_model_output`).  Arguments
     `sampler_step` would refuse give undefined results."""
-    if not torch.compiler.is_compiling():
-        out = _aot.eager.sampler_step(
-            x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale, guidance_rescale,
-            clip_x0, step, add_noise, return_x0, False,
-        )  # fmt: skip
-        if out is not None:
-            return out
+    out = _cpp_step(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale,
+                    guidance_rescale, clip_x0, step, add_noise, return_x0, False)  # fmt: skip
+    if out is not None:
+        return out
     t = _Tensors(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask)
     o = _options(guidance_scale, guidance_rescale, clip_x0, step, add_noise, return_x0)
     return _step(None if _backend.traced(x) else _step_plan(t, o.flags()), t, o)
+
+
+def _cpp_step(*args):
+    """`_aot.eager.sampler_step` (the C++ entry) on these arguments: (x_next, x̂0 or None), or None where the
+    Python path takes the call (always while torch.compile traces it)."""
+    return None if torch.compiler.is_compiling() else _aot.eager.sampler_step(*args)
 
 
 def _eager_plan(
