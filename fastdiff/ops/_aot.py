@@ -94,7 +94,7 @@ def _python_path(*args) -> None:
 
 
 NO_EAGER = _PythonPath()
-_planners: dict[str, object] = {}
+_planners: dict[str, tuple] = {}
 
 
 class _Unloaded:
@@ -126,18 +126,19 @@ def _load_eager():
     if _backend.environment_backend() == "reference":
         cuda = None  # CUDA calls take the reference, in Python
     module.configure(*_backend.context_variables(), cuda, torch._C._cuda_getCurrentRawStream if cuda else None)
-    for op, planner in _planners.items():
-        module.set_planner(op, planner)
+    for op, (planner, backward) in _planners.items():
+        module.set_planner(op, planner, backward)
     return module
 
 
-def set_planner(op: str, planner) -> None:
+def set_planner(op: str, planner, backward=None) -> None:
     """``planner(*args)`` makes the plan of a signature of ``eager.<op>(*args)`` (see `eager`): it makes
     the public function's checks when the call is a checked one (its last argument True), and returns
-    the plan's integers, or None where that signature takes the Python path."""
-    _planners[op] = planner
+    the plan's integers, or None where that signature takes the Python path.  ``backward``: for an op
+    with gradients, its Python backward, for the backward passes the library declines."""
+    _planners[op] = (planner, backward)
     if not isinstance(eager, (_Unloaded, _PythonPath)):
-        eager.set_planner(op, planner)
+        eager.set_planner(op, planner, backward)
 
 
 eager = _Unloaded()

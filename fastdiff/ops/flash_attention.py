@@ -1399,14 +1399,16 @@ def attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
 
 
 def _eager_plan(q, k, v, scale, checked) -> tuple[int, ...] | None:
-    """The plan of `_aot.eager.attention`'s signature (checked first when ``checked``): the library's numbers."""
+    """The plan of `_aot.eager.attention`'s signature (checked first when ``checked``): the library's numbers,
+    then the backward's: the gradients' strides and its scratch floats (-1: a head dim without one)."""
     plan = _checked_plan(q, k, v, scale) if checked else _plan(q, k, v)
     if plan.copies or plan.empty or plan.code < 0:
         return None
-    return (plan.code, *plan.fwd_args)
+    backward = plan.scratch_floats() if plan.sizes[4] in HEAD_DIMS else -1  # -1: no backward (Python's error)
+    return (plan.code, *plan.fwd_args, *plan.grad_args, backward)
 
 
-_aot.set_planner("attention", _eager_plan)
+_aot.set_planner("attention", _eager_plan, _backward_impl)
 
 
 def _eager(plan: _Plan, q, k, v, scale: float) -> torch.Tensor:

@@ -1006,7 +1006,8 @@ def _eager(plan: _Plan, x, weight, bias, scale, shift, num_groups, eps, silu) ->
 
 def _eager_plan(x, weight, bias, scale, shift, num_groups, eps, silu, checked) -> tuple[int, ...] | None:
     """The plan of `_aot.eager.group_norm_silu`'s signature (checked first when ``checked``): the library's
-    numbers, then the floats of the statistics and partials (one scratch) and their offsets."""
+    numbers, the floats of the statistics and partials and their offsets, then the backward's scratch
+    floats and offsets."""
     if checked:
         plan = _checked_plan(x, num_groups, weight, bias, eps, scale, shift, silu)
     else:
@@ -1014,10 +1015,11 @@ def _eager_plan(x, weight, bias, scale, shift, num_groups, eps, silu, checked) -
     if plan.copies:
         return None
     return (plan.code, plan.pd, plan.stride_scale, plan.stride_shift, *plan.sizes, plan.silu, plan.saved,
-            plan.partials, plan.o_rstd, plan.o_a, plan.o_d, plan.o_m2)  # fmt: skip
+            plan.partials, plan.o_rstd, plan.o_a, plan.o_d, plan.o_m2, plan.scratch, plan.o_q, plan.o_e, plan.o_f,
+            plan.o_tw, plan.o_tb, plan.o_spare)  # fmt: skip
 
 
-_aot.set_planner("group_norm_silu", _eager_plan)
+_aot.set_planner("group_norm_silu", _eager_plan, _backward_impl)
 
 
 # ----------------------------------------------------------------------------- launch tables

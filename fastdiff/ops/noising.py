@@ -775,7 +775,7 @@ def _eager_loss_plan(pred, target, weight, checked) -> tuple[int, ...] | None:
     return (plan.code, B, N, B * plan.blocks)
 
 
-_aot.set_planner("diffusion_loss", _eager_loss_plan)
+_aot.set_planner("diffusion_loss", _eager_loss_plan, _weighted_mse_backward_impl)
 
 
 def _diffusion_loss(pred, target, weight, plan):

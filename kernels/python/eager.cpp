@@ -34,10 +34,15 @@
 #include <ATen/ops/empty_strided.h>
 #include <ATen/ops/randint.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
 #include <cstring>
 #include <unordered_map>
 #include <vector>
@@ -53,7 +58,7 @@ PyObject *backend_override = nullptr; // its contextvar: the use_backend() name 
 PyObject *current_device = nullptr; // torch._C._cuda_getDevice
 PyObject *raw_stream = nullptr;     // torch._C._cuda_getCurrentRawStream
 PyObject *reference_name = nullptr; // "reference"
-int64_t launches = 0;               // calls launched from here (tests)
+std::atomic<int64_t> launches{0};   // library calls made from here, backward passes included (tests)
 
 bool contextvar_is(PyObject *var, PyObject *value) {
   PyObject *v = nullptr;
@@ -78,7 +83,7 @@ struct KeyHash {
   }
 };
 
-constexpr int MAX_PLAN = 32;
+constexpr int MAX_PLAN = 40;
 
 struct Plan {
   bool launches = false; // false: the signature takes the Python path
@@ -92,6 +97,7 @@ struct Registry {
   explicit Registry(const char *op) : op(op) {}
   const char *op; // the library's name of the op, in error messages
   PyObject *planner = nullptr;
+  PyObject *backward = nullptr; // the op's Python backward, where the library declines one (see `recorded`)
   std::unordered_map<Key, Plan, KeyHash> plans;
 };
 
@@ -245,19 +251,181 @@ bool is_bool(PyObject *o) { return o == Py_True || o == Py_False; }
 Registry group_norm_silu_plans{"group_norm_silu_fwd"}, attention_plans{"attention_fwd"},
     sampler_step_plans{"sampler_step"}, noising_plans{"q_sample"}, loss_plans{"diffusion_loss_fwd"};
 
+/* ---------------------------------------------------------------------------- calls autograd records
+
+   A call with an input that requires grad (grad mode on) is recorded by a C++ autograd node
+   (torch::autograd::Function): its forward launches as the inference call does, keeping what the
+   backward reads; its backward launches the library's backward on the forward's stream, from the
+   autograd engine's thread, without the GIL.  Where the library declines a backward (no case for
+   it), the op's Python backward takes it, through Triton's JIT.  A forward the library declines
+   throws Declined before anything launches, and the entry leaves the call to the Python path. */
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptionalTensor = std::optional<at::Tensor>;
+
+struct Declined {};
+
+/* After a library call inside an autograd node: throws Declined (not in dry run) or the library's
+   message where it did not launch. */
+void check(fdk_status status, const char *op, bool dry) {
+  if (status == FDK_SUCCESS) {
+    launches++;
+    return;
+  }
+  if (status == FDK_ERROR_UNSUPPORTED && !dry) throw Declined{};
+  throw std::runtime_error(std::string("libfastdiff_kernels ") + op + ": " + fdk_last_error());
+}
+
+/* What a recorded forward keeps besides tensors: the plan, the stream, dry run, one double. */
+void keep(AutogradContext *ctx, const Plan &plan, void *stream, bool dry, double real) {
+  ctx->saved_data["plan"] = std::vector<int64_t>(plan.ints, plan.ints + plan.size);
+  ctx->saved_data["stream"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(stream));
+  ctx->saved_data["dry"] = dry;
+  ctx->saved_data["real"] = real;
+}
+
+CUstream_st *kept_stream(AutogradContext *ctx) {
+  return reinterpret_cast<CUstream_st *>(static_cast<intptr_t>(ctx->saved_data["stream"].toInt()));
+}
+
+/* The op's Python backward on these arguments (None for an undefined tensor), under the GIL: the
+   gradients it returns, a tensor or a tuple of tensors and None. */
+variable_list python_backward(Registry &r, std::initializer_list<at::Tensor> tensors,
+                              std::initializer_list<PyObject *> numbers) {
+  PyGILState_STATE gil = PyGILState_Ensure();
+  variable_list grads;
+  std::string error;
+  PyObject *args = PyTuple_New(static_cast<Py_ssize_t>(tensors.size() + numbers.size()));
+  Py_ssize_t i = 0;
+  for (const at::Tensor &t : tensors) PyTuple_SET_ITEM(args, i++, wrap(t));
+  for (PyObject *n : numbers) PyTuple_SET_ITEM(args, i++, n); // steals the new references
+  PyObject *out = r.backward && !PyErr_Occurred() ? PyObject_Call(r.backward, args, nullptr) : nullptr;
+  Py_DECREF(args);
+  if (out != nullptr) {
+    PyObject *seq = PyTuple_Check(out) ? Py_NewRef(out) : PyTuple_Pack(1, out);
+    for (Py_ssize_t k = 0; seq && k < PyTuple_GET_SIZE(seq); k++) {
+      PyObject *g = PyTuple_GET_ITEM(seq, k);
+      grads.push_back(THPVariable_Check(g) ? THPVariable_Unpack(g) : at::Tensor());
+    }
+    Py_XDECREF(seq);
+    Py_DECREF(out);
+  }
+  if (PyErr_Occurred()) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *text = value ? PyObject_Str(value) : nullptr;
+    error = text && PyUnicode_AsUTF8(text) ? PyUnicode_AsUTF8(text) : "the Python backward failed";
+    Py_XDECREF(text), Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
+    PyErr_Clear();
+  } else if (out == nullptr) {
+    error = std::string(r.op) + ": the library declined the backward and there is no Python backward";
+  }
+  PyGILState_Release(gil);
+  if (!error.empty()) throw std::runtime_error(error);
+  return grads;
+}
+
+at::Tensor or_undefined(const OptionalTensor &t) { return t.has_value() ? *t : at::Tensor(); }
+void *ptr(const OptionalTensor &t) { return t.has_value() && t->defined() ? t->data_ptr() : nullptr; }
+
 /* ---------------------------------------------------------------------------- the ops */
 
 /* group_norm_silu(x, weight, bias, scale, shift, num_groups, eps, silu, checked) -> y.
    Plan: dtype, params dtype, scale and shift row strides, B, C, S, G, channels-last, silu, the
    saved statistics' floats and the partials' floats, the offsets (bytes) of rstd, A, d in the
-   statistics and of M2 in the partials. */
+   statistics and of M2 in the partials; then the backward's: its scratch floats and the offsets
+   (bytes) of Σ dz·x̂, E, F, the dγ and dβ terms and the spare (C,) row in it (Σ dz at 0). */
+fdk_status group_norm_forward(const int64_t *p, const at::Tensor &x, void *const params[4], double eps,
+                              const at::Tensor &y, char *stats, char *partials, void *stream) {
+  fdk_group_norm_silu_fwd_args a{};
+  a.dtype = static_cast<fdk_dtype>(p[0]);
+  a.params_dtype = static_cast<fdk_dtype>(p[1]);
+  a.x = x.data_ptr();
+  a.y = y.data_ptr();
+  a.weight = params[0], a.bias = params[1], a.scale = params[2], a.shift = params[3];
+  a.stride_scale = p[2], a.stride_shift = p[3];
+  a.mean = reinterpret_cast<float *>(stats);
+  a.rstd = reinterpret_cast<float *>(stats + p[12]);
+  a.coef_a = reinterpret_cast<float *>(stats + p[13]);
+  a.coef_d = reinterpret_cast<float *>(stats + p[14]);
+  a.partial_mean = reinterpret_cast<float *>(partials);
+  a.partial_m2 = reinterpret_cast<float *>(partials + p[15]);
+  a.batch = p[4], a.channels = p[5], a.spatial = p[6], a.groups = p[7];
+  a.channels_last = static_cast<int>(p[8]), a.silu = static_cast<int>(p[9]);
+  a.eps = eps;
+  return fdk_group_norm_silu_fwd(&a, static_cast<CUstream_st *>(stream));
+}
+
+struct GroupNormSiLU : torch::autograd::Function<GroupNormSiLU> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const OptionalTensor &weight,
+                            const OptionalTensor &bias, const OptionalTensor &scale, const OptionalTensor &shift,
+                            const Plan *plan, double eps, void *stream, bool dry) {
+    const int64_t *p = plan->ints;
+    at::Tensor y = at::empty_like(x), saved = floats(x, p[10]), partials = floats(x, p[11]);
+    void *params[4] = {ptr(weight), ptr(bias), ptr(scale), ptr(shift)};
+    check(group_norm_forward(p, x, params, eps, y, static_cast<char *>(saved.data_ptr()),
+                             static_cast<char *>(partials.data_ptr()), stream),
+          "group_norm_silu_fwd", dry);
+    ctx->save_for_backward({x, saved, or_undefined(weight), or_undefined(bias), or_undefined(scale),
+                            or_undefined(shift)});
+    keep(ctx, *plan, stream, dry, eps);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables(); // x, saved, weight, bias, scale, shift
+    const at::Tensor &x = s[0];
+    std::vector<int64_t> plan = ctx->saved_data["plan"].toIntVector();
+    const int64_t *p = plan.data();
+    bool dry = ctx->saved_data["dry"].toBool();
+    at::Tensor dy = grads[0].strides() == x.strides() ? grads[0] : at::empty_like(x).copy_(grads[0]);
+    int64_t B = p[4], C = p[5];
+    bool has[4] = {s[2].defined(), s[3].defined(), s[4].defined(), s[5].defined()}, affine = has[0] || has[1];
+    auto f32 = x.options().dtype(at::kFloat);
+    at::Tensor dx = at::empty_like(x), dw = has[0] ? at::empty({C}, f32) : at::Tensor(),
+               db = has[1] ? at::empty({C}, f32) : at::Tensor(), ds = has[2] ? at::empty({B, C}, f32) : at::Tensor(),
+               dsh = has[3] ? at::empty({B, C}, f32) : at::Tensor(), work = floats(x, p[16]);
+    char *stats = static_cast<char *>(s[1].data_ptr()), *w = static_cast<char *>(work.data_ptr());
+    void *spare = affine ? w + p[22] : nullptr;
+    fdk_group_norm_silu_bwd_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]), a.params_dtype = static_cast<fdk_dtype>(p[1]);
+    a.dy = dy.data_ptr(), a.x = x.data_ptr();
+    a.mean = reinterpret_cast<const float *>(stats), a.rstd = reinterpret_cast<const float *>(stats + p[12]);
+    a.coef_a = reinterpret_cast<const float *>(stats + p[13]);
+    a.coef_d = reinterpret_cast<const float *>(stats + p[14]);
+    a.weight = has[0] ? s[2].data_ptr() : nullptr, a.bias = has[1] ? s[3].data_ptr() : nullptr;
+    a.scale = has[2] ? s[4].data_ptr() : nullptr, a.has_shift = has[3], a.stride_scale = p[2];
+    a.dx = dx.data_ptr();
+    a.dweight = static_cast<float *>(has[0] ? dw.data_ptr() : spare);
+    a.dbias = static_cast<float *>(has[1] ? db.data_ptr() : spare);
+    a.dscale = has[2] ? ds.data_ptr<float>() : nullptr, a.dshift = has[3] ? dsh.data_ptr<float>() : nullptr;
+    a.sum_dz = reinterpret_cast<float *>(w), a.sum_dzx = reinterpret_cast<float *>(w + p[17]);
+    a.dx_e = reinterpret_cast<float *>(w + p[18]), a.dx_f = reinterpret_cast<float *>(w + p[19]);
+    a.term_w = affine ? reinterpret_cast<float *>(w + p[20]) : nullptr;
+    a.term_b = affine ? reinterpret_cast<float *>(w + p[21]) : nullptr;
+    a.batch = B, a.channels = C, a.spatial = p[6], a.groups = p[7];
+    a.channels_last = static_cast<int>(p[8]), a.silu = static_cast<int>(p[9]);
+    try {
+      check(fdk_group_norm_silu_bwd(&a, kept_stream(ctx)), "group_norm_silu_bwd", dry);
+    } catch (const Declined &) {
+      variable_list g = python_backward(
+          group_norm_silu_plans, {dy, x, s[1], s[2], s[3], s[4], s[5]},
+          {PyLong_FromLongLong(p[7]), PyFloat_FromDouble(ctx->saved_data["real"].toDouble()), PyBool_FromLong(p[9])});
+      g.resize(5);
+      dx = g[0], dw = g[1], db = g[2], ds = g[3], dsh = g[4];
+    }
+    return {dx, dw, db, ds, dsh, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 ENTRY(group_norm_silu) {
   ARGS(9);
   bool checked = args[8] == Py_True;
   Call call;
   for (int i = 0; i < 5; i++)
     if (!call.add(args[i], true)) PYTHON_PATH;
-  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  bool record = call.wants_grad && c10::GradMode::is_enabled();
   PyObject *groups = args[5], *eps_arg = args[6], *silu = args[7];
   if (checked && (!PyLong_CheckExact(groups) || !is_float(eps_arg) || !is_bool(silu))) PYTHON_PATH;
   double eps = PyFloat_AsDouble(eps_arg);
@@ -269,41 +437,113 @@ ENTRY(group_norm_silu) {
   PLAN(registry, checked);
   try {
     const at::Tensor &x = call[0];
-    at::Tensor y = at::empty_like(x);
-    at::Tensor scratch = floats(x, p[10] + p[11]);
-    char *stats = static_cast<char *>(scratch.data_ptr()), *partials = stats + 4 * p[10];
-    fdk_group_norm_silu_fwd_args a{};
-    a.dtype = static_cast<fdk_dtype>(p[0]);
-    a.params_dtype = static_cast<fdk_dtype>(p[1]);
-    a.x = x.data_ptr();
-    a.y = y.data_ptr();
-    a.weight = call.ptr(1), a.bias = call.ptr(2), a.scale = call.ptr(3), a.shift = call.ptr(4);
-    a.stride_scale = p[2], a.stride_shift = p[3];
-    a.mean = reinterpret_cast<float *>(stats);
-    a.rstd = reinterpret_cast<float *>(stats + p[12]);
-    a.coef_a = reinterpret_cast<float *>(stats + p[13]);
-    a.coef_d = reinterpret_cast<float *>(stats + p[14]);
-    a.partial_mean = reinterpret_cast<float *>(partials);
-    a.partial_m2 = reinterpret_cast<float *>(partials + p[15]);
-    a.batch = p[4], a.channels = p[5], a.spatial = p[6], a.groups = p[7];
-    a.channels_last = static_cast<int>(p[8]), a.silu = static_cast<int>(p[9]);
-    a.eps = eps;
-    LAUNCHED(fdk_group_norm_silu_fwd(&a, static_cast<CUstream_st *>(stream)));
+    if (record) {
+      auto opt = [&](int i) { return call.tensors[i] ? OptionalTensor(call[i]) : OptionalTensor(); };
+      return wrap(GroupNormSiLU::apply(x, opt(1), opt(2), opt(3), opt(4), &plan, eps, stream, dry));
+    }
+    at::Tensor y = at::empty_like(x), scratch = floats(x, p[10] + p[11]);
+    char *stats = static_cast<char *>(scratch.data_ptr());
+    void *params[4] = {call.ptr(1), call.ptr(2), call.ptr(3), call.ptr(4)};
+    LAUNCHED(group_norm_forward(p, x, params, eps, y, stats, stats + 4 * p[10], stream));
     return wrap(y);
+  } catch (const Declined &) {
+    plan.declined = true;
+    PYTHON_PATH;
   } catch (const std::exception &e) {
     return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
 }
 
 /* attention(q, k, v, scale, checked) -> o (B, H, Lq, D) stored as (B, Lq, H, D).
-   Plan: dtype, B, H, Lq, Lk, D, the strides of q, k, v and o (4 each). */
+   Plan: dtype, B, H, Lq, Lk, D, the strides of q, k, v and o (4 each); then the backward's: the
+   strides of dq, dk, dv (4 each) and its scratch floats (-1: the head dim has no backward). */
+fdk_status attention_forward(const int64_t *p, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                             double scale, const at::Tensor &o, const at::Tensor &lse, void *stream) {
+  const int64_t *sizes = p + 1, *strides = p + 6;
+  fdk_attention_fwd_args a{};
+  a.dtype = static_cast<fdk_dtype>(p[0]);
+  a.q = q.data_ptr(), a.k = k.data_ptr(), a.v = v.data_ptr();
+  a.o = o.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.batch = sizes[0], a.heads = sizes[1], a.len_q = sizes[2], a.len_k = sizes[3], a.head_dim = sizes[4];
+  std::memcpy(a.stride_q, strides, sizeof a.stride_q);
+  std::memcpy(a.stride_k, strides + 4, sizeof a.stride_k);
+  std::memcpy(a.stride_v, strides + 8, sizeof a.stride_v);
+  std::memcpy(a.stride_o, strides + 12, sizeof a.stride_o);
+  a.scale = scale;
+  return fdk_attention_fwd(&a, static_cast<CUstream_st *>(stream));
+}
+
+at::Tensor attention_output(const int64_t *p, const at::Tensor &q) {
+  return at::empty_strided({p[1], p[2], p[3], p[5]}, {p[18], p[19], p[20], p[21]}, q.options());
+}
+
+at::Tensor attention_lse(const int64_t *p, const at::Tensor &q) {
+  return at::empty({p[1], p[2], p[3]}, q.options().dtype(at::kFloat));
+}
+
+/* Whether the kernels read x (B, H, L, D) in place: unit-stride head dim, 16-byte aligned rows. */
+bool kernel_layout(const at::Tensor &x) {
+  int64_t step = 16 / static_cast<int64_t>(x.element_size());
+  auto n = x.sizes();
+  auto st = x.strides();
+  return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && st[3] == 1 && (n[0] == 1 || st[0] % step == 0) &&
+         (n[1] == 1 || st[1] % step == 0) && (n[2] == 1 || st[2] % step == 0);
+}
+
+struct Attention : torch::autograd::Function<Attention> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                            const Plan *plan, double scale, void *stream, bool dry) {
+    const int64_t *p = plan->ints;
+    at::Tensor o = attention_output(p, q), lse = attention_lse(p, q);
+    check(attention_forward(p, q, k, v, scale, o, lse, stream), "attention_fwd", dry);
+    ctx->save_for_backward({q, k, v, o, lse});
+    keep(ctx, *plan, stream, dry, scale);
+    return o;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables(); // q, k, v, o, lse
+    std::vector<int64_t> plan = ctx->saved_data["plan"].toIntVector();
+    const int64_t *p = plan.data(), *g = p + 22;
+    bool dry = ctx->saved_data["dry"].toBool();
+    double scale = ctx->saved_data["real"].toDouble();
+    at::Tensor d_o = kernel_layout(grads[0]) ? grads[0] : grads[0].contiguous();
+    const at::Tensor &q = s[0], &k = s[1], &v = s[2], &o = s[3];
+    at::Tensor dq = at::empty_strided(q.sizes(), {g[0], g[1], g[2], g[3]}, q.options());
+    at::Tensor dk = at::empty_strided(k.sizes(), {g[4], g[5], g[6], g[7]}, k.options());
+    at::Tensor dv = at::empty_strided(v.sizes(), {g[8], g[9], g[10], g[11]}, v.options());
+    at::Tensor work = floats(q, p[34]);
+    fdk_attention_bwd_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]);
+    a.d_o = d_o.data_ptr(), a.q = q.data_ptr(), a.k = k.data_ptr(), a.v = v.data_ptr(), a.o = o.data_ptr();
+    a.lse = s[4].data_ptr<float>();
+    a.dq = dq.data_ptr(), a.dk = dk.data_ptr(), a.dv = dv.data_ptr();
+    a.delta = a.dkdv_partial = work.data_ptr<float>(); // one scratch serves both (fastdiff_kernels.h)
+    a.batch = p[1], a.heads = p[2], a.len_q = p[3], a.len_k = p[4], a.head_dim = p[5];
+    for (int i = 0; i < 4; i++) {
+      a.stride_do[i] = d_o.stride(i), a.stride_q[i] = p[6 + i], a.stride_k[i] = p[10 + i], a.stride_v[i] = p[14 + i];
+      a.stride_o[i] = o.stride(i), a.stride_dq[i] = g[i], a.stride_dk[i] = g[4 + i], a.stride_dv[i] = g[8 + i];
+    }
+    a.scale = scale;
+    try {
+      check(fdk_attention_bwd(&a, kept_stream(ctx)), "attention_bwd", dry);
+    } catch (const Declined &) {
+      variable_list d = python_backward(attention_plans, {d_o, q, k, v, o, s[4]}, {PyFloat_FromDouble(scale)});
+      d.resize(3);
+      dq = d[0], dk = d[1], dv = d[2];
+    }
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 ENTRY(attention) {
   ARGS(5);
   bool checked = args[4] == Py_True;
   Call call;
   for (int i = 0; i < 3; i++)
     if (!call.add(args[i], true)) PYTHON_PATH;
-  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  bool record = call.wants_grad && c10::GradMode::is_enabled();
   PyObject *scale_arg = args[3];
   double scale = 0.0;
   if (scale_arg != Py_None) {
@@ -319,26 +559,17 @@ ENTRY(attention) {
   if ((reinterpret_cast<uintptr_t>(call.ptr(0)) | reinterpret_cast<uintptr_t>(call.ptr(1)) |
        reinterpret_cast<uintptr_t>(call.ptr(2))) % 16)
     PYTHON_PATH; // a view off a 16-byte boundary: copied in Python
+  if (scale_arg == Py_None) scale = 1.0 / std::sqrt(static_cast<double>(p[5]));
   try {
     const at::Tensor &q = call[0];
-    const int64_t *sizes = p + 1, *strides = p + 6;
-    if (scale_arg == Py_None) scale = 1.0 / std::sqrt(static_cast<double>(sizes[4]));
-    at::Tensor o = at::empty_strided({sizes[0], sizes[1], sizes[2], sizes[4]},
-                                     {strides[12], strides[13], strides[14], strides[15]}, q.options());
-    at::Tensor lse = floats(q, sizes[0] * sizes[1] * sizes[2]);
-    fdk_attention_fwd_args a{};
-    a.dtype = static_cast<fdk_dtype>(p[0]);
-    a.q = call.ptr(0), a.k = call.ptr(1), a.v = call.ptr(2);
-    a.o = o.data_ptr();
-    a.lse = lse.data_ptr<float>();
-    a.batch = sizes[0], a.heads = sizes[1], a.len_q = sizes[2], a.len_k = sizes[3], a.head_dim = sizes[4];
-    std::memcpy(a.stride_q, strides, sizeof a.stride_q);
-    std::memcpy(a.stride_k, strides + 4, sizeof a.stride_k);
-    std::memcpy(a.stride_v, strides + 8, sizeof a.stride_v);
-    std::memcpy(a.stride_o, strides + 12, sizeof a.stride_o);
-    a.scale = scale;
-    LAUNCHED(fdk_attention_fwd(&a, static_cast<CUstream_st *>(stream)));
+    if (record && p[34] < 0) PYTHON_PATH; // a head dim without a backward: the Python path says so
+    if (record) return wrap(Attention::apply(q, call[1], call[2], &plan, scale, stream, dry));
+    at::Tensor o = attention_output(p, q), lse = attention_lse(p, q);
+    LAUNCHED(attention_forward(p, q, call[1], call[2], scale, o, lse, stream));
     return wrap(o);
+  } catch (const Declined &) {
+    plan.declined = true;
+    PYTHON_PATH;
   } catch (const std::exception &e) {
     return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
@@ -443,25 +674,72 @@ ENTRY(noising) {
 
 /* diffusion_loss(pred, target, weight, checked) -> the fp32 scalar loss.  Plan: dtype, B, N, the
    partial sums' floats. */
+fdk_status loss_forward(const int64_t *p, const at::Tensor &pred, const at::Tensor &target, void *weight,
+                        const at::Tensor &loss, void *stream) {
+  at::Tensor partial = floats(pred, p[3]);
+  fdk_diffusion_loss_args a{};
+  a.dtype = static_cast<fdk_dtype>(p[0]);
+  a.pred = pred.data_ptr(), a.target = target.data_ptr(), a.weight = static_cast<const float *>(weight);
+  a.loss = loss.data_ptr<float>(), a.partial = partial.data_ptr<float>();
+  a.batch = p[1], a.per_sample = p[2];
+  return fdk_diffusion_loss_fwd(&a, static_cast<CUstream_st *>(stream));
+}
+
+struct DiffusionLoss : torch::autograd::Function<DiffusionLoss> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &pred, const at::Tensor &target,
+                            const OptionalTensor &weight, const Plan *plan, void *stream, bool dry) {
+    at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
+    check(loss_forward(plan->ints, pred, target, ptr(weight), loss, stream), "diffusion_loss_fwd", dry);
+    ctx->save_for_backward({pred, target, or_undefined(weight)});
+    keep(ctx, *plan, stream, dry, 0.0);
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    variable_list s = ctx->get_saved_variables(); // pred, target, weight
+    std::vector<int64_t> p = ctx->saved_data["plan"].toIntVector();
+    bool dry = ctx->saved_data["dry"].toBool();
+    at::Tensor grad = grads[0].scalar_type() == at::kFloat ? grads[0] : grads[0].to(at::kFloat);
+    at::Tensor d_pred = at::empty_like(s[0]);
+    fdk_diffusion_loss_bwd_args a{};
+    a.dtype = static_cast<fdk_dtype>(p[0]);
+    a.grad = grad.data_ptr<float>(), a.pred = s[0].data_ptr(), a.target = s[1].data_ptr();
+    a.weight = s[2].defined() ? s[2].data_ptr<float>() : nullptr;
+    a.d_pred = d_pred.data_ptr();
+    a.batch = p[1], a.per_sample = p[2];
+    try {
+      check(fdk_diffusion_loss_bwd(&a, kept_stream(ctx)), "diffusion_loss_bwd", dry);
+    } catch (const Declined &) {
+      d_pred = python_backward(loss_plans, {grad, s[0], s[1], s[2]}, {}).at(0);
+    }
+    bool target_grad = ctx->needs_input_grad(1);
+    return {d_pred, target_grad ? -d_pred.to(s[1].scalar_type()) : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
 ENTRY(diffusion_loss) {
   ARGS(4);
   bool checked = args[3] == Py_True;
   Call call;
   for (int i = 0; i < 3; i++)
     if (!call.add(args[i], i < 2)) PYTHON_PATH; // the weight is a constant
-  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  bool record = call.wants_grad && c10::GradMode::is_enabled();
   Registry &registry = loss_plans;
   PLAN(registry, checked);
   try {
     const at::Tensor &pred = call[0];
-    at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat)), partial = floats(pred, p[3]);
-    fdk_diffusion_loss_args a{};
-    a.dtype = static_cast<fdk_dtype>(p[0]);
-    a.pred = call.ptr(0), a.target = call.ptr(1), a.weight = static_cast<const float *>(call.ptr(2));
-    a.loss = loss.data_ptr<float>(), a.partial = partial.data_ptr<float>();
-    a.batch = p[1], a.per_sample = p[2];
-    LAUNCHED(fdk_diffusion_loss_fwd(&a, static_cast<CUstream_st *>(stream)));
+    if (record) {
+      // the weight is a constant: no gradient flows to it (as in the Python path, which detaches it)
+      OptionalTensor weight = call.tensors[2] ? OptionalTensor(call[2].detach()) : OptionalTensor();
+      return wrap(DiffusionLoss::apply(pred, call[1], weight, &plan, stream, dry));
+    }
+    at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
+    LAUNCHED(loss_forward(p, pred, call[1], call.ptr(2), loss, stream));
     return wrap(loss);
+  } catch (const Declined &) {
+    plan.declined = true;
+    PYTHON_PATH;
   } catch (const std::exception &e) {
     return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
@@ -492,10 +770,11 @@ ENTRY(configure) {
 }
 
 ENTRY(set_planner) {
-  ARGS(2);
+  ARGS(3);
   Registry *r = registry_named(args[0]);
   if (r == nullptr) return nullptr;
   Py_XSETREF(r->planner, Py_NewRef(args[1]));
+  Py_XSETREF(r->backward, args[2] == Py_None ? nullptr : Py_NewRef(args[2]));
   r->plans.clear();
   Py_RETURN_NONE;
 }
@@ -506,7 +785,7 @@ PyObject *forget(PyObject *, PyObject *) {
   Py_RETURN_NONE;
 }
 
-PyObject *launched(PyObject *, PyObject *) { return PyLong_FromLongLong(launches); }
+PyObject *launched(PyObject *, PyObject *) { return PyLong_FromLongLong(launches.load()); }
 
 PyObject *torch_version(PyObject *, PyObject *) { return PyUnicode_FromString(FASTDIFF_TORCH_VERSION); }
 
