@@ -221,6 +221,31 @@ def test_a_call_autograd_records_runs_forward_and_backward_from_cpp(eager, name,
     assert len(launches_cpp) >= 2 and launches_cpp == launches_py
 
 
+@pytest.mark.parametrize("name", list(_gradient_cases()))
+def test_a_backward_the_library_declines_goes_to_the_python_backward(eager, name, monkeypatch):
+    """From the C++ node (its forward launched from C++), through the op's Python backward under the GIL:
+    the backward's launches and gradients are the Python path's."""
+    leaves, fn = _gradient_cases()[name]
+    runs = {}
+    for through_eager in (False, True):
+        with monkeypatch.context() as m:
+            if not through_eager:
+                m.setattr(_aot, "eager", _aot.NO_EAGER)
+            with fastdiff.ops.dry_run():
+                _aot.recorded()
+                before = eager.launched()
+                eager.set_python_backward_only(through_eager)
+                try:
+                    out, grads, names = _forward_backward(leaves, fn)
+                finally:
+                    eager.set_python_backward_only(False)
+                runs[through_eager] = (grads, _launches(_aot.recorded(), names), eager.launched() - before)
+    (grads_py, launches_py, _), (grads_cpp, launches_cpp, launched) = runs[False], runs[True]
+    assert launched == 1, "the forward launches from C++, the backward from Python"
+    assert [(g.shape, g.dtype, g.stride()) for g in grads_cpp] == [(g.shape, g.dtype, g.stride()) for g in grads_py]
+    assert launches_cpp == launches_py
+
+
 def test_outside_dry_run_cpu_calls_take_the_reference(eager):
     x = torch.randn(2, 4, 3, 3)
     before = eager.launched()

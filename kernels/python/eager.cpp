@@ -266,6 +266,10 @@ using OptionalTensor = std::optional<at::Tensor>;
 
 struct Declined {};
 
+/* Every backward goes to the op's Python backward, as one the library declines does (tests: the
+   library declines none of the shipped cases). */
+std::atomic<bool> python_backward_only{false};
+
 /* After a library call inside an autograd node: throws Declined (not in dry run) or the library's
    message where it did not launch. */
 void check(fdk_status status, const char *op, bool dry) {
@@ -289,17 +293,30 @@ CUstream_st *kept_stream(AutogradContext *ctx) {
   return reinterpret_cast<CUstream_st *>(static_cast<intptr_t>(ctx->saved_data["stream"].toInt()));
 }
 
-/* The op's Python backward on these arguments (None for an undefined tensor), under the GIL: the
-   gradients it returns, a tensor or a tuple of tensors and None. */
+/* A number argument of a Python backward: 'i' an int, 'f' a float, 'b' a bool. */
+struct Number {
+  char kind;
+  double value;
+};
+
+PyObject *number(const Number &n) {
+  if (n.kind == 'i') return PyLong_FromLongLong(static_cast<long long>(n.value));
+  if (n.kind == 'b') return PyBool_FromLong(n.value != 0.0);
+  return PyFloat_FromDouble(n.value);
+}
+
+/* The op's Python backward on these arguments (None for an undefined tensor), called under the GIL
+   (the engine's thread does not hold it): the gradients it returns, a tensor or a tuple of tensors
+   and None. */
 variable_list python_backward(Registry &r, std::initializer_list<at::Tensor> tensors,
-                              std::initializer_list<PyObject *> numbers) {
+                              std::initializer_list<Number> numbers) {
   PyGILState_STATE gil = PyGILState_Ensure();
   variable_list grads;
   std::string error;
   PyObject *args = PyTuple_New(static_cast<Py_ssize_t>(tensors.size() + numbers.size()));
   Py_ssize_t i = 0;
   for (const at::Tensor &t : tensors) PyTuple_SET_ITEM(args, i++, wrap(t));
-  for (PyObject *n : numbers) PyTuple_SET_ITEM(args, i++, n); // steals the new references
+  for (const Number &n : numbers) PyTuple_SET_ITEM(args, i++, number(n));
   PyObject *out = r.backward && !PyErr_Occurred() ? PyObject_Call(r.backward, args, nullptr) : nullptr;
   Py_DECREF(args);
   if (out != nullptr) {
@@ -407,11 +424,12 @@ struct GroupNormSiLU : torch::autograd::Function<GroupNormSiLU> {
     a.batch = B, a.channels = C, a.spatial = p[6], a.groups = p[7];
     a.channels_last = static_cast<int>(p[8]), a.silu = static_cast<int>(p[9]);
     try {
+      if (python_backward_only) throw Declined{};
       check(fdk_group_norm_silu_bwd(&a, kept_stream(ctx)), "group_norm_silu_bwd", dry);
     } catch (const Declined &) {
       variable_list g = python_backward(
           group_norm_silu_plans, {dy, x, s[1], s[2], s[3], s[4], s[5]},
-          {PyLong_FromLongLong(p[7]), PyFloat_FromDouble(ctx->saved_data["real"].toDouble()), PyBool_FromLong(p[9])});
+          {{'i', static_cast<double>(p[7])}, {'f', ctx->saved_data["real"].toDouble()}, {'b', static_cast<double>(p[9])}});
       g.resize(5);
       dx = g[0], dw = g[1], db = g[2], ds = g[3], dsh = g[4];
     }
@@ -527,9 +545,10 @@ struct Attention : torch::autograd::Function<Attention> {
     }
     a.scale = scale;
     try {
+      if (python_backward_only) throw Declined{};
       check(fdk_attention_bwd(&a, kept_stream(ctx)), "attention_bwd", dry);
     } catch (const Declined &) {
-      variable_list d = python_backward(attention_plans, {d_o, q, k, v, o, s[4]}, {PyFloat_FromDouble(scale)});
+      variable_list d = python_backward(attention_plans, {d_o, q, k, v, o, s[4]}, {{'f', scale}});
       d.resize(3);
       dq = d[0], dk = d[1], dv = d[2];
     }
@@ -708,6 +727,7 @@ struct DiffusionLoss : torch::autograd::Function<DiffusionLoss> {
     a.d_pred = d_pred.data_ptr();
     a.batch = p[1], a.per_sample = p[2];
     try {
+      if (python_backward_only) throw Declined{};
       check(fdk_diffusion_loss_bwd(&a, kept_stream(ctx)), "diffusion_loss_bwd", dry);
     } catch (const Declined &) {
       d_pred = python_backward(loss_plans, {grad, s[0], s[1], s[2]}, {}).at(0);
@@ -785,6 +805,11 @@ PyObject *forget(PyObject *, PyObject *) {
   Py_RETURN_NONE;
 }
 
+PyObject *set_python_backward_only(PyObject *, PyObject *on) {
+  python_backward_only = PyObject_IsTrue(on) == 1;
+  Py_RETURN_NONE;
+}
+
 PyObject *launched(PyObject *, PyObject *) { return PyLong_FromLongLong(launches.load()); }
 
 PyObject *torch_version(PyObject *, PyObject *) { return PyUnicode_FromString(FASTDIFF_TORCH_VERSION); }
@@ -794,7 +819,9 @@ PyMethodDef methods[] = {
     FAST(group_norm_silu), FAST(attention), FAST(sampler_step), FAST(noising), FAST(diffusion_loss),
     FAST(configure), FAST(set_planner),
     {"forget", forget, METH_NOARGS, "Forget every plan (they are made again on the next call)."},
-    {"launched", launched, METH_NOARGS, "How many calls launched from here."},
+    {"launched", launched, METH_NOARGS, "How many library calls were made from here."},
+    {"set_python_backward_only", set_python_backward_only, METH_O,
+     "Tests: every backward goes to the op's Python backward, as one the library declines does."},
     {"torch_version", torch_version, METH_NOARGS, "The torch version this module was built against."},
     {nullptr, nullptr, 0, nullptr}};
 
