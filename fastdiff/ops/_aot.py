@@ -12,10 +12,11 @@ path each op takes.
 call: the library checks, picks and plans the launches and records them instead of launching
 (host-overhead measurements on a machine without a GPU, and tests).
 
-``eager``: the eager calls that record no gradient, in C++ (``fastdiff/ops/_eager``, built with the
-library against the installed torch; ``kernels/python/eager.cpp``).  Each public op tries it first: it
-reads the call's signature, finds its plan, allocates the outputs with ATen and calls the library, or
-returns None and the Python path takes the call.  Plans come from the ops' planners (`set_planner`),
+``eager``: the ops' eager calls in C++ (``fastdiff/ops/_eager``, built with the library against the
+installed torch; ``kernels/python/eager.cpp``).  Each public op tries it first: it reads the call's
+signature, finds its plan, allocates the outputs with ATen and calls the library (a call autograd
+records gets a C++ autograd node, whose backward launches from C++ too), or returns None and the
+Python path takes the call.  Plans come from the ops' planners (`set_planner`),
 which make the public function's checks on the first checked call of a signature.  Where the module
 is not built, or was built against another torch, every call takes the Python path.
 """
@@ -207,7 +208,7 @@ OP_MODULES = {"q_sample": "noising", "training_target": "noising", "diffusion_lo
 
 def info() -> dict[str, str]:
     """Which path each op's eager CUDA calls take: 'library (<path>)' or 'triton jit (<why>)', and with
-    the library, whether calls that record no gradient enter through C++ (`eager`) or Python (why)."""
+    the library, whether they enter through C++ (`eager`) or Python (why)."""
     lib, why = _load()
     if lib is None:
         path = f"triton jit ({why})"
@@ -217,7 +218,7 @@ def info() -> dict[str, str]:
         global eager
         if isinstance(eager, _Unloaded):
             eager = _load_eager()
-        path += f"; calls that record no gradient enter through {eager_status}"
+        path += f"; eager calls enter through {eager_status}"
     return {op: path + (_jit_only(module) if lib is not None else "") for op, module in OP_MODULES.items()}
 
 
