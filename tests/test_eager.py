@@ -314,3 +314,36 @@ def test_on_cuda_the_cpp_autograd_node_gives_the_python_paths_gradients(eager, n
     for a, b in zip(grads_cpp, grads_py):
         assert not a.isnan().any(), f"{name}: a gradient the kernels did not write"
         torch.testing.assert_close(a, b)  # the same kernels: equal up to the order of any atomic sums
+
+
+def test_arguments_the_entries_cannot_read_raise_as_before_instead_of_crashing(eager):
+    """None first, a nested tensor, vmap's wrapped tensors: the Python path's errors, never a crash."""
+    x = torch.randn(2, 4, 3, 3)
+    with fastdiff.ops.dry_run():
+        with pytest.raises(Exception):
+            fastdiff.ops.attention(None, None, None)
+        with pytest.raises(Exception):
+            fastdiff.ops.diffusion_loss(None, x)
+        nested = torch.nested.nested_tensor([torch.randn(4, 3, 3), torch.randn(4, 2, 3)])
+        with pytest.raises(Exception):
+            fastdiff.ops.group_norm_silu(nested, 2)
+        q = torch.randn(3, 1, 2, 5, 32, dtype=torch.bfloat16)
+        with pytest.raises(Exception):
+            torch.vmap(lambda q: fastdiff.ops.attention(q, q, q))(q)
+
+
+@pytest.mark.parametrize("through_eager", [False, True])
+def test_gradients_off_a_16_byte_boundary_are_copied_first(eager, through_eager, monkeypatch):
+    """A contiguous dO that starts off a 16-byte boundary, and each loss's gradient as a view into one
+    tensor (a stack of losses): both paths copy them before the backward reads them."""
+    if not through_eager:
+        monkeypatch.setattr(_aot, "eager", _aot.NO_EAGER)
+    q = torch.randn(1, 2, 9, 32, dtype=torch.bfloat16, requires_grad=True)
+    pred = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with fastdiff.ops.dry_run():
+        o = fastdiff.ops.attention(q, q, q)
+        z = torch.cat([torch.zeros(1, dtype=o.dtype), o.reshape(-1)])  # o's gradient: z's from element 1 on
+        z.sum().backward()
+        losses = torch.stack([fastdiff.ops.diffusion_loss(pred, pred.detach() * k) for k in (0.5, 2.0)])
+        (losses * torch.tensor([1.0, 3.0])).sum().backward()
+    assert q.grad is not None and pred.grad is not None

@@ -93,17 +93,29 @@ def test_example_builds_and_runs_or_reports_the_missing_driver(build_dir):
 
 
 # A stand-in for libcuda.so.1: three devices (sm_90 with 132 SMs, sm_80 with 108, sm_70 with 80), the
-# current one chosen by fake_use_device; it counts attribute queries and launches and runs nothing.
+# current one chosen by fake_use_device (or no current context after fake_drop_context); it counts
+# attribute queries, launches and primary-context retains, and runs nothing.
 FAKE_DRIVER = r"""
 #include <stdint.h>
 #include <cuda.h>
 static const int majors[3] = {9, 8, 7}, sms[3] = {132, 108, 80};
-static int current;
-int fake_attribute_queries, fake_launches;
-void fake_use_device(int dev) { current = dev; }
+static int current, no_context;
+int fake_attribute_queries, fake_launches, fake_retains;
+void fake_use_device(int dev) { current = dev, no_context = 0; }
+void fake_drop_context(void) { no_context = 1; }
 CUresult cuInit(unsigned flags) { return CUDA_SUCCESS; }
 CUresult cuGetErrorName(CUresult r, const char **name) { *name = "CUDA_ERROR_FAKE"; return CUDA_SUCCESS; }
-CUresult cuCtxGetCurrent(CUcontext *ctx) { *ctx = (CUcontext)(uintptr_t)(256 * (current + 1)); return CUDA_SUCCESS; }
+CUresult cuCtxGetCurrent(CUcontext *ctx) {
+  *ctx = no_context ? NULL : (CUcontext)(uintptr_t)(256 * (current + 1));
+  return CUDA_SUCCESS;
+}
+CUresult cuDeviceGet(CUdevice *dev, int ordinal) { *dev = ordinal; return CUDA_SUCCESS; }
+CUresult cuDevicePrimaryCtxRetain(CUcontext *ctx, CUdevice dev) {
+  fake_retains++;
+  *ctx = (CUcontext)(uintptr_t)(256 * (dev + 1));
+  return CUDA_SUCCESS;
+}
+CUresult cuCtxSetCurrent(CUcontext ctx) { current = (int)((uintptr_t)ctx / 256) - 1, no_context = 0; return CUDA_SUCCESS; }
 CUresult cuCtxGetDevice(CUdevice *dev) { *dev = current; return CUDA_SUCCESS; }
 CUresult cuDeviceGetAttribute(int *v, CUdevice_attribute what, CUdevice dev) {
   fake_attribute_queries++;
@@ -152,6 +164,19 @@ int main(void) {
       report(what, fdk_q_sample(&q, NULL));
     }
   }
+  /* a thread with no current context: a launch fails until fdk_use_device makes the device's current */
+  void (*drop_context)(void) = (void (*)(void))dlsym(cuda, "fake_drop_context");
+  int *retains = dlsym(cuda, "fake_retains");
+  use_device(0);
+  struct { _Alignas(16) int64_t pad; int64_t value; } odd; /* value: 8 bytes off a 16-byte boundary */
+  report("a host out-parameter off a 16-byte boundary", fdk_group_norm_silu_split(1, 64, 1 << 20, 0, &odd.value));
+  drop_context();
+  int64_t split = 0;
+  report("no context", fdk_group_norm_silu_split(1, 64, 1 << 20, 0, &split));
+  report("use device 1", fdk_use_device(1));
+  report("use device 1 again", fdk_use_device(1));
+  report("then", fdk_group_norm_silu_split(1, 64, 1 << 20, 0, &split));
+  printf("split %lld retains %d\n", (long long)split, *retains);
   printf("attribute queries %d launches %d\n", *queries, *launches);
   return 0;
 }
@@ -160,7 +185,8 @@ int main(void) {
 
 def test_devices_are_queried_once_each_and_calls_follow_the_current_one(lib, build_dir, tmp_path):
     """Through a stand-in driver: each device's properties are read from the driver once, and every call
-    plans for the thread's current device (its SM count, its arch's cases, its error)."""
+    plans for the thread's current device (its SM count, its arch's cases, its error); on a thread with
+    no current context, `fdk_use_device` makes the device's primary context current."""
     cuda_include = os.path.join(os.path.dirname(importlib.import_module("triton").__file__), "backends", "nvidia",
                                 "include")  # fmt: skip
     (tmp_path / "fake_cuda.c").write_text(FAKE_DRIVER)
@@ -190,7 +216,12 @@ def test_devices_are_queried_once_each_and_calls_follow_the_current_one(lib, bui
             f"device 1 split {dry_run_split(80, 108)}: FDK_SUCCESS",
             "device 1 q_sample: FDK_ERROR_UNSUPPORTED no compiled q_sample case for key (0,0,0,0,0) on sm_80",
             f"device 2 split 0: {unsupported}", f"device 2 q_sample: {unsupported}"]  # fmt: skip
-    assert lines[:-1] == want * 3
+    assert lines[:18] == want * 3
+    # a thread without a context: fdk_use_device makes the device's primary context current, once
+    assert lines[18] == "a host out-parameter off a 16-byte boundary: FDK_SUCCESS"
+    assert lines[19].startswith("no context: FDK_ERROR_CUDA no current CUDA context on this thread")
+    assert lines[20:22] == ["use device 1: FDK_SUCCESS", "use device 1 again: FDK_SUCCESS"]
+    assert lines[22:24] == ["then: FDK_SUCCESS", f"split {dry_run_split(80, 108)} retains 1"]
     assert lines[-1] == "attribute queries 6 launches 3"  # 2 attributes of 3 devices; q_sample on device 0, thrice
 
 

@@ -61,8 +61,11 @@ def target(x: torch.Tensor) -> int | None:
     None when it launches through the JIT."""
     if x.is_cuda:
         index = x.get_device()
-        if index != torch._C._cuda_getDevice() or binding() is None:
+        lib = binding()
+        if index != torch._C._cuda_getDevice() or lib is None:
             return None
+        if lib.use_device(index):  # a thread without a current context yet (an autograd worker's)
+            raise RuntimeError(f"libfastdiff_kernels: {lib.last_error()}")
         return torch._C._cuda_getCurrentRawStream(index)
     return 0 if _backend.dry_run_active() and binding() is not None else None
 
@@ -111,8 +114,8 @@ def _load_eager():
     """The configured `_eager` module, or `NO_EAGER` (with the library missing or stale, or the module
     not built, or built against another torch: `eager_status` says which)."""
     global eager_status
-    if binding() is None:
-        eager_status = "not used without the library"
+    if binding() is None or not _backend.HAS_TRITON:
+        eager_status = "not used without the library" if _backend.HAS_TRITON else "not used without triton"
         return NO_EAGER
     try:
         from fastdiff.ops import _eager as module

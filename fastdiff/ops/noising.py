@@ -403,8 +403,8 @@ def _weighted_mse_triton(pred, target, weight, plan: _LossPlan):
 def _sq_err_backward_triton(grad, pred, target, weight, plan: _LossPlan):
     B, N = plan.sizes
     dpred = torch.empty_like(pred)
-    if grad.dtype != torch.float32:
-        grad = grad.float()
+    if grad.dtype != torch.float32 or grad.data_ptr() % 16:  # e.g. a view into a stack of losses
+        grad = torch.empty((), device=grad.device, dtype=torch.float32).copy_(grad)
     stream = _aot.target(pred)
     if stream is not None:
         if _aot.launch(

@@ -45,6 +45,11 @@ FDK_API const char *fdk_status_name(fdk_status status);
 FDK_API const char *fdk_last_error(void);
 /* Loads and initialises the CUDA driver; FDK_ERROR_NO_DRIVER (with a message) without one. */
 FDK_API fdk_status fdk_init(void);
+/* Makes device `ordinal`'s primary context (the CUDA runtime's, and PyTorch's) current on the calling
+   thread where the thread has no current context, as the runtime does at its first call on a thread.
+   A thread that launches before any runtime call needs it: a worker thread (PyTorch's autograd
+   engine has some) that so far only took cached allocations, say.  Nothing to do in dry run. */
+FDK_API fdk_status fdk_use_device(int ordinal);
 /* Hash of the kernel sources the library was built from (fastdiff compares it with its own). */
 FDK_API const char *fdk_source_hash(void);
 

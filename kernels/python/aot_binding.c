@@ -134,6 +134,12 @@ static PyObject *py_set_dry_run(PyObject *self, PyObject *const *args, Py_ssize_
   if (PyErr_Occurred()) return NULL;
   Py_RETURN_NONE;
 }
+static PyObject *py_use_device(PyObject *self, PyObject *ordinal) {
+  (void)self;
+  long index = PyLong_AsLong(ordinal);
+  if (index == -1 && PyErr_Occurred()) return NULL;
+  return PyLong_FromLong(fdk_use_device((int)index));
+}
 static PyObject *py_dry_run_take(PyObject *self, PyObject *unused) {
   (void)self, (void)unused;
   fdk_launch_record records[64];
@@ -156,6 +162,7 @@ static PyMethodDef methods[] = {
     {"last_error", py_last_error, METH_NOARGS, NULL},
     {"source_hash", py_source_hash, METH_NOARGS, NULL},
     {"dry_run_take", py_dry_run_take, METH_NOARGS, NULL},
+    {"use_device", py_use_device, METH_O, NULL},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aot_binding", "libfastdiff_kernels for fastdiff.ops", -1,

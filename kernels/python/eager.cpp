@@ -112,15 +112,20 @@ struct Call {
 
   Call() { key.reserve(96); }
 
-  // false where the argument is neither None nor a tensor (or, first, not exactly a torch.Tensor)
+  // false where the argument is neither None nor a dense tensor with storage (vmap's and other
+  // wrappers, nested tensors, symbolic sizes take the Python path); the first must be a tensor, not a
+  // subclass (nn.Parameter counts as a tensor)
   bool add(PyObject *arg, bool differentiable) {
-    if (arg == Py_None) {
+    if (arg == Py_None && count > 0) {
       key.push_back(-1);
       tensors[count++] = nullptr;
       return true;
     }
     if (count == 0 ? !THPVariable_CheckExact(arg) : !THPVariable_Check(arg)) return false;
     const at::Tensor &t = THPVariable_Unpack(arg);
+    if (t.layout() != at::kStrided || t.is_nested() || !t.has_storage() ||
+        t.unsafeGetTensorImpl()->has_symbolic_sizes_strides())
+      return false;
     key.push_back(reinterpret_cast<intptr_t>(Py_TYPE(arg)));
     key.push_back(static_cast<int64_t>(t.scalar_type()));
     key.push_back(static_cast<int64_t>(t.device().type()) * 1024 + t.device().index());
@@ -157,12 +162,17 @@ Path stream_for(const at::Tensor &x, void **stream, bool *dry) {
   if (s == nullptr) return FAILED;
   *stream = PyLong_AsVoidPtr(s);
   Py_DECREF(s);
-  return PyErr_Occurred() ? FAILED : LAUNCH;
+  if (PyErr_Occurred()) return FAILED;
+  if (fdk_use_device(static_cast<int>(current)) != FDK_SUCCESS) {
+    PyErr_Format(PyExc_RuntimeError, "libfastdiff_kernels: %s", fdk_last_error());
+    return FAILED;
+  }
+  return LAUNCH;
 }
 
 /* The plan of the call's signature: asks the planner on a signature not seen (or, for a checked
    call, not checked) yet.  nullptr with PYTHON or FAILED in *path otherwise. */
-Plan *find_plan(Registry &r, Call &call, bool checked, PyObject *const *args, Py_ssize_t nargs, Path *path) {
+const Plan *find_plan(Registry &r, Call &call, bool checked, PyObject *const *args, Py_ssize_t nargs, Path *path) {
   *path = PYTHON;
   auto it = r.plans.find(call.key);
   if (it == r.plans.end() || (checked && !it->second.checked)) {
@@ -207,16 +217,21 @@ Plan *find_plan(Registry &r, Call &call, bool checked, PyObject *const *args, Py
 /* After the library's call: LAUNCH on success; PYTHON where it declined (the plan remembers it), so
    that the Python path launches through the JIT; FAILED with its message otherwise, and in dry run
    (where there is no JIT to fall back on). */
-Path finish(const char *op, fdk_status status, Plan *plan, bool dry) {
+void decline(Registry &r, const Key &key) {
+  auto it = r.plans.find(key);
+  if (it != r.plans.end()) it->second.declined = true;
+}
+
+Path finish(Registry &r, const Key &key, fdk_status status, bool dry) {
   if (status == FDK_SUCCESS) {
     launches++;
     return LAUNCH;
   }
   if (status == FDK_ERROR_UNSUPPORTED && !dry) {
-    plan->declined = true;
+    decline(r, key);
     return PYTHON;
   }
-  PyErr_Format(PyExc_RuntimeError, "libfastdiff_kernels %s: %s", op, fdk_last_error());
+  PyErr_Format(PyExc_RuntimeError, "libfastdiff_kernels %s: %s", r.op, fdk_last_error());
   return FAILED;
 }
 
@@ -232,17 +247,19 @@ bool is_bool(PyObject *o) { return o == Py_True || o == Py_False; }
   if (nargs != (n)) return PyErr_Format(PyExc_TypeError, "%s takes %d arguments", __func__, (n))
 #define PYTHON_PATH Py_RETURN_NONE
 // the common prologue: the call's path, then its plan (PYTHON_PATH or the error where there is none)
-#define PLAN(registry, checked)                                                              \
+#define PLAN(registry, checked, length)                                                      \
   void *stream;                                                                              \
   bool dry;                                                                                  \
   Path path = stream_for(call[0], &stream, &dry);                                            \
-  Plan *found = path == LAUNCH ? find_plan(registry, call, checked, args, nargs, &path) : nullptr; \
+  const Plan *found = path == LAUNCH ? find_plan(registry, call, checked, args, nargs, &path) : nullptr; \
   if (path == FAILED) return nullptr;                                                        \
   if (path == PYTHON) PYTHON_PATH;                                                           \
-  Plan &plan = *found;                                                                       \
+  if (found->size != (length))                                                               \
+    return PyErr_Format(PyExc_ValueError, "%s: its planner gave %d ints, not %d", registry.op, found->size, (length)); \
+  const Plan plan = *found; /* a copy: ATen may run Python code (a dispatch mode) that clears the plans */ \
   const int64_t *p = plan.ints
 #define LAUNCHED(status)                                                                     \
-  switch (finish(registry.op, (status), &plan, dry)) {                                  \
+  switch (finish(registry, call.key, (status), dry)) {                                  \
     case FAILED: return nullptr;                                                             \
     case PYTHON: PYTHON_PATH;                                                                \
     default: break;                                                                          \
@@ -289,7 +306,11 @@ void keep(AutogradContext *ctx, const Plan &plan, void *stream, bool dry, double
   ctx->saved_data["real"] = real;
 }
 
-CUstream_st *kept_stream(AutogradContext *ctx) {
+/* The forward's stream, for the backward, which runs on an autograd engine thread: made ready to
+   launch on x's device there (that thread may have no current CUDA context yet). */
+CUstream_st *kept_stream(AutogradContext *ctx, const at::Tensor &x) {
+  if (x.is_cuda() && fdk_use_device(x.device().index()) != FDK_SUCCESS)
+    throw std::runtime_error(std::string("libfastdiff_kernels: ") + fdk_last_error());
   return reinterpret_cast<CUstream_st *>(static_cast<intptr_t>(ctx->saved_data["stream"].toInt()));
 }
 
@@ -305,41 +326,51 @@ PyObject *number(const Number &n) {
   return PyFloat_FromDouble(n.value);
 }
 
-/* The op's Python backward on these arguments (None for an undefined tensor), called under the GIL
-   (the engine's thread does not hold it): the gradients it returns, a tensor or a tuple of tensors
-   and None. */
+/* Holds the GIL for a scope (the engine's thread does not hold it). */
+struct Gil {
+  PyGILState_STATE state = PyGILState_Ensure();
+  ~Gil() { PyGILState_Release(state); }
+};
+
+/* The Python error set now, as text (and cleared). */
+std::string python_error() {
+  PyObject *type, *value, *tb;
+  PyErr_Fetch(&type, &value, &tb);
+  PyObject *text = value ? PyObject_Str(value) : nullptr;
+  const char *utf8 = text ? PyUnicode_AsUTF8(text) : nullptr;
+  std::string message = utf8 ? utf8 : "the Python backward failed";
+  Py_XDECREF(text), Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
+  PyErr_Clear();
+  return message;
+}
+
+/* The op's Python backward on these arguments (None for an undefined tensor), under the GIL: the
+   gradients it returns, a tensor or a tuple of tensors and None. */
 variable_list python_backward(Registry &r, std::initializer_list<at::Tensor> tensors,
                               std::initializer_list<Number> numbers) {
-  PyGILState_STATE gil = PyGILState_Ensure();
-  variable_list grads;
-  std::string error;
+  Gil gil;
+  if (r.backward == nullptr)
+    throw std::runtime_error(std::string(r.op) + ": the library declined the backward and there is no Python one");
   PyObject *args = PyTuple_New(static_cast<Py_ssize_t>(tensors.size() + numbers.size()));
+  if (args == nullptr) throw std::runtime_error(python_error());
   Py_ssize_t i = 0;
-  for (const at::Tensor &t : tensors) PyTuple_SET_ITEM(args, i++, wrap(t));
+  for (const at::Tensor &t : tensors) PyTuple_SET_ITEM(args, i++, wrap(t)); // NULL items: the call fails
   for (const Number &n : numbers) PyTuple_SET_ITEM(args, i++, number(n));
-  PyObject *out = r.backward && !PyErr_Occurred() ? PyObject_Call(r.backward, args, nullptr) : nullptr;
+  PyObject *out = PyErr_Occurred() ? nullptr : PyObject_Call(r.backward, args, nullptr);
   Py_DECREF(args);
-  if (out != nullptr) {
-    PyObject *seq = PyTuple_Check(out) ? Py_NewRef(out) : PyTuple_Pack(1, out);
-    for (Py_ssize_t k = 0; seq && k < PyTuple_GET_SIZE(seq); k++) {
-      PyObject *g = PyTuple_GET_ITEM(seq, k);
-      grads.push_back(THPVariable_Check(g) ? THPVariable_Unpack(g) : at::Tensor());
-    }
-    Py_XDECREF(seq);
-    Py_DECREF(out);
+  if (out == nullptr) throw std::runtime_error(python_error());
+  PyObject *seq = PyTuple_Check(out) ? Py_NewRef(out) : PyTuple_Pack(1, out);
+  Py_DECREF(out);
+  if (seq == nullptr) throw std::runtime_error(python_error());
+  variable_list grads;
+  bool ok = true;
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(seq); k++) {
+    PyObject *g = PyTuple_GET_ITEM(seq, k);
+    ok &= g == Py_None || THPVariable_Check(g);
+    grads.push_back(g != Py_None && THPVariable_Check(g) ? THPVariable_Unpack(g) : at::Tensor());
   }
-  if (PyErr_Occurred()) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *text = value ? PyObject_Str(value) : nullptr;
-    error = text && PyUnicode_AsUTF8(text) ? PyUnicode_AsUTF8(text) : "the Python backward failed";
-    Py_XDECREF(text), Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
-    PyErr_Clear();
-  } else if (out == nullptr) {
-    error = std::string(r.op) + ": the library declined the backward and there is no Python backward";
-  }
-  PyGILState_Release(gil);
-  if (!error.empty()) throw std::runtime_error(error);
+  Py_DECREF(seq);
+  if (!ok) throw std::runtime_error(std::string(r.op) + ": its Python backward returned something not a tensor");
   return grads;
 }
 
@@ -425,7 +456,7 @@ struct GroupNormSiLU : torch::autograd::Function<GroupNormSiLU> {
     a.channels_last = static_cast<int>(p[8]), a.silu = static_cast<int>(p[9]);
     try {
       if (python_backward_only) throw Declined{};
-      check(fdk_group_norm_silu_bwd(&a, kept_stream(ctx)), "group_norm_silu_bwd", dry);
+      check(fdk_group_norm_silu_bwd(&a, kept_stream(ctx, x)), "group_norm_silu_bwd", dry);
     } catch (const Declined &) {
       variable_list g = python_backward(
           group_norm_silu_plans, {dy, x, s[1], s[2], s[3], s[4], s[5]},
@@ -452,7 +483,7 @@ ENTRY(group_norm_silu) {
   call.key.push_back(PyObject_IsTrue(silu));
   if (PyErr_Occurred()) return nullptr;
   Registry &registry = group_norm_silu_plans;
-  PLAN(registry, checked);
+  PLAN(registry, checked, 23);
   try {
     const at::Tensor &x = call[0];
     if (record) {
@@ -465,7 +496,7 @@ ENTRY(group_norm_silu) {
     LAUNCHED(group_norm_forward(p, x, params, eps, y, stats, stats + 4 * p[10], stream));
     return wrap(y);
   } catch (const Declined &) {
-    plan.declined = true;
+    decline(registry, call.key);
     PYTHON_PATH;
   } catch (const std::exception &e) {
     return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
@@ -509,6 +540,9 @@ bool kernel_layout(const at::Tensor &x) {
          (n[1] == 1 || st[1] % step == 0) && (n[2] == 1 || st[2] % step == 0);
 }
 
+/* A fresh contiguous copy (`contiguous()` returns a contiguous view off a 16-byte boundary as is). */
+at::Tensor dense_copy(const at::Tensor &x) { return at::empty_like(x, at::MemoryFormat::Contiguous).copy_(x); }
+
 struct Attention : torch::autograd::Function<Attention> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                             const Plan *plan, double scale, void *stream, bool dry) {
@@ -526,7 +560,7 @@ struct Attention : torch::autograd::Function<Attention> {
     const int64_t *p = plan.data(), *g = p + 22;
     bool dry = ctx->saved_data["dry"].toBool();
     double scale = ctx->saved_data["real"].toDouble();
-    at::Tensor d_o = kernel_layout(grads[0]) ? grads[0] : grads[0].contiguous();
+    at::Tensor d_o = kernel_layout(grads[0]) ? grads[0] : dense_copy(grads[0]);
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &o = s[3];
     at::Tensor dq = at::empty_strided(q.sizes(), {g[0], g[1], g[2], g[3]}, q.options());
     at::Tensor dk = at::empty_strided(k.sizes(), {g[4], g[5], g[6], g[7]}, k.options());
@@ -546,7 +580,7 @@ struct Attention : torch::autograd::Function<Attention> {
     a.scale = scale;
     try {
       if (python_backward_only) throw Declined{};
-      check(fdk_attention_bwd(&a, kept_stream(ctx)), "attention_bwd", dry);
+      check(fdk_attention_bwd(&a, kept_stream(ctx, q)), "attention_bwd", dry);
     } catch (const Declined &) {
       variable_list d = python_backward(attention_plans, {d_o, q, k, v, o, s[4]}, {{'f', scale}});
       d.resize(3);
@@ -574,12 +608,12 @@ ENTRY(attention) {
     PYTHON_PATH; // the unchecked entry takes the scale `attention` resolved
   }
   Registry &registry = attention_plans;
-  PLAN(registry, checked);
-  if ((reinterpret_cast<uintptr_t>(call.ptr(0)) | reinterpret_cast<uintptr_t>(call.ptr(1)) |
-       reinterpret_cast<uintptr_t>(call.ptr(2))) % 16)
-    PYTHON_PATH; // a view off a 16-byte boundary: copied in Python
+  PLAN(registry, checked, 35);
   if (scale_arg == Py_None) scale = 1.0 / std::sqrt(static_cast<double>(p[5]));
   try {
+    if ((reinterpret_cast<uintptr_t>(call.ptr(0)) | reinterpret_cast<uintptr_t>(call.ptr(1)) |
+         reinterpret_cast<uintptr_t>(call.ptr(2))) % 16)
+      PYTHON_PATH; // a view off a 16-byte boundary: copied in Python
     const at::Tensor &q = call[0];
     if (record && p[34] < 0) PYTHON_PATH; // a head dim without a backward: the Python path says so
     if (record) return wrap(Attention::apply(q, call[1], call[2], &plan, scale, stream, dry));
@@ -587,7 +621,7 @@ ENTRY(attention) {
     LAUNCHED(attention_forward(p, q, call[1], call[2], scale, o, lse, stream));
     return wrap(o);
   } catch (const Declined &) {
-    plan.declined = true;
+    decline(registry, call.key);
     PYTHON_PATH;
   } catch (const std::exception &e) {
     return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
@@ -627,7 +661,7 @@ ENTRY(sampler_step) {
                        int64_t{return_x0}})
     call.key.push_back(flag);
   Registry &registry = sampler_step_plans;
-  PLAN(registry, checked);
+  PLAN(registry, checked, 10);
   try {
     const at::Tensor &x = call[0];
     at::Tensor x_next = at::empty_like(x), x0_out = return_x0 ? at::empty_like(x) : at::Tensor();
@@ -665,7 +699,7 @@ ENTRY(noising) {
   if (want_v < 0) return nullptr;
   call.key.push_back(want_v);
   Registry &registry = noising_plans;
-  PLAN(registry, checked);
+  PLAN(registry, checked, 6);
   try {
     const at::Tensor &x0 = call[0];
     bool draw = call.tensors[3] == nullptr;
@@ -718,7 +752,9 @@ struct DiffusionLoss : torch::autograd::Function<DiffusionLoss> {
     variable_list s = ctx->get_saved_variables(); // pred, target, weight
     std::vector<int64_t> p = ctx->saved_data["plan"].toIntVector();
     bool dry = ctx->saved_data["dry"].toBool();
-    at::Tensor grad = grads[0].scalar_type() == at::kFloat ? grads[0] : grads[0].to(at::kFloat);
+    at::Tensor grad = grads[0];
+    if (grad.scalar_type() != at::kFloat || reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16)
+      grad = at::empty({}, grad.options().dtype(at::kFloat)).copy_(grad); // a view into a stack of losses
     at::Tensor d_pred = at::empty_like(s[0]);
     fdk_diffusion_loss_bwd_args a{};
     a.dtype = static_cast<fdk_dtype>(p[0]);
@@ -728,7 +764,7 @@ struct DiffusionLoss : torch::autograd::Function<DiffusionLoss> {
     a.batch = p[1], a.per_sample = p[2];
     try {
       if (python_backward_only) throw Declined{};
-      check(fdk_diffusion_loss_bwd(&a, kept_stream(ctx)), "diffusion_loss_bwd", dry);
+      check(fdk_diffusion_loss_bwd(&a, kept_stream(ctx, s[0])), "diffusion_loss_bwd", dry);
     } catch (const Declined &) {
       d_pred = python_backward(loss_plans, {grad, s[0], s[1], s[2]}, {}).at(0);
     }
@@ -746,7 +782,7 @@ ENTRY(diffusion_loss) {
     if (!call.add(args[i], i < 2)) PYTHON_PATH; // the weight is a constant
   bool record = call.wants_grad && c10::GradMode::is_enabled();
   Registry &registry = loss_plans;
-  PLAN(registry, checked);
+  PLAN(registry, checked, 4);
   try {
     const at::Tensor &pred = call[0];
     if (record) {
@@ -758,7 +794,7 @@ ENTRY(diffusion_loss) {
     LAUNCHED(loss_forward(p, pred, call[1], call.ptr(2), loss, stream));
     return wrap(loss);
   } catch (const Declined &) {
-    plan.declined = true;
+    decline(registry, call.key);
     PYTHON_PATH;
   } catch (const std::exception &e) {
     return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
@@ -806,7 +842,9 @@ PyObject *forget(PyObject *, PyObject *) {
 }
 
 PyObject *set_python_backward_only(PyObject *, PyObject *on) {
-  python_backward_only = PyObject_IsTrue(on) == 1;
+  int value = PyObject_IsTrue(on);
+  if (value < 0) return nullptr;
+  python_backward_only = value == 1;
   Py_RETURN_NONE;
 }
 

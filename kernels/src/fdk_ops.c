@@ -6,6 +6,11 @@
 
 #include "fdk_internal.h"
 
+/* A host out-parameter: any alignment will do (only device buffers must be 16-byte aligned). */
+static fdk_status check_out(const void *p, const char *name) {
+  return p ? FDK_SUCCESS : fdk_fail(FDK_ERROR_INVALID_ARGUMENT, "%s must not be NULL", name);
+}
+
 static const double LOG2E = 1.4426950408889634; /* scores in base 2: exp(x) = 2^(x·log2 e) */
 
 static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -211,7 +216,7 @@ static int attention_bwd_short(fdk_dtype dtype, int64_t B, int64_t H, int64_t Lq
 fdk_status fdk_attention_bwd_partials(fdk_dtype dtype, int64_t batch, int64_t heads, int64_t len_q, int64_t len_k,
                                       int64_t head_dim, int64_t *floats) {
   CHECK(check_attention_sizes(dtype, batch, heads, len_q, len_k, head_dim));
-  CHECK(fdk_check_ptr(floats, "floats"));
+  CHECK(check_out(floats, "floats"));
   int arch, sms;
   CHECK(fdk_device(&arch, &sms));
   int64_t parts;
@@ -386,7 +391,7 @@ static fdk_status gn_check(fdk_dtype dtype, fdk_dtype params_dtype, int64_t B, i
 fdk_status fdk_group_norm_silu_split(int64_t batch, int64_t channels, int64_t spatial, int channels_last,
                                      int64_t *split) {
   CHECK(gn_check(FDK_FLOAT32, FDK_FLOAT32, batch, channels, spatial, 1, channels_last));
-  CHECK(fdk_check_ptr(split, "split"));
+  CHECK(check_out(split, "split"));
   int arch, sms;
   CHECK(fdk_device(&arch, &sms));
   *split = gn_geometry_of(batch, channels, spatial, channels_last, sms).split;

@@ -65,7 +65,8 @@ fdk_status fdk_check_dtype(fdk_dtype dtype) {
 
 #define FDK_DRIVER_FUNCTIONS(X)                                                                      \
   X(cuInit) X(cuGetErrorName) X(cuCtxGetCurrent) X(cuCtxGetDevice) X(cuDeviceGetAttribute)           \
-  X(cuModuleLoadData) X(cuModuleGetFunction) X(cuFuncSetAttribute) X(cuLaunchKernel)
+  X(cuModuleLoadData) X(cuModuleGetFunction) X(cuFuncSetAttribute) X(cuLaunchKernel) X(cuDeviceGet)    \
+  X(cuDevicePrimaryCtxRetain) X(cuCtxSetCurrent)
 
 static struct {
 #define FDK_FIELD(name) __typeof__(&name) name;
@@ -178,6 +179,21 @@ static fdk_status properties_of(CUdevice dev, int *major, int *num_sms) {
   }
   *major = known >> 16;
   *num_sms = known & 0xffff;
+  return FDK_SUCCESS;
+}
+
+fdk_status fdk_use_device(int ordinal) {
+  if (dry_arch) return FDK_SUCCESS;
+  fdk_status s = fdk_init();
+  if (s) return s;
+  CUcontext ctx;
+  CUdevice dev;
+  CUresult r = cu.cuCtxGetCurrent(&ctx);
+  if (r != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetCurrent");
+  if (ctx) return FDK_SUCCESS;
+  if ((r = cu.cuDeviceGet(&dev, ordinal)) != CUDA_SUCCESS) return cuda_fail(r, "cuDeviceGet");
+  if ((r = cu.cuDevicePrimaryCtxRetain(&ctx, dev)) != CUDA_SUCCESS) return cuda_fail(r, "cuDevicePrimaryCtxRetain");
+  if ((r = cu.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return cuda_fail(r, "cuCtxSetCurrent");
   return FDK_SUCCESS;
 }
 
