@@ -198,11 +198,9 @@ def _forward_backward(leaves, fn):
     return out, [t.grad for t in leaves], {t.data_ptr(): f"leaf{i}" for i, t in enumerate(leaves)}
 
 
-@pytest.mark.parametrize("name", list(_gradient_cases()))
-def test_a_call_autograd_records_runs_forward_and_backward_from_cpp(eager, name, monkeypatch):
-    """The C++ autograd node launches what the Python autograd.Function launches, forward and backward,
-    and gives gradients of the same shapes, dtypes and layouts."""
-    leaves, fn = _gradient_cases()[name]
+def _both_paths(eager, leaves, fn, monkeypatch, python_backward_only=False) -> dict:
+    """A forward and backward in dry run through the Python path (False) and the C++ entry (True):
+    (output, gradients, the launches with the leaves named, the library calls made from C++)."""
     runs = {}
     for through_eager in (False, True):
         with monkeypatch.context() as m:
@@ -211,13 +209,29 @@ def test_a_call_autograd_records_runs_forward_and_backward_from_cpp(eager, name,
             with fastdiff.ops.dry_run():
                 _aot.recorded()
                 before = eager.launched()
-                out, grads, names = _forward_backward(leaves, fn)
+                eager.set_python_backward_only(python_backward_only and through_eager)
+                try:
+                    out, grads, names = _forward_backward(leaves, fn)
+                finally:
+                    eager.set_python_backward_only(False)
                 runs[through_eager] = (out, grads, _launches(_aot.recorded(), names), eager.launched() - before)
+    return runs
+
+
+def _layouts(tensors) -> list:
+    return [(t.shape, t.dtype, t.stride()) for t in tensors]
+
+
+@pytest.mark.parametrize("name", list(_gradient_cases()))
+def test_a_call_autograd_records_runs_forward_and_backward_from_cpp(eager, name, monkeypatch):
+    """The C++ autograd node launches what the Python autograd.Function launches, forward and backward,
+    and gives gradients of the same shapes, dtypes and layouts."""
+    runs = _both_paths(eager, *_gradient_cases()[name], monkeypatch)
     (out_py, grads_py, launches_py, _), (out_cpp, grads_cpp, launches_cpp, launched) = runs[False], runs[True]
     assert launched == 2, f"{name}: forward and backward were not both launched from C++"
     assert type(out_cpp.grad_fn).__name__ == "CppFunction"
     assert _outputs(out_cpp) == _outputs(out_py)
-    assert [(g.shape, g.dtype, g.stride()) for g in grads_cpp] == [(g.shape, g.dtype, g.stride()) for g in grads_py]
+    assert _layouts(grads_cpp) == _layouts(grads_py)
     assert len(launches_cpp) >= 2 and launches_cpp == launches_py
 
 
@@ -225,24 +239,10 @@ def test_a_call_autograd_records_runs_forward_and_backward_from_cpp(eager, name,
 def test_a_backward_the_library_declines_goes_to_the_python_backward(eager, name, monkeypatch):
     """From the C++ node (its forward launched from C++), through the op's Python backward under the GIL:
     the backward's launches and gradients are the Python path's."""
-    leaves, fn = _gradient_cases()[name]
-    runs = {}
-    for through_eager in (False, True):
-        with monkeypatch.context() as m:
-            if not through_eager:
-                m.setattr(_aot, "eager", _aot.NO_EAGER)
-            with fastdiff.ops.dry_run():
-                _aot.recorded()
-                before = eager.launched()
-                eager.set_python_backward_only(through_eager)
-                try:
-                    out, grads, names = _forward_backward(leaves, fn)
-                finally:
-                    eager.set_python_backward_only(False)
-                runs[through_eager] = (grads, _launches(_aot.recorded(), names), eager.launched() - before)
-    (grads_py, launches_py, _), (grads_cpp, launches_cpp, launched) = runs[False], runs[True]
+    runs = _both_paths(eager, *_gradient_cases()[name], monkeypatch, python_backward_only=True)
+    (_, grads_py, launches_py, _), (_, grads_cpp, launches_cpp, launched) = runs[False], runs[True]
     assert launched == 1, "the forward launches from C++, the backward from Python"
-    assert [(g.shape, g.dtype, g.stride()) for g in grads_cpp] == [(g.shape, g.dtype, g.stride()) for g in grads_py]
+    assert _layouts(grads_cpp) == _layouts(grads_py)
     assert launches_cpp == launches_py
 
 

@@ -182,15 +182,21 @@ static fdk_status properties_of(CUdevice dev, int *major, int *num_sms) {
   return FDK_SUCCESS;
 }
 
-fdk_status fdk_use_device(int ordinal) {
-  if (dry_arch) return FDK_SUCCESS;
+/* The calling thread's current context (NULL: none), with the driver loaded. */
+static fdk_status current_context(CUcontext *ctx) {
   fdk_status s = fdk_init();
   if (s) return s;
+  CUresult r = cu.cuCtxGetCurrent(ctx);
+  return r == CUDA_SUCCESS ? FDK_SUCCESS : cuda_fail(r, "cuCtxGetCurrent");
+}
+
+fdk_status fdk_use_device(int ordinal) {
+  if (dry_arch) return FDK_SUCCESS;
   CUcontext ctx;
   CUdevice dev;
-  CUresult r = cu.cuCtxGetCurrent(&ctx);
-  if (r != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetCurrent");
-  if (ctx) return FDK_SUCCESS;
+  CUresult r;
+  fdk_status s = current_context(&ctx);
+  if (s || ctx) return s;
   if ((r = cu.cuDeviceGet(&dev, ordinal)) != CUDA_SUCCESS) return cuda_fail(r, "cuDeviceGet");
   if ((r = cu.cuDevicePrimaryCtxRetain(&ctx, dev)) != CUDA_SUCCESS) return cuda_fail(r, "cuDevicePrimaryCtxRetain");
   if ((r = cu.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return cuda_fail(r, "cuCtxSetCurrent");
@@ -203,14 +209,13 @@ fdk_status fdk_device(int *arch, int *num_sms) {
     *num_sms = dry_sms;
     return FDK_SUCCESS;
   }
-  fdk_status s = fdk_init();
-  if (s) return s;
   /* the thread's current device, read on every call: the properties are cached, not which device */
   CUcontext ctx;
   CUdevice dev;
-  CUresult r = cu.cuCtxGetCurrent(&ctx);
-  if (r != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetCurrent");
-  if (!ctx) return fdk_fail(FDK_ERROR_CUDA, "no current CUDA context on this thread (e.g. call cudaSetDevice first)");
+  CUresult r;
+  fdk_status s = current_context(&ctx);
+  if (s) return s;
+  if (!ctx) return fdk_fail(FDK_ERROR_CUDA, "no current CUDA context on this thread (call fdk_use_device or cudaSetDevice first)");
   if ((r = cu.cuCtxGetDevice(&dev)) != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetDevice");
   int major;
   if ((s = properties_of(dev, &major, num_sms))) return s;
