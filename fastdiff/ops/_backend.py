@@ -51,6 +51,17 @@ def current_backend() -> str:
     return _override.get() or _env_backend
 
 
+def environment_backend() -> str:
+    """``FASTDIFF_BACKEND`` as read at import ("auto" when unset)."""
+    return _env_backend
+
+
+def context_variables() -> tuple[contextvars.ContextVar, contextvars.ContextVar]:
+    """The context variables behind `dry_run_active` and `use_backend` (the C++ eager entries read them
+    directly: `fastdiff.ops._aot.eager`)."""
+    return _dry_run, _override
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend inside a ``with`` block: "auto", "triton" or "reference".
@@ -83,17 +94,6 @@ def dry_run_mode():
         yield
     finally:
         _dry_run.reset(token)
-
-
-def environment_backend() -> str:
-    """``FASTDIFF_BACKEND`` as read at import ("auto" when unset)."""
-    return _env_backend
-
-
-def context_variables() -> tuple[contextvars.ContextVar, contextvars.ContextVar]:
-    """The context variables behind `dry_run_active` and `use_backend` (the C++ eager entries read them
-    directly: `fastdiff.ops._aot.eager`)."""
-    return _dry_run, _override
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:

@@ -590,13 +590,7 @@ def q_sample(
     [0, T); alphas_cumprod: (T,) fp32/fp64 on x0's device.  With ``noise=None`` the
     kernel draws N(0, I) noise itself from ``generator`` and returns it.
     """
-    if generator is None and not torch.compiler.is_compiling():
-        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, None, False, True)
-        if out is not None:
-            return out[0], out[1]
-    plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
-    x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, False, plan)
-    return x_t, noise
+    return _q_sample(x0, t, alphas_cumprod, noise, generator, True)
 
 
 def q_sample_unchecked(
@@ -605,11 +599,19 @@ def q_sample_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`q_sample` without its argument checks, for a loop that made them once.  Arguments
     `q_sample` would refuse give undefined results."""
+    return _q_sample(x0, t, alphas_cumprod, noise, generator, False)
+
+
+def _q_sample(x0, t, alphas_cumprod, noise, generator, checked: bool):
+    """`q_sample` (its checks made when ``checked``): through the C++ entry where it takes the call."""
     if generator is None and not torch.compiler.is_compiling():
-        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, None, False, False)
+        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, None, False, checked)
         if out is not None:
             return out[0], out[1]
-    plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
+    if checked:
+        plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
+    else:
+        plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
     x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, False, plan)
     return x_t, noise
 

@@ -137,6 +137,13 @@ struct Call {
     return true;
   }
 
+  // the call's first n arguments; bit i of `differentiable`: argument i has a gradient
+  bool add_all(PyObject *const *args, int n, unsigned differentiable) {
+    for (int i = 0; i < n; i++)
+      if (!add(args[i], differentiable >> i & 1)) return false;
+    return true;
+  }
+
   const at::Tensor &operator[](int i) const { return *tensors[i]; }
   void *ptr(int i) const { return tensors[i] ? tensors[i]->data_ptr() : nullptr; }
 };
@@ -246,6 +253,14 @@ bool is_bool(PyObject *o) { return o == Py_True || o == Py_False; }
 #define ARGS(n)                                                                              \
   if (nargs != (n)) return PyErr_Format(PyExc_TypeError, "%s takes %d arguments", __func__, (n))
 #define PYTHON_PATH Py_RETURN_NONE
+// An entry's start: its arguments counted, `checked` (the last one), the first n_tensors read into
+// `call` (bit i of `differentiable`: argument i has a gradient), and whether autograd records it.
+#define BEGIN(n_args, n_tensors, differentiable)                                             \
+  ARGS(n_args);                                                                              \
+  bool checked = args[(n_args) - 1] == Py_True;                                              \
+  Call call;                                                                                 \
+  if (!call.add_all(args, n_tensors, differentiable)) PYTHON_PATH;                           \
+  bool record = call.wants_grad && c10::GradMode::is_enabled()
 // the common prologue: the call's path, then its plan (PYTHON_PATH or the error where there is none)
 #define PLAN(registry, checked, length)                                                      \
   void *stream;                                                                              \
@@ -258,6 +273,16 @@ bool is_bool(PyObject *o) { return o == Py_True || o == Py_False; }
     return PyErr_Format(PyExc_ValueError, "%s: its planner gave %d ints, not %d", registry.op, found->size, (length)); \
   const Plan plan = *found; /* a copy: ATen may run Python code (a dispatch mode) that clears the plans */ \
   const int64_t *p = plan.ints
+// An entry's `try` block's handlers: a forward the library declined (inside an autograd node) leaves
+// the call to the Python path; any other C++ error raises RuntimeError.
+#define CATCH_TO_PYTHON                                                                      \
+  catch (const Declined &) {                                                                 \
+    decline(registry, call.key);                                                             \
+    PYTHON_PATH;                                                                             \
+  }                                                                                          \
+  catch (const std::exception &e) {                                                          \
+    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());                                 \
+  }
 #define LAUNCHED(status)                                                                     \
   switch (finish(registry, call.key, (status), dry)) {                                  \
     case FAILED: return nullptr;                                                             \
@@ -469,12 +494,7 @@ struct GroupNormSiLU : torch::autograd::Function<GroupNormSiLU> {
 };
 
 ENTRY(group_norm_silu) {
-  ARGS(9);
-  bool checked = args[8] == Py_True;
-  Call call;
-  for (int i = 0; i < 5; i++)
-    if (!call.add(args[i], true)) PYTHON_PATH;
-  bool record = call.wants_grad && c10::GradMode::is_enabled();
+  BEGIN(9, 5, 0b11111);
   PyObject *groups = args[5], *eps_arg = args[6], *silu = args[7];
   if (checked && (!PyLong_CheckExact(groups) || !is_float(eps_arg) || !is_bool(silu))) PYTHON_PATH;
   double eps = PyFloat_AsDouble(eps_arg);
@@ -495,12 +515,8 @@ ENTRY(group_norm_silu) {
     void *params[4] = {call.ptr(1), call.ptr(2), call.ptr(3), call.ptr(4)};
     LAUNCHED(group_norm_forward(p, x, params, eps, y, stats, stats + 4 * p[10], stream));
     return wrap(y);
-  } catch (const Declined &) {
-    decline(registry, call.key);
-    PYTHON_PATH;
-  } catch (const std::exception &e) {
-    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
+  CATCH_TO_PYTHON
 }
 
 /* attention(q, k, v, scale, checked) -> o (B, H, Lq, D) stored as (B, Lq, H, D).
@@ -591,12 +607,7 @@ struct Attention : torch::autograd::Function<Attention> {
 };
 
 ENTRY(attention) {
-  ARGS(5);
-  bool checked = args[4] == Py_True;
-  Call call;
-  for (int i = 0; i < 3; i++)
-    if (!call.add(args[i], true)) PYTHON_PATH;
-  bool record = call.wants_grad && c10::GradMode::is_enabled();
+  BEGIN(5, 3, 0b111);
   PyObject *scale_arg = args[3];
   double scale = 0.0;
   if (scale_arg != Py_None) {
@@ -620,12 +631,8 @@ ENTRY(attention) {
     at::Tensor o = attention_output(p, q), lse = attention_lse(p, q);
     LAUNCHED(attention_forward(p, q, call[1], call[2], scale, o, lse, stream));
     return wrap(o);
-  } catch (const Declined &) {
-    decline(registry, call.key);
-    PYTHON_PATH;
-  } catch (const std::exception &e) {
-    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
+  CATCH_TO_PYTHON
 }
 
 /* sampler_step(x, model_output, coeffs, uncond_output, x0_prev, seeds, known, mask, guidance_scale,
@@ -633,11 +640,8 @@ ENTRY(attention) {
    Plan: dtype, output dtype, per-sample coefficients, per-pixel mask, B, C, S, channels-last,
    rescale, chunks of the guidance statistics. */
 ENTRY(sampler_step) {
-  ARGS(15);
-  bool checked = args[14] == Py_True;
-  Call call;
-  for (int i = 0; i < 8; i++)
-    if (!call.add(args[i], false)) PYTHON_PATH; // no gradient: the op is never differentiated
+  BEGIN(15, 8, 0);
+  (void)record; // no gradient: the op is never differentiated
   PyObject *gs = args[8], *gr = args[9], *clip_arg = args[10], *step_arg = args[11], *noise_arg = args[12];
   double guidance_scale = 0.0, guidance_rescale = 0.0, clip = 0.0;
   int64_t step = 0;
@@ -680,21 +684,16 @@ ENTRY(sampler_step) {
     a.guidance_scale = guidance_scale, a.guidance_rescale = guidance_rescale, a.clip_x0 = clip;
     LAUNCHED(fdk_sampler_step(&a, static_cast<CUstream_st *>(stream)));
     return Py_BuildValue("(NN)", wrap(x_next), wrap(x0_out));
-  } catch (const std::exception &e) {
-    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
+  CATCH_TO_PYTHON
 }
 
 /* noising(x0, t, alphas_cumprod, noise, keys, want_v, checked) -> (x_t, noise, v or None): the
    noise as given, or drawn in the kernel from `keys` (drawn here, as torch.randint does, when both
    are None).  Plan: dtype, number of timesteps, B, C, S, channels-last. */
 ENTRY(noising) {
-  ARGS(7);
-  bool checked = args[6] == Py_True;
-  Call call;
-  for (int i = 0; i < 5; i++)
-    if (!call.add(args[i], i == 0 || i == 3)) PYTHON_PATH; // x0 and noise are differentiable
-  if (call.wants_grad && c10::GradMode::is_enabled()) PYTHON_PATH;
+  BEGIN(7, 5, 0b01001); // x0 and noise are differentiable
+  if (record) PYTHON_PATH; // no backward: the Python path differentiates through the reference
   int want_v = PyObject_IsTrue(args[5]);
   if (want_v < 0) return nullptr;
   call.key.push_back(want_v);
@@ -720,9 +719,8 @@ ENTRY(noising) {
     a.batch = p[2], a.channels = p[3], a.spatial = p[4], a.channels_last = static_cast<int>(p[5]);
     LAUNCHED(fdk_q_sample(&a, static_cast<CUstream_st *>(stream)));
     return Py_BuildValue("(NNN)", wrap(x_t), wrap(noise), wrap(v));
-  } catch (const std::exception &e) {
-    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
+  CATCH_TO_PYTHON
 }
 
 /* diffusion_loss(pred, target, weight, checked) -> the fp32 scalar loss.  Plan: dtype, B, N, the
@@ -775,12 +773,7 @@ struct DiffusionLoss : torch::autograd::Function<DiffusionLoss> {
 };
 
 ENTRY(diffusion_loss) {
-  ARGS(4);
-  bool checked = args[3] == Py_True;
-  Call call;
-  for (int i = 0; i < 3; i++)
-    if (!call.add(args[i], i < 2)) PYTHON_PATH; // the weight is a constant
-  bool record = call.wants_grad && c10::GradMode::is_enabled();
+  BEGIN(4, 3, 0b011); // the weight is a constant
   Registry &registry = loss_plans;
   PLAN(registry, checked, 4);
   try {
@@ -793,12 +786,8 @@ ENTRY(diffusion_loss) {
     at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
     LAUNCHED(loss_forward(p, pred, call[1], call.ptr(2), loss, stream));
     return wrap(loss);
-  } catch (const Declined &) {
-    decline(registry, call.key);
-    PYTHON_PATH;
-  } catch (const std::exception &e) {
-    return PyErr_Format(PyExc_RuntimeError, "%s", e.what());
   }
+  CATCH_TO_PYTHON
 }
 
 /* ---------------------------------------------------------------------------- module */
