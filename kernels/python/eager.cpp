@@ -1,10 +1,12 @@
-/* fastdiff.ops._eager: the ops' eager calls that record no gradient, at the cost of a native op.
+/* fastdiff.ops._eager: the ops' eager calls at the cost of a native op.
  *
  * Such a call used to spend most of its host time in Python before the library's C function:
  * reading its signature (types, dtypes, devices, shapes, strides) to find its launch plan,
- * allocating its outputs, unpacking data pointers.  Each entry here does that in C++.  It reads
- * the signature off the tensors, finds the plan of that signature, allocates the outputs with
- * ATen and calls libfastdiff_kernels, on the current CUDA stream (or in dry run).
+ * allocating its outputs, unpacking data pointers, and, under autograd, a Python
+ * autograd.Function and backward.  Each entry here does that in C++.  It reads the signature off
+ * the tensors, finds the plan of that signature, allocates the outputs with ATen and calls
+ * libfastdiff_kernels, on the current CUDA stream (or in dry run); a call autograd records gets a
+ * C++ autograd node whose backward launches from C++ too (see "calls autograd records").
  *
  * Plans come from Python: the first call of a signature asks the op's planner (registered by its
  * module with `set_planner`), which makes the public function's checks when the call is a checked
@@ -13,13 +15,13 @@
  * unchecked call serves unchecked calls only, until a checked call of its signature is checked.
  *
  * An entry returns None where the Python path must take the call (it then behaves as before):
- *   - the first tensor is not exactly a torch.Tensor (a tracer's or a subclass), or another is not
- *     a tensor;
- *   - autograd records the call (grad mode on and a differentiable input requiring grad);
+ *   - the first argument is not a plain tensor (a tracer's, a subclass; nn.Parameter counts as
+ *     plain), or a tensor argument is not a dense tensor with storage (nested, vmap's, symbolic);
  *   - the call does not launch through the library: off the current CUDA device, the reference
  *     backend in force, or CPU tensors outside dry run;
  *   - a checked call whose numbers are not of the types its fast check takes (the Python path then
  *     checks them, and raises where they are wrong);
+ *   - q_sample with a gradient (it has no backward kernel), or an attention head dim without one;
  *   - the library declines the signature (no compiled case: Triton's JIT takes it, in Python).
  *
  * Scratch (statistics, partial sums, an inference call's log-sum-exp) is a fresh ATen allocation:
