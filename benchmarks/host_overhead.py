@@ -4,8 +4,9 @@ At diffusion sizes the memory-bound ops take a few µs on a GPU, so what a call 
 the host (argument checks, allocations, autograd, dispatch, launch set-up) decides their
 speed.  This measures that path on any machine, with ATen baselines from the same run:
 ``torch.add(a, b, out=c)`` (one native elementwise op), ``x * 2`` forward+backward (the least
-a call through autograd and ``backward()`` costs) and ``F.group_norm`` on tiny tensors.  The targets (a benchmark, never a timed test): every forward op within 4× the
-``torch.add`` row, every forward+backward within 20×.
+a call through autograd and ``backward()`` costs) and ``F.group_norm`` on tiny tensors.  The
+targets (a benchmark, never a timed test): every forward op within 4× the ``torch.add`` row,
+every forward+backward within 20×.
 
 Rows: each public op (validate + launch path), forward and, where the op has a
 backward, forward+backward; each unchecked entry (``*_unchecked``: the launch path alone,

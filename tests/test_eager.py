@@ -19,10 +19,9 @@ from fastdiff.ops.fused_step import coefficient_rows, step_coefficients
 def eager():
     if _aot.binding() is None:
         pytest.skip(_aot._load()[1])
-    module = _aot._load_eager() if isinstance(_aot.eager, _aot._Unloaded) else _aot.eager
+    module = _aot._loaded_eager()
     if module is _aot.NO_EAGER:
-        pytest.skip("fastdiff.ops._eager is not built for this torch")
-    _aot.eager = module
+        pytest.skip(f"fastdiff.ops._eager is {_aot.eager_status}")
     return module
 
 

@@ -105,9 +105,15 @@ class _Unloaded:
     """`eager` until its first use: loads the module (after the library, which it links) then."""
 
     def __getattr__(self, op: str):
-        global eager
+        return getattr(_loaded_eager(), op)
+
+
+def _loaded_eager():
+    """`eager`, loaded now if it was not yet."""
+    global eager
+    if isinstance(eager, _Unloaded):
         eager = _load_eager()
-        return getattr(eager, op)
+    return eager
 
 
 def _load_eager():
@@ -218,9 +224,7 @@ def info() -> dict[str, str]:
     else:
         path = f"library ({os.path.join(os.path.dirname(lib.__file__), 'libfastdiff_kernels.so')})"
     if lib is not None:
-        global eager
-        if isinstance(eager, _Unloaded):
-            eager = _load_eager()
+        _loaded_eager()
         path += f"; eager calls enter through {eager_status}"
     return {op: path + (_jit_only(module) if lib is not None else "") for op, module in OP_MODULES.items()}
 

@@ -590,7 +590,7 @@ def q_sample(
     [0, T); alphas_cumprod: (T,) fp32/fp64 on x0's device.  With ``noise=None`` the
     kernel draws N(0, I) noise itself from ``generator`` and returns it.
     """
-    return _q_sample(x0, t, alphas_cumprod, noise, generator, True)
+    return _noised(x0, t, alphas_cumprod, noise, generator, None, False, True)[:2]
 
 
 def q_sample_unchecked(
@@ -599,21 +599,28 @@ def q_sample_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`q_sample` without its argument checks, for a loop that made them once.  Arguments
     `q_sample` would refuse give undefined results."""
-    return _q_sample(x0, t, alphas_cumprod, noise, generator, False)
+    return _noised(x0, t, alphas_cumprod, noise, generator, None, False, False)[:2]
 
 
-def _q_sample(x0, t, alphas_cumprod, noise, generator, checked: bool):
-    """`q_sample` (its checks made when ``checked``): through the C++ entry where it takes the call."""
+def _noised(x0, t, alphas_cumprod, noise, generator, keys, want_v: bool, checked: bool):
+    """(x_t, noise, v or None) for `q_sample`, `training_target` and their unchecked entries (the public
+    function's checks made when ``checked``): through the C++ entry where it takes the call."""
     if generator is None and not torch.compiler.is_compiling():
-        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, None, False, checked)
+        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, keys, want_v, checked)
         if out is not None:
-            return out[0], out[1]
-    if checked:
-        plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
-    else:
-        plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
-    x_t, noise, _ = _noising(x0, t, alphas_cumprod, noise, generator, False, plan)
-    return x_t, noise
+            return out
+    plan = _call_plan(x0, t, alphas_cumprod, noise, generator, keys, checked)
+    return _noising(x0, t, alphas_cumprod, noise, generator, want_v, plan, keys)
+
+
+def _call_plan(x0, t, alphas_cumprod, noise, generator, keys, checked: bool) -> _NoisingPlan | None:
+    """The plan of a noising call (None when traced), the public function's checks made first when ``checked``."""
+    if not checked:
+        return _unchecked_plan(x0, t, alphas_cumprod, noise)
+    plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
+    if keys is not None:
+        _validate_keys(keys, x0, noise, generator)
+    return plan
 
 
 def training_target(
@@ -636,14 +643,8 @@ def training_target(
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    if generator is None and not torch.compiler.is_compiling():
-        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, keys, prediction == "v", True)
-        if out is not None:
-            return _with_target(out, x0, prediction)
-    plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
-    if keys is not None:
-        _validate_keys(keys, x0, noise, generator)
-    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys)
+    noised = _noised(x0, t, alphas_cumprod, noise, generator, keys, prediction == "v", True)
+    return _with_target(noised, x0, prediction)
 
 
 def training_target_unchecked(
@@ -652,16 +653,8 @@ def training_target_unchecked(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """`training_target` without its argument checks, for a training loop that made them once.
     Arguments `training_target` would refuse give undefined results."""
-    if generator is None and not torch.compiler.is_compiling():
-        out = _aot.eager.noising(x0, t, alphas_cumprod, noise, keys, prediction == "v", False)
-        if out is not None:
-            return _with_target(out, x0, prediction)
-    plan = _unchecked_plan(x0, t, alphas_cumprod, noise)
-    return _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys)
-
-
-def _training_target(x0, t, alphas_cumprod, noise, prediction, generator, plan, keys):
-    return _with_target(_noising(x0, t, alphas_cumprod, noise, generator, prediction == "v", plan, keys), x0, prediction)
+    noised = _noised(x0, t, alphas_cumprod, noise, generator, keys, prediction == "v", False)
+    return _with_target(noised, x0, prediction)
 
 
 def _with_target(noised, x0, prediction):
@@ -672,12 +665,7 @@ def _with_target(noised, x0, prediction):
 
 def _eager_noising_plan(x0, t, alphas_cumprod, noise, keys, want_v, checked) -> tuple[int, ...] | None:
     """The plan of `_aot.eager.noising`'s signature (checked first when ``checked``): the library's numbers."""
-    if checked:
-        plan = _checked_noising_plan(x0, t, alphas_cumprod, noise)
-        if keys is not None:
-            _validate_keys(keys, x0, noise, None)
-    else:
-        plan = _noising_plan(x0, t, alphas_cumprod, noise)
+    plan = _call_plan(x0, t, alphas_cumprod, noise, None, keys, checked)
     if plan.copies or not plan.launches:
         return None
     return (plan.code, plan.num_timesteps, *plan.sizes, plan.channels_last)

@@ -223,25 +223,24 @@ const Plan *find_plan(Registry &r, Call &call, bool checked, PyObject *const *ar
   return &it->second;
 }
 
-/* After the library's call: LAUNCH on success; PYTHON where it declined (the plan remembers it), so
-   that the Python path launches through the JIT; FAILED with its message otherwise, and in dry run
-   (where there is no JIT to fall back on). */
+/* A call the library declined (no compiled case): nothing launched; the entry leaves the call (and,
+   from then on, its signature) to the Python path, which launches it through Triton's JIT. */
+struct Declined {};
+
+/* After a library call: throws Declined where it declined (not in dry run: there is no JIT to fall
+   back on), or its message where it failed. */
+void check(fdk_status status, const char *op, bool dry) {
+  if (status == FDK_SUCCESS) {
+    launches++;
+    return;
+  }
+  if (status == FDK_ERROR_UNSUPPORTED && !dry) throw Declined{};
+  throw std::runtime_error(std::string("libfastdiff_kernels ") + op + ": " + fdk_last_error());
+}
+
 void decline(Registry &r, const Key &key) {
   auto it = r.plans.find(key);
   if (it != r.plans.end()) it->second.declined = true;
-}
-
-Path finish(Registry &r, const Key &key, fdk_status status, bool dry) {
-  if (status == FDK_SUCCESS) {
-    launches++;
-    return LAUNCH;
-  }
-  if (status == FDK_ERROR_UNSUPPORTED && !dry) {
-    decline(r, key);
-    return PYTHON;
-  }
-  PyErr_Format(PyExc_RuntimeError, "libfastdiff_kernels %s: %s", r.op, fdk_last_error());
-  return FAILED;
 }
 
 at::Tensor floats(const at::Tensor &like, int64_t n) { return at::empty({n}, like.options().dtype(at::kFloat)); }
@@ -275,8 +274,8 @@ bool is_bool(PyObject *o) { return o == Py_True || o == Py_False; }
     return PyErr_Format(PyExc_ValueError, "%s: its planner gave %d ints, not %d", registry.op, found->size, (length)); \
   const Plan plan = *found; /* a copy: ATen may run Python code (a dispatch mode) that clears the plans */ \
   const int64_t *p = plan.ints
-// An entry's `try` block's handlers: a forward the library declined (inside an autograd node) leaves
-// the call to the Python path; any other C++ error raises RuntimeError.
+// An entry's `try` block's handlers: a call the library declined goes to the Python path; any other
+// C++ error raises RuntimeError.
 #define CATCH_TO_PYTHON                                                                      \
   catch (const Declined &) {                                                                 \
     decline(registry, call.key);                                                             \
@@ -284,12 +283,6 @@ bool is_bool(PyObject *o) { return o == Py_True || o == Py_False; }
   }                                                                                          \
   catch (const std::exception &e) {                                                          \
     return PyErr_Format(PyExc_RuntimeError, "%s", e.what());                                 \
-  }
-#define LAUNCHED(status)                                                                     \
-  switch (finish(registry, call.key, (status), dry)) {                                  \
-    case FAILED: return nullptr;                                                             \
-    case PYTHON: PYTHON_PATH;                                                                \
-    default: break;                                                                          \
   }
 
 Registry group_norm_silu_plans{"group_norm_silu_fwd"}, attention_plans{"attention_fwd"},
@@ -302,28 +295,16 @@ Registry group_norm_silu_plans{"group_norm_silu_fwd"}, attention_plans{"attentio
    backward reads; its backward launches the library's backward on the forward's stream, from the
    autograd engine's thread, without the GIL.  Where the library declines a backward (no case for
    it), the op's Python backward takes it, through Triton's JIT.  A forward the library declines
-   throws Declined before anything launches, and the entry leaves the call to the Python path. */
+   throws Declined before anything launches, as an inference call's does. */
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 
-struct Declined {};
 
 /* Every backward goes to the op's Python backward, as one the library declines does (tests: the
    library declines none of the shipped cases). */
 std::atomic<bool> python_backward_only{false};
-
-/* After a library call inside an autograd node: throws Declined (not in dry run) or the library's
-   message where it did not launch. */
-void check(fdk_status status, const char *op, bool dry) {
-  if (status == FDK_SUCCESS) {
-    launches++;
-    return;
-  }
-  if (status == FDK_ERROR_UNSUPPORTED && !dry) throw Declined{};
-  throw std::runtime_error(std::string("libfastdiff_kernels ") + op + ": " + fdk_last_error());
-}
 
 /* What a recorded forward keeps besides tensors: the plan, the stream, dry run, one double. */
 void keep(AutogradContext *ctx, const Plan &plan, void *stream, bool dry, double real) {
@@ -515,7 +496,7 @@ ENTRY(group_norm_silu) {
     at::Tensor y = at::empty_like(x), scratch = floats(x, p[10] + p[11]);
     char *stats = static_cast<char *>(scratch.data_ptr());
     void *params[4] = {call.ptr(1), call.ptr(2), call.ptr(3), call.ptr(4)};
-    LAUNCHED(group_norm_forward(p, x, params, eps, y, stats, stats + 4 * p[10], stream));
+    check(group_norm_forward(p, x, params, eps, y, stats, stats + 4 * p[10], stream), registry.op, dry);
     return wrap(y);
   }
   CATCH_TO_PYTHON
@@ -549,7 +530,8 @@ at::Tensor attention_lse(const int64_t *p, const at::Tensor &q) {
   return at::empty({p[1], p[2], p[3]}, q.options().dtype(at::kFloat));
 }
 
-/* Whether the kernels read x (B, H, L, D) in place: unit-stride head dim, 16-byte aligned rows. */
+/* Whether the kernels read x (B, H, L, D) in place: unit-stride head dim, 16-byte aligned rows (the
+   rule of flash_attention._aligned, here for the backward, which runs without the GIL). */
 bool kernel_layout(const at::Tensor &x) {
   int64_t step = 16 / static_cast<int64_t>(x.element_size());
   auto n = x.sizes();
@@ -631,7 +613,7 @@ ENTRY(attention) {
     if (record && p[34] < 0) PYTHON_PATH; // a head dim without a backward: the Python path says so
     if (record) return wrap(Attention::apply(q, call[1], call[2], &plan, scale, stream, dry));
     at::Tensor o = attention_output(p, q), lse = attention_lse(p, q);
-    LAUNCHED(attention_forward(p, q, call[1], call[2], scale, o, lse, stream));
+    check(attention_forward(p, q, call[1], call[2], scale, o, lse, stream), registry.op, dry);
     return wrap(o);
   }
   CATCH_TO_PYTHON
@@ -684,7 +666,7 @@ ENTRY(sampler_step) {
     a.batch = p[4], a.channels = p[5], a.spatial = p[6], a.channels_last = static_cast<int>(p[7]);
     a.add_noise = add_noise, a.step = step;
     a.guidance_scale = guidance_scale, a.guidance_rescale = guidance_rescale, a.clip_x0 = clip;
-    LAUNCHED(fdk_sampler_step(&a, static_cast<CUstream_st *>(stream)));
+    check(fdk_sampler_step(&a, static_cast<CUstream_st *>(stream)), registry.op, dry);
     return Py_BuildValue("(NN)", wrap(x_next), wrap(x0_out));
   }
   CATCH_TO_PYTHON
@@ -719,7 +701,7 @@ ENTRY(noising) {
     a.x_t = x_t.data_ptr();
     a.v = want_v ? v.data_ptr() : nullptr;
     a.batch = p[2], a.channels = p[3], a.spatial = p[4], a.channels_last = static_cast<int>(p[5]);
-    LAUNCHED(fdk_q_sample(&a, static_cast<CUstream_st *>(stream)));
+    check(fdk_q_sample(&a, static_cast<CUstream_st *>(stream)), registry.op, dry);
     return Py_BuildValue("(NNN)", wrap(x_t), wrap(noise), wrap(v));
   }
   CATCH_TO_PYTHON
@@ -786,7 +768,7 @@ ENTRY(diffusion_loss) {
       return wrap(DiffusionLoss::apply(pred, call[1], weight, &plan, stream, dry));
     }
     at::Tensor loss = at::empty({}, pred.options().dtype(at::kFloat));
-    LAUNCHED(loss_forward(p, pred, call[1], call.ptr(2), loss, stream));
+    check(loss_forward(p, pred, call[1], call.ptr(2), loss, stream), registry.op, dry);
     return wrap(loss);
   }
   CATCH_TO_PYTHON
@@ -826,12 +808,6 @@ ENTRY(set_planner) {
   Py_RETURN_NONE;
 }
 
-PyObject *forget(PyObject *, PyObject *) {
-  for (Registry *r : {&group_norm_silu_plans, &attention_plans, &sampler_step_plans, &noising_plans, &loss_plans})
-    r->plans.clear();
-  Py_RETURN_NONE;
-}
-
 PyObject *set_python_backward_only(PyObject *, PyObject *on) {
   int value = PyObject_IsTrue(on);
   if (value < 0) return nullptr;
@@ -847,7 +823,6 @@ PyObject *torch_version(PyObject *, PyObject *) { return PyUnicode_FromString(FA
 PyMethodDef methods[] = {
     FAST(group_norm_silu), FAST(attention), FAST(sampler_step), FAST(noising), FAST(diffusion_loss),
     FAST(configure), FAST(set_planner),
-    {"forget", forget, METH_NOARGS, "Forget every plan (they are made again on the next call)."},
     {"launched", launched, METH_NOARGS, "How many library calls were made from here."},
     {"set_python_backward_only", set_python_backward_only, METH_O,
      "Tests: every backward goes to the op's Python backward, as one the library declines does."},
