@@ -153,8 +153,8 @@ class StyleTrainer(Trainer):
         model = StyleUNet(self.unet_config, self.style_config)
         if self.init is not None:
             spec = read_spec(self.init)
-            want = {**self.unet_config.to_dict(), "gradient_checkpointing": False}
-            if spec["unet"] != want:
+            theirs = {**UNetConfig.from_dict(spec["unet"]).to_dict(), "gradient_checkpointing": False}
+            if theirs != {**self.unet_config.to_dict(), "gradient_checkpointing": False}:
                 raise ValueError(f"init checkpoint {str(self.init)!r} has another UNet shape than this run's")
             # Only the UNet's weights exist in the text model: the style encoder keeps its zero output.
             missing, unexpected = model.load_state_dict(load_weights(self.init), strict=False)

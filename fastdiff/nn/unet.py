@@ -62,11 +62,15 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # width multiplier per resolution level
     num_res_blocks: int = 2  # ResBlocks per level on the way down (up: one more, for the extra skip)
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels (0 = full resolution) that get transformer blocks
-    transformer_depth: int = 1  # transformer blocks per attention site
+    transformer_depth: int | tuple[int, ...] = 1  # transformer blocks per attention site, one or one per level
     dim_head: int | tuple[int, ...] = 40  # channels per attention head (heads = width / dim_head), one or one per level
     ff_mult: int = 4  # inner width of the transformer feed-forward, as a multiple of the width
     context_dim: int = 768  # width of the text tokens fed to cross-attention
     pooled_dim: int | None = None  # width of a pooled text embedding added to the time embedding (None: unused)
+    # SDXL's micro-conditioning: this many scalars per image (6: original size, crop corner, target
+    # size), each embedded sinusoidally at added_time_dim, join the pooled text embedding (0: none).
+    added_time_ids: int = 0
+    added_time_dim: int = 256
     num_groups: int = 32  # GroupNorm groups everywhere
     scale_shift: bool = False  # ADM FiLM (True) or SD's additive time embedding (False) in ResBlocks
     time_embed_dim: int | None = None  # width of the time embedding (None: 4·model_channels)
@@ -81,6 +85,15 @@ class UNetConfig:
             if len(self.dim_head) != len(self.channel_mult):
                 levels = len(self.channel_mult)
                 raise ValueError(f"dim_head must be an int or one per level ({levels}), got {self.dim_head}")
+        if not isinstance(self.transformer_depth, int):
+            self.transformer_depth = tuple(self.transformer_depth)
+            if len(self.transformer_depth) != len(self.channel_mult):
+                levels = len(self.channel_mult)
+                raise ValueError(
+                    f"transformer_depth must be an int or one per level ({levels}), got {self.transformer_depth}"
+                )
+        if self.added_time_ids and not self.pooled_dim:
+            raise ValueError("added_time_ids needs pooled_dim: the time ids join the pooled text embedding")
         for lvl in self.attention_levels:
             if not 0 <= lvl < len(self.channel_mult):
                 raise ValueError(f"attention_levels must index channel_mult (0…{len(self.channel_mult) - 1}), got {lvl}")
@@ -102,6 +115,10 @@ class UNetConfig:
     def head_dim(self, level: int) -> int:
         """Channels per attention head at ``level`` (the middle block uses the last level's)."""
         return self.dim_head if isinstance(self.dim_head, int) else self.dim_head[level]
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks per attention site at ``level`` (the middle block uses the last level's)."""
+        return self.transformer_depth if isinstance(self.transformer_depth, int) else self.transformer_depth[level]
 
     @staticmethod
     def preset(name: str, **overrides) -> "UNetConfig":
@@ -153,6 +170,26 @@ PRESETS: dict[str, dict] = {
         dim_head=(40, 80, 160, 160),  # 320/8, 640/8, 1280/8, 1280/8
         context_dim=768,
         pooled_dim=None,
+        num_groups=32,
+        scale_shift=False,
+    ),
+    # SDXL 1.0's UNet shape (Podell et al. 2023; 2.6 G parameters): three levels, no attention at
+    # the first, 2 and 10 transformer blocks at the others (10 in the middle), 64 channels per
+    # head, two CLIP towers' tokens (768 + 1280) and the second's pooled embedding (1280) with
+    # six time ids (original size, crop corner, target size) in the time embedding.
+    "sdxl": dict(
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        channel_mult=(1, 2, 4),
+        num_res_blocks=2,
+        attention_levels=(1, 2),
+        transformer_depth=(1, 2, 10),
+        dim_head=64,
+        context_dim=2048,
+        pooled_dim=1280,
+        added_time_ids=6,
+        added_time_dim=256,
         num_groups=32,
         scale_shift=False,
     ),
@@ -288,14 +325,15 @@ class UNet(nn.Module):
 
     x: (B, in_channels, H, W) with H and W divisible by 2^(levels − 1); t: (B,) int or
     float timesteps; context: (B, L, context_dim) text tokens; pooled: (B, pooled_dim)
-    when the config has ``pooled_dim``.
+    when the config has ``pooled_dim``; time_ids: (B, added_time_ids) when it has those
+    (SDXL: original height and width, crop top and left, target height and width).
     """
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
         emb_dim = c.time_embed_dim or 4 * c.model_channels
-        self.time_embed = TimestepEmbedding(c.model_channels, emb_dim, c.pooled_dim)
+        self.time_embed = TimestepEmbedding(c.model_channels, emb_dim, c.pooled_dim, c.added_time_ids, c.added_time_dim)
         p2 = c.patch_size**2
         self.conv_in = nn.Conv2d(p2 * c.in_channels, c.model_channels, 3, padding=1)
 
@@ -304,7 +342,7 @@ class UNet(nn.Module):
             attn = None
             if level in c.attention_levels:
                 attn = SpatialTransformer(
-                    cout, c.context_dim, c.head_dim(level), c.transformer_depth, c.num_groups, c.ff_mult
+                    cout, c.context_dim, c.head_dim(level), c.depth(level), c.num_groups, c.ff_mult
                 )
             return Stage(res, attn)
 
@@ -326,8 +364,8 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
 
         self.mid_res1 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
-        mid_head = c.head_dim(len(widths) - 1)
-        self.mid_attn = SpatialTransformer(ch, c.context_dim, mid_head, c.transformer_depth, c.num_groups, c.ff_mult)
+        last = len(widths) - 1
+        self.mid_attn = SpatialTransformer(ch, c.context_dim, c.head_dim(last), c.depth(last), c.num_groups, c.ff_mult)
         self.mid_res2 = ResBlock(ch, ch, emb_dim, c.num_groups, c.scale_shift, c.dropout)
 
         self.up = nn.ModuleList()
@@ -349,7 +387,9 @@ class UNet(nn.Module):
         """H and W must be multiples of this."""
         return self.config.downscale
 
-    def _check_inputs(self, x_shape: tuple[int, ...], t, context, pooled, frames: int = 1) -> torch.Tensor:
+    def _check_inputs(
+        self, x_shape: tuple[int, ...], t, context, pooled, frames: int = 1, *, time_ids=None
+    ) -> torch.Tensor:
         """Check a forward's inputs, x given by its shape (B, C, *spatial); returns t as (B,).
 
         These are the only checks of a forward: the layers skip theirs (`skip_layer_checks`).
@@ -373,6 +413,11 @@ class UNet(nn.Module):
         if c.pooled_dim and (pooled is None or pooled.shape != (B, c.pooled_dim)):
             got = None if pooled is None else tuple(pooled.shape)
             raise ValueError(f"pooled must have shape ({B}, {c.pooled_dim}), got {got}")
+        if c.added_time_ids and (time_ids is None or time_ids.shape != (B, c.added_time_ids)):
+            got = None if time_ids is None else tuple(time_ids.shape)
+            raise ValueError(f"time_ids must have shape ({B}, {c.added_time_ids}), got {got}")
+        if not c.added_time_ids and time_ids is not None:
+            raise ValueError("time_ids given, but this model takes none (UNetConfig.added_time_ids is 0)")
         # The largest extent a layer addresses: at full resolution, q, k and v rows of 3·width
         # (a GroupNorm sees at most 2·width channels), over a clip's frames; the context's k, v rows.
         width = c.model_channels * max(c.channel_mult)
@@ -390,15 +435,16 @@ class UNet(nn.Module):
         return module(*args)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         c = self.config
         tensor_checks.check_float("x", x)
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must have shape (B, {c.in_channels}, H, W), got {tuple(x.shape)}")
-        t = self._check_inputs(x.shape, t, context, pooled)
+        t = self._check_inputs(x.shape, t, context, pooled, time_ids=time_ids)
 
-        emb = self.time_embed(t, pooled)
+        emb = self.time_embed(t, pooled, time_ids)
         # Space-to-depth (Hoogeboom et al. 2023, §3.1): every p×p patch becomes p² channels,
         # so a pixel model pays for H/p × W/p positions; undone after conv_out.
         h = self.conv_in(F.pixel_unshuffle(x, c.patch_size) if c.patch_size > 1 else x)
