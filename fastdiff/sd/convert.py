@@ -6,6 +6,7 @@ place the two layouts meet):
 
     fastdiff                                   diffusers
     time_embed.linear_1                        time_embedding.linear_1
+    time_embed.add_embedding.linear_1          add_embedding.linear_1                  (SDXL)
     down.{l}.{i}.res / .attn                   down_blocks.{l}.resnets.{i} / .attentions.{i}
     downsamplers.{l}                           down_blocks.{l}.downsamplers.0
     mid_res1, mid_attn, mid_res2               mid_block.resnets.0, .attentions.0, .resnets.1
@@ -43,6 +44,7 @@ from fastdiff.ops.flash_attention import HEAD_DIMS
 
 # fastdiff UNet name → diffusers name, applied in order (module paths first, then layers inside).
 _UNET_RENAMES = [
+    (r"^time_embed\.add_embedding\.", "add_embedding."),
     (r"^time_embed\.", "time_embedding."),
     (r"^norm_out\.", "conv_norm_out."),
     (r"^down\.(\d+)\.(\d+)\.res\.", r"down_blocks.\1.resnets.\2."),
@@ -157,7 +159,10 @@ _UNET_DEFAULTS = {
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "attention_head_dim": 8, "num_attention_heads": None,
     "cross_attention_dim": 1280, "norm_num_groups": 32, "transformer_layers_per_block": 1, "time_embedding_dim": None,
+    "addition_time_embed_dim": None,
 }  # fmt: skip
+# SDXL's micro-conditioning: original size, crop top-left, target size (StableDiffusionXLPipeline's time ids).
+SDXL_TIME_IDS = 6
 # diffusers UNet2DConditionModel options fastdiff's UNet has no equivalent for, and the value it needs.
 _UNET_FIXED = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -194,15 +199,33 @@ def _uniform(config: dict, key: str, levels: int, where: Path) -> int:
     return values.pop()
 
 
+def _depths(config: dict, levels: int, where: Path) -> int | tuple[int, ...]:
+    """Transformer blocks per level: one int, or one per level (SDXL: 1, 2, 10); the middle block
+    takes the last level's, as diffusers' does."""
+    depths = _per_level(config, "transformer_layers_per_block", levels, where)
+    if not all(isinstance(d, int) and d >= 1 for d in depths):
+        raise ValueError(f"{where}: transformer_layers_per_block={config['transformer_layers_per_block']!r} is not "
+                         "supported (fastdiff reads one positive int per block)")  # fmt: skip
+    return depths[0] if len(set(depths)) == 1 else tuple(depths)
+
+
 def unet_config_from_diffusers(config: dict, where: Path) -> UNetConfig:
-    """The `UNetConfig` of a diffusers ``UNet2DConditionModel`` ``config.json`` (SD 1.x/2.x layouts).
+    """The `UNetConfig` of a diffusers ``UNet2DConditionModel`` ``config.json`` (SD 1.x/2.x and SDXL layouts).
 
     Attention heads: diffusers' ``attention_head_dim`` is, for these models, the number of
     heads per block (``num_attention_heads`` when set); fastdiff stores channels per head.
     """
     config = {**_UNET_DEFAULTS, **config}
-    if config.get("addition_embed_type") == "text_time":
-        raise ValueError(f"{where}: an SDXL UNet (addition_embed_type='text_time'), which fastdiff does not load yet")
+    pooled_dim, time_dim = None, 256
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + time ids join the time embedding
+        time_dim, inputs = config["addition_time_embed_dim"], config.get("projection_class_embeddings_input_dim")
+        if not isinstance(time_dim, int) or not isinstance(inputs, int) or inputs <= SDXL_TIME_IDS * time_dim:
+            raise ValueError(
+                f"{where}: addition_embed_type 'text_time' needs projection_class_embeddings_input_dim > "
+                f"{SDXL_TIME_IDS}·addition_time_embed_dim, got {inputs!r} and {time_dim!r}"
+            )
+        pooled_dim = inputs - SDXL_TIME_IDS * time_dim
+        config = {**config, "addition_embed_type": None, "projection_class_embeddings_input_dim": None}
     _check_fixed(config, _UNET_FIXED, where)
     widths = list(config["block_out_channels"])
     levels = len(widths)
@@ -213,7 +236,9 @@ def unet_config_from_diffusers(config: dict, where: Path) -> UNetConfig:
     kinds = {("CrossAttnDownBlock2D", "CrossAttnUpBlock2D"), ("DownBlock2D", "UpBlock2D")}
     for d, u in zip(down, reversed(up)):
         if (d, u) not in kinds:
-            raise ValueError(f"{where}: blocks {d} / {u} are not supported (fastdiff reads the SD 1.x/2.x UNet)")
+            raise ValueError(
+                f"{where}: blocks {d} / {u} are not supported (fastdiff reads the SD 1.x/2.x and SDXL UNets)"
+            )
     if any(w % widths[0] for w in widths):
         raise ValueError(f"{where}: block_out_channels {widths} must be multiples of the first")
     heads_key = "num_attention_heads" if config["num_attention_heads"] else "attention_head_dim"
@@ -230,11 +255,13 @@ def unet_config_from_diffusers(config: dict, where: Path) -> UNetConfig:
         channel_mult=tuple(w // widths[0] for w in widths),
         num_res_blocks=_uniform(config, "layers_per_block", levels, where),
         attention_levels=tuple(i for i, a in enumerate(attention) if a),
-        transformer_depth=_uniform(config, "transformer_layers_per_block", levels, where),
+        transformer_depth=_depths(config, levels, where),
         dim_head=dim_head[0] if len(set(dim_head)) == 1 else tuple(dim_head),
         ff_mult=4,
         context_dim=config["cross_attention_dim"],
-        pooled_dim=None,
+        pooled_dim=pooled_dim,
+        added_time_ids=SDXL_TIME_IDS if pooled_dim else 0,
+        added_time_dim=time_dim,
         num_groups=config["norm_num_groups"],
         scale_shift=False,
         time_embed_dim=config["time_embedding_dim"],

@@ -6,6 +6,7 @@
     <folder>/text_encoder/config.json         + model[.fp16].safetensors
     <folder>/tokenizer/                       vocab.json + merges.txt, or tokenizer.json
     <folder>/scheduler/scheduler_config.json
+    SDXL also: <folder>/text_encoder_2/ (CLIPTextModelWithProjection) and <folder>/tokenizer_2/
 
 Weights come from safetensors files only, whole or sharded (``*.safetensors.index.json``).
 A component whose weights exist only as pickle files (``.bin``, ``.ckpt``, ...) is refused
@@ -28,7 +29,16 @@ COMPONENTS: dict[str, tuple[str, ...] | None] = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "scheduler": None,  # any class `fastdiff.sd.scheduler` maps
 }
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# SDXL's (Podell et al. 2023) second text encoder, the projected one, and its tokenizer.
+SDXL_COMPONENTS: dict[str, tuple[str, ...] | None] = {
+    **COMPONENTS,
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+WEIGHT_STEMS = {
+    "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+    "text_encoder_2": "model",
+}  # fmt: skip
 DEFAULT_VARIANT = "fp16"  # read when a component has no full-precision file
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -51,21 +61,29 @@ def read_json(file: Path) -> dict:
     return data
 
 
+def is_sdxl(index: dict) -> bool:
+    """An SDXL pipeline's ``model_index.json``: two text encoders, or an XL class name."""
+    return "text_encoder_2" in index or "XL" in index.get("_class_name", "")
+
+
 def read_model_index(root: str | os.PathLike) -> dict:
-    """``model_index.json``, checked: an SD 1.x/2.x pipeline with every component fastdiff needs present."""
+    """``model_index.json``, checked: an SD 1.x/2.x or SDXL pipeline with every component fastdiff needs present."""
     root = Path(root)
     file = root / MODEL_INDEX
     index = read_json(file)
     name = index.get("_class_name", "")
-    if "text_encoder_2" in index or "XL" in name:
-        raise ValueError(
-            f"{file}: {name or 'this pipeline'} is SDXL, which fastdiff does not load yet (SD 1.x and 2.x folders load)"
-        )
-    for component, classes in COMPONENTS.items():
+    components = COMPONENTS
+    if is_sdxl(index):
+        if index.get("requires_aesthetics_score") or (index.get("text_encoder") or [None, None])[1] is None:
+            raise ValueError(f"{file}: {name or 'this pipeline'} is an SDXL refiner (aesthetic-score time ids, "
+                             "one text encoder), which fastdiff does not load (SDXL base folders load)")  # fmt: skip
+        components = SDXL_COMPONENTS
+    for component, classes in components.items():
         entry = index.get(component)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             raise FileNotFoundError(
-                f"{file}: no {component} (a Stable Diffusion folder needs {', '.join(COMPONENTS)})"
+                f"{file}: no {component} (a{'n SDXL' if components is SDXL_COMPONENTS else ' Stable Diffusion'} "
+                f"folder needs {', '.join(components)})"
             )
         if classes is not None and entry[1] not in classes:
             raise ValueError(f"{file}: {component} is a {entry[1]}; fastdiff reads {' or '.join(classes)}")
@@ -127,12 +145,14 @@ def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_files(root: Path, weights: list[Path]) -> list[Path]:
+def read_files(root: Path, weights: list[Path], sdxl: bool = False) -> list[Path]:
     """Every file a load of the folder ``root`` reads, given the weights files it chose: ``model_index.json``,
-    the scheduler's and each model's config, every shard of ``weights`` and the tokenizer's files."""
+    the scheduler's and each model's config, every shard of ``weights`` and the tokenizers' files."""
+    models = [c for c in WEIGHT_STEMS if sdxl or c != "text_encoder_2"]
     configs = [root / MODEL_INDEX, root / "scheduler" / "scheduler_config.json"]
-    configs += [root / component / "config.json" for component in WEIGHT_STEMS]
-    tokenizer = sorted(p for p in (root / "tokenizer").iterdir() if p.is_file())
+    configs += [root / component / "config.json" for component in models]
+    tokenizers = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]
+    tokenizer = [p for t in tokenizers for p in sorted((root / t).iterdir()) if p.is_file()]
     return configs + [shard for file in weights for shard in shard_files(file)] + tokenizer
 
 

@@ -1,4 +1,4 @@
-"""`StableDiffusion`: a diffusers Stable Diffusion 1.x/2.x folder, run on fastdiff's own networks.
+"""`StableDiffusion`: a diffusers Stable Diffusion 1.x/2.x (or SDXL) folder, run on fastdiff's own networks.
 
     pipe = Text2Image.from_pretrained("path/to/stable-diffusion-v1-5")   # fastdiff.pipelines.Text2Image
     images = pipe(["an astronaut riding a horse"], guidance_scale=7.5, steps=25, seeds=[0])
@@ -17,6 +17,11 @@ image's pixels do not depend on the batch it was decoded in.
 An inpainting folder (``StableDiffusionInpaintPipeline``: a UNet with 9 input channels, the
 latents, the mask and the masked image's latents) loads too; it samples through
 `fastdiff.apps.inpaint` only (`inpainting`).
+
+An SDXL folder (Podell et al. 2023; ``StableDiffusionXLPipeline``) loads as `StableDiffusionXL`:
+two CLIP towers (`fastdiff.text.SDXLTextEncoder`), a UNet whose time embedding also reads the
+pooled text and the image's size (``time_ids``), and a VAE kept in fp32 where its config says
+``force_upcast`` and the weights would be fp16 (SDXL's VAE overflows fp16).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from fastdiff.nn.unet import UNet
 from fastdiff.nn.vae import VAE
 from fastdiff.pipelines import Sampling, Text2Image, resolve_dtype
 from fastdiff.sd import convert
-from fastdiff.sd.folder import find_weights, load_component, read_files, read_json, read_model_index
+from fastdiff.sd.folder import find_weights, is_sdxl, load_component, read_files, read_json, read_model_index
 from fastdiff.sd.scheduler import SchedulerConfig, read_scheduler_config, sampling
 
 DECODE_SLICE = 1  # images per VAE call (see the module docstring)
@@ -77,7 +82,7 @@ class StableDiffusion(Text2Image):
         cls, path: str | os.PathLike, device: str | torch.device | None = None, *, variant: str | None = None,
         text_encoder=None, dtype: str | torch.dtype | None = None,
     ) -> "StableDiffusion":  # fmt: skip
-        """Load a local diffusers Stable Diffusion 1.x/2.x folder, offline.
+        """Load a local diffusers Stable Diffusion 1.x/2.x folder, or an SDXL one (as a `StableDiffusionXL`), offline.
 
         variant: which weights files to read — None for ``*.safetensors``, or the fp16
         variant when that is all there is; "fp16" (or another name) for that variant only.
@@ -87,7 +92,9 @@ class StableDiffusion(Text2Image):
         folder's (its width must be the UNet's context width).
         """
         root = Path(path)
-        read_model_index(root)
+        index = read_model_index(root)
+        sdxl = is_sdxl(index)
+        cls = StableDiffusionXL if sdxl else StableDiffusion
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, torch.float16 if device.type == "cuda" else torch.float32)
         scheduler = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
@@ -100,22 +107,37 @@ class StableDiffusion(Text2Image):
                 f"out_channels={unet.config.out_channels}; with the VAE's {latent}-channel latents fastdiff reads "
                 f"{latent} in and out, or {2 * latent + 1} in (an inpainting UNet)"
             )
-        unet, vae = cls.place_network(unet, device, dtype), cls.place_network(vae, device, dtype)
+        if bool(unet.config.added_time_ids) != sdxl:
+            wrong = "an SDXL folder needs addition_embed_type 'text_time'"
+            wrong = wrong if sdxl else "an SDXL UNet in an SD 1.x/2.x folder"
+            raise ValueError(f"{root / 'unet' / 'config.json'}: {wrong}")
+        upcast = sdxl and read_json(root / "vae" / "config.json").get("force_upcast", True)  # diffusers' default
+        vae_dtype = torch.float32 if upcast and dtype == torch.float16 else dtype
+        unet, vae = cls.place_network(unet, device, dtype), cls.place_network(vae, device, vae_dtype)
         weights = [unet_file, vae_file]
         if text_encoder is None:
-            text_encoder, text_file = _load_text_encoder(root, variant)
+            text_encoder, text_files = _load_text_encoder(root, variant, sdxl)
             text_encoder = text_encoder.to(device)
-            weights.append(text_file)
+            weights += text_files
         if text_encoder.dim != unet.config.context_dim:
             raise ValueError(
                 f"{root / 'text_encoder' / 'config.json'}: {text_encoder.dim}-wide text tokens, "
                 f"the UNet's cross-attention takes {unet.config.context_dim}"
             )
+        if sdxl and text_encoder.pooled_dim != unet.config.pooled_dim:
+            raise ValueError(
+                f"{root / 'text_encoder_2' / 'config.json'}: a {text_encoder.pooled_dim}-wide pooled embedding, the "
+                f"UNet's add_embedding takes {unet.config.pooled_dim} (and {unet.config.added_time_ids} time ids)"
+            )
         spec = {
-            "model_type": "stable-diffusion", "source": str(root), "schedule": scheduler.schedule_spec(),
-            "prediction": scheduler.prediction, "resolution": sample_size * vae.config.downscale,
+            "model_type": "stable-diffusion-xl" if sdxl else "stable-diffusion", "source": str(root),
+            "schedule": scheduler.schedule_spec(), "prediction": scheduler.prediction,
+            "resolution": sample_size * vae.config.downscale,
         }  # fmt: skip
-        return cls(unet, vae, text_encoder, spec, scheduler, source_files=read_files(root, weights))
+        pipe = cls(unet, vae, text_encoder, spec, scheduler, source_files=read_files(root, weights, sdxl))
+        if sdxl:
+            pipe.zero_empty_negatives = bool(index.get("force_zeros_for_empty_prompt", True))
+        return pipe
 
     @staticmethod
     def image_multiple(path: str | os.PathLike) -> int:
@@ -145,15 +167,51 @@ class StableDiffusion(Text2Image):
         run = sampling(self.scheduler, self.schedule, sampler or self.default_sampler, steps, skip=skip)
         return replace(run, noise_scale=1.0)
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's weights' dtype (fp32 where an SDXL VAE's ``force_upcast`` keeps it out of fp16)."""
+        return next(self.vae.parameters()).dtype
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, 4, h, w) → images (B, 3, 8h, 8w) in about [−1, 1] (fp32), `DECODE_SLICE` images per call."""
         z = latents.float() / self.vae.config.scaling_factor
-        return _sliced(lambda zi: self.vae.decode(zi.to(self.dtype)).float(), z)
+        return _sliced(lambda zi: self.vae.decode(zi.to(self.vae_dtype)).float(), z)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [−1, 1] → latents (B, 4, H/8, W/8) in fp32: the posterior mean, scaled."""
-        mean = _sliced(lambda x: self.vae.encode(x.to(self.dtype))[0].float(), images)
+        mean = _sliced(lambda x: self.vae.encode(x.to(self.vae_dtype))[0].float(), images)
         return mean * self.vae.config.scaling_factor
+
+
+class StableDiffusionXL(StableDiffusion):
+    """An SDXL folder's pipeline: `StableDiffusion` with SDXL's conditioning.
+
+    * text: `fastdiff.text.SDXLTextEncoder` (both towers' penultimate states; the second's pooled);
+    * the empty negative prompt (the default) gives zero embeddings, token and pooled alike, where
+      ``model_index.json`` says ``force_zeros_for_empty_prompt`` — what diffusers does for
+      ``negative_prompt=None``;
+    * time ids, per image: (H, W, 0, 0, H, W) — the original size equal to the target size, no
+      crop, as diffusers' defaults — from the size of the latents being denoised.
+    """
+
+    zero_empty_negatives = True  # model_index.json's force_zeros_for_empty_prompt
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str], guided: bool):
+        context, pooled = super().encode_prompt(prompts, negatives, guided)
+        empty = [i for i, n in enumerate(negatives) if n == ""] if guided and self.zero_empty_negatives else []
+        if empty:
+            rows = torch.tensor(empty, device=context.device)
+            context, pooled = context.index_fill(0, rows, 0.0), pooled.index_fill(0, rows, 0.0)
+        return context, pooled
+
+    def size_conditions(self, x: torch.Tensor) -> dict:
+        """``time_ids`` (B, 6) int64 for latents ``x`` (B, 4, h, w): (H, W, 0, 0, H, W) with H, W = 8h, 8w.
+        Made on x's device by fills alone, so a CUDA graph can capture it."""
+        f = self.vae.config.downscale
+        ids = x.new_zeros((x.shape[0], 3, 2), dtype=torch.int64)  # rows: original size, crop corner, target size
+        ids[:, 0::2, 0] = x.shape[-2] * f
+        ids[:, 0::2, 1] = x.shape[-1] * f
+        return {"time_ids": ids.view(x.shape[0], 6)}
 
 
 def img2img_steps(steps: int, strength: float) -> int:
@@ -192,14 +250,19 @@ def _load_vae(root: Path, variant: str | None) -> tuple[VAE, Path]:
     return vae, file
 
 
-def _load_text_encoder(root: Path, variant: str | None):
-    """The folder's CLIP text encoder and tokenizer (transformers), from safetensors only, and its weights file."""
-    from fastdiff.text import CLIPTextEncoder
+def _load_text_encoder(root: Path, variant: str | None, sdxl: bool = False):
+    """The folder's CLIP text encoder(s) and tokenizer(s) (transformers), from safetensors only, and
+    their weights files: one pair, or SDXL's two."""
+    from fastdiff.text import CLIPTextEncoder, SDXLTextEncoder
 
-    folder = root / "text_encoder"
-    read_json(folder / "config.json")
-    file, variant = find_weights(folder, "model", variant)
-    tokenizer = root / "tokenizer"
-    if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "vocab.json").is_file():
-        raise FileNotFoundError(f"{tokenizer}: no tokenizer.json or vocab.json")
-    return CLIPTextEncoder.from_diffusers_folder(root, variant=variant), file
+    files = []
+    for suffix in ("", "_2") if sdxl else ("",):
+        folder = root / f"text_encoder{suffix}"
+        read_json(folder / "config.json")
+        file, variant = find_weights(folder, "model", variant)
+        files.append(file)
+        tokenizer = root / f"tokenizer{suffix}"
+        if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "vocab.json").is_file():
+            raise FileNotFoundError(f"{tokenizer}: no tokenizer.json or vocab.json")
+    encoder = SDXLTextEncoder if sdxl else CLIPTextEncoder
+    return encoder.from_diffusers_folder(root, variant=variant), files
