@@ -15,7 +15,8 @@
 #               python3 and triton (cmake + ninja into build/gpu, then copied into fastdiff/ops as
 #               an editable install does), then `fastdiff.ops.info()` into the log: a library built
 #               elsewhere is for another Python or stale, and without one every call takes the JIT
-#   tests       pytest of the kernel, library, compile, patch and sampler tests with FASTDIFF_BACKEND=auto
+#   tests       pytest of the kernel, library, compile, patch and sampler tests with FASTDIFF_BACKEND=auto,
+#               and the CUDA-graph captures of an SD and an SDXL folder's denoising loop (need diffusers)
 #   sweep       the kernels' tuning sweep: the script named by GPU_CHECK_SWEEP (default
 #               scripts/tune_kernels.py), run with --quick --budget-s 60 --out OUT_DIR/res/sweep
 #               (it proposes winners there; --apply writes them into the tables); skipped while absent
@@ -98,7 +99,9 @@ for s in $STAGES; do
             --junitxml="$OUT_DIR/logs/junit.xml" \
             tests/test_noising.py tests/test_philox.py tests/test_sampler_step.py tests/test_group_norm.py \
             tests/test_attention.py tests/test_attention_paths.py tests/test_compile.py tests/test_patch.py \
-            tests/test_samplers.py tests/test_unet.py tests/test_aot.py tests/test_eager.py ;;
+            tests/test_samplers.py tests/test_unet.py tests/test_aot.py tests/test_eager.py \
+            tests/test_sd_apps.py::test_the_cuda_graph_replays_the_eager_loop_and_decodes_beside_it \
+            tests/test_sdxl.py::test_the_cuda_graph_captures_the_time_ids ;;
     sweep)
         # The tuning sweep times each kernel's candidate configurations at the benchmark shapes and
         # proposes the winners (res/sweep/_tuned.py; adopted by --apply and a commit).  It
