@@ -157,13 +157,16 @@ class SDXLTextEncoder(TextEncoder):
     """
 
     @classmethod
-    def from_diffusers_folder(cls, root: str | os.PathLike, variant: str | None = None) -> "SDXLTextEncoder":
+    def from_diffusers_folder(
+        cls, root: str | os.PathLike, variants: tuple[str | None, str | None] = (None, None)
+    ) -> "SDXLTextEncoder":
         """``text_encoder/`` + ``tokenizer/`` and ``text_encoder_2/`` + ``tokenizer_2/`` of a diffusers SDXL
-        folder (safetensors only; the ``variant`` files when given), in fp32."""
+        folder (safetensors only; each tower's ``variants`` files where given), in fp32."""
         tf = _transformers()
         root = Path(root)
         towers, tokenizers = [], []
-        for suffix, model_cls in (("", tf.CLIPTextModel), ("_2", tf.CLIPTextModelWithProjection)):
+        towers_cls = (("", tf.CLIPTextModel), ("_2", tf.CLIPTextModelWithProjection))
+        for (suffix, model_cls), variant in zip(towers_cls, variants):
             towers.append(_quiet_load(
                 model_cls.from_pretrained, root / f"text_encoder{suffix}", local_files_only=True, use_safetensors=True,
                 variant=variant,

@@ -246,6 +246,21 @@ def test_fp16_weights_keep_an_upcast_vae_in_fp32(folder, tmp_path, upcast):
     assert pipe.dtype == torch.float16 and pipe.vae_dtype == (torch.float32 if upcast else torch.float16)
 
 
+def test_each_tower_reads_its_own_variant(folder, tmp_path):
+    """Only the second tower as ``model.fp16.safetensors``: it loads those (fp16-rounded) weights, the
+    first tower its full-precision file."""
+    from safetensors.torch import load_file, save_file
+
+    path = copy_folder(folder, tmp_path / "sdxl")
+    file = path / "text_encoder_2" / "model.safetensors"
+    save_file({k: v.half() for k, v in load_file(file).items()}, path / "text_encoder_2" / "model.fp16.safetensors")
+    file.unlink()
+    half, full = Text2Image.from_pretrained(path, "cpu").text_encoder, SDXLTextEncoder.from_diffusers_folder(folder)
+    for tower, rounded in ((0, False), (1, True)):
+        for (name, a), b in zip(half.model[tower].state_dict().items(), full.model[tower].state_dict().values()):
+            assert a.dtype == torch.float32 and torch.equal(a, b.half().float() if rounded else b), name
+
+
 # ----------------------------------------------------------------------------- the commands
 
 

@@ -255,14 +255,16 @@ def _load_text_encoder(root: Path, variant: str | None, sdxl: bool = False):
     their weights files: one pair, or SDXL's two."""
     from fastdiff.text import CLIPTextEncoder, SDXLTextEncoder
 
-    files = []
+    files, variants = [], []
     for suffix in ("", "_2") if sdxl else ("",):
         folder = root / f"text_encoder{suffix}"
         read_json(folder / "config.json")
-        file, variant = find_weights(folder, "model", variant)
+        file, chosen = find_weights(folder, "model", variant)
         files.append(file)
+        variants.append(chosen)
         tokenizer = root / f"tokenizer{suffix}"
         if not (tokenizer / "tokenizer.json").is_file() and not (tokenizer / "vocab.json").is_file():
             raise FileNotFoundError(f"{tokenizer}: no tokenizer.json or vocab.json")
-    encoder = SDXLTextEncoder if sdxl else CLIPTextEncoder
-    return encoder.from_diffusers_folder(root, variant=variant), files
+    if sdxl:
+        return SDXLTextEncoder.from_diffusers_folder(root, variants=tuple(variants)), files
+    return CLIPTextEncoder.from_diffusers_folder(root, variant=variants[0]), files
