@@ -31,12 +31,13 @@ WIDTHS = (24, 32)  # the two towers' hidden sizes: the UNet's context is 56 wide
 POOLED, TIME_DIM = 16, 8  # the second tower's projection; each time id's sinusoid
 
 
-def tiny_sdxl_unet():
+def tiny_sdxl_unet(in_channels=4):
     """SDXL's UNet in miniature: no attention at the first level, two transformer blocks at the
-    second (and in the middle), linear projections, the text_time add_embedding."""
+    second (and in the middle), linear projections, the text_time add_embedding; ``in_channels=9``:
+    an inpainting UNet."""
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=sum(WIDTHS), attention_head_dim=(1, 2), norm_num_groups=8, use_linear_projection=True,
         transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
@@ -44,9 +45,10 @@ def tiny_sdxl_unet():
     ).eval()  # fmt: skip
 
 
-def write_sdxl_folder(root):
-    """A tiny random StableDiffusionXLPipeline saved as diffusers saves it.  The second tokenizer pads
-    with another token (as SDXL's pads with "!"), so a tower fed the other's tokens shows."""
+def write_sdxl_folder(root, inpainting=False):
+    """A tiny random StableDiffusionXLPipeline saved as diffusers saves it (``inpainting``: a
+    StableDiffusionXLInpaintPipeline with a 9-channel UNet).  The second tokenizer pads with another
+    token (as SDXL's pads with "!"), so a tower fed the other's tokens shows."""
     from test_text import write_tiny_clip
 
     clip = root.parent / f"{root.name}-clip"
@@ -63,9 +65,10 @@ def write_sdxl_folder(root):
     vae = tiny_vae()
     vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE config
     scheduler = sd_scheduler_config(diffusers.EulerDiscreteScheduler, timestep_spacing="leading")  # SDXL's default
-    pipe = diffusers.StableDiffusionXLPipeline(
+    cls = diffusers.StableDiffusionXLInpaintPipeline if inpainting else diffusers.StableDiffusionXLPipeline
+    pipe = cls(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-        unet=tiny_sdxl_unet(), scheduler=scheduler, add_watermarker=False,
+        unet=tiny_sdxl_unet(9 if inpainting else 4), scheduler=scheduler, add_watermarker=False,
     )  # fmt: skip
     pipe.save_pretrained(root)
     return root
@@ -179,6 +182,33 @@ def test_the_cuda_graph_captures_the_time_ids(folder):
             torch.testing.assert_close(out, eager.run(x, seeds, cond), rtol=1e-3, atol=1e-3)
             assert torch.isfinite(pipe.decode(out)).all()
         assert len(graphed.shapes) == 2 and graphed.capture
+
+
+def test_an_inpainting_folder_matches_diffusers(tmp_path, monkeypatch):
+    """A StableDiffusionXLInpaintPipeline folder (9-channel UNet): its images for the same latents,
+    images, masks, prompts and guidance (strength 1: from the latents alone)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from fastdiff.apps import inpaint as ip
+    from test_sd_apps import images_and_masks, to_np
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    path = write_sdxl_folder(tmp_path / "sdxl-inpaint", inpainting=True)
+    known, mask, latents = images_and_masks()
+    theirs = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(path, add_watermarker=False)
+    theirs.set_progress_bar_config(disable=True)
+    ref = theirs(
+        PROMPTS, image=(known + 1) / 2, mask_image=mask, negative_prompt=["zz"] * 2, latents=latents, strength=1.0,
+        num_inference_steps=3, guidance_scale=5.0, height=16, width=24, output_type="np",
+    ).images  # fmt: skip
+    pipe = Text2Image.from_pretrained(path, "cpu")
+    assert isinstance(pipe, StableDiffusionXL) and pipe.inpainting
+    kw = dict(seeds=[0, 1], negative_prompt="zz", guidance_scale=5.0, steps=3, latents=latents, progress=False)
+    ours = to_np(ip.inpaint_tensors(pipe, known, mask, PROMPTS, **kw))
+    assert ours.shape == ref.shape == (2, 16, 24, 3)
+    assert np.abs(ours - ref).max() < IMAGE_ATOL
+    flipped = to_np(ip.inpaint_tensors(pipe, known, 1 - mask, PROMPTS, **kw))
+    assert np.abs(flipped - ref).max() > 100 * IMAGE_ATOL
 
 
 # ----------------------------------------------------------------------------- parts
