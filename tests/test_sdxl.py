@@ -238,6 +238,8 @@ def test_unet_conversion_both_ways():
         assert torch.equal(back.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match=r"time_ids must have shape \(2, 6\), got None"):
         ours(x, t, context, pooled)
+    with pytest.raises(TypeError, match=r"time_ids must be a torch.Tensor, got list"):
+        ours(x, t, context, pooled, ids.tolist())
 
 
 def test_sdxl_config_converts_to_the_sdxl_preset():

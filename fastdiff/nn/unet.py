@@ -413,6 +413,8 @@ class UNet(nn.Module):
         if c.pooled_dim and (pooled is None or pooled.shape != (B, c.pooled_dim)):
             got = None if pooled is None else tuple(pooled.shape)
             raise ValueError(f"pooled must have shape ({B}, {c.pooled_dim}), got {got}")
+        if time_ids is not None:
+            tensor_checks.check_tensor("time_ids", time_ids)
         if c.added_time_ids and (time_ids is None or time_ids.shape != (B, c.added_time_ids)):
             got = None if time_ids is None else tuple(time_ids.shape)
             raise ValueError(f"time_ids must have shape ({B}, {c.added_time_ids}), got {got}")
