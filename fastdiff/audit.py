@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("fastdiff audit compiles for real GPUs: run it without FASTDIFF_BACKEND=interpret / TRITON_INTERPRET=1")
         return 2
+    # as kernels/build.py sets it: Triton (3.9) keys its cache on this variable too, and with the same
+    # value the audit finds the cubins the library's build compiled (and the reverse)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows, problems = run_audit(tuple(args.arch or ARCHS), args.match, args.jobs, tuple(args.module or ()))
     print(format_table(rows))
     if problems:
