@@ -2,13 +2,14 @@
 
 Each op module declares the launch configurations it can use once, in its launch
 tables (``LAUNCH_TABLES``, see ``fastdiff.ops.launch_tables``).  The audit compiles every
-case of every table for its archs — sm_80 (A100) and sm_90 (H100) — with
+case of every table for its archs — sm_80 (A100), sm_90 (H100) and sm_100 (B200) — with
 ``triton.compile`` and an explicit ``GPUTarget`` (no GPU needed), exactly as the
 ahead-of-time build does, reads the cubin's resource use with
 ``cuobjdump --dump-resource-usage`` (registers, stack/local memory = spills, shared
-memory) and, on sm_90, looks for Hopper's warp-group MMA (HGMMA) in the SASS of
-kernels that should use tensor cores (the others are not disassembled).  It fails when a kernel does not compile,
-spills, lacks HGMMA where expected, or is not covered by any table.
+memory) and, for kernels that should use tensor cores, checks that their matmuls took
+the arch's MMA path (`MMA_CHECKS`: HGMMA on sm_90, tcgen05 on sm_100; sm_80's mma.sync
+needs no check).  It fails when a kernel does not compile, spills, misses its arch's MMA
+where expected, or is not covered by any table.
 
     python -m fastdiff.audit            # table + exit status
     fastdiff audit
@@ -37,13 +38,20 @@ class AuditRow:
     registers: int = -1
     spill_bytes: int = -1  # STACK + LOCAL
     shared_bytes: int = -1
-    hgmma: bool | None = None
+    mma: bool | None = None  # the arch's MMA found (`MMA_CHECKS`); None: not looked for
     error: str = ""
     jit_only: bool = False  # the library does not ship it (KernelCase.jit_only)
 
     @property
     def ok(self) -> bool:
         return not self.error
+
+
+# Where a case expects tensor cores (``KernelCase.expect_mma``): what its arch's MMA path shows, and
+# where the audit looks for it.  sm_90: Hopper's warp-group MMA in the SASS (nvdisasm, ~0.6 s a
+# cubin, so only these cases are disassembled).  sm_100: Blackwell's tcgen05 MMA (UTCHMMA in the
+# SASS, not HGMMA) in the PTX, at no cost: ptxas has no other lowering for tcgen05.mma.
+MMA_CHECKS = {90: ("HGMMA", "sass"), 100: ("tcgen05.mma", "ptx")}
 
 
 def _tool(name: str) -> str:
@@ -123,16 +131,21 @@ def audit_case(case: KernelCase, arch: int) -> AuditRow:
             row.registers, row.spill_bytes, _ = _parse_resources(usage)
             # Triton allocates dynamic shared memory; the compiled metadata has the real figure.
             row.shared_bytes = int(compiled.metadata.shared)
-            if arch >= 90 and case.expect_mma:  # disassembling every cubin would double the audit's time
-                sass = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True, check=True).stdout
-                row.hgmma = "HGMMA" in sass
+            if case.expect_mma and arch in MMA_CHECKS:
+                mark, where = MMA_CHECKS[arch]
+                if where == "sass":
+                    text = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True, check=True)
+                    text = text.stdout
+                else:
+                    text = compiled.asm["ptx"]
+                row.mma = mark in text
     except Exception as exc:  # report every failure in the table, keep auditing the rest
         row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:160]
         return row
     if row.spill_bytes:
         row.error = f"spills {row.spill_bytes} bytes to local memory"
-    elif case.expect_mma and arch >= 90 and not row.hgmma:
-        row.error = "no HGMMA on sm_90 (tensor cores not on the Hopper path)"
+    elif row.mma is False:
+        row.error = f"no {MMA_CHECKS[arch][0]} on sm_{arch} (its matmuls missed the arch's tensor-core path)"
     return row
 
 
@@ -168,13 +181,13 @@ def run_audit(
 
 
 def format_table(rows: list[AuditRow]) -> str:
-    head = f"{'case':44} {'kernel':28} {'arch':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'hgmma':>6}  status"
+    head = f"{'case':44} {'kernel':28} {'arch':>6} {'regs':>5} {'spill':>6} {'smem':>7} {'mma':>6}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
-        hg = "-" if r.hgmma is None else ("yes" if r.hgmma else "no")
+        hg = "-" if r.mma is None else ("yes" if r.mma else "no")
         status = ("ok" if not r.jit_only else "ok (JIT only)") if r.ok else r.error
         lines.append(
-            f"{r.case:44} {r.kernel:28} {'sm_' + str(r.arch):>5} {r.registers:>5} {r.spill_bytes:>6} "
+            f"{r.case:44} {r.kernel:28} {'sm_' + str(r.arch):>6} {r.registers:>5} {r.spill_bytes:>6} "
             f"{r.shared_bytes:>7} {hg:>6}  {status}"
         )
     return "\n".join(lines)

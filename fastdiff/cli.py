@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.set_defaults(func=_app_command(app.run))
 
-    audit = sub.add_parser("audit", help="compile every kernel for sm_80/sm_90 and report registers/spills")
+    audit = sub.add_parser("audit", help="compile every kernel for sm_80/sm_90/sm_100 and report registers/spills")
     audit.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the audit (see --help)")
     audit.set_defaults(func=_audit)
     return parser

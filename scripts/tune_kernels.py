@@ -17,7 +17,7 @@ role), e.g. the forward tiles of bf16/fp16 head dim 128 on sm_90.  The sweep
 3. ranks: per slot, the candidate with the least total time over the slot's shapes; it replaces
    the default only if every shape of the slot was measured, it is at least ``MARGIN`` faster
    than the tiles in force, and the audit passes its cases (``fastdiff.audit``: compiles for
-   that arch, no spills, HGMMA on sm_90);
+   that arch, no spills, HGMMA on sm_90, tcgen05 MMA on sm_100);
 4. writes ``DIR/sweep.json`` (every timing), ``DIR/_tuned.py`` (the proposed table) and, with
    ``--apply``, ``fastdiff/ops/_tuned.py``, which the op files read: commit it, and rebuild the
    library (``pip install -e .``), whose tables then carry the winners.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.ops import _aot, flash_attention, launch_tables
+from fastdiff.ops import _aot, _backend, flash_attention, launch_tables
 from fastdiff.ops.fused_step import step_coefficients
 
 
@@ -18,6 +18,23 @@ def library():
     if _aot.binding() is None:
         pytest.skip(_aot._load()[1])
     return _aot.binding()
+
+
+@pytest.mark.parametrize(
+    "capability, tables, cubins",
+    [((7, 5), 80, 0), ((8, 0), 80, 80), ((8, 6), 80, 80), ((8, 9), 80, 80), ((9, 0), 90, 90), ((10, 0), 100, 100),
+     ((10, 3), 100, 0), ((11, 0), 80, 0), ((12, 0), 80, 0), ((12, 1), 80, 0)],
+)  # fmt: skip
+def test_a_device_takes_its_tables_and_the_cubins_that_run_on_it(monkeypatch, capability, tables, cubins):
+    """Python's side of the arch choice (tests/test_kernels_c.py checks the C dispatcher's against it): the
+    tables by family (12.x, consumer Blackwell with ~100 KB of shared memory, takes sm_80's), the library's
+    cubins only where they run (sm_90a on 9.0, sm_100a on 10.0), and only where built."""
+    assert launch_tables.table_arch(*capability) == tables
+    assert launch_tables.library_arch(*capability) == cubins
+    assert launch_tables.library_arch(*capability, archs=(80, 90)) == (0 if cubins == 100 else cubins)
+    monkeypatch.setattr(_backend, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    assert launch_tables.device_arch.__wrapped__(0) == tables
 
 
 def _scalars(case_name: str, args) -> list:

@@ -5,8 +5,8 @@ On CUDA, an eager op call launches through the library when it is installed with
 and was built from the kernel sources in this package (``launch_tables.source_hash``).  Nothing is then
 compiled at the first call, and a launch costs a C call instead of Triton's JIT binder.  Where the
 library declines a call (a configuration it does not ship, a view off a 16-byte boundary, a GPU
-other than sm_80/sm_90) that call launches through Triton's JIT instead.  ``info()`` tells which
-path each op takes.
+none of its cubins runs on: ``launch_tables.library_arch``) that call launches through Triton's JIT
+instead.  ``info()`` tells which path each op takes.
 
 ``dry_run()`` makes every op take the kernel path on any device, down to and excluding the driver
 call: the library checks, picks and plans the launches and records them instead of launching

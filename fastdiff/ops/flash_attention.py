@@ -711,6 +711,7 @@ class AttnConfig:
     fwd_short: Tiles | None = None  # forward when Lk ≤ block_n: every key in one block
     bwd_short: Tiles | None = None  # backward likewise (dq, and dK, dV partials)
     pre_block_m: int = 128  # rows of the δ preprocess
+    pre_warps: int = 4  # its warps
     split_dkdv: bool = False  # dK and dV in two launches (one accumulator each; recomputes P)
 
 
@@ -753,8 +754,17 @@ _SM80_D128 = AttnConfig(fwd=_T(128, 64, 8, 2), bwd_kv=_T(32, 64, 4, 3), bwd_q=_T
 _SM80_D96 = dataclasses.replace(_SM80_D128, bwd_kv=_T(32, 64, 8, 3))
 _SM80_D160 = AttnConfig(fwd=_T(128, 32, 8, 1), bwd_kv=_T(32, 64, 8, 2), bwd_q=_T(64, 16, 8, 1), split_dkdv=True,
                         fwd_short=_T(64, 128, 8, 1))  # fmt: skip
+_SM90 = {32: _SM90_D32, 40: _SM90_D64, 64: _SM90_D64, 80: _SM90_D80, 96: _SM90_D128, 128: _SM90_D128, 160: _SM90_D160}
+# sm_100 (B200): Hopper's tiles (the same 228 KB of shared memory and register file per SM) until the
+# tuning sweep measures on one; Triton lowers their matmuls to tcgen05.mma (the audit checks it).  Two
+# changes for the audit's spill check (ptxas of triton 3.9 for sm_100a, which also packs fp32 math in
+# pairs): the δ preprocess takes 64 rows and 8 warps (128 rows spilled 32 to 320 bytes with 4 warps, and
+# 16 to 32 at head dims 40/64 with 8), and head dim 32's short backward 8 warps (4 spilled 8 bytes).
+_SM100 = {D: dataclasses.replace(cfg, pre_block_m=64, pre_warps=8) for D, cfg in _SM90.items()}
+_SM100[32] = dataclasses.replace(_SM100[32], bwd_short=_T(32, 128, 8, 2))
 CONFIGS_16BIT: dict[int, dict[int, AttnConfig]] = {
-    90: {32: _SM90_D32, 40: _SM90_D64, 64: _SM90_D64, 80: _SM90_D80, 96: _SM90_D128, 128: _SM90_D128, 160: _SM90_D160},
+    100: _SM100,
+    90: _SM90,
     80: {32: _SM90_D32, 40: _SM80_D64, 64: _SM80_D64, 80: _SM80_D128, 96: _SM80_D96, 128: _SM80_D128, 160: _SM80_D160},
 }
 
@@ -899,6 +909,17 @@ def _query_blocks(table: LaunchTable, key: tuple[int, int, int], role: str, BH: 
     return Launch(role, case, (BH, cdiv(Lq, case.constexprs["BLOCK_M"])))
 
 
+def _pre_archs(archs: tuple[int, ...], configs16, D: int, cfg: AttnConfig) -> tuple[int, ...]:
+    """The archs of the δ preprocess's case for ``cfg``: every arch whose config for a head dim of the
+    same BLOCK_D has the same preprocess, so that one case serves them (its 16-bit configs differ by
+    arch, its fp32 one does not)."""
+    if len(archs) > 1:  # fp32: one config for every arch
+        return archs
+    same = (cfg.pre_block_m, cfg.pre_warps)
+    return tuple(a for a in ARCHS if any((c.pre_block_m, c.pre_warps) == same for d, c in configs16[a].items()
+                                         if _block_d(d) == _block_d(D)))  # fmt: skip
+
+
 def _launch_tables(configs16, configs32) -> tuple[LaunchTable, ...]:
     """The kernels' tables, keyed by (arch, dtype, head dim) (+ the small-grid flag, or which of
     dK/dV a pass computes), built from config tables; a case shared by several keys compiles once."""
@@ -980,8 +1001,12 @@ def _launch_tables(configs16, configs32) -> tuple[LaunchTable, ...]:
                 sig = {"O": f"*{dt}", "DO": f"*{dt}", "DELTA": "*fp32"} | strides(o="m", do="m")
                 sig |= {"H": "i32", "Lq": "i32", "head_dim": "i32"}
                 cx = {"BLOCK_D": _block_d(D), "BLOCK_M": cfg.pre_block_m}
-                label = f"attention_bwd_pre[{dt},bd{_block_d(D)},m{cfg.pre_block_m}]"
-                pre[key] = case(label, _attn_bwd_preprocess_kernel, sig, cx, PRE_TILES, False, ARCHS)
+                t = dataclasses.replace(PRE_TILES, num_warps=cfg.pre_warps)
+                pre_archs = _pre_archs(archs, configs16, D, cfg)
+                only = f"sm{arch}," if len(pre_archs) == 1 else ""  # one arch's: named after its table
+                warps = "" if t == PRE_TILES else f"w{t.num_warps}"
+                label = f"attention_bwd_pre[{only}{dt},bd{_block_d(D)},m{cfg.pre_block_m}{warps}]"
+                pre[key] = case(label, _attn_bwd_preprocess_kernel, sig, cx, t, False, pre_archs)
 
             sig = {"PARTIAL": "*fp32", "DK": f"*{dt}", "DV": f"*{dt}"} | strides(dk="n", dv="n")
             sig |= {"H": "i32", "Lk": "i32", "head_dim": "i32", "parts": "i32", "sm_scale": "fp32"}

@@ -27,7 +27,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-ARCHS = (80, 90)  # compute capabilities the library ships cubins for
+# Compute capabilities with launch tables: the ones the audit compiles for and the library can ship
+# (CMake builds 80 and 90 by default, 100 on request: docs/c-abi.md).  Triton targets sm_90 and sm_100
+# as sm_90a and sm_100a: cubins that run on compute capability 9.0 and 10.0 only (`library_arch`).
+ARCHS = (80, 90, 100)
 FP_FUSION = True
 # Integer codes of the key fields the C dispatcher shares with the launchers.
 DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
@@ -45,7 +48,7 @@ class KernelCase:
     constexprs: dict = field(default_factory=dict)  # constexpr name -> value
     num_warps: int = 4
     num_stages: int = 3
-    expect_mma: bool = False  # sm_90 SASS must contain HGMMA
+    expect_mma: bool = False  # the matmuls must reach the arch's MMA: HGMMA in sm_90 SASS, tcgen05.mma for sm_100
     archs: tuple[int, ...] = ARCHS  # the architectures whose launcher can pick this case
     divisible: tuple[str, ...] = ()  # integer arguments assumed to be multiples of 16
     jit_only: str = ""  # why the library does not ship this case (launched by Triton's JIT); "" when it does
@@ -100,9 +103,27 @@ class LaunchTable:
         return out
 
 
+def table_arch(major: int, minor: int) -> int:
+    """The architecture whose tables (tiles, warps, stages) a device of compute capability major.minor
+    uses: 90 for Hopper (9.x), 100 for datacenter Blackwell (10.x: B200, B300), else 80 — the sm_80
+    tables fit the ~100 KB of shared memory of sm_86/sm_89 and of consumer Blackwell (12.x), and
+    their matmuls need no more than mma.sync, which every GPU since runs."""
+    return {9: 90, 10: 100}.get(major, 80)
+
+
+def library_arch(major: int, minor: int, archs: tuple[int, ...] = ARCHS) -> int:
+    """The arch of ``archs`` whose cubins run on a device of compute capability major.minor, 0 when none
+    does (the library declines its calls: Triton's JIT compiles for it).  An sm_80 cubin runs on every
+    8.x; Triton's sm_90 and sm_100 cubins are sm_90a and sm_100a, which run on 9.0 and 10.0 alone (not
+    on 10.3, nor on 12.x).  Where it is not 0 it is `table_arch`: the library serves a device with the
+    tables Python uses.  kernels/src/fdk_runtime.c (table_arch) decides the same."""
+    arch = 80 if major == 8 else 10 * major if minor == 0 and major in (9, 10) else 0
+    return arch if arch in archs else 0
+
+
 @functools.lru_cache(maxsize=None)
 def device_arch(device_index: int | None) -> int:
-    """The architecture whose tables a CUDA device uses (`ARCHS`): 90 for Hopper and newer, else 80.
+    """The architecture whose tables a CUDA device uses (`table_arch`).
     No device (the interpreter, a dry run on CPU): 90."""
     from fastdiff.ops._backend import INTERPRET
 
@@ -110,7 +131,7 @@ def device_arch(device_index: int | None) -> int:
         return 90
     import torch
 
-    return 90 if torch.cuda.get_device_capability(device_index)[0] >= 9 else 80
+    return table_arch(*torch.cuda.get_device_capability(device_index))
 
 
 @functools.lru_cache(maxsize=None)
