@@ -92,13 +92,17 @@ def test_example_builds_and_runs_or_reports_the_missing_driver(build_dir):
         assert proc.returncode == 2 and "FDK_ERROR_NO_DRIVER: no CUDA driver" in proc.stdout, proc.stdout + proc.stderr
 
 
-# A stand-in for libcuda.so.1: three devices (sm_90 with 132 SMs, sm_80 with 108, sm_70 with 80), the
-# current one chosen by fake_use_device (or no current context after fake_drop_context); it counts
-# attribute queries, launches and primary-context retains, and runs nothing.
+# A stand-in for libcuda.so.1: three devices (compute capability 9.0 with 132 SMs, 8.0 with 108, 7.5
+# with 80; others where compiled with -DFAKE_DEVICES), the current one chosen by fake_use_device (or no
+# current context after fake_drop_context); it counts attribute queries, launches and primary-context
+# retains, and runs nothing.
 FAKE_DRIVER = r"""
 #include <stdint.h>
 #include <cuda.h>
-static const int majors[3] = {9, 8, 7}, sms[3] = {132, 108, 80};
+#ifndef FAKE_DEVICES
+#define FAKE_DEVICES {9, 0, 132}, {8, 0, 108}, {7, 5, 80}
+#endif
+static const int devices[][3] = {FAKE_DEVICES}; /* major, minor, SMs */
 static int current, no_context;
 int fake_attribute_queries, fake_launches, fake_retains;
 void fake_use_device(int dev) { current = dev, no_context = 0; }
@@ -119,7 +123,8 @@ CUresult cuCtxSetCurrent(CUcontext ctx) { current = (int)((uintptr_t)ctx / 256) 
 CUresult cuCtxGetDevice(CUdevice *dev) { *dev = current; return CUDA_SUCCESS; }
 CUresult cuDeviceGetAttribute(int *v, CUdevice_attribute what, CUdevice dev) {
   fake_attribute_queries++;
-  *v = what == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR ? majors[dev] : sms[dev];
+  *v = devices[dev][what == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR ? 0
+                    : what == CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR ? 1 : 2];
   return CUDA_SUCCESS;
 }
 CUresult cuModuleLoadData(CUmodule *m, const void *image) { *m = (CUmodule)(uintptr_t)16; return CUDA_SUCCESS; }
@@ -211,7 +216,7 @@ def test_devices_are_queried_once_each_and_calls_follow_the_current_one(lib, bui
         return split.value
 
     assert dry_run_split(90, 132) != dry_run_split(80, 108)  # the calls below tell the devices apart
-    unsupported = "FDK_ERROR_UNSUPPORTED no kernels for compute capability 7.x (sm_80 and sm_90 ship)"
+    unsupported = "FDK_ERROR_UNSUPPORTED no kernels for compute capability 7.5 (the library has sm_90a)"
     want = [f"device 0 split {dry_run_split(90, 132)}: FDK_SUCCESS", "device 0 q_sample: FDK_SUCCESS",
             f"device 1 split {dry_run_split(80, 108)}: FDK_SUCCESS",
             "device 1 q_sample: FDK_ERROR_UNSUPPORTED no compiled q_sample case for key (0,0,0,0,0) on sm_80",
@@ -222,7 +227,66 @@ def test_devices_are_queried_once_each_and_calls_follow_the_current_one(lib, bui
     assert lines[19].startswith("no context: FDK_ERROR_CUDA no current CUDA context on this thread")
     assert lines[20:22] == ["use device 1: FDK_SUCCESS", "use device 1 again: FDK_SUCCESS"]
     assert lines[22:24] == ["then: FDK_SUCCESS", f"split {dry_run_split(80, 108)} retains 1"]
-    assert lines[-1] == "attribute queries 6 launches 3"  # 2 attributes of 3 devices; q_sample on device 0, thrice
+    assert lines[-1] == "attribute queries 9 launches 3"  # 3 attributes of 3 devices; q_sample on device 0, thrice
+
+
+# Asks the library for a q_sample launch on each device of the stand-in driver: its status names the arch
+# whose cases the library looked for (the library here has sm_90 cases only), or says it has none.
+ARCH_CALLS = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include "fastdiff_kernels.h"
+int main(int argc, char **argv) {
+  if (fdk_init() != FDK_SUCCESS) return puts(fdk_last_error()), 1;
+  void (*use_device)(int) = (void (*)(int))dlsym(dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD), "fake_use_device");
+  for (int dev = 0; dev < atoi(argv[1]); dev++) {
+    use_device(dev);
+    char *p = (char *)4096;
+    fdk_q_sample_args q = {FDK_FLOAT32, p, (const int64_t *)(p + 256), (const float *)(p + 512), 10, p + 768, NULL,
+                           p + 1024, NULL, 2, 3, 5, 0};
+    fdk_status s = fdk_q_sample(&q, NULL);
+    printf("%s %s\n", fdk_status_name(s), s ? fdk_last_error() : "");
+  }
+  return 0;
+}
+"""
+
+
+def test_the_library_takes_the_devices_python_says_its_cubins_run_on(build_dir, tmp_path):
+    """The C dispatcher's arch for a device is `launch_tables.library_arch`'s: sm_80 on every 8.x, sm_90 on
+    9.0, sm_100 on 10.0 (Triton's sm_90a/sm_100a cubins run there alone), none on 7.5, 10.3, 11.0, 12.x;
+    and where there is one, it is the arch whose tables Python picks (`table_arch`)."""
+    from fastdiff.ops.launch_tables import library_arch, table_arch
+
+    caps = [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (10, 3), (11, 0), (12, 0), (12, 1)]
+    devices = ", ".join(f"{{{major}, {minor}, 100}}" for major, minor in caps)
+    cuda_include = os.path.join(os.path.dirname(importlib.import_module("triton").__file__), "backends", "nvidia",
+                                "include")  # fmt: skip
+    (tmp_path / "fake_cuda.c").write_text(FAKE_DRIVER)
+    (tmp_path / "calls.c").write_text(ARCH_CALLS)
+    for cmd in (["cc", "-shared", "-fPIC", f"-DFAKE_DEVICES={devices}", "-I", cuda_include, "-o", "libcuda.so.1",
+                 "fake_cuda.c"],
+                ["cc", "-std=c11", "-Wall", "-Werror", "-I", os.path.dirname(HEADER), "-o", "calls", "calls.c",
+                 "-L", build_dir, f"-Wl,-rpath,{build_dir}", "-lfastdiff_kernels", "-ldl"]):  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([str(tmp_path / "calls"), str(len(caps))], capture_output=True, text=True,
+                          env=os.environ | {"LD_LIBRARY_PATH": str(tmp_path)})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    taken = []
+    for (major, minor), line in zip(caps, proc.stdout.splitlines(), strict=True):
+        if line.startswith("FDK_SUCCESS"):
+            taken.append(90)
+        elif (m := re.search(r"no compiled q_sample case for key \(.*\) on sm_(\d+)$", line)):
+            taken.append(int(m.group(1)))
+        else:
+            none = f"FDK_ERROR_UNSUPPORTED no kernels for compute capability {major}.{minor} (the library has sm_90a)"
+            assert line == none
+            taken.append(0)
+    assert taken == [library_arch(major, minor, (80, 90, 100)) for major, minor in caps]
+    assert taken == [0, 80, 80, 80, 90, 100, 0, 0, 0, 0]
+    assert all(arch in (0, table_arch(*cap)) for cap, arch in zip(caps, taken))
 
 
 def test_library_loads_and_refuses_without_driver_or_bad_input(lib):

@@ -1,5 +1,5 @@
 /*
- * libfastdiff_kernels: fastdiff's Triton kernels compiled ahead of time (sm_80, sm_90),
+ * libfastdiff_kernels: fastdiff's Triton kernels compiled ahead of time (sm_80, sm_90, sm_100),
  * behind a plain C ABI.  See docs/c-abi.md.
  *
  * - One function per op direction.  Each takes device pointers, sizes, strides (in elements),
@@ -55,7 +55,7 @@ FDK_API const char *fdk_source_hash(void);
 
 /* ---------------------------------------------------------------------------- dry run */
 
-/* arch 0: off.  arch 80 or 90: plan every call as on that GPU (num_sms multiprocessors), record
+/* arch 0: off.  arch 80, 90 or 100: plan every call as on that GPU (num_sms multiprocessors), record
    the launches instead of making them; nothing needs the driver.  Process-wide. */
 FDK_API void fdk_set_dry_run(int arch, int num_sms);
 

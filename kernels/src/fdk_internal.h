@@ -40,8 +40,8 @@ typedef union fdk_arg {
 /* Records msg as the thread's last error and returns status. */
 fdk_status fdk_fail(fdk_status status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* The table arch (80, 90) and SM count of the current context's device (its properties read from the
-   driver once per device), or the dry run's. */
+/* The table arch (80, 90, 100) and SM count of the current context's device (its properties read from
+   the driver once per device), or the dry run's.  A device no cubin of the library runs on fails. */
 fdk_status fdk_device(int *arch, int *num_sms);
 
 /* The entry of `table` for key and arch, or -1. */

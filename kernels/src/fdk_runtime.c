@@ -157,14 +157,21 @@ static void record(int entry, const unsigned grid[3], const fdk_arg *args, int n
 
 #define FDK_MAX_DEVICES 64
 
-static int table_arch(int major) { return major == 9 ? 90 : major == 8 ? 80 : 0; }
+/* The arch of the cubins that run on a device of compute capability major.minor (its launch tables'
+   arch), 0 when none does: an sm_80 cubin runs on every 8.x; Triton's sm_90 and sm_100 cubins are
+   sm_90a and sm_100a, which run on 9.0 and 10.0 alone (not on 10.3, nor on 12.x).  The same rule as
+   fastdiff.ops.launch_tables.library_arch (tests/test_kernels_c.py compares them). */
+static int table_arch(int major, int minor) {
+  if (major == 8) return 80;
+  return minor == 0 && (major == 9 || major == 10) ? 10 * major : 0;
+}
 
-/* Each device's compute capability major and SM count, by ordinal, read from the driver at the
-   device's first call: major << 16 | SMs, 0 until then.  A device's properties never change, so
-   threads reading one at the same time store the same value. */
+/* Each device's compute capability (10 major + minor) and SM count, by ordinal, read from the driver
+   at the device's first call: capability << 16 | SMs, 0 until then.  A device's properties never
+   change, so threads reading one at the same time store the same value. */
 static int device_properties[FDK_MAX_DEVICES];
 
-static fdk_status properties_of(CUdevice dev, int *major, int *num_sms) {
+static fdk_status properties_of(CUdevice dev, int *major, int *minor, int *num_sms) {
   if (dev < 0 || dev >= FDK_MAX_DEVICES)
     return fdk_fail(FDK_ERROR_UNSUPPORTED, "device %d: the library serves devices 0 to %d", (int)dev,
                     FDK_MAX_DEVICES - 1);
@@ -172,12 +179,15 @@ static fdk_status properties_of(CUdevice dev, int *major, int *num_sms) {
   if (!known) {
     CUresult r = cu.cuDeviceGetAttribute(major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
     if (r != CUDA_SUCCESS) return cuda_fail(r, "cuDeviceGetAttribute(COMPUTE_CAPABILITY_MAJOR)");
+    if ((r = cu.cuDeviceGetAttribute(minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)) != CUDA_SUCCESS)
+      return cuda_fail(r, "cuDeviceGetAttribute(COMPUTE_CAPABILITY_MINOR)");
     if ((r = cu.cuDeviceGetAttribute(num_sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev)) != CUDA_SUCCESS)
       return cuda_fail(r, "cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)");
-    known = *major << 16 | *num_sms;
+    known = (10 * *major + *minor) << 16 | *num_sms;
     __atomic_store_n(&device_properties[dev], known, __ATOMIC_RELAXED);
   }
-  *major = known >> 16;
+  *major = (known >> 16) / 10;
+  *minor = (known >> 16) % 10;
   *num_sms = known & 0xffff;
   return FDK_SUCCESS;
 }
@@ -217,11 +227,18 @@ fdk_status fdk_device(int *arch, int *num_sms) {
   if (s) return s;
   if (!ctx) return fdk_fail(FDK_ERROR_CUDA, "no current CUDA context on this thread (call fdk_use_device or cudaSetDevice first)");
   if ((r = cu.cuCtxGetDevice(&dev)) != CUDA_SUCCESS) return cuda_fail(r, "cuCtxGetDevice");
-  int major;
-  if ((s = properties_of(dev, &major, num_sms))) return s;
-  *arch = table_arch(major);
-  if (!*arch) return fdk_fail(FDK_ERROR_UNSUPPORTED, "no kernels for compute capability %d.x (sm_80 and sm_90 ship)",
-                              major);
+  int major, minor;
+  if ((s = properties_of(dev, &major, &minor, num_sms))) return s;
+  *arch = table_arch(major, minor);
+  if (!*arch) {
+    char built[64];
+    int n = 0;
+    built[0] = 0;
+    for (int a = 0; a < FDK_NUM_ARCHS && n < (int)sizeof built; a++) /* sm_90a, sm_100a: arch-specific cubins */
+      n += snprintf(built + n, sizeof built - n, "%ssm_%d%s", a ? ", " : "", fdk_archs[a], fdk_archs[a] >= 90 ? "a" : "");
+    return fdk_fail(FDK_ERROR_UNSUPPORTED, "no kernels for compute capability %d.%d (the library has %s)", major, minor,
+                    built);
+  }
   return FDK_SUCCESS;
 }
 
