@@ -36,8 +36,10 @@ class CMakeBuild(build_ext):
         try:
             if not cmake:
                 raise OSError("no cmake")
+            # FASTDIFF_ARCHS="80;90;100" (say) in the environment: the compute capabilities to compile for
+            archs = [f"-DFASTDIFF_ARCHS={os.environ['FASTDIFF_ARCHS']}"] if os.environ.get("FASTDIFF_ARCHS") else []
             subprocess.run([cmake, "-S", ROOT, "-B", build, *generator, f"-DFASTDIFF_PYTHON={sys.executable}",
-                            "-DCMAKE_BUILD_TYPE=Release"], check=True, env=env)  # fmt: skip
+                            "-DCMAKE_BUILD_TYPE=Release", *archs], check=True, env=env)  # fmt: skip
             subprocess.run([cmake, "--build", build], check=True, env=env)
         except (OSError, subprocess.CalledProcessError) as exc:
             print(f"warning: libfastdiff_kernels not built ({exc}); fastdiff will use Triton's JIT", file=sys.stderr)

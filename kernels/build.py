@@ -1,6 +1,6 @@
-"""Compile every case of every op's launch table for sm_80/sm_90 and write the library's data.
+"""Compile every case of every op's launch table for its archs and write the library's data.
 
-    python kernels/build.py --out DIR [--arch 80 --arch 90] [--match TEXT] [--jobs N]
+    python kernels/build.py --out DIR [--arch 80 --arch 90 --arch 100] [--match TEXT] [--jobs N]
 
 Writes into DIR:
 

@@ -12,7 +12,9 @@ venv=.venv
 stamp="$venv/.fastdiff-$extras"
 # (a change to the kernels' build reinstalls, which rebuilds libfastdiff_kernels; an edited kernel
 # only makes the installed library stale: fastdiff then uses Triton's JIT until the next install)
-want="$(cat pyproject.toml setup.py CMakeLists.txt scripts/setup.sh kernels/build.py kernels/*/*.[ch] kernels/*/*.cpp | sha1sum | cut -d' ' -f1)"
+# (FASTDIFF_ARCHS, which setup.py passes to CMake, counts too)
+want="$( (cat pyproject.toml setup.py CMakeLists.txt scripts/setup.sh kernels/build.py kernels/*/*.[ch] kernels/*/*.cpp
+          echo "${FASTDIFF_ARCHS:-}") | sha1sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

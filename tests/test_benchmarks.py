@@ -426,7 +426,7 @@ def test_gpu_check_runs_the_sweep_hook_then_quick_benchmarks(tmp_path):
     assert "stage sweep: exit 0" in summary and "stage bench-memory: exit 0" in summary
 
 
-@pytest.mark.parametrize("compute_cap, arch", [("9.0", "90"), ("8.6", "80"), ("10.0", "90")])
+@pytest.mark.parametrize("compute_cap, arch", [("9.0", "90"), ("8.6", "80"), ("10.0", "100")])
 def test_gpu_check_builds_the_library_for_the_gpu_it_runs_on(tmp_path, compute_cap, arch):
     """The build stage configures for the launch tables' architecture of this GPU with this machine's
     python3; a failed build is noted and the stages after it still run (on Triton's JIT)."""
@@ -443,6 +443,23 @@ def test_gpu_check_builds_the_library_for_the_gpu_it_runs_on(tmp_path, compute_c
     assert configure.startswith("-S . -B build/gpu -G Ninja") and build == "--build build/gpu"
     assert "stage build: exit 1" in summary and "stage bench-attention: exit 0" in summary
     assert calls[0] == f"-m benchmarks.run --out {tmp_path}/out/res --only attention --quick"
+
+
+@pytest.mark.parametrize("compute_cap", ["12.0", "10.3"])
+def test_gpu_check_builds_no_library_where_none_of_its_cubins_runs(tmp_path, compute_cap):
+    """sm_100a cubins run on 10.0 alone: on 10.3 or a 12.x card the build stage is skipped, said so, and
+    the stages after it run (on Triton's JIT)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {compute_cap}\n")
+    (bin_dir / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/cmake.log\n')
+    for tool in ("nvidia-smi", "cmake"):
+        (bin_dir / tool).chmod(0o755)
+    summary, calls = _gpu_check(tmp_path, "build", "attention")
+    assert not (tmp_path / "cmake.log").exists()
+    cc = compute_cap.replace(".", "")
+    assert f"stage build: skipped (no cubin of the library runs on compute capability {cc};" in summary
+    assert "stage bench-attention: exit 0" in summary
 
 
 def test_gpu_check_skips_a_missing_sweep_and_keeps_within_its_total(tmp_path):
