@@ -72,19 +72,16 @@ def read_model_index(root: str | os.PathLike) -> dict:
     file = root / MODEL_INDEX
     index = read_json(file)
     name = index.get("_class_name", "")
-    components = COMPONENTS
+    components, kind = COMPONENTS, "a Stable Diffusion"
     if is_sdxl(index):
         if index.get("requires_aesthetics_score") or (index.get("text_encoder") or [None, None])[1] is None:
             raise ValueError(f"{file}: {name or 'this pipeline'} is an SDXL refiner (aesthetic-score time ids, "
                              "one text encoder), which fastdiff does not load (SDXL base folders load)")  # fmt: skip
-        components = SDXL_COMPONENTS
+        components, kind = SDXL_COMPONENTS, "an SDXL"
     for component, classes in components.items():
         entry = index.get(component)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
-            raise FileNotFoundError(
-                f"{file}: no {component} (a{'n SDXL' if components is SDXL_COMPONENTS else ' Stable Diffusion'} "
-                f"folder needs {', '.join(components)})"
-            )
+            raise FileNotFoundError(f"{file}: no {component} ({kind} folder needs {', '.join(components)})")
         if classes is not None and entry[1] not in classes:
             raise ValueError(f"{file}: {component} is a {entry[1]}; fastdiff reads {' or '.join(classes)}")
         if not (root / component).is_dir():
