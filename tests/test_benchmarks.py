@@ -426,17 +426,24 @@ def test_gpu_check_runs_the_sweep_hook_then_quick_benchmarks(tmp_path):
     assert "stage sweep: exit 0" in summary and "stage bench-memory: exit 0" in summary
 
 
+def _fake_gpu_tools(tmp_path, compute_cap: str, cmake_exit: str = "") -> Path:
+    """tmp_path/bin with an ``nvidia-smi`` that reports ``compute_cap`` and a ``cmake`` that logs its
+    arguments to tmp_path/cmake.log (then runs ``cmake_exit``, a shell line giving its status)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {compute_cap}\n")
+    (bin_dir / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/cmake.log\n{cmake_exit}\n')
+    for tool in ("nvidia-smi", "cmake"):
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
 @pytest.mark.parametrize("compute_cap, arch", [("9.0", "90"), ("8.6", "80"), ("10.0", "100")])
 def test_gpu_check_builds_the_library_for_the_gpu_it_runs_on(tmp_path, compute_cap, arch):
     """The build stage configures for the launch tables' architecture of this GPU with this machine's
     python3; a failed build is noted and the stages after it still run (on Triton's JIT)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {compute_cap}\n")
     # configure succeeds, the build fails: nothing is copied into the source tree
-    (bin_dir / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/cmake.log\n[ "$1" = -S ]\n')
-    for tool in ("nvidia-smi", "cmake"):
-        (bin_dir / tool).chmod(0o755)
+    bin_dir = _fake_gpu_tools(tmp_path, compute_cap, cmake_exit='[ "$1" = -S ]')
     summary, calls = _gpu_check(tmp_path, "build", "attention")
     configure, build = (tmp_path / "cmake.log").read_text().splitlines()
     assert f"-DFASTDIFF_PYTHON={bin_dir}/python3 -DFASTDIFF_ARCHS={arch}" in configure
@@ -449,12 +456,7 @@ def test_gpu_check_builds_the_library_for_the_gpu_it_runs_on(tmp_path, compute_c
 def test_gpu_check_builds_no_library_where_none_of_its_cubins_runs(tmp_path, compute_cap):
     """sm_100a cubins run on 10.0 alone: on 10.3 or a 12.x card the build stage is skipped, said so, and
     the stages after it run (on Triton's JIT)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {compute_cap}\n")
-    (bin_dir / "cmake").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/cmake.log\n')
-    for tool in ("nvidia-smi", "cmake"):
-        (bin_dir / tool).chmod(0o755)
+    _fake_gpu_tools(tmp_path, compute_cap)
     summary, calls = _gpu_check(tmp_path, "build", "attention")
     assert not (tmp_path / "cmake.log").exists()
     cc = compute_cap.replace(".", "")

@@ -389,11 +389,16 @@ def _only_safetensors_index_missing_shard(path):
 def test_bad_folders_fail_in_one_line_naming_the_file(folder, tmp_path, capsys, edit, message):
     path = copy_folder(folder, tmp_path / "sd")
     edit(path)
+    assert_sample_refuses(path, tmp_path, capsys, message)
+
+
+def assert_sample_refuses(path, tmp_path, capsys, message):
+    """`fastdiff sample --checkpoint path` exits 2 with one line matching ``message``, before any work."""
     rc = cli.main(["sample", "a", "--checkpoint", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
-    assert not (tmp_path / "out").exists()  # refused before any work
+    assert not (tmp_path / "out").exists()
 
 
 def test_other_pipelines_refuse_an_sd_folder(folder):
