@@ -365,7 +365,10 @@ class Text2Image(Pipeline):
         kind = spec.get("model_type", "video_unet" if "video" in spec else "unet")
         if kind != "unet":
             raise ValueError(f"{str(path)!r} holds a {kind!r} model, not a text-to-image UNet")
-        return UNet(UNetConfig.from_dict(spec["unet"]))
+        config = UNetConfig.from_dict(spec["unet"])
+        if config.added_time_ids:
+            raise ValueError("added_time_ids: only an SDXL folder's pipeline supplies time ids")
+        return UNet(config)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -394,6 +397,12 @@ class Text2Image(Pipeline):
             known=known, mask=mask,
         )  # fmt: skip
 
+    @staticmethod
+    def guides(guidance_scale: float) -> bool:
+        """Whether ``guidance_scale`` runs classifier-free guidance: any scale but 1 (1 is the conditional
+        prediction alone; 0 the unconditional one, < 0 and > 1 extrapolate)."""
+        return guidance_scale != 1.0
+
     def denoise_loop(
         self, sampler: str | None, steps: int, guidance_scale: float, *, cuda_graph: bool | None = False
     ) -> "DenoiseLoop":
@@ -410,7 +419,8 @@ class Text2Image(Pipeline):
         key = (sampler or self.default_sampler, steps, float(guidance_scale), cuda_graph)
         if key in self._graph_loops:
             return self._graph_loops[key]
-        loop = DenoiseLoop(self, sampling, guidance_scale if guidance_scale != 1.0 else None, cuda_graph=cuda_graph)
+        scale = guidance_scale if self.guides(guidance_scale) else None
+        loop = DenoiseLoop(self, sampling, scale, cuda_graph=cuda_graph)
         if loop.capture:
             self._graph_loops[key] = loop
         return loop

@@ -80,6 +80,20 @@ def _quiet_load(fn, *args, **kwargs):
             tf.utils.logging.enable_progress_bar()
 
 
+def _load_tower(loader, folder: Path, variant: str | None):
+    """A CLIP tower of a diffusers folder from its safetensors (``variant`` files where given), in fp32.
+    A weight the files lack is refused naming the folder: transformers would initialise it at random."""
+    model, info = _quiet_load(
+        loader.from_pretrained, folder, local_files_only=True, use_safetensors=True, variant=variant,
+        output_loading_info=True,
+    )  # fmt: skip
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        kind = loader.__name__
+        raise ValueError(f"{folder}: the weights lack {len(missing)} tensors of a {kind}, e.g. {missing[0]!r}")
+    return model.float()
+
+
 class TextEncoder(nn.Module):
     """Base class: ``forward(prompts) -> (tokens (B, L, dim), pooled (B, pooled_dim))``, fp32, no grad."""
 
@@ -131,10 +145,7 @@ class CLIPTextEncoder(TextEncoder):
         ``tokenizer/`` of a diffusers Stable Diffusion folder, in fp32."""
         tf = _transformers()
         root = Path(root)
-        model = _quiet_load(
-            tf.CLIPTextModel.from_pretrained, root / "text_encoder", local_files_only=True, use_safetensors=True,
-            variant=variant,
-        ).float()  # fmt: skip
+        model = _load_tower(tf.CLIPTextModel, root / "text_encoder", variant)
         tokenizer = _quiet_load(tf.CLIPTokenizer.from_pretrained, root / "tokenizer", local_files_only=True)
         enc = cls(model, tokenizer, min(tokenizer.model_max_length, model.config.max_position_embeddings), str(root))
         enc.dim = enc.pooled_dim = model.config.hidden_size
@@ -167,10 +178,7 @@ class SDXLTextEncoder(TextEncoder):
         towers, tokenizers = [], []
         towers_cls = (("", tf.CLIPTextModel), ("_2", tf.CLIPTextModelWithProjection))
         for (suffix, model_cls), variant in zip(towers_cls, variants):
-            towers.append(_quiet_load(
-                model_cls.from_pretrained, root / f"text_encoder{suffix}", local_files_only=True, use_safetensors=True,
-                variant=variant,
-            ).float())  # fmt: skip
+            towers.append(_load_tower(model_cls, root / f"text_encoder{suffix}", variant))
             tokenizers.append(_quiet_load(tf.CLIPTokenizer.from_pretrained, root / f"tokenizer{suffix}",
                                           local_files_only=True))  # fmt: skip
         lengths = {min(t.model_max_length, m.config.max_position_embeddings) for t, m in zip(tokenizers, towers)}

@@ -166,6 +166,9 @@ def _check_choices(cfg: "TrainConfig") -> None:
         UNetConfig.preset(cfg.model, **cfg.model_overrides)
     except (TypeError, ValueError) as e:  # TypeError: a key that is not a UNetConfig field
         raise ValueError(f"model_overrides {cfg.model_overrides} do not make a {cfg.model!r} UNet: {e}") from e
+    if UNetConfig.preset(cfg.model, **cfg.model_overrides).added_time_ids:
+        raise ValueError(f"model {cfg.model!r} takes SDXL's time ids, which the trainer does not supply; "
+                         "train a preset without added_time_ids")  # fmt: skip
 
 
 @dataclass

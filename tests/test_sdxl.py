@@ -130,6 +130,21 @@ def test_images_match_diffusers(folder, tmp_path, sampler, scheduler_cls, spacin
         assert np.abs(ours_pipe(PROMPTS, **run) - ref).max() > 100 * IMAGE_ATOL
 
 
+def test_guidance_at_most_one_is_unguided_as_in_diffusers(folder):
+    """diffusers guides only above 1: SDXL-Turbo's guidance 0 is the conditional prediction alone (fastdiff's
+    own pipelines read 0 as the unconditional one), and the prompts still tell the images apart."""
+    latents = torch.randn(2, 4, 8, 12)
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    theirs.set_progress_bar_config(disable=True)
+    pipe = Text2Image.from_pretrained(folder, "cpu")
+    for scale in (0.0, 0.5):
+        ref = theirs(PROMPTS, latents=latents, num_inference_steps=2, guidance_scale=scale, height=16, width=24,
+                     output_type="np").images  # fmt: skip
+        ours = pipe(PROMPTS, latents=latents, steps=2, guidance_scale=scale, output_type="np", progress=False)
+        assert np.abs(ours - ref).max() < IMAGE_ATOL
+        assert np.abs(ours[0] - ours[1]).max() > 100 * IMAGE_ATOL
+
+
 def test_time_ids_follow_the_latents_size(pipe):
     """(H, W, 0, 0, H, W) per image from (B, 4, h, w) latents, H, W = 2h, 2w with the tiny VAE."""
     ids = pipe.size_conditions(torch.zeros(3, 4, 8, 12))["time_ids"]
@@ -349,6 +364,25 @@ def _time_dim(path):
     file.write_text(json.dumps({**json.loads(file.read_text()), "addition_time_embed_dim": 64}))
 
 
+def _refiner_unet(path):  # the refiner's add_embedding: 5 time ids (aesthetic score for the target size)
+    file = path / "unet" / "config.json"
+    config = {**json.loads(file.read_text()), "projection_class_embeddings_input_dim": POOLED + 5 * TIME_DIM}
+    file.write_text(json.dumps(config))
+
+
+def _no_text_projection(path):
+    from safetensors.torch import load_file, save_file
+
+    file = path / "text_encoder_2" / "model.safetensors"
+    weights = load_file(file)
+    del weights["text_projection.weight"]
+    save_file(weights, file, metadata={"format": "pt"})
+
+
+def _malformed_index(path):
+    set_index(path, text_encoder=["transformers"])
+
+
 def _sd_unet(path):
     file = path / "unet" / "config.json"
     config = json.loads(file.read_text())
@@ -363,14 +397,32 @@ def _sd_unet(path):
         (_tower_class, r"model_index.json: text_encoder_2 is a CLIPTextModel; fastdiff reads CLIPTextModelWithProj"),
         (_no_second_tokenizer, r"model_index.json: no tokenizer_2 \(an SDXL folder needs"),
         (_time_dim, r"unet/config.json: addition_embed_type 'text_time' needs projection_class_embeddings_input_dim"),
-        (_sd_unet, r"unet/diffusion_pytorch_model.safetensors: 4 tensors the folder's config has no place for"),
+        (_refiner_unet, r"unet/config.json: projection_class_embeddings_input_dim=56 is not text_encoder_2's "
+                        r"projection_dim \(16\) \+ 6 time ids"),
+        (_no_text_projection, r"text_encoder_2: the weights lack 1 tensors of a CLIPTextModelWithProjection, "
+                              r"e.g. 'text_projection.weight'"),
+        (_malformed_index, r"model_index.json: no text_encoder \(an SDXL folder needs"),
+        (_sd_unet, r"unet/config.json: an SDXL folder needs addition_embed_type 'text_time'"),
     ],
-    ids=["refiner", "tower-class", "no-tokenizer-2", "time-dim", "sd-unet"],
+    ids=[
+        "refiner", "tower-class", "no-tokenizer-2", "time-dim", "refiner-unet", "no-projection", "malformed", "sd-unet",
+    ],  # fmt: skip
 )
 def test_bad_sdxl_folders_fail_in_one_line_naming_the_file(folder, tmp_path, capsys, edit, message):
     path = copy_folder(folder, tmp_path / "sdxl")
     edit(path)
     assert_sample_refuses(path, tmp_path, capsys, message)
+
+
+def test_the_sdxl_preset_is_not_trained_nor_loaded_as_a_fastdiff_pipeline():
+    """Only an SDXL folder's pipeline makes time ids: the trainer and fastdiff's own pipeline folders refuse them."""
+    from fastdiff.training import TrainConfig
+
+    with pytest.raises(ValueError, match="model 'sdxl' takes SDXL's time ids, which the trainer does not supply"):
+        TrainConfig(model="sdxl")
+    spec = {"unet": fastdiff.nn.UNetConfig.preset("sdxl").to_dict()}
+    with pytest.raises(ValueError, match="added_time_ids: only an SDXL folder's pipeline supplies time ids"):
+        Text2Image.build_unet(spec, "folder")
 
 
 def test_an_sd_folder_is_not_sdxl(folder, tmp_path, capsys):

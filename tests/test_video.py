@@ -106,6 +106,18 @@ def test_image_weights_must_match():
         model.load_image_weights(other.state_dict())
 
 
+def test_training_starts_from_the_shipped_image_model():
+    """The shipped pipeline.json predates UNetConfig fields with defaults: it still matches its own shape."""
+    from fastdiff.pipelines import DEFAULT_CHECKPOINT, read_spec
+
+    if not (DEFAULT_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip("the shipped checkpoint is not installed")
+    config = UNetConfig.from_dict(read_spec(DEFAULT_CHECKPOINT)["unet"])
+    assert set(video._pipeline_weights(DEFAULT_CHECKPOINT, config)) == set(UNet(config).state_dict())
+    with pytest.raises(ValueError, match=r"differs in \['model_channels'\]"):
+        video._pipeline_weights(DEFAULT_CHECKPOINT, UNetConfig.from_dict({**config.to_dict(), "model_channels": 16}))
+
+
 def test_text_pooling_starts_at_zero_and_reads_the_tokens():
     """A model with text pooling loads a video model without it and computes the same; trained, it reads tokens."""
     cfg = small_config()

@@ -277,7 +277,7 @@ def inpaint_tensors(
                          "instead: use resample 0")  # fmt: skip
     run = pipe.sampling(sampler, steps)
     plan = run.plan.to(pipe.device)
-    guided = guidance_scale != 1.0
+    guided = pipe.guides(guidance_scale)
     g = guidance_scale if guided else None
     how = f"{sampler or pipe.default_sampler}, {steps} steps"
     how += f", resample {resample} every {jump}" if resample else ""

@@ -395,7 +395,7 @@ def img2img_tensors(
     # SDEdit (Meng et al. 2022): x_t₀ = α_t₀·z + σ_t₀·ε at the plan's first timestep
     s0 = float(sigmas_at(run.plan.timesteps[:1].cpu(), pipe.schedule)[0])
     alpha, sigma = samplers.vp_alpha_sigma(s0)
-    guided = guidance_scale != 1.0
+    guided = pipe.guides(guidance_scale)
 
     def batch(sl: slice, bar) -> torch.Tensor:
         seeds_t = torch.tensor(seed_list[sl], dtype=torch.int64, device=pipe.device)

@@ -173,7 +173,8 @@ def _pipeline_weights(path: Path, unet_config: UNetConfig) -> dict[str, torch.Te
     """A pipeline folder's weights, after checking that its UNet is the one being built."""
     spec = read_spec(path)
     mine = {k: v for k, v in unet_config.to_dict().items() if k != "gradient_checkpointing"}
-    theirs = {k: v for k, v in spec["unet"].items() if k != "gradient_checkpointing"}
+    # through UNetConfig: fields added since the folder was written take their defaults
+    theirs = {k: v for k, v in UNetConfig.from_dict(spec["unet"]).to_dict().items() if k != "gradient_checkpointing"}
     if mine != theirs:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         raise ValueError(

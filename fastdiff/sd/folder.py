@@ -74,7 +74,7 @@ def read_model_index(root: str | os.PathLike) -> dict:
     name = index.get("_class_name", "")
     components, kind = COMPONENTS, "a Stable Diffusion"
     if is_sdxl(index):
-        if index.get("requires_aesthetics_score") or (index.get("text_encoder") or [None, None])[1] is None:
+        if index.get("requires_aesthetics_score") or index.get("text_encoder", [None, None]) in (None, [None, None]):
             raise ValueError(f"{file}: {name or 'this pipeline'} is an SDXL refiner (aesthetic-score time ids, "
                              "one text encoder), which fastdiff does not load (SDXL base folders load)")  # fmt: skip
         components, kind = SDXL_COMPONENTS, "an SDXL"

@@ -98,6 +98,7 @@ class StableDiffusion(Text2Image):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, torch.float16 if device.type == "cuda" else torch.float32)
         scheduler = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
+        _check_conditioning(root, sdxl, text_encoder is None)  # from the configs, before gigabytes of weights
         unet, sample_size, unet_file = _load_unet(root, variant)
         vae, vae_file = _load_vae(root, variant)
         latent = vae.config.latent_channels
@@ -107,10 +108,6 @@ class StableDiffusion(Text2Image):
                 f"out_channels={unet.config.out_channels}; with the VAE's {latent}-channel latents fastdiff reads "
                 f"{latent} in and out, or {2 * latent + 1} in (an inpainting UNet)"
             )
-        if bool(unet.config.added_time_ids) != sdxl:
-            wrong = "an SDXL folder needs addition_embed_type 'text_time'"
-            wrong = wrong if sdxl else "an SDXL UNet in an SD 1.x/2.x folder"
-            raise ValueError(f"{root / 'unet' / 'config.json'}: {wrong}")
         upcast = sdxl and read_json(root / "vae" / "config.json").get("force_upcast", True)  # diffusers' default
         vae_dtype = torch.float32 if upcast and dtype == torch.float16 else dtype
         unet, vae = cls.place_network(unet, device, dtype), cls.place_network(vae, device, vae_dtype)
@@ -166,6 +163,12 @@ class StableDiffusion(Text2Image):
         skip = steps - img2img_steps(steps, strength)
         run = sampling(self.scheduler, self.schedule, sampler or self.default_sampler, steps, skip=skip)
         return replace(run, noise_scale=1.0)
+
+    @staticmethod
+    def guides(guidance_scale: float) -> bool:
+        """diffusers' rule for its Stable Diffusion pipelines: guidance runs only above 1 (a scale ≤ 1 samples
+        the conditional prediction alone, so SDXL-Turbo's 0 is unguided)."""
+        return guidance_scale > 1.0
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -229,6 +232,25 @@ def img2img_steps(steps: int, strength: float) -> int:
 def _sliced(fn, x: torch.Tensor) -> torch.Tensor:
     """``fn`` over ``x`` in slices of `DECODE_SLICE` images, concatenated."""
     return torch.cat([fn(x[i : i + DECODE_SLICE]) for i in range(0, x.shape[0], DECODE_SLICE)])
+
+
+def _check_conditioning(root: Path, sdxl: bool, folder_text: bool) -> None:
+    """The UNet's added conditioning fits the folder: SDXL's text_time embedding in an SDXL folder only,
+    its inputs the second text tower's projection and `convert.SDXL_TIME_IDS` time ids (``folder_text``:
+    the folder's towers are the ones used).  The SDXL refiner's UNet (5 ids) is refused here."""
+    file = root / "unet" / "config.json"
+    unet = convert.unet_config_from_diffusers(read_json(file), file)
+    if bool(unet.added_time_ids) != sdxl:
+        wrong = "an SDXL folder needs addition_embed_type 'text_time'"
+        raise ValueError(f"{file}: {wrong if sdxl else 'an SDXL UNet in an SD 1.x/2.x folder'}")
+    if sdxl and folder_text:
+        projection = read_json(root / "text_encoder_2" / "config.json").get("projection_dim")
+        if projection != unet.pooled_dim:
+            ids, width = unet.added_time_ids, unet.added_time_dim
+            raise ValueError(
+                f"{file}: projection_class_embeddings_input_dim={unet.pooled_dim + ids * width} is not "
+                f"text_encoder_2's projection_dim ({projection}) + {ids} time ids × addition_time_embed_dim ({width})"
+            )
 
 
 def _load_unet(root: Path, variant: str | None) -> tuple[UNet, int, Path]:
