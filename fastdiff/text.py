@@ -113,10 +113,11 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _tokenize(self, prompts: list[str], tokenizer=None) -> dict[str, torch.Tensor]:
+        """``prompts`` through ``tokenizer`` (None: the encoder's), padded to `max_length`, on its device."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a list of strings")
-        batch = self.tokenizer(
+        batch = (tokenizer or self.tokenizer)(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
@@ -192,14 +193,9 @@ class SDXLTextEncoder(TextEncoder):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of strings")
         states, pooled = [], None
         for model, tokenizer in zip(self.model, self.tokenizers):
-            ids = tokenizer(
-                list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).input_ids.to(self.device)  # fmt: skip
-            out = model(input_ids=ids, output_hidden_states=True)
+            out = model(input_ids=self._tokenize(prompts, tokenizer)["input_ids"], output_hidden_states=True)
             states.append(out.hidden_states[-2].float())
             pooled = out[0]  # the last tower's: text_embeds (B, P)
         return torch.cat(states, dim=-1), pooled.float()

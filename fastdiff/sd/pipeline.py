@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from fastdiff.checks import check_int, check_number, resolve_device
-from fastdiff.nn.unet import UNet
+from fastdiff.nn.unet import UNet, UNetConfig
 from fastdiff.nn.vae import VAE
 from fastdiff.pipelines import Sampling, Text2Image, resolve_dtype
 from fastdiff.sd import convert
@@ -98,8 +98,8 @@ class StableDiffusion(Text2Image):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, torch.float16 if device.type == "cuda" else torch.float32)
         scheduler = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
-        _check_conditioning(root, sdxl, text_encoder is None)  # from the configs, before gigabytes of weights
-        unet, sample_size, unet_file = _load_unet(root, variant)
+        unet_config = _check_conditioning(root, sdxl, text_encoder is None)  # before gigabytes of weights
+        unet, sample_size, unet_file = _load_unet(root, unet_config, variant)
         vae, vae_file = _load_vae(root, variant)
         latent = vae.config.latent_channels
         if unet.config.in_channels not in (latent, 2 * latent + 1) or unet.config.out_channels != latent:
@@ -234,10 +234,11 @@ def _sliced(fn, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(x[i : i + DECODE_SLICE]) for i in range(0, x.shape[0], DECODE_SLICE)])
 
 
-def _check_conditioning(root: Path, sdxl: bool, folder_text: bool) -> None:
-    """The UNet's added conditioning fits the folder: SDXL's text_time embedding in an SDXL folder only,
-    its inputs the second text tower's projection and `convert.SDXL_TIME_IDS` time ids (``folder_text``:
-    the folder's towers are the ones used).  The SDXL refiner's UNet (5 ids) is refused here."""
+def _check_conditioning(root: Path, sdxl: bool, folder_text: bool) -> UNetConfig:
+    """The folder's UNet config, converted, once its added conditioning is found to fit the folder:
+    SDXL's text_time embedding in an SDXL folder only, its inputs the second text tower's projection and
+    `convert.SDXL_TIME_IDS` time ids (``folder_text``: the folder's towers are the ones used).  The SDXL
+    refiner's UNet (5 ids) is refused here."""
     file = root / "unet" / "config.json"
     unet = convert.unet_config_from_diffusers(read_json(file), file)
     if bool(unet.added_time_ids) != sdxl:
@@ -251,14 +252,15 @@ def _check_conditioning(root: Path, sdxl: bool, folder_text: bool) -> None:
                 f"{file}: projection_class_embeddings_input_dim={unet.pooled_dim + ids * width} is not "
                 f"text_encoder_2's projection_dim ({projection}) + {ids} time ids × addition_time_embed_dim ({width})"
             )
+    return unet
 
 
-def _load_unet(root: Path, variant: str | None) -> tuple[UNet, int, Path]:
-    """fastdiff's UNet with the folder's weights, the latent size it was trained at, and the weights file."""
+def _load_unet(root: Path, unet_config: UNetConfig, variant: str | None) -> tuple[UNet, int, Path]:
+    """fastdiff's UNet of ``unet_config`` (the folder's, converted) with the folder's weights, the latent
+    size it was trained at, and the weights file."""
     config, state, file = load_component(root, "unet", variant)
-    where = root / "unet" / "config.json"
     with torch.device("meta"):  # no random initialisation: every tensor comes from the file
-        unet = UNet(convert.unet_config_from_diffusers(config, where))
+        unet = UNet(unet_config)
     unet.load_state_dict(convert.unet_from_diffusers(state, unet, str(file)), assign=True)
     size = config.get("sample_size") or 64
     return unet, size if isinstance(size, int) else size[0], file
